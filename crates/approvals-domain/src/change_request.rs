@@ -1,0 +1,629 @@
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Action, Actor, Decision, DomainError, EventDraft, EventKind, Principal, State, Timestamp,
+    validation::{self, Violations},
+};
+
+/// A proposed change to one resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub id: String,
+    pub action: String,
+    pub resource_type: String,
+    pub resource_id: String,
+    /// The opaque body to apply: a JSON object.
+    pub payload: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_version: Option<String>,
+    pub created_by: Principal,
+    pub create_time: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<String>,
+}
+
+/// A change as a caller writes it. `id` is set only in an update, to replace an existing change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeInput {
+    pub id: Option<String>,
+    pub action: String,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub payload: serde_json::Map<String, serde_json::Value>,
+    pub base_version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Review {
+    pub reviewer: Principal,
+    pub decision: Decision,
+    #[serde(default)]
+    pub comment: String,
+    pub create_time: Timestamp,
+    #[serde(default)]
+    pub dismissed: bool,
+    #[serde(default)]
+    pub reviewer_groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comment {
+    pub id: String,
+    pub author: Principal,
+    pub text: String,
+    pub create_time: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ValidationStatus {
+    Valid,
+    Invalid,
+    Skipped,
+}
+
+/// The review rules frozen into a request at creation (from the policy, or the server default).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewRules {
+    pub min_approvals: u32,
+    pub allow_self_approval: bool,
+    pub rejections_to_reject: u32,
+    pub dismiss_stale_approvals: bool,
+}
+
+impl ReviewRules {
+    /// The server default: `min_approvals` distinct approvals, no self-approval, one rejection
+    /// rejects, edits dismiss earlier reviews.
+    pub fn with_min_approvals(min_approvals: u32) -> Self {
+        Self {
+            min_approvals: min_approvals.max(1),
+            allow_self_approval: false,
+            rejections_to_reject: 1,
+            dismiss_stale_approvals: true,
+        }
+    }
+}
+
+/// A change request: the aggregate every command acts on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeRequest {
+    pub id: String,
+    pub project: String,
+    pub environment: String,
+    pub action_key: String,
+    pub action_version: i32,
+    pub title: String,
+    pub description: String,
+    pub changes: Vec<Change>,
+    pub intent_display: String,
+    pub state: State,
+    pub created_by: Principal,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_by: Option<Principal>,
+    #[serde(default)]
+    pub reviews: Vec<Review>,
+    #[serde(default)]
+    pub comments: Vec<Comment>,
+    pub rules: ReviewRules,
+    pub create_time: Timestamp,
+    pub update_time: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_time: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_time: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_data: Option<serde_json::Map<String, serde_json::Value>>,
+    pub validation_status: ValidationStatus,
+    #[serde(default)]
+    pub validation_errors: Vec<String>,
+    /// Revision of the latest event; set by the store, 0 before the first write.
+    #[serde(default)]
+    pub revision: i64,
+}
+
+/// What a caller asks for in `CreateChangeRequest`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewChangeRequest {
+    pub project: String,
+    pub environment: String,
+    pub action_key: String,
+    pub action_version: i32,
+    pub title: String,
+    pub description: String,
+    pub changes: Vec<ChangeInput>,
+    pub intent_display: String,
+    pub expire_time: Option<Timestamp>,
+    pub draft: bool,
+}
+
+/// The fields an update replaces; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChangeRequestPatch {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub changes: Option<Vec<ChangeInput>>,
+    pub intent_display: Option<String>,
+    /// `Some(None)` clears the expiry.
+    pub expire_time: Option<Option<Timestamp>>,
+}
+
+impl ChangeRequestPatch {
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// What the caller of an RPC may do with a request, computed for that caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewerFlags {
+    pub can_approve: bool,
+    pub can_cancel: bool,
+    pub is_requester: bool,
+    pub user_decision: Option<Decision>,
+}
+
+fn validate_changes(v: &mut Violations, changes: &[ChangeInput]) {
+    if changes.is_empty() {
+        v.add("changes", "at least one change is required");
+    }
+    if changes.len() > validation::MAX_CHANGES {
+        v.add(
+            "changes",
+            format!(
+                "at most {} changes per request (got {})",
+                validation::MAX_CHANGES,
+                changes.len()
+            ),
+        );
+    }
+    for (i, change) in changes.iter().enumerate() {
+        v.required_name(&format!("changes[{i}].action"), &change.action);
+        v.required_name(
+            &format!("changes[{i}].resource_type"),
+            &change.resource_type,
+        );
+        v.required_name(&format!("changes[{i}].resource_id"), &change.resource_id);
+        if let Some(base) = &change.base_version {
+            v.optional_name(&format!("changes[{i}].base_version"), base);
+        }
+        let size = serde_json::to_vec(&change.payload)
+            .map(|b| b.len())
+            .unwrap_or(usize::MAX);
+        if size > validation::MAX_PAYLOAD_BYTES {
+            v.add(
+                format!("changes[{i}].payload"),
+                format!(
+                    "is {size} bytes encoded; the limit is {} bytes",
+                    validation::MAX_PAYLOAD_BYTES
+                ),
+            );
+        }
+    }
+}
+
+fn validate_expire_time(v: &mut Violations, expire_time: Option<Timestamp>, now: Timestamp) {
+    if let Some(expire) = expire_time
+        && expire <= now
+    {
+        v.add("expire_time", "must be in the future");
+    }
+}
+
+impl NewChangeRequest {
+    pub fn validate(&self, now: Timestamp) -> Result<(), DomainError> {
+        let mut v = Violations::default();
+        v.required_name("project", &self.project);
+        v.optional_name("environment", &self.environment);
+        v.required_name("action_key", &self.action_key);
+        if self.action_version < 0 {
+            v.add("action_version", "must not be negative");
+        }
+        v.title("title", &self.title);
+        v.text("description", &self.description, validation::MAX_TEXT_BYTES);
+        v.text(
+            "intent_display",
+            &self.intent_display,
+            validation::MAX_TEXT_BYTES,
+        );
+        validate_changes(&mut v, &self.changes);
+        for (i, change) in self.changes.iter().enumerate() {
+            if change.id.is_some() {
+                v.add(
+                    format!("changes[{i}].id"),
+                    "is assigned by the server; leave it empty",
+                );
+            }
+        }
+        validate_expire_time(&mut v, self.expire_time, now);
+        v.into_result()
+    }
+}
+
+impl ChangeRequest {
+    /// Creates a request from validated input. `change_ids` gives one fresh id per change.
+    pub fn create(
+        id: String,
+        new: NewChangeRequest,
+        actor: &Actor,
+        rules: ReviewRules,
+        now: Timestamp,
+        change_ids: &mut dyn FnMut() -> String,
+    ) -> Result<(Self, EventDraft), DomainError> {
+        new.validate(now)?;
+        let state = if new.draft {
+            State::Draft
+        } else {
+            State::InReview
+        };
+        let changes = new
+            .changes
+            .into_iter()
+            .map(|input| Change {
+                id: change_ids(),
+                action: input.action,
+                resource_type: input.resource_type,
+                resource_id: input.resource_id,
+                payload: input.payload,
+                base_version: input.base_version.filter(|b| !b.is_empty()),
+                created_by: actor.principal.clone(),
+                create_time: now,
+                conflict: None,
+            })
+            .collect();
+        let request = Self {
+            id,
+            project: new.project,
+            environment: new.environment,
+            action_key: new.action_key,
+            action_version: new.action_version,
+            title: new.title,
+            description: new.description,
+            changes,
+            intent_display: new.intent_display,
+            state,
+            created_by: actor.principal.clone(),
+            applied_by: None,
+            reviews: Vec::new(),
+            comments: Vec::new(),
+            rules,
+            create_time: now,
+            update_time: now,
+            expire_time: new.expire_time,
+            apply_time: None,
+            apply_error: None,
+            result_data: None,
+            validation_status: ValidationStatus::Skipped,
+            validation_errors: Vec::new(),
+            revision: 0,
+        };
+        let event = request.event(EventKind::Created, actor, state, now, String::new());
+        Ok((request, event))
+    }
+
+    /// The opaque etag of the current version (AIP-154).
+    pub fn etag(&self) -> String {
+        format!("r{}", self.revision)
+    }
+
+    /// Refuses the command when the caller sent an etag that is not the current one.
+    pub fn check_etag(&self, given: Option<&str>) -> Result<(), DomainError> {
+        match given {
+            Some(given) if !given.is_empty() && given != self.etag() => {
+                Err(DomainError::EtagMismatch {
+                    given: given.to_owned(),
+                    current: self.etag(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn is_requester(&self, principal: &Principal) -> bool {
+        &self.created_by == principal
+    }
+
+    /// Distinct reviewers whose approval counts now.
+    pub fn approval_count(&self) -> u32 {
+        self.counting(Decision::Approve)
+    }
+
+    fn counting(&self, decision: Decision) -> u32 {
+        let count = self
+            .reviews
+            .iter()
+            .filter(|r| !r.dismissed && r.decision == decision)
+            .count();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    }
+
+    /// The caller's current decision (not dismissed).
+    pub fn decision_of(&self, principal: &Principal) -> Option<Decision> {
+        self.reviews
+            .iter()
+            .find(|r| !r.dismissed && &r.reviewer == principal)
+            .map(|r| r.decision)
+    }
+
+    pub fn viewer_flags(&self, actor: &Actor) -> ViewerFlags {
+        let is_requester = self.is_requester(&actor.principal);
+        ViewerFlags {
+            can_approve: Action::Approve.is_allowed_in(self.state)
+                && (!is_requester || self.rules.allow_self_approval),
+            can_cancel: is_requester && Action::Cancel.is_allowed_in(self.state),
+            is_requester,
+            user_decision: self.decision_of(&actor.principal),
+        }
+    }
+
+    fn ensure_allowed(&self, action: Action) -> Result<(), DomainError> {
+        if action.is_allowed_in(self.state) {
+            Ok(())
+        } else {
+            Err(DomainError::InvalidTransition {
+                state: self.state,
+                action,
+            })
+        }
+    }
+
+    fn ensure_requester(&self, actor: &Actor, action: Action) -> Result<(), DomainError> {
+        if self.is_requester(&actor.principal) {
+            Ok(())
+        } else {
+            Err(DomainError::NotRequester {
+                requester: self.created_by.to_string(),
+                action,
+            })
+        }
+    }
+
+    fn event(
+        &self,
+        kind: EventKind,
+        actor: &Actor,
+        from_state: State,
+        time: Timestamp,
+        detail: String,
+    ) -> EventDraft {
+        EventDraft {
+            kind,
+            actor: actor.principal.clone(),
+            acting_principal: actor.acting_principal.clone(),
+            from_state,
+            to_state: self.state,
+            time,
+            detail,
+        }
+    }
+
+    fn moved(
+        &mut self,
+        kind: EventKind,
+        actor: &Actor,
+        to: State,
+        now: Timestamp,
+        detail: String,
+    ) -> EventDraft {
+        let from = self.state;
+        self.state = to;
+        self.update_time = now;
+        self.event(kind, actor, from, now, detail)
+    }
+
+    /// DRAFT -> IN_REVIEW, by the requester.
+    pub fn submit(&mut self, actor: &Actor, now: Timestamp) -> Result<EventDraft, DomainError> {
+        self.ensure_allowed(Action::Submit)?;
+        self.ensure_requester(actor, Action::Submit)?;
+        Ok(self.moved(
+            EventKind::Submitted,
+            actor,
+            State::InReview,
+            now,
+            String::new(),
+        ))
+    }
+
+    /// Records a review. A reviewer's later decision replaces their earlier one. Reaching
+    /// `min_approvals` distinct approvals approves; `rejections_to_reject` rejections reject.
+    pub fn review(
+        &mut self,
+        actor: &Actor,
+        decision: Decision,
+        comment: String,
+        now: Timestamp,
+    ) -> Result<EventDraft, DomainError> {
+        let action = match decision {
+            Decision::Approve => Action::Approve,
+            Decision::Reject => Action::Reject,
+        };
+        let mut v = Violations::default();
+        v.text("comment", &comment, validation::MAX_TEXT_BYTES);
+        v.into_result()?;
+        self.ensure_allowed(action)?;
+        if decision == Decision::Approve
+            && self.is_requester(&actor.principal)
+            && !self.rules.allow_self_approval
+        {
+            return Err(DomainError::SelfApproval);
+        }
+        self.reviews
+            .retain(|r| r.dismissed || r.reviewer != actor.principal);
+        self.reviews.push(Review {
+            reviewer: actor.principal.clone(),
+            decision,
+            comment: comment.clone(),
+            create_time: now,
+            dismissed: false,
+            reviewer_groups: actor.groups.clone(),
+        });
+        let to = if self.counting(Decision::Reject) >= self.rules.rejections_to_reject.max(1) {
+            State::Rejected
+        } else if self.approval_count() >= self.rules.min_approvals.max(1) {
+            State::Approved
+        } else {
+            State::InReview
+        };
+        Ok(self.moved(EventKind::Reviewed, actor, to, now, comment))
+    }
+
+    /// Withdraws the request, by the requester.
+    pub fn cancel(
+        &mut self,
+        actor: &Actor,
+        reason: String,
+        now: Timestamp,
+    ) -> Result<EventDraft, DomainError> {
+        let mut v = Violations::default();
+        v.text("reason", &reason, validation::MAX_TEXT_BYTES);
+        v.into_result()?;
+        self.ensure_allowed(Action::Cancel)?;
+        self.ensure_requester(actor, Action::Cancel)?;
+        Ok(self.moved(EventKind::Cancelled, actor, State::Cancelled, now, reason))
+    }
+
+    /// Adds a comment; allowed in every state.
+    pub fn add_comment(
+        &mut self,
+        actor: &Actor,
+        comment_id: String,
+        text: String,
+        now: Timestamp,
+    ) -> Result<EventDraft, DomainError> {
+        let mut v = Violations::default();
+        if text.trim().is_empty() {
+            v.add("text", "is required");
+        }
+        v.text("text", &text, validation::MAX_TEXT_BYTES);
+        v.into_result()?;
+        self.ensure_allowed(Action::Comment)?;
+        self.comments.push(Comment {
+            id: comment_id,
+            author: actor.principal.clone(),
+            text: text.clone(),
+            create_time: now,
+        });
+        let state = self.state;
+        Ok(self.moved(EventKind::Commented, actor, state, now, text))
+    }
+
+    /// Edits a DRAFT or IN_REVIEW request, by the requester. When the request is in review and
+    /// its rules dismiss stale approvals, every earlier review stops counting.
+    pub fn update(
+        &mut self,
+        actor: &Actor,
+        patch: ChangeRequestPatch,
+        now: Timestamp,
+        change_ids: &mut dyn FnMut() -> String,
+    ) -> Result<EventDraft, DomainError> {
+        let mut v = Violations::default();
+        if patch.is_empty() {
+            v.add("update_mask", "names no field to update");
+        }
+        if let Some(title) = &patch.title {
+            v.title("change_request.title", title);
+        }
+        if let Some(description) = &patch.description {
+            v.text(
+                "change_request.description",
+                description,
+                validation::MAX_TEXT_BYTES,
+            );
+        }
+        if let Some(intent) = &patch.intent_display {
+            v.text(
+                "change_request.intent_display",
+                intent,
+                validation::MAX_TEXT_BYTES,
+            );
+        }
+        if let Some(expire) = patch.expire_time {
+            let mut inner = Violations::default();
+            validate_expire_time(&mut inner, expire, now);
+            if !inner.is_empty() {
+                v.add("change_request.expire_time", "must be in the future");
+            }
+        }
+        if let Some(changes) = &patch.changes {
+            let mut inner = Violations::default();
+            validate_changes(&mut inner, changes);
+            if let Err(DomainError::InvalidArgument(list)) = inner.into_result() {
+                for violation in list {
+                    v.add(
+                        format!("change_request.{}", violation.field),
+                        violation.description,
+                    );
+                }
+            }
+            for (i, change) in changes.iter().enumerate() {
+                if let Some(id) = &change.id
+                    && !self.changes.iter().any(|c| &c.id == id)
+                {
+                    v.add(
+                        format!("change_request.changes[{i}].id"),
+                        format!("no change with id {id:?} in this change request"),
+                    );
+                }
+            }
+        }
+        v.into_result()?;
+        self.ensure_allowed(Action::Update)?;
+        self.ensure_requester(actor, Action::Update)?;
+
+        if let Some(title) = patch.title {
+            self.title = title;
+        }
+        if let Some(description) = patch.description {
+            self.description = description;
+        }
+        if let Some(intent) = patch.intent_display {
+            self.intent_display = intent;
+        }
+        if let Some(expire) = patch.expire_time {
+            self.expire_time = expire;
+        }
+        if let Some(inputs) = patch.changes {
+            let mut previous = std::mem::take(&mut self.changes);
+            self.changes = inputs
+                .into_iter()
+                .map(|input| {
+                    let kept = input
+                        .id
+                        .as_ref()
+                        .and_then(|id| previous.iter().position(|c| &c.id == id))
+                        .map(|at| previous.swap_remove(at));
+                    let (id, created_by, create_time) = match kept {
+                        Some(old) => (old.id, old.created_by, old.create_time),
+                        None => (change_ids(), actor.principal.clone(), now),
+                    };
+                    Change {
+                        id,
+                        action: input.action,
+                        resource_type: input.resource_type,
+                        resource_id: input.resource_id,
+                        payload: input.payload,
+                        base_version: input.base_version.filter(|b| !b.is_empty()),
+                        created_by,
+                        create_time,
+                        conflict: None,
+                    }
+                })
+                .collect();
+        }
+        let mut dismissed = 0;
+        if self.state == State::InReview && self.rules.dismiss_stale_approvals {
+            for review in self.reviews.iter_mut().filter(|r| !r.dismissed) {
+                review.dismissed = true;
+                dismissed += 1;
+            }
+        }
+        let detail = if dismissed > 0 {
+            format!("{dismissed} earlier review(s) dismissed")
+        } else {
+            String::new()
+        };
+        let state = self.state;
+        Ok(self.moved(EventKind::Updated, actor, state, now, detail))
+    }
+}

@@ -1,0 +1,48 @@
+use crate::state::{Action, State};
+
+/// One bad field of a request: its path (`changes[1].payload`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Why the domain refused a command. Each variant maps to one gRPC code and reason at the edge.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    #[error("invalid argument: {}", describe(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("cannot {action} a change request in state {state}")]
+    InvalidTransition { state: State, action: Action },
+    #[error("only the requester ({requester}) may {action} this change request")]
+    NotRequester { requester: String, action: Action },
+    #[error("the requester cannot approve their own change request")]
+    SelfApproval,
+    #[error(
+        "etag {given:?} does not match the current etag {current:?}; re-read the change request and retry"
+    )]
+    EtagMismatch { given: String, current: String },
+}
+
+impl DomainError {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}
+
+fn describe(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}

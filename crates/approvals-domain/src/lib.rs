@@ -1,0 +1,22 @@
+//! The approvals domain: change requests, reviews, the state machine and validation.
+//!
+//! Pure: no I/O, no clock reads, no id generation. Time and ids are passed in by the caller, so
+//! every rule here is testable on its own.
+
+mod change_request;
+mod error;
+mod event;
+mod principal;
+mod state;
+mod time;
+pub mod validation;
+
+pub use change_request::{
+    Change, ChangeInput, ChangeRequest, ChangeRequestPatch, Comment, NewChangeRequest, Review,
+    ReviewRules, ValidationStatus, ViewerFlags,
+};
+pub use error::{DomainError, FieldViolation};
+pub use event::{Event, EventDraft, EventKind};
+pub use principal::{Actor, Principal, PrincipalKind, SYSTEM_PRINCIPAL};
+pub use state::{Action, Decision, State};
+pub use time::Timestamp;

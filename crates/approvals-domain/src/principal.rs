@@ -1,0 +1,144 @@
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DomainError, FieldViolation};
+
+/// The principal the service acts as for its own work (expiry, schedules, conflict marking).
+pub const SYSTEM_PRINCIPAL: &str = "system:approvals";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrincipalKind {
+    User,
+    Service,
+    Group,
+    System,
+}
+
+/// A principal string `kind:name`, e.g. `user:alice`, `service:flags`, `group:sre`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Principal(String);
+
+impl Principal {
+    /// Parses `user:NAME`, `service:NAME`, `group:NAME` or `system:NAME`. The name is 1 to 256
+    /// characters with no whitespace or control characters.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let Some((kind, name)) = text.split_once(':') else {
+            return Err(format!(
+                "{text:?} is not a principal: expected user:NAME, service:NAME or group:NAME"
+            ));
+        };
+        if !matches!(kind, "user" | "service" | "group" | "system") {
+            return Err(format!(
+                "{text:?} has unknown principal kind {kind:?}: expected user, service or group"
+            ));
+        }
+        if name.is_empty() || name.chars().count() > 256 {
+            return Err(format!(
+                "{text:?}: the name after {kind:?} must be 1 to 256 characters"
+            ));
+        }
+        if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("{text:?}: the name must not contain whitespace"));
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn kind(&self) -> PrincipalKind {
+        match self.0.split_once(':').map(|(kind, _)| kind) {
+            Some("user") => PrincipalKind::User,
+            Some("service") => PrincipalKind::Service,
+            Some("group") => PrincipalKind::Group,
+            _ => PrincipalKind::System,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn system() -> Self {
+        Self(SYSTEM_PRINCIPAL.to_owned())
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who performs a command: the principal on whose behalf it is done, the groups that principal
+/// holds (bare names), and the service that called when it acted on the principal's behalf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    pub principal: Principal,
+    pub groups: Vec<String>,
+    pub acting_principal: Option<Principal>,
+}
+
+impl Actor {
+    pub fn new(principal: Principal, groups: Vec<String>) -> Self {
+        Self {
+            principal,
+            groups,
+            acting_principal: None,
+        }
+    }
+
+    /// Parses a caller's principal (a user or a service; groups and the system cannot call).
+    pub fn caller(principal: &str, groups: Vec<String>) -> Result<Self, DomainError> {
+        let parsed = Principal::parse(principal)
+            .map_err(|message| DomainError::invalid("actor", message))?;
+        match parsed.kind() {
+            PrincipalKind::User | PrincipalKind::Service => Ok(Self::new(parsed, groups)),
+            _ => Err(DomainError::invalid(
+                "actor",
+                format!("{principal:?} cannot act: a caller is user:NAME or service:NAME"),
+            )),
+        }
+    }
+
+    pub fn system() -> Self {
+        Self::new(Principal::system(), Vec::new())
+    }
+}
+
+impl From<FieldViolation> for DomainError {
+    fn from(violation: FieldViolation) -> Self {
+        DomainError::InvalidArgument(vec![violation])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_principals() {
+        assert_eq!(
+            Principal::parse("user:alice").map(|p| p.kind()),
+            Ok(PrincipalKind::User)
+        );
+        assert_eq!(
+            Principal::parse("service:flags").map(|p| p.kind()),
+            Ok(PrincipalKind::Service)
+        );
+        assert_eq!(
+            Principal::parse("group:sre").map(|p| p.kind()),
+            Ok(PrincipalKind::Group)
+        );
+        assert!(Principal::parse("alice").is_err());
+        assert!(Principal::parse("robot:alice").is_err());
+        assert!(Principal::parse("user:").is_err());
+        assert!(Principal::parse("user:a b").is_err());
+    }
+
+    #[test]
+    fn only_users_and_services_call() {
+        assert!(Actor::caller("user:alice", vec![]).is_ok());
+        assert!(Actor::caller("group:sre", vec![]).is_err());
+        assert!(Actor::caller("system:approvals", vec![]).is_err());
+    }
+}
