@@ -1,0 +1,18 @@
+//! Persistence for the approvals service, through SeaORM: SQLite (embedded default) or
+//! PostgreSQL (production, shared by replicas).
+//!
+//! A change request is stored as a JSON document of the domain aggregate (`body`) beside the
+//! columns lists filter on. Every mutation runs in one transaction that locks the request's row,
+//! applies a domain command, writes the new document and appends one event, with its snapshot,
+//! to the event log. The event's revision comes from an identity column (no counter row).
+
+mod error;
+mod migration;
+mod schema;
+mod store;
+
+pub use error::StoreError;
+pub use store::{
+    Backend, Created, DatabaseSettings, IdempotencyKey, ListFilter, ListPage, Store,
+    TOTAL_SIZE_EXACT_LIMIT,
+};

@@ -1,0 +1,201 @@
+use sea_orm::{
+    ConnectionTrait, DbBackend, Statement,
+    sea_query::{ColumnDef, Index, Table},
+};
+use sea_orm_migration::{
+    DbErr, MigrationName, MigrationTrait, MigratorTrait, SchemaManager, async_trait,
+};
+
+use crate::schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res};
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(Initial)]
+    }
+}
+
+/// Change requests, the resources their changes touch, and the event log.
+struct Initial;
+
+impl MigrationName for Initial {
+    fn name(&self) -> &str {
+        "m0001_initial"
+    }
+}
+
+fn text(name: &'static str) -> ColumnDef {
+    let mut col = ColumnDef::new(name);
+    col.text().not_null();
+    col
+}
+
+fn big(name: &'static str) -> ColumnDef {
+    let mut col = ColumnDef::new(name);
+    col.big_integer().not_null();
+    col
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Initial {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(CHANGE_REQUESTS)
+                    .col(
+                        ColumnDef::new(cr::ID)
+                            .string_len(36)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(text(cr::PROJECT))
+                    .col(text(cr::ENVIRONMENT))
+                    .col(text(cr::ACTION_KEY))
+                    .col(text(cr::STATE))
+                    .col(text(cr::CREATED_BY))
+                    .col(big(cr::CREATE_TIME))
+                    .col(big(cr::UPDATE_TIME))
+                    .col(ColumnDef::new(cr::EXPIRE_TIME).big_integer().null())
+                    .col(big(cr::REVISION))
+                    .col(ColumnDef::new(cr::REQUEST_ID).text().null())
+                    .col(ColumnDef::new(cr::REQUEST_FINGERPRINT).text().null())
+                    .col(text(cr::BODY))
+                    .to_owned(),
+            )
+            .await?;
+        // Lists are newest first (ids are UUIDv7) within a project, filtered by one column.
+        for (name, column) in [
+            ("cr_project_id", None),
+            ("cr_project_state_id", Some(cr::STATE)),
+            ("cr_project_created_by_id", Some(cr::CREATED_BY)),
+            ("cr_project_action_key_id", Some(cr::ACTION_KEY)),
+            ("cr_project_environment_id", Some(cr::ENVIRONMENT)),
+        ] {
+            let mut index = Index::create();
+            index.name(name).table(CHANGE_REQUESTS).col(cr::PROJECT);
+            if let Some(column) = column {
+                index.col(column);
+            }
+            manager.create_index(index.col(cr::ID).to_owned()).await?;
+        }
+        manager
+            .create_index(
+                Index::create()
+                    .name("cr_request_id")
+                    .table(CHANGE_REQUESTS)
+                    .col(cr::CREATED_BY)
+                    .col(cr::REQUEST_ID)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("cr_state_expire_time")
+                    .table(CHANGE_REQUESTS)
+                    .col(cr::STATE)
+                    .col(cr::EXPIRE_TIME)
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(RESOURCES)
+                    .col(
+                        ColumnDef::new(res::CHANGE_REQUEST_ID)
+                            .string_len(36)
+                            .not_null(),
+                    )
+                    .col(text(res::PROJECT))
+                    .col(text(res::RESOURCE_TYPE))
+                    .col(text(res::RESOURCE_ID))
+                    .primary_key(
+                        Index::create()
+                            .col(res::CHANGE_REQUEST_ID)
+                            .col(res::RESOURCE_TYPE)
+                            .col(res::RESOURCE_ID),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("res_project_type_id")
+                    .table(RESOURCES)
+                    .col(res::PROJECT)
+                    .col(res::RESOURCE_TYPE)
+                    .col(res::RESOURCE_ID)
+                    .col(res::CHANGE_REQUEST_ID)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("res_project_id")
+                    .table(RESOURCES)
+                    .col(res::PROJECT)
+                    .col(res::RESOURCE_ID)
+                    .col(res::CHANGE_REQUEST_ID)
+                    .to_owned(),
+            )
+            .await?;
+
+        // The revision is an identity column: concurrent writers never wait on a counter row.
+        let revision = match manager.get_database_backend() {
+            DbBackend::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+            _ => "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        };
+        let sql = format!(
+            "CREATE TABLE {EVENTS} (
+                {rev} {revision},
+                {cr_id} VARCHAR(36) NOT NULL,
+                {project} TEXT NOT NULL,
+                {environment} TEXT NOT NULL,
+                {kind} TEXT NOT NULL,
+                {actor} TEXT NOT NULL,
+                {acting} TEXT NULL,
+                {from} TEXT NOT NULL,
+                {to} TEXT NOT NULL,
+                {time} BIGINT NOT NULL,
+                {detail} TEXT NOT NULL,
+                {snapshot} TEXT NOT NULL
+            )",
+            rev = ev::REVISION,
+            cr_id = ev::CHANGE_REQUEST_ID,
+            project = ev::PROJECT,
+            environment = ev::ENVIRONMENT,
+            kind = ev::KIND,
+            actor = ev::ACTOR,
+            acting = ev::ACTING_PRINCIPAL,
+            from = ev::FROM_STATE,
+            to = ev::TO_STATE,
+            time = ev::EVENT_TIME,
+            detail = ev::DETAIL,
+            snapshot = ev::SNAPSHOT,
+        );
+        let backend = manager.get_database_backend();
+        manager
+            .get_connection()
+            .execute_raw(Statement::from_string(backend, sql))
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ev_change_request_revision")
+                    .table(EVENTS)
+                    .col(ev::CHANGE_REQUEST_ID)
+                    .col(ev::REVISION)
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+}

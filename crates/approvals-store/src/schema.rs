@@ -1,0 +1,43 @@
+//! Table and column names, shared by the migration and the queries.
+
+pub const CHANGE_REQUESTS: &str = "change_requests";
+pub const RESOURCES: &str = "change_request_resources";
+pub const EVENTS: &str = "change_request_events";
+
+pub mod cr {
+    pub const ID: &str = "id";
+    pub const PROJECT: &str = "project";
+    pub const ENVIRONMENT: &str = "environment";
+    pub const ACTION_KEY: &str = "action_key";
+    pub const STATE: &str = "state";
+    pub const CREATED_BY: &str = "created_by";
+    pub const CREATE_TIME: &str = "create_time";
+    pub const UPDATE_TIME: &str = "update_time";
+    pub const EXPIRE_TIME: &str = "expire_time";
+    pub const REVISION: &str = "revision";
+    pub const REQUEST_ID: &str = "request_id";
+    pub const REQUEST_FINGERPRINT: &str = "request_fingerprint";
+    pub const BODY: &str = "body";
+}
+
+pub mod res {
+    pub const CHANGE_REQUEST_ID: &str = "change_request_id";
+    pub const PROJECT: &str = "project";
+    pub const RESOURCE_TYPE: &str = "resource_type";
+    pub const RESOURCE_ID: &str = "resource_id";
+}
+
+pub mod ev {
+    pub const REVISION: &str = "revision";
+    pub const CHANGE_REQUEST_ID: &str = "change_request_id";
+    pub const PROJECT: &str = "project";
+    pub const ENVIRONMENT: &str = "environment";
+    pub const KIND: &str = "kind";
+    pub const ACTOR: &str = "actor";
+    pub const ACTING_PRINCIPAL: &str = "acting_principal";
+    pub const FROM_STATE: &str = "from_state";
+    pub const TO_STATE: &str = "to_state";
+    pub const EVENT_TIME: &str = "event_time";
+    pub const DETAIL: &str = "detail";
+    pub const SNAPSHOT: &str = "snapshot";
+}

@@ -1,0 +1,748 @@
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use approvals_domain::{
+    ChangeRequest, DomainError, Event, EventDraft, EventKind, Principal, State, Timestamp,
+};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    DbErr, QueryResult, SqlErr, SqliteTransactionMode, Statement, TransactionOptions,
+    TransactionTrait,
+    sea_query::{Alias, Expr, ExprTrait, LockType, Order, Query, SelectStatement},
+    sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous},
+};
+use sea_orm_migration::MigratorTrait;
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::{
+    error::StoreError,
+    migration::Migrator,
+    schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res},
+};
+
+/// `total_size` is exact up to this many matching requests and an estimate beyond (AIP-158).
+pub const TOTAL_SIZE_EXACT_LIMIT: i64 = 10_000;
+
+/// Key of the PostgreSQL advisory lock that serialises migrations across replicas.
+const MIGRATION_LOCK_KEY: i64 = 0x6170_7072_6f76_616c; // "approval"
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// `sqlite://PATH` or `postgres://...`.
+    pub url: String,
+    pub max_connections: u32,
+    /// How long a call waits for a pooled connection before failing with UNAVAILABLE.
+    pub acquire_timeout: Duration,
+    /// PostgreSQL `statement_timeout` for every statement.
+    pub statement_timeout: Duration,
+}
+
+/// An idempotency key (AIP-155) and a digest of the request body it was used with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub request_id: String,
+    pub fingerprint: String,
+}
+
+/// The result of a create: the request, and whether it existed already (a retried request_id).
+#[derive(Debug)]
+pub struct Created {
+    pub change_request: ChangeRequest,
+    pub existed: bool,
+}
+
+/// Filters of `ListChangeRequests`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    pub project: String,
+    pub environment: Option<String>,
+    pub action_key: Option<String>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub requester: Option<String>,
+    pub states: Vec<State>,
+}
+
+#[derive(Debug)]
+pub struct ListPage {
+    pub change_requests: Vec<ChangeRequest>,
+    /// The id to continue after, when there are more results.
+    pub next_after: Option<String>,
+    pub total_size: i64,
+}
+
+/// The store: one connection pool, and the use cases as transactions.
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+    backend: Backend,
+    /// SQLite takes one writer at a time; queueing writers here, in order, is fairer and cheaper
+    /// than letting them spin on the busy timeout. Unused on PostgreSQL.
+    sqlite_writer: Arc<Mutex<()>>,
+}
+
+impl Store {
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StoreError> {
+        let backend = if settings.url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if settings.url.starts_with("postgres://")
+            || settings.url.starts_with("postgresql://")
+        {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::Unavailable(format!(
+                "unsupported database url {:?}: expected sqlite://PATH or postgres://...",
+                redact(&settings.url)
+            )));
+        };
+        let mut options = ConnectOptions::new(settings.url.clone());
+        options
+            .max_connections(Ord::max(settings.max_connections, 1))
+            .min_connections(0)
+            .acquire_timeout(settings.acquire_timeout)
+            .connect_timeout(settings.acquire_timeout)
+            .idle_timeout(Duration::from_secs(300))
+            .sqlx_logging(false);
+        match backend {
+            Backend::Sqlite => {
+                options.map_sqlx_sqlite_opts(|o| {
+                    o.create_if_missing(true)
+                        .journal_mode(SqliteJournalMode::Wal)
+                        // FULL: an acknowledged write survives a power cut, not only a crash.
+                        .synchronous(SqliteSynchronous::Full)
+                        .busy_timeout(Duration::from_secs(5))
+                });
+            }
+            Backend::Postgres => {
+                let timeout_ms = settings.statement_timeout.as_millis().to_string();
+                options.map_sqlx_postgres_opts(move |o| {
+                    o.options([("statement_timeout", timeout_ms.as_str())])
+                        .application_name("approvals")
+                });
+            }
+        }
+        let db = Database::connect(options).await.map_err(|err| {
+            StoreError::Unavailable(format!(
+                "cannot connect to {}: {err}",
+                redact(&settings.url)
+            ))
+        })?;
+        Ok(Self {
+            db,
+            backend,
+            sqlite_writer: Arc::new(Mutex::new(())),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn db_backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    /// Applies pending migrations. On PostgreSQL under an advisory lock, so replicas starting
+    /// together apply them once; on SQLite in one immediate (write-locked) transaction.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let (_writer, txn) = self.begin_write().await?;
+        if self.backend == Backend::Postgres {
+            txn.execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_advisory_xact_lock($1)",
+                [MIGRATION_LOCK_KEY.into()],
+            ))
+            .await?;
+        }
+        match Migrator::up(&txn, None).await {
+            Ok(()) => Ok(txn.commit().await?),
+            Err(err) => {
+                rollback(txn).await;
+                Err(err.into())
+            }
+        }
+    }
+
+    /// A cheap round trip, for health checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db
+            .query_one_raw(Statement::from_string(self.db_backend(), "SELECT 1"))
+            .await?;
+        Ok(())
+    }
+
+    async fn begin_write(
+        &self,
+    ) -> Result<(Option<MutexGuard<'_, ()>>, DatabaseTransaction), StoreError> {
+        let guard = match self.backend {
+            Backend::Sqlite => Some(self.sqlite_writer.lock().await),
+            Backend::Postgres => None,
+        };
+        let txn = self
+            .db
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await?;
+        Ok((guard, txn))
+    }
+
+    /// Stores a new request and its CREATED event. With an idempotency key, a key this caller
+    /// used before returns the request it created then (or `RequestIdReused` when the body
+    /// differs), even when two such creates race.
+    pub async fn create(
+        &self,
+        mut request: ChangeRequest,
+        event: EventDraft,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Created, StoreError> {
+        if let Some(key) = &key
+            && let Some(existing) = self.find_by_request_id(&request.created_by, key).await?
+        {
+            return Ok(existing);
+        }
+        let (writer, txn) = self.begin_write().await?;
+        let result = async {
+            let revision = self.append_event(&txn, &request, &event).await?;
+            request.revision = revision;
+            let body = serde_json::to_string(&request)?;
+            let insert = Query::insert()
+                .into_table(CHANGE_REQUESTS)
+                .columns([
+                    cr::ID,
+                    cr::PROJECT,
+                    cr::ENVIRONMENT,
+                    cr::ACTION_KEY,
+                    cr::STATE,
+                    cr::CREATED_BY,
+                    cr::CREATE_TIME,
+                    cr::UPDATE_TIME,
+                    cr::EXPIRE_TIME,
+                    cr::REVISION,
+                    cr::REQUEST_ID,
+                    cr::REQUEST_FINGERPRINT,
+                    cr::BODY,
+                ])
+                .values_panic([
+                    request.id.clone().into(),
+                    request.project.clone().into(),
+                    request.environment.clone().into(),
+                    request.action_key.clone().into(),
+                    request.state.as_str().into(),
+                    request.created_by.as_str().into(),
+                    request.create_time.as_micros().into(),
+                    request.update_time.as_micros().into(),
+                    request.expire_time.map(Timestamp::as_micros).into(),
+                    revision.into(),
+                    key.as_ref().map(|k| k.request_id.clone()).into(),
+                    key.as_ref().map(|k| k.fingerprint.clone()).into(),
+                    body.into(),
+                ])
+                .to_owned();
+            txn.execute(&insert).await?;
+            self.insert_resources(&txn, &request).await?;
+            Ok::<_, DbErrOr>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                txn.commit().await?;
+                Ok(Created {
+                    change_request: request,
+                    existed: false,
+                })
+            }
+            Err(err) => {
+                rollback(txn).await;
+                drop(writer);
+                match (err, &key) {
+                    (DbErrOr::Db(db), Some(key))
+                        if matches!(db.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) =>
+                    {
+                        // Another create with the same request_id won the race.
+                        self.find_by_request_id(&request.created_by, key)
+                            .await?
+                            .ok_or_else(|| StoreError::Internal("request_id vanished".into()))
+                    }
+                    (err, _) => Err(err.into()),
+                }
+            }
+        }
+    }
+
+    async fn find_by_request_id(
+        &self,
+        created_by: &Principal,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Created>, StoreError> {
+        let query = Query::select()
+            .columns([cr::REVISION, cr::BODY, cr::REQUEST_FINGERPRINT, cr::ID])
+            .from(CHANGE_REQUESTS)
+            .and_where(Expr::col(cr::CREATED_BY).eq(created_by.as_str()))
+            .and_where(Expr::col(cr::REQUEST_ID).eq(key.request_id.as_str()))
+            .to_owned();
+        let Some(row) = self.db.query_one(&query).await? else {
+            return Ok(None);
+        };
+        let fingerprint: Option<String> = row.try_get("", cr::REQUEST_FINGERPRINT)?;
+        if fingerprint.as_deref() != Some(key.fingerprint.as_str()) {
+            return Err(StoreError::RequestIdReused {
+                request_id: key.request_id.clone(),
+                change_request_id: row.try_get("", cr::ID)?,
+            });
+        }
+        Ok(Some(Created {
+            change_request: decode_request(&row)?,
+            existed: true,
+        }))
+    }
+
+    pub async fn get(&self, id: &str) -> Result<ChangeRequest, StoreError> {
+        let query = select_request(id);
+        match self.db.query_one(&query).await? {
+            Some(row) => decode_request(&row),
+            None => Err(StoreError::NotFound(id.to_owned())),
+        }
+    }
+
+    /// Runs a domain command on one request in one transaction: lock the row, apply the
+    /// command, store the new document and append its event. A refused command writes nothing.
+    pub async fn mutate<F>(&self, id: &str, command: F) -> Result<ChangeRequest, StoreError>
+    where
+        F: FnOnce(&mut ChangeRequest) -> Result<EventDraft, DomainError> + Send,
+    {
+        let (_writer, txn) = self.begin_write().await?;
+        let result = async {
+            let mut query = select_request(id);
+            if self.backend == Backend::Postgres {
+                query.lock(LockType::Update);
+            }
+            let row = txn
+                .query_one(&query)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+            let mut request = decode_request(&row)?;
+            let resources_before = resource_keys(&request);
+            let event = command(&mut request)?;
+            let previous_revision = request.revision;
+            let revision = self.append_event(&txn, &request, &event).await?;
+            request.revision = revision;
+            let update = Query::update()
+                .table(CHANGE_REQUESTS)
+                .value(cr::STATE, request.state.as_str())
+                .value(cr::UPDATE_TIME, request.update_time.as_micros())
+                .value(
+                    cr::EXPIRE_TIME,
+                    request.expire_time.map(Timestamp::as_micros),
+                )
+                .value(cr::REVISION, revision)
+                .value(cr::BODY, serde_json::to_string(&request)?)
+                .and_where(Expr::col(cr::ID).eq(id))
+                .and_where(Expr::col(cr::REVISION).eq(previous_revision))
+                .to_owned();
+            let updated = txn.execute(&update).await?;
+            if updated.rows_affected() != 1 {
+                // Unreachable while the row lock holds; refuse rather than lose an update.
+                return Err(StoreError::Internal(format!(
+                    "change request {id} changed during the transaction"
+                )));
+            }
+            if resource_keys(&request) != resources_before {
+                let delete = Query::delete()
+                    .from_table(RESOURCES)
+                    .and_where(Expr::col(res::CHANGE_REQUEST_ID).eq(id))
+                    .to_owned();
+                txn.execute(&delete).await?;
+                self.insert_resources(&txn, &request).await?;
+            }
+            Ok(request)
+        }
+        .await;
+        match result {
+            Ok(request) => {
+                txn.commit().await?;
+                Ok(request)
+            }
+            Err(err) => {
+                rollback(txn).await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn append_event(
+        &self,
+        txn: &DatabaseTransaction,
+        request: &ChangeRequest,
+        event: &EventDraft,
+    ) -> Result<i64, StoreError> {
+        let insert = Query::insert()
+            .into_table(EVENTS)
+            .columns([
+                ev::CHANGE_REQUEST_ID,
+                ev::PROJECT,
+                ev::ENVIRONMENT,
+                ev::KIND,
+                ev::ACTOR,
+                ev::ACTING_PRINCIPAL,
+                ev::FROM_STATE,
+                ev::TO_STATE,
+                ev::EVENT_TIME,
+                ev::DETAIL,
+                ev::SNAPSHOT,
+            ])
+            .values_panic([
+                request.id.clone().into(),
+                request.project.clone().into(),
+                request.environment.clone().into(),
+                event.kind.as_str().into(),
+                event.actor.as_str().into(),
+                event
+                    .acting_principal
+                    .as_ref()
+                    .map(|p| p.as_str().to_owned())
+                    .into(),
+                event.from_state.as_str().into(),
+                event.to_state.as_str().into(),
+                event.time.as_micros().into(),
+                event.detail.clone().into(),
+                serde_json::to_string(request)?.into(),
+            ])
+            .returning_col(ev::REVISION)
+            .to_owned();
+        let row = txn
+            .query_one(&insert)
+            .await?
+            .ok_or_else(|| StoreError::Internal("event insert returned no revision".into()))?;
+        Ok(row.try_get("", ev::REVISION)?)
+    }
+
+    async fn insert_resources(
+        &self,
+        txn: &DatabaseTransaction,
+        request: &ChangeRequest,
+    ) -> Result<(), StoreError> {
+        let keys = resource_keys(request);
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut insert = Query::insert();
+        insert.into_table(RESOURCES).columns([
+            res::CHANGE_REQUEST_ID,
+            res::PROJECT,
+            res::RESOURCE_TYPE,
+            res::RESOURCE_ID,
+        ]);
+        for (resource_type, resource_id) in keys {
+            insert.values_panic([
+                request.id.clone().into(),
+                request.project.clone().into(),
+                resource_type.into(),
+                resource_id.into(),
+            ]);
+        }
+        txn.execute(&insert).await?;
+        Ok(())
+    }
+
+    /// One page of requests matching `filter`, newest first, after the id `after`.
+    pub async fn list(
+        &self,
+        filter: &ListFilter,
+        after: Option<&str>,
+        page_size: u64,
+    ) -> Result<ListPage, StoreError> {
+        let mut query = Query::select();
+        query
+            .columns([cr::ID, cr::REVISION, cr::BODY])
+            .from(CHANGE_REQUESTS);
+        apply_filter(&mut query, filter);
+        let mut count_query = query.clone();
+        if let Some(after) = after {
+            query.and_where(Expr::col(cr::ID).lt(after));
+        }
+        query.order_by(cr::ID, Order::Desc).limit(page_size + 1);
+        let rows = self.db.query_all(&query).await?;
+        let mut change_requests = rows
+            .iter()
+            .map(decode_request)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_after = if change_requests.len() as u64 > page_size {
+            change_requests.truncate(page_size as usize);
+            change_requests.last().map(|r| r.id.clone())
+        } else {
+            None
+        };
+
+        count_query
+            .clear_selects()
+            .expr(Expr::val(1))
+            .limit(TOTAL_SIZE_EXACT_LIMIT as u64 + 1);
+        let capped = Query::select()
+            .expr_as(Expr::cust("COUNT(*)"), Alias::new("n"))
+            .from_subquery(count_query.clone(), Alias::new("matching"))
+            .to_owned();
+        let mut total_size: i64 = match self.db.query_one(&capped).await? {
+            Some(row) => row.try_get("", "n")?,
+            None => 0,
+        };
+        if total_size > TOTAL_SIZE_EXACT_LIMIT {
+            total_size = Ord::max(self.estimate_count(count_query).await?, total_size);
+        }
+        Ok(ListPage {
+            change_requests,
+            next_after,
+            total_size,
+        })
+    }
+
+    /// Beyond the exact limit: PostgreSQL's planner estimate (no scan of a million rows), or an
+    /// exact count on SQLite, whose planner gives no row estimate.
+    async fn estimate_count(&self, mut matching: SelectStatement) -> Result<i64, StoreError> {
+        matching.reset_limit();
+        match self.backend {
+            Backend::Postgres => {
+                let (sql, values) = matching.build(sea_orm::sea_query::PostgresQueryBuilder);
+                let stmt = Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    format!("EXPLAIN (FORMAT JSON) {sql}"),
+                    values,
+                );
+                let row = self.db.query_one_raw(stmt).await?;
+                let plan: Option<serde_json::Value> = match row {
+                    Some(row) => row.try_get_by_index::<serde_json::Value>(0).ok(),
+                    None => None,
+                };
+                Ok(plan
+                    .and_then(|p| {
+                        p.pointer("/0/Plan/Plan Rows")
+                            .and_then(serde_json::Value::as_f64)
+                    })
+                    .map(|rows| rows as i64)
+                    .unwrap_or(TOTAL_SIZE_EXACT_LIMIT + 1))
+            }
+            Backend::Sqlite => {
+                let count = Query::select()
+                    .expr_as(Expr::cust("COUNT(*)"), Alias::new("n"))
+                    .from_subquery(matching, Alias::new("matching"))
+                    .to_owned();
+                Ok(match self.db.query_one(&count).await? {
+                    Some(row) => row.try_get("", "n")?,
+                    None => 0,
+                })
+            }
+        }
+    }
+
+    /// Events of one request after `after_revision`, oldest first.
+    pub async fn events(
+        &self,
+        change_request_id: &str,
+        after_revision: i64,
+        limit: u64,
+        with_snapshot: bool,
+    ) -> Result<Vec<Event>, StoreError> {
+        let query = Query::select()
+            .columns(EVENT_COLUMNS)
+            .from(EVENTS)
+            .and_where(Expr::col(ev::CHANGE_REQUEST_ID).eq(change_request_id))
+            .and_where(Expr::col(ev::REVISION).gt(after_revision))
+            .order_by(ev::REVISION, Order::Asc)
+            .limit(limit)
+            .to_owned();
+        let rows = self.db.query_all(&query).await?;
+        rows.iter()
+            .map(|row| decode_event(row, with_snapshot))
+            .collect()
+    }
+
+    /// The highest revision in the log (0 when empty).
+    pub async fn head_revision(&self) -> Result<i64, StoreError> {
+        let query = Query::select()
+            .expr_as(
+                Expr::cust(format!("COALESCE(MAX({}), 0)", ev::REVISION)),
+                Alias::new("head"),
+            )
+            .from(EVENTS)
+            .to_owned();
+        Ok(match self.db.query_one(&query).await? {
+            Some(row) => row.try_get("", "head")?,
+            None => 0,
+        })
+    }
+}
+
+const EVENT_COLUMNS: [&str; 12] = [
+    ev::REVISION,
+    ev::CHANGE_REQUEST_ID,
+    ev::PROJECT,
+    ev::ENVIRONMENT,
+    ev::KIND,
+    ev::ACTOR,
+    ev::ACTING_PRINCIPAL,
+    ev::FROM_STATE,
+    ev::TO_STATE,
+    ev::EVENT_TIME,
+    ev::DETAIL,
+    ev::SNAPSHOT,
+];
+
+/// Either a database error (kept whole, to tell unique violations apart) or a store error.
+enum DbErrOr {
+    Db(DbErr),
+    Store(StoreError),
+}
+
+impl From<DbErr> for DbErrOr {
+    fn from(err: DbErr) -> Self {
+        Self::Db(err)
+    }
+}
+
+impl From<StoreError> for DbErrOr {
+    fn from(err: StoreError) -> Self {
+        Self::Store(err)
+    }
+}
+
+impl From<serde_json::Error> for DbErrOr {
+    fn from(err: serde_json::Error) -> Self {
+        Self::Store(err.into())
+    }
+}
+
+impl From<DbErrOr> for StoreError {
+    fn from(err: DbErrOr) -> Self {
+        match err {
+            DbErrOr::Db(db) => db.into(),
+            DbErrOr::Store(store) => store,
+        }
+    }
+}
+
+async fn rollback(txn: DatabaseTransaction) {
+    if let Err(err) = txn.rollback().await {
+        tracing::warn!(error = %err, "rollback failed");
+    }
+}
+
+fn select_request(id: &str) -> SelectStatement {
+    Query::select()
+        .columns([cr::ID, cr::REVISION, cr::BODY])
+        .from(CHANGE_REQUESTS)
+        .and_where(Expr::col(cr::ID).eq(id))
+        .to_owned()
+}
+
+fn apply_filter(query: &mut SelectStatement, filter: &ListFilter) {
+    query.and_where(Expr::col(cr::PROJECT).eq(filter.project.as_str()));
+    if let Some(environment) = &filter.environment {
+        query.and_where(Expr::col(cr::ENVIRONMENT).eq(environment.as_str()));
+    }
+    if let Some(action_key) = &filter.action_key {
+        query.and_where(Expr::col(cr::ACTION_KEY).eq(action_key.as_str()));
+    }
+    if let Some(requester) = &filter.requester {
+        query.and_where(Expr::col(cr::CREATED_BY).eq(requester.as_str()));
+    }
+    if !filter.states.is_empty() {
+        query.and_where(Expr::col(cr::STATE).is_in(filter.states.iter().map(|s| s.as_str())));
+    }
+    if filter.resource_type.is_some() || filter.resource_id.is_some() {
+        let mut touching = Query::select();
+        touching
+            .column(res::CHANGE_REQUEST_ID)
+            .from(RESOURCES)
+            .and_where(Expr::col(res::PROJECT).eq(filter.project.as_str()));
+        if let Some(resource_type) = &filter.resource_type {
+            touching.and_where(Expr::col(res::RESOURCE_TYPE).eq(resource_type.as_str()));
+        }
+        if let Some(resource_id) = &filter.resource_id {
+            touching.and_where(Expr::col(res::RESOURCE_ID).eq(resource_id.as_str()));
+        }
+        query.and_where(Expr::col(cr::ID).in_subquery(touching));
+    }
+}
+
+fn resource_keys(request: &ChangeRequest) -> BTreeSet<(String, String)> {
+    request
+        .changes
+        .iter()
+        .map(|c| (c.resource_type.clone(), c.resource_id.clone()))
+        .collect()
+}
+
+fn decode_request(row: &QueryResult) -> Result<ChangeRequest, StoreError> {
+    let body: String = row.try_get("", cr::BODY)?;
+    let mut request: ChangeRequest = serde_json::from_str(&body)?;
+    request.revision = row.try_get("", cr::REVISION)?;
+    Ok(request)
+}
+
+fn decode_event(row: &QueryResult, with_snapshot: bool) -> Result<Event, StoreError> {
+    let revision: i64 = row.try_get("", ev::REVISION)?;
+    let kind: String = row.try_get("", ev::KIND)?;
+    let from: String = row.try_get("", ev::FROM_STATE)?;
+    let to: String = row.try_get("", ev::TO_STATE)?;
+    let actor: String = row.try_get("", ev::ACTOR)?;
+    let acting: Option<String> = row.try_get("", ev::ACTING_PRINCIPAL)?;
+    let corrupt =
+        |what: &str| StoreError::Internal(format!("event {revision} has an unknown {what}"));
+    let change_request = if with_snapshot {
+        let snapshot: String = row.try_get("", ev::SNAPSHOT)?;
+        let mut request: ChangeRequest = serde_json::from_str(&snapshot)?;
+        request.revision = revision;
+        Some(request)
+    } else {
+        None
+    };
+    Ok(Event {
+        revision,
+        change_request_id: row.try_get("", ev::CHANGE_REQUEST_ID)?,
+        project: row.try_get("", ev::PROJECT)?,
+        environment: row.try_get("", ev::ENVIRONMENT)?,
+        kind: EventKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
+        actor: Principal::parse(&actor).map_err(|_| corrupt("actor"))?,
+        acting_principal: acting
+            .map(|p| Principal::parse(&p).map_err(|_| corrupt("acting principal")))
+            .transpose()?,
+        from_state: State::parse(&from).ok_or_else(|| corrupt("from_state"))?,
+        to_state: State::parse(&to).ok_or_else(|| corrupt("to_state"))?,
+        time: Timestamp::from_micros(row.try_get("", ev::EVENT_TIME)?),
+        detail: row.try_get("", ev::DETAIL)?,
+        change_request,
+    })
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite://approvals.db"), "sqlite://approvals.db");
+    }
+}
