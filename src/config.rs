@@ -1,0 +1,351 @@
+//! Configuration: one TOML file (`--config FILE` or `APPROVALS_CONFIG`), then `APPROVALS_*`
+//! environment overrides, then flags. Precedence: flag > environment > file > default. Unknown
+//! keys in the file are an error naming the key; every invalid value names its key.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use approvals_store::DatabaseSettings;
+use serde::{Deserialize, Deserializer};
+
+/// The embedded default: a SQLite file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://approvals.db";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: String,
+    /// Distinct approvals needed for quorum when no policy says otherwise.
+    pub min_approvals: u32,
+    pub database: DatabaseConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: u32,
+    #[serde(deserialize_with = "duration")]
+    pub acquire_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub statement_timeout: Duration,
+    /// How often the background probe checks the database for the health service.
+    #[serde(deserialize_with = "duration")]
+    pub health_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Deadline of a unary call (a shorter `grpc-timeout` from the client wins).
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// After SIGTERM, how long in-flight calls may take to finish before the server exits.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.to_owned(),
+            min_approvals: 1,
+            database: DatabaseConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_DATABASE_URL.to_owned(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(10),
+            health_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            max_message_bytes: 4 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like \"500ms\" or \"2s\": {e}"))
+}
+
+fn parse_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number"))
+}
+
+type Setter = fn(&mut Config, &str) -> Result<(), String>;
+
+/// Every key that an environment variable can override: `APPROVALS_` + the key path
+/// upper-cased with `.` as `_`.
+const KEYS: &[(&str, Setter)] = &[
+    ("listen", |c, v| {
+        c.listen = v.to_owned();
+        Ok(())
+    }),
+    ("min_approvals", |c, v| {
+        c.min_approvals = parse_number(v)?;
+        Ok(())
+    }),
+    ("database.url", |c, v| {
+        c.database.url = v.to_owned();
+        Ok(())
+    }),
+    ("database.max_connections", |c, v| {
+        c.database.max_connections = parse_number(v)?;
+        Ok(())
+    }),
+    ("database.acquire_timeout", |c, v| {
+        c.database.acquire_timeout = parse_duration(v)?;
+        Ok(())
+    }),
+    ("database.statement_timeout", |c, v| {
+        c.database.statement_timeout = parse_duration(v)?;
+        Ok(())
+    }),
+    ("database.health_interval", |c, v| {
+        c.database.health_interval = parse_duration(v)?;
+        Ok(())
+    }),
+    ("limits.request_timeout", |c, v| {
+        c.limits.request_timeout = parse_duration(v)?;
+        Ok(())
+    }),
+    ("limits.max_message_bytes", |c, v| {
+        c.limits.max_message_bytes = parse_number(v)?;
+        Ok(())
+    }),
+    ("limits.shutdown_grace", |c, v| {
+        c.limits.shutdown_grace = parse_duration(v)?;
+        Ok(())
+    }),
+];
+
+pub fn env_name(key: &str) -> String {
+    format!("APPROVALS_{}", key.to_uppercase().replace('.', "_"))
+}
+
+/// Values given on the command line; `None` leaves the key to the environment, file or default.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub database_url: Option<String>,
+    pub min_approvals: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key} (from {source_name}): {message}")]
+    Invalid {
+        key: String,
+        source_name: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads file, environment (`lookup` reads a variable) and flags, then validates.
+    pub fn load(
+        file: Option<&Path>,
+        lookup: impl Fn(&str) -> Option<String>,
+        flags: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?
+            }
+            None => Config::default(),
+        };
+        for (key, set) in KEYS {
+            let name = env_name(key);
+            if let Some(value) = lookup(&name) {
+                set(&mut config, &value).map_err(|message| ConfigError::Invalid {
+                    key: (*key).to_owned(),
+                    source_name: name.clone(),
+                    message,
+                })?;
+            }
+        }
+        if let Some(listen) = &flags.listen {
+            config.listen = listen.clone();
+        }
+        if let Some(url) = &flags.database_url {
+            config.database.url = url.clone();
+        }
+        if let Some(min) = flags.min_approvals {
+            config.min_approvals = min;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.to_owned(),
+            source_name: "the merged configuration".to_owned(),
+            message,
+        };
+        self.listen_addr().map_err(|m| invalid("listen", m))?;
+        if self.min_approvals < 1 {
+            return Err(invalid("min_approvals", "must be at least 1".into()));
+        }
+        if self.database.max_connections < 1 {
+            return Err(invalid(
+                "database.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.database.url.trim().is_empty() {
+            return Err(invalid("database.url", "must not be empty".into()));
+        }
+        if self.limits.max_message_bytes < 1024 {
+            return Err(invalid(
+                "limits.max_message_bytes",
+                "must be at least 1024".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.listen
+            .parse()
+            .map_err(|_| format!("{:?} is not an address like 127.0.0.1:50051", self.listen))
+    }
+
+    pub fn database_settings(&self) -> DatabaseSettings {
+        DatabaseSettings {
+            url: self.database.url.clone(),
+            max_connections: self.database.max_connections,
+            acquire_timeout: self.database.acquire_timeout,
+            statement_timeout: self.database.statement_timeout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn write(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::with(text)
+    }
+
+    /// A file removed when dropped; enough for these tests without another dependency.
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn with(text: &str) -> Self {
+                let path = std::env::temp_dir()
+                    .join(format!("approvals-config-{}.toml", uuid::Uuid::now_v7()));
+                std::fs::write(&path, text).expect("temp file");
+                Self(path)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn precedence_is_flag_then_env_then_file_then_default() {
+        let file = write(
+            "listen = \"127.0.0.1:1\"\nmin_approvals = 2\n[database]\nurl = \"sqlite://f.db\"\nacquire_timeout = \"500ms\"\n",
+        );
+        let env: HashMap<&str, &str> = [
+            ("APPROVALS_MIN_APPROVALS", "3"),
+            ("APPROVALS_LISTEN", "127.0.0.1:2"),
+        ]
+        .into();
+        let flags = Overrides {
+            listen: Some("127.0.0.1:3".into()),
+            ..Default::default()
+        };
+        let config = Config::load(Some(&file.0), |k| env.get(k).map(|v| v.to_string()), &flags)
+            .expect("loads");
+        assert_eq!(config.listen, "127.0.0.1:3");
+        assert_eq!(config.min_approvals, 3);
+        assert_eq!(config.database.url, "sqlite://f.db");
+        assert_eq!(config.database.acquire_timeout, Duration::from_millis(500));
+        assert_eq!(config.database.max_connections, 16);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let file = write("[database]\nurll = \"x\"\n");
+        let err =
+            Config::load(Some(&file.0), |_| None, &Overrides::default()).expect_err("unknown key");
+        assert!(err.to_string().contains("unknown field `urll`"), "{err}");
+
+        let err = Config::load(
+            None,
+            |k| (k == "APPROVALS_DATABASE_ACQUIRE_TIMEOUT").then(|| "soon".into()),
+            &Overrides::default(),
+        )
+        .expect_err("bad duration");
+        assert!(
+            err.to_string()
+                .starts_with("database.acquire_timeout (from APPROVALS_DATABASE_ACQUIRE_TIMEOUT)"),
+            "{err}"
+        );
+
+        let err = Config::load(
+            None,
+            |_| None,
+            &Overrides {
+                min_approvals: Some(0),
+                ..Default::default()
+            },
+        )
+        .expect_err("zero");
+        assert!(err.to_string().starts_with("min_approvals"), "{err}");
+    }
+
+    #[test]
+    fn env_names_follow_the_key_path() {
+        assert_eq!(env_name("database.url"), "APPROVALS_DATABASE_URL");
+        assert_eq!(env_name("listen"), "APPROVALS_LISTEN");
+    }
+}

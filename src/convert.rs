@@ -1,0 +1,303 @@
+//! Conversions between the protobuf messages and the domain types.
+
+use approvals_domain::{
+    Actor, Change, ChangeInput, ChangeRequest, Comment, Decision, Event, EventKind, Review, State,
+    Timestamp, ValidationStatus, validation::Violations,
+};
+use prost_types::{Struct, Value, value::Kind};
+use serde_json::{Map, Number, Value as Json};
+
+use crate::{error::ApiError, pb};
+
+pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+    let (seconds, nanos) = t.to_seconds_nanos();
+    prost_types::Timestamp { seconds, nanos }
+}
+
+pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<Timestamp, ApiError> {
+    Timestamp::from_seconds_nanos(t.seconds, t.nanos)
+        .ok_or_else(|| ApiError::invalid(field, "is not a valid timestamp"))
+}
+
+pub fn state(s: State) -> pb::State {
+    match s {
+        State::Draft => pb::State::Draft,
+        State::InReview => pb::State::InReview,
+        State::Approved => pb::State::Approved,
+        State::Scheduled => pb::State::Scheduled,
+        State::Applying => pb::State::Applying,
+        State::Applied => pb::State::Applied,
+        State::ApplyFailed => pb::State::ApplyFailed,
+        State::Rejected => pb::State::Rejected,
+        State::Cancelled => pb::State::Cancelled,
+        State::Expired => pb::State::Expired,
+    }
+}
+
+/// A state named by a caller (filters); UNSPECIFIED and unknown numbers are refused.
+pub fn from_state(field: &str, value: i32) -> Result<State, ApiError> {
+    let parsed = pb::State::try_from(value).ok().and_then(|s| {
+        State::ALL
+            .into_iter()
+            .find(|candidate| state(*candidate) == s)
+    });
+    parsed.ok_or_else(|| {
+        ApiError::invalid(
+            field,
+            format!("{value} is not a state (STATE_DRAFT .. STATE_EXPIRED)"),
+        )
+    })
+}
+
+fn decision(d: Decision) -> pb::Decision {
+    match d {
+        Decision::Approve => pb::Decision::Approve,
+        Decision::Reject => pb::Decision::Reject,
+    }
+}
+
+pub fn event_kind(k: EventKind) -> pb::EventKind {
+    use pb::EventKind as P;
+    match k {
+        EventKind::Created => P::Created,
+        EventKind::Updated => P::Updated,
+        EventKind::Submitted => P::Submitted,
+        EventKind::Reviewed => P::Reviewed,
+        EventKind::Commented => P::Commented,
+        EventKind::Cancelled => P::Cancelled,
+        EventKind::ApplyStarted => P::ApplyStarted,
+        EventKind::Applied => P::Applied,
+        EventKind::ApplyFailed => P::ApplyFailed,
+        EventKind::Scheduled => P::Scheduled,
+        EventKind::Unscheduled => P::Unscheduled,
+        EventKind::ScheduleSuspended => P::ScheduleSuspended,
+        EventKind::ScheduleFailed => P::ScheduleFailed,
+        EventKind::Expired => P::Expired,
+        EventKind::ConflictDetected => P::ConflictDetected,
+        EventKind::Bypassed => P::Bypassed,
+        EventKind::Completed => P::Completed,
+    }
+}
+
+fn validation_status(s: ValidationStatus) -> pb::ValidationStatus {
+    match s {
+        ValidationStatus::Valid => pb::ValidationStatus::Valid,
+        ValidationStatus::Invalid => pb::ValidationStatus::Invalid,
+        ValidationStatus::Skipped => pb::ValidationStatus::Skipped,
+    }
+}
+
+/// JSON object -> `google.protobuf.Struct`.
+pub fn to_struct(map: &Map<String, Json>) -> Struct {
+    Struct {
+        fields: map.iter().map(|(k, v)| (k.clone(), to_value(v))).collect(),
+    }
+}
+
+fn to_value(json: &Json) -> Value {
+    let kind = match json {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(b) => Kind::BoolValue(*b),
+        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Json::String(s) => Kind::StringValue(s.clone()),
+        Json::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(to_value).collect(),
+        }),
+        Json::Object(map) => Kind::StructValue(to_struct(map)),
+    };
+    Value { kind: Some(kind) }
+}
+
+/// `google.protobuf.Struct` -> JSON object; a non-finite number is refused, naming its path.
+pub fn from_struct(path: &str, s: &Struct, v: &mut Violations) -> Map<String, Json> {
+    s.fields
+        .iter()
+        .map(|(k, value)| (k.clone(), from_value(&format!("{path}.{k}"), value, v)))
+        .collect()
+}
+
+fn from_value(path: &str, value: &Value, v: &mut Violations) -> Json {
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::BoolValue(b)) => Json::Bool(*b),
+        Some(Kind::NumberValue(n)) => match Number::from_f64(*n) {
+            Some(number) => Json::Number(number),
+            None => {
+                v.add(path, "numbers must be finite");
+                Json::Null
+            }
+        },
+        Some(Kind::StringValue(s)) => Json::String(s.clone()),
+        Some(Kind::ListValue(list)) => Json::Array(
+            list.values
+                .iter()
+                .enumerate()
+                .map(|(i, item)| from_value(&format!("{path}[{i}]"), item, v))
+                .collect(),
+        ),
+        Some(Kind::StructValue(inner)) => Json::Object(from_struct(path, inner, v)),
+    }
+}
+
+/// Reads the caller-writable fields of changes.
+pub fn change_inputs(prefix: &str, changes: &[pb::Change], v: &mut Violations) -> Vec<ChangeInput> {
+    changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ChangeInput {
+            id: (!c.id.is_empty()).then(|| c.id.clone()),
+            action: c.action.clone(),
+            resource_type: c.resource_type.clone(),
+            resource_id: c.resource_id.clone(),
+            payload: c
+                .payload
+                .as_ref()
+                .map(|p| from_struct(&format!("{prefix}[{i}].payload"), p, v))
+                .unwrap_or_default(),
+            base_version: (!c.base_version.is_empty()).then(|| c.base_version.clone()),
+        })
+        .collect()
+}
+
+fn change(c: &Change) -> pb::Change {
+    pb::Change {
+        id: c.id.clone(),
+        action: c.action.clone(),
+        resource_type: c.resource_type.clone(),
+        resource_id: c.resource_id.clone(),
+        payload: Some(to_struct(&c.payload)),
+        base_version: c.base_version.clone().unwrap_or_default(),
+        created_by: c.created_by.to_string(),
+        create_time: Some(timestamp(c.create_time)),
+        conflict: c.conflict.clone().unwrap_or_default(),
+    }
+}
+
+fn review(r: &Review) -> pb::Review {
+    pb::Review {
+        reviewer: r.reviewer.to_string(),
+        decision: decision(r.decision).into(),
+        comment: r.comment.clone(),
+        create_time: Some(timestamp(r.create_time)),
+        dismissed: r.dismissed,
+        reviewer_groups: r.reviewer_groups.clone(),
+    }
+}
+
+fn comment(c: &Comment) -> pb::Comment {
+    pb::Comment {
+        id: c.id.clone(),
+        author: c.author.to_string(),
+        text: c.text.clone(),
+        create_time: Some(timestamp(c.create_time)),
+    }
+}
+
+/// The request as stored; with a viewer, the fields computed for that caller are filled in.
+pub fn change_request(r: &ChangeRequest, viewer: Option<&Actor>) -> pb::ChangeRequest {
+    let mut out = pb::ChangeRequest {
+        id: r.id.clone(),
+        project: r.project.clone(),
+        environment: r.environment.clone(),
+        action_key: r.action_key.clone(),
+        action_version: r.action_version,
+        title: r.title.clone(),
+        description: r.description.clone(),
+        changes: r.changes.iter().map(change).collect(),
+        intent_display: r.intent_display.clone(),
+        state: state(r.state).into(),
+        created_by: r.created_by.to_string(),
+        applied_by: r
+            .applied_by
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        reviews: r.reviews.iter().map(review).collect(),
+        comments: r.comments.iter().map(comment).collect(),
+        min_approvals: i32::try_from(r.rules.min_approvals).unwrap_or(i32::MAX),
+        approval_count: i32::try_from(r.approval_count()).unwrap_or(i32::MAX),
+        create_time: Some(timestamp(r.create_time)),
+        update_time: Some(timestamp(r.update_time)),
+        expire_time: r.expire_time.map(timestamp),
+        apply_time: r.apply_time.map(timestamp),
+        apply_error: r.apply_error.clone().unwrap_or_default(),
+        result_data: r.result_data.as_ref().map(to_struct),
+        validation_status: validation_status(r.validation_status).into(),
+        validation_errors: r.validation_errors.clone(),
+        etag: r.etag(),
+        revision: r.revision,
+        ..Default::default()
+    };
+    if let Some(viewer) = viewer {
+        let flags = r.viewer_flags(viewer);
+        out.can_approve = flags.can_approve;
+        out.can_cancel = flags.can_cancel;
+        out.is_requester = flags.is_requester;
+        out.user_decision = flags
+            .user_decision
+            .map(decision)
+            .unwrap_or(pb::Decision::Unspecified)
+            .into();
+    }
+    out
+}
+
+pub fn event(e: &Event) -> pb::Event {
+    pb::Event {
+        revision: e.revision,
+        change_request_id: e.change_request_id.clone(),
+        project: e.project.clone(),
+        environment: e.environment.clone(),
+        kind: event_kind(e.kind).into(),
+        actor: e.actor.to_string(),
+        acting_principal: e
+            .acting_principal
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        from_state: state(e.from_state).into(),
+        to_state: state(e.to_state).into(),
+        event_time: Some(timestamp(e.time)),
+        detail: e.detail.clone(),
+        change_request: e.change_request.as_ref().map(|r| change_request(r, None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn struct_round_trips_through_json() {
+        let json: Map<String, Json> =
+            serde_json::from_str(r#"{"a": 1.5, "b": [true, null, "x"], "c": {"d": {}}}"#)
+                .expect("json");
+        let mut v = Violations::default();
+        assert_eq!(from_struct("payload", &to_struct(&json), &mut v), json);
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn non_finite_numbers_are_named() {
+        let mut s = Struct::default();
+        s.fields.insert(
+            "x".into(),
+            Value {
+                kind: Some(Kind::NumberValue(f64::NAN)),
+            },
+        );
+        let mut v = Violations::default();
+        from_struct("changes[0].payload", &s, &mut v);
+        let err = v.into_result().expect_err("nan refused");
+        assert!(err.to_string().contains("changes[0].payload.x"), "{err}");
+    }
+
+    #[test]
+    fn every_state_converts_both_ways() {
+        for s in State::ALL {
+            assert_eq!(from_state("states", state(s) as i32).ok(), Some(s));
+        }
+        assert!(from_state("states", 0).is_err());
+        assert!(from_state("states", 99).is_err());
+    }
+}

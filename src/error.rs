@@ -1,0 +1,143 @@
+//! Every error the service returns, mapped to a `tonic::Status` in one place (AIP-193): a
+//! canonical code, a message naming the field or state, `google.rpc.ErrorInfo` with a stable
+//! reason, and `BadRequest` field violations for bad input.
+
+use std::collections::HashMap;
+
+use approvals_domain::{DomainError, FieldViolation};
+use approvals_store::StoreError;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// `google.rpc.ErrorInfo.domain` of every error this service returns.
+pub const ERROR_DOMAIN: &str = "approvals";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Unauthenticated(String),
+}
+
+impl From<DomainError> for ApiError {
+    fn from(err: DomainError) -> Self {
+        Self::Store(StoreError::Domain(err))
+    }
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        DomainError::invalid(field, description).into()
+    }
+
+    pub fn invalid_all(violations: Vec<FieldViolation>) -> Self {
+        DomainError::InvalidArgument(violations).into()
+    }
+}
+
+fn status(
+    code: Code,
+    message: String,
+    reason: &str,
+    metadata: &[(&str, String)],
+) -> (Code, String, ErrorDetails) {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    (
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+    )
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Self {
+        let message = err.to_string();
+        let (code, message, details) = match err {
+            ApiError::Unauthenticated(_) => {
+                status(Code::Unauthenticated, message, "ACTOR_MISSING", &[])
+            }
+            ApiError::Store(store) => match store {
+                StoreError::NotFound(id) => {
+                    let (code, message, mut details) = status(
+                        Code::NotFound,
+                        message,
+                        "CHANGE_REQUEST_NOT_FOUND",
+                        &[("id", id.clone())],
+                    );
+                    details.set_resource_info("approvals.v1.ChangeRequest", id, "", "not found");
+                    (code, message, details)
+                }
+                StoreError::RequestIdReused {
+                    request_id,
+                    change_request_id,
+                } => status(
+                    Code::AlreadyExists,
+                    message,
+                    "REQUEST_ID_REUSED",
+                    &[
+                        ("request_id", request_id),
+                        ("change_request_id", change_request_id),
+                    ],
+                ),
+                StoreError::Unavailable(detail) => {
+                    tracing::warn!(%detail, "database unavailable");
+                    status(
+                        Code::Unavailable,
+                        "the database is unavailable; retry later".to_owned(),
+                        "DATABASE_UNAVAILABLE",
+                        &[],
+                    )
+                }
+                StoreError::Internal(_) => {
+                    status(Code::Internal, "internal error".to_owned(), "INTERNAL", &[])
+                }
+                StoreError::Domain(domain) => match domain {
+                    DomainError::InvalidArgument(violations) => {
+                        let (code, message, mut details) =
+                            status(Code::InvalidArgument, message, "INVALID_ARGUMENT", &[]);
+                        for violation in violations {
+                            details
+                                .add_bad_request_violation(violation.field, violation.description);
+                        }
+                        (code, message, details)
+                    }
+                    DomainError::InvalidTransition { state, action } => status(
+                        Code::FailedPrecondition,
+                        message,
+                        "INVALID_TRANSITION",
+                        &[
+                            ("state", state.as_str().to_owned()),
+                            ("action", action.as_str().to_owned()),
+                        ],
+                    ),
+                    DomainError::NotRequester { requester, action } => status(
+                        Code::PermissionDenied,
+                        message,
+                        "NOT_REQUESTER",
+                        &[
+                            ("requester", requester),
+                            ("action", action.as_str().to_owned()),
+                        ],
+                    ),
+                    DomainError::SelfApproval => status(
+                        Code::PermissionDenied,
+                        message,
+                        "SELF_APPROVAL_FORBIDDEN",
+                        &[],
+                    ),
+                    DomainError::EtagMismatch { current, .. } => status(
+                        Code::Aborted,
+                        message,
+                        "ETAG_MISMATCH",
+                        &[("current_etag", current)],
+                    ),
+                },
+            },
+        };
+        Status::with_error_details(code, message, details)
+    }
+}

@@ -1,0 +1,22 @@
+//! The approvals server: a gRPC service for change requests (the "four-eyes" workflow).
+
+pub mod config;
+mod convert;
+mod error;
+mod identity;
+mod page_token;
+pub mod server;
+mod service;
+
+/// Code generated from `proto/approvals/v1`.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("approvals.v1");
+
+    /// The encoded descriptor set of `approvals.v1`, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("approvals_descriptor");
+}
+
+pub use error::ERROR_DOMAIN;
+pub use identity::{ACTOR_HEADER, GROUPS_HEADER};

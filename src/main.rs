@@ -1,0 +1,145 @@
+use std::{path::PathBuf, process::ExitCode};
+
+use approvals::{
+    config::{Config, Overrides},
+    server,
+};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+/// approvals: a gRPC service for change requests (propose, review, apply on quorum).
+#[derive(Parser)]
+#[command(name = "approvals", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(ServeArgs),
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "APPROVALS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on [env: APPROVALS_LISTEN] [default: 127.0.0.1:50051].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// sqlite://PATH or postgres://... [env: APPROVALS_DATABASE_URL] [default: sqlite://approvals.db].
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+    /// Distinct approvals needed for quorum without a policy [env: APPROVALS_MIN_APPROVALS] [default: 1].
+    #[arg(long, value_name = "N")]
+    min_approvals: Option<u32>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn,h2=warn")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(args: &ServeArgs) -> Result<Config, String> {
+    let flags = Overrides {
+        listen: args.listen.clone(),
+        database_url: args.database_url.clone(),
+        min_approvals: args.min_approvals,
+    };
+    Config::load(
+        args.config.as_deref(),
+        |name| std::env::var(name).ok(),
+        &flags,
+    )
+    .map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+    tracing::info!("shutdown requested; draining in-flight calls");
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (migrate_only, args) = match cli.command {
+        Some(Command::Serve(args)) => (false, args),
+        Some(Command::Migrate(args)) => (true, args),
+        None => (false, cli.serve),
+    };
+    init_logging(args.log_format);
+    let config = match load(&args) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("approvals: invalid configuration: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = if migrate_only {
+        server::open_store(&config)
+            .await
+            .map(|_| tracing::info!("migrations applied"))
+    } else {
+        let addr = match config.listen_addr() {
+            Ok(addr) => addr,
+            Err(message) => {
+                eprintln!("approvals: listen: {message}");
+                return ExitCode::from(2);
+            }
+        };
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => server::run(config, listener, shutdown_signal()).await,
+            Err(err) => {
+                eprintln!("approvals: cannot listen on {addr}: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("approvals: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Wiring: the store, the gRPC services, health, reflection, limits, graceful shutdown.
+
+use std::{future::Future, time::Duration};
+
+use approvals_store::Store;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    config::Config,
+    pb::{self, change_requests_server::ChangeRequestsServer},
+    service::change_requests::ChangeRequestsService,
+};
+
+/// The health service name Kubernetes liveness probes check: SERVING while the process runs,
+/// whatever the database does, so a database outage makes pods unready, never restarts them.
+pub const LIVENESS_SERVICE: &str = "liveness";
+/// Health names that follow the database: the whole server (readiness) and the API service.
+const DATABASE_BACKED: [&str; 2] = ["", "approvals.v1.ChangeRequests"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] approvals_store::StoreError),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Connects to the database and applies pending migrations.
+pub async fn open_store(config: &Config) -> Result<Store, ServeError> {
+    let store = Store::connect(&config.database_settings()).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains in-flight calls.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let store = open_store(&config).await?;
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
+    set_database_health(&reporter, ServingStatus::Serving).await;
+    let probe = tokio::spawn(probe_database(
+        store.clone(),
+        reporter.clone(),
+        config.database.health_interval,
+        config.database.acquire_timeout,
+    ));
+
+    let reflection_v1 = reflection().build_v1()?;
+    // grpcurl 1.8.x speaks the older v1alpha reflection protocol.
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let change_requests =
+        ChangeRequestsServer::new(ChangeRequestsService::new(store, config.min_approvals))
+            .max_decoding_message_size(config.limits.max_message_bytes);
+
+    tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
+    // Drain in-flight calls after the shutdown signal, but never for longer than the grace
+    // period: an idle client that keeps its connection open must not hold the process.
+    let draining = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signal = {
+        let draining = draining.clone();
+        async move {
+            shutdown.await;
+            draining.notify_one();
+        }
+    };
+    let serve = tonic::transport::Server::builder()
+        .timeout(config.limits.request_timeout)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(change_requests)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let grace = config.limits.shutdown_grace;
+    let result = tokio::select! {
+        result = serve => result,
+        () = async {
+            draining.notified().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(?grace, "calls still in flight after the shutdown grace period; stopping anyway");
+            Ok(())
+        }
+    };
+    probe.abort();
+    tracing::info!("stopped");
+    Ok(result?)
+}
+
+/// Our API, health, and the `google.rpc` error details, so grpcurl can decode ErrorInfo and
+/// BadRequest in error responses.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
+
+async fn set_database_health(reporter: &HealthReporter, status: ServingStatus) {
+    for name in DATABASE_BACKED {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Checks the database on its own schedule, so health follows it even with no traffic.
+async fn probe_database(
+    store: Store,
+    reporter: HealthReporter,
+    interval: Duration,
+    timeout: Duration,
+) {
+    let mut serving = true;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let reachable = matches!(
+            tokio::time::timeout(timeout, store.ping()).await,
+            Ok(Ok(()))
+        );
+        if reachable != serving {
+            serving = reachable;
+            if reachable {
+                tracing::info!("database reachable again: SERVING");
+                set_database_health(&reporter, ServingStatus::Serving).await;
+            } else {
+                tracing::warn!("database unreachable: NOT_SERVING");
+                set_database_health(&reporter, ServingStatus::NotServing).await;
+            }
+        }
+    }
+}

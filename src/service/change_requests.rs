@@ -1,0 +1,431 @@
+//! `approvals.v1.ChangeRequests`: each handler identifies the caller, converts the request,
+//! runs the domain command through the store, and converts the result back.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use approvals_domain::{
+    ChangeRequest, ChangeRequestPatch, Decision, NewChangeRequest, Principal, ReviewRules,
+    Timestamp,
+    validation::{self, Violations},
+};
+use approvals_store::{IdempotencyKey, ListFilter, Store};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    convert,
+    error::ApiError,
+    identity, page_token,
+    pb::{self, change_requests_server::ChangeRequests},
+};
+
+const LIST_DEFAULT_PAGE_SIZE: u64 = 50;
+const LIST_MAX_PAGE_SIZE: u64 = 1000;
+const EVENTS_DEFAULT_PAGE_SIZE: u64 = 100;
+const EVENTS_MAX_PAGE_SIZE: u64 = 1000;
+
+pub struct ChangeRequestsService {
+    store: Store,
+    min_approvals: u32,
+}
+
+impl ChangeRequestsService {
+    pub fn new(store: Store, min_approvals: u32) -> Self {
+        Self {
+            store,
+            min_approvals,
+        }
+    }
+}
+
+fn now() -> Timestamp {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    Timestamp::from_micros(micros)
+}
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// A change request id from a request: required, a UUID, normalised to lower-case hyphenated.
+fn parse_id(field: &str, id: &str) -> Result<String, ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::invalid(field, "is required"));
+    }
+    uuid::Uuid::parse_str(id)
+        .map(|u| u.to_string())
+        .map_err(|_| {
+            ApiError::invalid(field, format!("{id:?} is not a change request id (a UUID)"))
+        })
+}
+
+fn optional(value: &str) -> Option<String> {
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+fn ok(
+    request: &ChangeRequest,
+    actor: &approvals_domain::Actor,
+) -> Result<Response<pb::ChangeRequest>, Status> {
+    Ok(Response::new(convert::change_request(request, Some(actor))))
+}
+
+fn idempotency_key(
+    request: &pb::CreateChangeRequestRequest,
+) -> Result<Option<IdempotencyKey>, ApiError> {
+    if request.request_id.is_empty() {
+        return Ok(None);
+    }
+    if request.request_id.chars().count() > validation::MAX_REQUEST_ID_CHARS
+        || request.request_id.chars().any(char::is_control)
+    {
+        return Err(ApiError::invalid(
+            "request_id",
+            format!(
+                "must be at most {} printable characters",
+                validation::MAX_REQUEST_ID_CHARS
+            ),
+        ));
+    }
+    // The body without its request_id: a retry must send the same body to get the same answer.
+    let body = pb::CreateChangeRequestRequest {
+        request_id: String::new(),
+        ..request.clone()
+    };
+    let digest = Sha256::digest(body.encode_to_vec());
+    Ok(Some(IdempotencyKey {
+        request_id: request.request_id.clone(),
+        fingerprint: digest.iter().map(|b| format!("{b:02x}")).collect(),
+    }))
+}
+
+#[tonic::async_trait]
+impl ChangeRequests for ChangeRequestsService {
+    async fn create_change_request(
+        &self,
+        request: Request<pb::CreateChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let actor = identity::actor(&request)?;
+        let req = request.into_inner();
+        let key = idempotency_key(&req)?;
+        let now = now();
+        let mut violations = Violations::default();
+        let changes = convert::change_inputs("changes", &req.changes, &mut violations);
+        let expire_time = req
+            .expire_time
+            .as_ref()
+            .map(|t| convert::from_timestamp("expire_time", t))
+            .transpose()?;
+        violations.into_result().map_err(ApiError::from)?;
+        let new = NewChangeRequest {
+            project: req.project,
+            environment: req.environment,
+            action_key: req.action_key,
+            action_version: req.action_version,
+            title: req.title,
+            description: req.description,
+            changes,
+            intent_display: req.intent_display,
+            expire_time,
+            draft: req.draft,
+        };
+        let (change_request, event) = ChangeRequest::create(
+            new_id(),
+            new,
+            &actor,
+            ReviewRules::with_min_approvals(self.min_approvals),
+            now,
+            &mut new_id,
+        )
+        .map_err(ApiError::from)?;
+        let created = self
+            .store
+            .create(change_request, event, key)
+            .await
+            .map_err(ApiError::from)?;
+        ok(&created.change_request, &actor)
+    }
+
+    async fn get_change_request(
+        &self,
+        request: Request<pb::GetChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let actor = identity::actor(&request)?;
+        let id = parse_id("id", &request.get_ref().id)?;
+        let change_request = self.store.get(&id).await.map_err(ApiError::from)?;
+        ok(&change_request, &actor)
+    }
+
+    async fn list_change_requests(
+        &self,
+        request: Request<pb::ListChangeRequestsRequest>,
+    ) -> Result<Response<pb::ListChangeRequestsResponse>, Status> {
+        let actor = identity::actor(&request)?;
+        let req = request.into_inner();
+        let mut violations = Violations::default();
+        violations.required_name("project", &req.project);
+        for (field, value) in [
+            ("environment", &req.environment),
+            ("action_key", &req.action_key),
+            ("resource_type", &req.resource_type),
+            ("resource_id", &req.resource_id),
+        ] {
+            violations.optional_name(field, value);
+        }
+        if !req.requester.is_empty()
+            && let Err(message) = Principal::parse(&req.requester)
+        {
+            violations.add("requester", message);
+        }
+        violations.into_result().map_err(ApiError::from)?;
+        let mut states = req
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| convert::from_state(&format!("states[{i}]"), *s))
+            .collect::<Result<Vec<_>, _>>()?;
+        states.sort_by_key(|s| s.as_str());
+        states.dedup();
+        let page_size =
+            page_token::page_size(req.page_size, LIST_DEFAULT_PAGE_SIZE, LIST_MAX_PAGE_SIZE)?;
+        let state_names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let states_key = state_names.join(",");
+        let digest = page_token::query_digest(&[
+            "list",
+            &req.project,
+            &req.environment,
+            &req.action_key,
+            &req.resource_type,
+            &req.resource_id,
+            &req.requester,
+            &states_key,
+        ]);
+        let after = page_token::decode(&req.page_token, &digest)?;
+        let filter = ListFilter {
+            project: req.project,
+            environment: optional(&req.environment),
+            action_key: optional(&req.action_key),
+            resource_type: optional(&req.resource_type),
+            resource_id: optional(&req.resource_id),
+            requester: optional(&req.requester),
+            states,
+        };
+        let page = self
+            .store
+            .list(&filter, after.as_deref(), page_size)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListChangeRequestsResponse {
+            change_requests: page
+                .change_requests
+                .iter()
+                .map(|r| convert::change_request(r, Some(&actor)))
+                .collect(),
+            next_page_token: page
+                .next_after
+                .map(|after| page_token::encode(&after, &digest))
+                .unwrap_or_default(),
+            total_size: i32::try_from(page.total_size).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn update_change_request(
+        &self,
+        request: Request<pb::UpdateChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let actor = identity::actor(&request)?;
+        let req = request.into_inner();
+        let Some(body) = req.change_request else {
+            return Err(ApiError::invalid("change_request", "is required").into());
+        };
+        let id = parse_id("change_request.id", &body.id)?;
+        let Some(mask) = req.update_mask else {
+            return Err(
+                ApiError::invalid("update_mask", "is required: name the fields to update").into(),
+            );
+        };
+        let now = now();
+        let mut violations = Violations::default();
+        let mut patch = ChangeRequestPatch::default();
+        for (i, path) in mask.paths.iter().enumerate() {
+            match path.as_str() {
+                "title" => patch.title = Some(body.title.clone()),
+                "description" => patch.description = Some(body.description.clone()),
+                "intent_display" => patch.intent_display = Some(body.intent_display.clone()),
+                "changes" => {
+                    patch.changes =
+                        Some(convert::change_inputs("change_request.changes", &body.changes, &mut violations))
+                }
+                "expire_time" => {
+                    patch.expire_time = Some(
+                        body.expire_time
+                            .as_ref()
+                            .map(|t| convert::from_timestamp("change_request.expire_time", t))
+                            .transpose()?,
+                    )
+                }
+                other => violations.add(
+                    format!("update_mask.paths[{i}]"),
+                    format!(
+                        "{other:?} cannot be updated; updatable: title, description, changes, intent_display, expire_time"
+                    ),
+                ),
+            }
+        }
+        violations.into_result().map_err(ApiError::from)?;
+        let etag = optional(&body.etag);
+        let updated = self
+            .store
+            .mutate(&id, |r| {
+                r.check_etag(etag.as_deref())?;
+                r.update(&actor, patch, now, &mut new_id)
+            })
+            .await
+            .map_err(ApiError::from)?;
+        ok(&updated, &actor)
+    }
+
+    async fn submit_change_request(
+        &self,
+        request: Request<pb::SubmitChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let actor = identity::actor(&request)?;
+        let req = request.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let now = now();
+        let updated = self
+            .store
+            .mutate(&id, |r| {
+                r.check_etag(Some(&req.etag))?;
+                r.submit(&actor, now)
+            })
+            .await
+            .map_err(ApiError::from)?;
+        ok(&updated, &actor)
+    }
+
+    async fn approve_change_request(
+        &self,
+        request: Request<pb::ApproveChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let actor = identity::actor(&request)?;
+        let req = request.into_inner();
+        self.review(actor, &req.id, Decision::Approve, req.comment, &req.etag)
+            .await
+    }
+
+    async fn reject_change_request(
+        &self,
+        request: Request<pb::RejectChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let actor = identity::actor(&request)?;
+        let req = request.into_inner();
+        self.review(actor, &req.id, Decision::Reject, req.comment, &req.etag)
+            .await
+    }
+
+    async fn cancel_change_request(
+        &self,
+        request: Request<pb::CancelChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let actor = identity::actor(&request)?;
+        let req = request.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let now = now();
+        let updated = self
+            .store
+            .mutate(&id, |r| {
+                r.check_etag(Some(&req.etag))?;
+                r.cancel(&actor, req.reason, now)
+            })
+            .await
+            .map_err(ApiError::from)?;
+        ok(&updated, &actor)
+    }
+
+    async fn add_comment(
+        &self,
+        request: Request<pb::AddCommentRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let actor = identity::actor(&request)?;
+        let req = request.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let now = now();
+        let updated = self
+            .store
+            .mutate(&id, |r| r.add_comment(&actor, new_id(), req.text, now))
+            .await
+            .map_err(ApiError::from)?;
+        ok(&updated, &actor)
+    }
+
+    async fn list_change_request_events(
+        &self,
+        request: Request<pb::ListChangeRequestEventsRequest>,
+    ) -> Result<Response<pb::ListChangeRequestEventsResponse>, Status> {
+        identity::actor(&request)?;
+        let req = request.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let page_size = page_token::page_size(
+            req.page_size,
+            EVENTS_DEFAULT_PAGE_SIZE,
+            EVENTS_MAX_PAGE_SIZE,
+        )?;
+        let digest = page_token::query_digest(&["events", &id]);
+        let after = match page_token::decode(&req.page_token, &digest)? {
+            Some(position) => position.parse::<i64>().map_err(|_| {
+                ApiError::invalid("page_token", "is not a token this service issued")
+            })?,
+            None => 0,
+        };
+        let mut events = self
+            .store
+            .events(&id, after, page_size + 1, req.include_change_request)
+            .await
+            .map_err(ApiError::from)?;
+        if events.is_empty() && after == 0 {
+            // Every request has at least its CREATED event: none means no such request.
+            return Err(ApiError::from(approvals_store::StoreError::NotFound(id)).into());
+        }
+        let next_page_token = if events.len() as u64 > page_size {
+            events.truncate(page_size as usize);
+            events
+                .last()
+                .map(|e| page_token::encode(&e.revision.to_string(), &digest))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListChangeRequestEventsResponse {
+            events: events.iter().map(convert::event).collect(),
+            next_page_token,
+        }))
+    }
+}
+
+impl ChangeRequestsService {
+    async fn review(
+        &self,
+        actor: approvals_domain::Actor,
+        id: &str,
+        decision: Decision,
+        comment: String,
+        etag: &str,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let id = parse_id("id", id)?;
+        let now = now();
+        let updated = self
+            .store
+            .mutate(&id, |r| {
+                r.check_etag(Some(etag))?;
+                r.review(&actor, decision, comment, now)
+            })
+            .await
+            .map_err(ApiError::from)?;
+        ok(&updated, &actor)
+    }
+}
