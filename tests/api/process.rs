@@ -1,0 +1,275 @@
+//! The `approvals` binary as an operator runs it: migrate, serve, stop on SIGTERM, refuse bad
+//! configuration, and the README's grpcurl walkthrough, run as written.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use crate::common::TestDatabase;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_approvals");
+
+/// A server process; killed on drop if still running.
+struct Process {
+    child: Child,
+    addr: String,
+    output: mpsc::Receiver<String>,
+}
+
+impl Process {
+    /// Starts `approvals serve` on an ephemeral port and waits for its "serving" log line.
+    fn serve(database_url: &str, dir: &Path) -> Self {
+        let mut child = Command::new(BINARY)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                database_url,
+            ])
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start approvals");
+        let stdout = child.stdout.take().expect("stdout");
+        let (lines, output) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        while addr.is_none() {
+            let line = output
+                .recv_timeout(Duration::from_secs(30))
+                .expect("server logs that it is serving");
+            if line.contains("serving") {
+                addr = line.rsplit("address=").next().map(|a| a.trim().to_owned());
+            }
+        }
+        Self {
+            child,
+            addr: addr.expect("address"),
+            output,
+        }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        for _ in 0..100 {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                return exit;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not stop within 5 s of SIGTERM");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_then_serve_then_stop_on_sigterm() {
+    let (database, url) = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let migrate = Command::new(BINARY)
+        .args(["migrate", "--database-url", &url])
+        .current_dir(dir.path())
+        .output()
+        .expect("run migrate");
+    assert!(
+        migrate.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    // Running it again is a no-op.
+    let again = Command::new(BINARY)
+        .args(["migrate", "--database-url", &url])
+        .current_dir(dir.path())
+        .output()
+        .expect("migrate");
+    assert!(again.status.success());
+
+    let mut server = Process::serve(&url, dir.path());
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    drop(health);
+
+    let exit = server.terminate();
+    assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
+    let logged: Vec<String> = server.output.try_iter().collect();
+    assert!(
+        logged.iter().any(|l| l.contains("shutdown requested")),
+        "{logged:?}"
+    );
+    drop(database);
+}
+
+#[test]
+fn default_database_is_a_sqlite_file_in_the_working_directory() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = Command::new(BINARY)
+        .arg("migrate")
+        .current_dir(dir.path())
+        .env_remove("APPROVALS_DATABASE_URL")
+        .env_remove("APPROVALS_CONFIG")
+        .output()
+        .expect("migrate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("approvals.db").exists());
+}
+
+#[test]
+fn bad_configuration_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("approvals.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\n[database]\nmax_conections = 4\n",
+    )
+    .expect("write");
+    let out = Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(&file)
+        .current_dir(dir.path())
+        .output()
+        .expect("serve");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("max_conections"), "{stderr}");
+
+    let out = Command::new(BINARY)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("APPROVALS_MIN_APPROVALS", "many")
+        .output()
+        .expect("serve");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("min_approvals") && stderr.contains("APPROVALS_MIN_APPROVALS"),
+        "{stderr}"
+    );
+}
+
+fn grpcurl() -> Option<PathBuf> {
+    if let Ok(path) = std::env::var("GRPCURL") {
+        return Some(PathBuf::from(path));
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let candidates = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| Path::new(dir).join("grpcurl"))
+        .chain([Path::new(&home).join(".local/bin/grpcurl")])
+        .collect::<Vec<_>>();
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Runs the README's walkthrough (the block between the `walkthrough` markers) against a real
+/// server, so the README works as written.
+#[tokio::test]
+async fn readme_walkthrough_runs_as_written() {
+    let Some(grpcurl) = grpcurl() else {
+        assert!(
+            std::env::var("APPROVALS_REQUIRE_GRPCURL").is_err(),
+            "APPROVALS_REQUIRE_GRPCURL is set but grpcurl was not found"
+        );
+        eprintln!(
+            "SKIPPED readme_walkthrough_runs_as_written: grpcurl not installed (../shared/tools/install-grpcurl.sh installs it)"
+        );
+        return;
+    };
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let start = readme
+        .find("<!-- walkthrough:begin -->")
+        .expect("walkthrough begin marker");
+    let end = readme
+        .find("<!-- walkthrough:end -->")
+        .expect("walkthrough end marker");
+    let script: String = readme[start..end]
+        .lines()
+        .skip_while(|l| !l.starts_with("```sh"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        script.contains("grpcurl"),
+        "walkthrough has commands: {script}"
+    );
+
+    let (database, url) = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let server = Process::serve(&url, dir.path());
+    let script = script.replace("localhost:50051", &server.addr);
+    let grpcurl_dir = grpcurl.parent().map(Path::to_path_buf).unwrap_or_default();
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(dir.path())
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                grpcurl_dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .output()
+        .expect("run walkthrough");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "walkthrough failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("approvals.v1.ChangeRequests"),
+        "list shows the service:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("STATE_APPROVED"),
+        "the second actor's approval approves:\n{stdout}"
+    );
+    drop(server);
+    drop(database);
+}
