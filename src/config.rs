@@ -20,6 +20,7 @@ pub struct Config {
     pub min_approvals: u32,
     pub database: DatabaseConfig,
     pub limits: LimitsConfig,
+    pub watch: WatchConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -49,6 +50,39 @@ pub struct LimitsConfig {
     pub shutdown_grace: Duration,
 }
 
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    /// How far behind the head (in revisions) a watch may start; older is OUT_OF_RANGE.
+    pub history: i64,
+    /// A watcher at the live tail this many events behind is ended (RESOURCE_EXHAUSTED).
+    pub max_lag: i64,
+    /// An idle stream gets a progress message this often.
+    #[serde(deserialize_with = "duration")]
+    pub progress_interval: Duration,
+    /// Most concurrent watch streams; more are RESOURCE_EXHAUSTED.
+    pub max_watchers: usize,
+    /// Fallback: how often the log is read when no commit wake-up arrived.
+    #[serde(deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    /// Events kept in memory for watchers at the live tail; a watcher further behind reads the
+    /// log instead (it is ended only past `max_lag`).
+    pub buffer: usize,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            history: 100_000,
+            max_lag: 10_000,
+            progress_interval: Duration::from_secs(10),
+            max_watchers: 50_000,
+            poll_interval: Duration::from_millis(500),
+            buffer: 1024,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -56,6 +90,7 @@ impl Default for Config {
             min_approvals: 1,
             database: DatabaseConfig::default(),
             limits: LimitsConfig::default(),
+            watch: WatchConfig::default(),
         }
     }
 }
@@ -139,6 +174,30 @@ const KEYS: &[(&str, Setter)] = &[
         c.limits.max_message_bytes = parse_number(v)?;
         Ok(())
     }),
+    ("watch.history", |c, v| {
+        c.watch.history = parse_number(v)?;
+        Ok(())
+    }),
+    ("watch.max_lag", |c, v| {
+        c.watch.max_lag = parse_number(v)?;
+        Ok(())
+    }),
+    ("watch.progress_interval", |c, v| {
+        c.watch.progress_interval = parse_duration(v)?;
+        Ok(())
+    }),
+    ("watch.max_watchers", |c, v| {
+        c.watch.max_watchers = parse_number(v)?;
+        Ok(())
+    }),
+    ("watch.poll_interval", |c, v| {
+        c.watch.poll_interval = parse_duration(v)?;
+        Ok(())
+    }),
+    ("watch.buffer", |c, v| {
+        c.watch.buffer = parse_number(v)?;
+        Ok(())
+    }),
     ("limits.shutdown_grace", |c, v| {
         c.limits.shutdown_grace = parse_duration(v)?;
         Ok(())
@@ -155,6 +214,9 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub database_url: Option<String>,
     pub min_approvals: Option<u32>,
+    pub watch_history: Option<i64>,
+    pub watch_max_lag: Option<i64>,
+    pub watch_progress_interval: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +275,20 @@ impl Config {
         if let Some(min) = flags.min_approvals {
             config.min_approvals = min;
         }
+        if let Some(history) = flags.watch_history {
+            config.watch.history = history;
+        }
+        if let Some(max_lag) = flags.watch_max_lag {
+            config.watch.max_lag = max_lag;
+        }
+        if let Some(interval) = &flags.watch_progress_interval {
+            config.watch.progress_interval =
+                parse_duration(interval).map_err(|message| ConfigError::Invalid {
+                    key: "watch.progress_interval".into(),
+                    source_name: "--watch-progress-interval".into(),
+                    message,
+                })?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -235,6 +311,24 @@ impl Config {
         }
         if self.database.url.trim().is_empty() {
             return Err(invalid("database.url", "must not be empty".into()));
+        }
+        if self.watch.history < 1 {
+            return Err(invalid("watch.history", "must be at least 1".into()));
+        }
+        if self.watch.max_lag < 1 {
+            return Err(invalid("watch.max_lag", "must be at least 1".into()));
+        }
+        if self.watch.progress_interval.is_zero() || self.watch.poll_interval.is_zero() {
+            return Err(invalid(
+                "watch.progress_interval",
+                "intervals must be positive".into(),
+            ));
+        }
+        if self.watch.buffer < 16 || self.watch.max_watchers < 1 {
+            return Err(invalid(
+                "watch.buffer",
+                "buffer must be at least 16 and max_watchers at least 1".into(),
+            ));
         }
         if self.limits.max_message_bytes < 1024 {
             return Err(invalid(

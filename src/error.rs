@@ -18,6 +18,18 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Unauthenticated(String),
+    #[error(
+        "start_revision {requested} is older than the watch history allows; the oldest revision a watch may start from is {oldest}: list the change requests, then watch from the list's revision"
+    )]
+    RevisionTooOld { requested: i64, oldest: i64 },
+    #[error(
+        "the watcher fell more than {max_lag} events behind; resume with start_revision {resume}"
+    )]
+    WatcherTooSlow { max_lag: i64, resume: i64 },
+    #[error("too many watch streams ({max}); retry later")]
+    TooManyWatchers { max: usize },
+    #[error("the server is shutting down; resume with start_revision {resume}")]
+    ShuttingDown { resume: i64 },
 }
 
 impl From<DomainError> for ApiError {
@@ -60,6 +72,30 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated(_) => {
                 status(Code::Unauthenticated, message, "ACTOR_MISSING", &[])
             }
+            ApiError::RevisionTooOld { oldest, .. } => status(
+                Code::OutOfRange,
+                message,
+                "REVISION_TOO_OLD",
+                &[("oldest_revision", oldest.to_string())],
+            ),
+            ApiError::WatcherTooSlow { resume, .. } => status(
+                Code::ResourceExhausted,
+                message,
+                "WATCHER_TOO_SLOW",
+                &[("resume_revision", resume.to_string())],
+            ),
+            ApiError::TooManyWatchers { max } => status(
+                Code::ResourceExhausted,
+                message,
+                "TOO_MANY_WATCHERS",
+                &[("max_watchers", max.to_string())],
+            ),
+            ApiError::ShuttingDown { resume } => status(
+                Code::Unavailable,
+                message,
+                "SHUTTING_DOWN",
+                &[("resume_revision", resume.to_string())],
+            ),
             ApiError::Store(store) => match store {
                 StoreError::NotFound(id) => {
                     let (code, message, mut details) = status(

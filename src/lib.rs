@@ -7,6 +7,7 @@ mod identity;
 mod page_token;
 pub mod server;
 mod service;
+mod watch;
 
 /// Code generated from `proto/approvals/v1`.
 pub mod pb {

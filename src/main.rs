@@ -39,6 +39,15 @@ struct ServeArgs {
     /// Distinct approvals needed for quorum without a policy [env: APPROVALS_MIN_APPROVALS] [default: 1].
     #[arg(long, value_name = "N")]
     min_approvals: Option<u32>,
+    /// Revisions behind the head a watch may start from [env: APPROVALS_WATCH_HISTORY] [default: 100000].
+    #[arg(long, value_name = "N")]
+    watch_history: Option<i64>,
+    /// Events a live watcher may fall behind before it is ended [env: APPROVALS_WATCH_MAX_LAG] [default: 10000].
+    #[arg(long, value_name = "N")]
+    watch_max_lag: Option<i64>,
+    /// Progress message interval on idle watch streams [env: APPROVALS_WATCH_PROGRESS_INTERVAL] [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    watch_progress_interval: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -66,6 +75,9 @@ fn load(args: &ServeArgs) -> Result<Config, String> {
         listen: args.listen.clone(),
         database_url: args.database_url.clone(),
         min_approvals: args.min_approvals,
+        watch_history: args.watch_history,
+        watch_max_lag: args.watch_max_lag,
+        watch_progress_interval: args.watch_progress_interval.clone(),
     };
     Config::load(
         args.config.as_deref(),

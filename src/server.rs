@@ -11,6 +11,7 @@ use crate::{
     config::Config,
     pb::{self, change_requests_server::ChangeRequestsServer},
     service::change_requests::ChangeRequestsService,
+    watch::Hub,
 };
 
 /// The health service name Kubernetes liveness probes check: SERVING while the process runs,
@@ -60,9 +61,13 @@ pub async fn run(
     // grpcurl 1.8.x speaks the older v1alpha reflection protocol.
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let change_requests =
-        ChangeRequestsServer::new(ChangeRequestsService::new(store, config.min_approvals))
-            .max_decoding_message_size(config.limits.max_message_bytes);
+    let hub = Hub::start(store.clone(), config.watch.clone()).await?;
+    let change_requests = ChangeRequestsServer::new(ChangeRequestsService::new(
+        store.clone(),
+        hub.clone(),
+        config.min_approvals,
+    ))
+    .max_decoding_message_size(config.limits.max_message_bytes);
 
     tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
     // Drain in-flight calls after the shutdown signal, but never for longer than the grace
@@ -70,8 +75,11 @@ pub async fn run(
     let draining = std::sync::Arc::new(tokio::sync::Notify::new());
     let signal = {
         let draining = draining.clone();
+        let hub = hub.clone();
         async move {
             shutdown.await;
+            // Watch streams never end by themselves: end them, telling each where to resume.
+            hub.close();
             draining.notify_one();
         }
     };

@@ -1,7 +1,10 @@
 //! `approvals.v1.ChangeRequests`: each handler identifies the caller, converts the request,
 //! runs the domain command through the store, and converts the result back.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use approvals_domain::{
     ChangeRequest, ChangeRequestPatch, Decision, NewChangeRequest, Principal, ReviewRules,
@@ -18,6 +21,7 @@ use crate::{
     error::ApiError,
     identity, page_token,
     pb::{self, change_requests_server::ChangeRequests},
+    watch::{self, EventFilter, Hub, Start},
 };
 
 const LIST_DEFAULT_PAGE_SIZE: u64 = 50;
@@ -27,13 +31,15 @@ const EVENTS_MAX_PAGE_SIZE: u64 = 1000;
 
 pub struct ChangeRequestsService {
     store: Store,
+    hub: Arc<Hub>,
     min_approvals: u32,
 }
 
 impl ChangeRequestsService {
-    pub fn new(store: Store, min_approvals: u32) -> Self {
+    pub fn new(store: Store, hub: Arc<Hub>, min_approvals: u32) -> Self {
         Self {
             store,
+            hub,
             min_approvals,
         }
     }
@@ -105,6 +111,65 @@ fn idempotency_key(
 
 #[tonic::async_trait]
 impl ChangeRequests for ChangeRequestsService {
+    type WatchChangeRequestsStream = watch::WatchStream;
+
+    async fn watch_change_requests(
+        &self,
+        request: Request<pb::WatchChangeRequestsRequest>,
+    ) -> Result<Response<Self::WatchChangeRequestsStream>, Status> {
+        identity::actor(&request)?;
+        let req = request.into_inner();
+        let mut violations = Violations::default();
+        violations.required_name("project", &req.project);
+        for (field, value) in [
+            ("environment", &req.environment),
+            ("action_key", &req.action_key),
+            ("resource_type", &req.resource_type),
+            ("resource_id", &req.resource_id),
+        ] {
+            violations.optional_name(field, value);
+        }
+        if req.start_revision < 0 {
+            violations.add("start_revision", "must not be negative (0 means from now)");
+        }
+        if req.start_revision > 0 && req.include_initial {
+            violations.add(
+                "include_initial",
+                "cannot be combined with start_revision: a snapshot starts at the current revision",
+            );
+        }
+        violations.into_result().map_err(ApiError::from)?;
+        let id = if req.id.is_empty() {
+            None
+        } else {
+            Some(parse_id("id", &req.id)?)
+        };
+        let states = req
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| convert::from_state(&format!("states[{i}]"), *s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let filter = EventFilter {
+            project: req.project,
+            environment: optional(&req.environment),
+            action_key: optional(&req.action_key),
+            resource_type: optional(&req.resource_type),
+            resource_id: optional(&req.resource_id),
+            states,
+            id,
+        };
+        let start = if req.include_initial {
+            Start::Initial
+        } else if req.start_revision > 0 {
+            Start::Revision(req.start_revision)
+        } else {
+            Start::Now
+        };
+        let stream = watch::open(self.hub.clone(), filter, start).await?;
+        Ok(Response::new(stream))
+    }
+
     async fn create_change_request(
         &self,
         request: Request<pb::CreateChangeRequestRequest>,
@@ -213,6 +278,7 @@ impl ChangeRequests for ChangeRequestsService {
             resource_id: optional(&req.resource_id),
             requester: optional(&req.requester),
             states,
+            id: None,
         };
         let page = self
             .store

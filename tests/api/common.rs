@@ -6,7 +6,14 @@
 
 #![allow(dead_code)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
 
 use approvals::{
     config::Config,
@@ -27,7 +34,12 @@ pub const TEST_DATABASE_ENV: &str = "APPROVALS_TEST_DATABASE_URL";
 /// Where a test server keeps its data; removed on drop.
 pub enum TestDatabase {
     Sqlite(tempfile::TempDir),
-    Postgres { admin_url: String, name: String },
+    Postgres {
+        admin_url: String,
+        name: String,
+    },
+    /// Another server's database, not owned.
+    Shared,
 }
 
 impl TestDatabase {
@@ -118,6 +130,19 @@ impl TestServer {
     /// Starts a server whose configuration `configure` may adjust.
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
         let (database, database_url) = TestDatabase::create().await;
+        Self::start_on(database, database_url, configure).await
+    }
+
+    /// Starts a second server (a replica) on the database of `other`.
+    pub async fn replica_of(other: &TestServer, configure: impl FnOnce(&mut Config)) -> Self {
+        Self::start_on(TestDatabase::Shared, other.database_url.clone(), configure).await
+    }
+
+    async fn start_on(
+        database: TestDatabase,
+        database_url: String,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config::default();
         config.database.url = database_url.clone();
         config.database.max_connections = 8;
@@ -229,6 +254,11 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Calls as `actor` with no groups.
+    pub fn named(actor: &str) -> Self {
+        Self::new(Some(actor), "")
+    }
+
     fn new(actor: Option<&str>, groups: &str) -> Self {
         Self {
             actor: actor.map(|a| a.parse().expect("ascii actor")),
@@ -361,4 +391,79 @@ pub async fn events(client: &mut Client, id: &str) -> Vec<pb::Event> {
 
 pub fn state(r: &pb::ChangeRequest) -> pb::State {
     pb::State::try_from(r.state).expect("known state")
+}
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_approvals");
+
+/// A server process; killed on drop if still running.
+pub struct Process {
+    pub child: Child,
+    pub addr: String,
+    pub output: mpsc::Receiver<String>,
+}
+
+impl Process {
+    /// Starts `approvals serve` on an ephemeral port and waits for its "serving" log line.
+    pub fn serve(database_url: &str, dir: &Path) -> Self {
+        let mut child = Command::new(BINARY)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                database_url,
+            ])
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start approvals");
+        let stdout = child.stdout.take().expect("stdout");
+        let (lines, output) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        while addr.is_none() {
+            let line = output
+                .recv_timeout(Duration::from_secs(30))
+                .expect("server logs that it is serving");
+            if line.contains("serving") {
+                addr = line.rsplit("address=").next().map(|a| a.trim().to_owned());
+            }
+        }
+        Self {
+            child,
+            addr: addr.expect("address"),
+            output,
+        }
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        for _ in 0..100 {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                return exit;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not stop within 5 s of SIGTERM");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

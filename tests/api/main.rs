@@ -8,3 +8,4 @@ mod lifecycle;
 mod list;
 mod process;
 mod server;
+mod watch;

@@ -2,89 +2,11 @@
 //! configuration, and the README's grpcurl walkthrough, run as written.
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
+    process::Command,
 };
 
-use crate::common::TestDatabase;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_approvals");
-
-/// A server process; killed on drop if still running.
-struct Process {
-    child: Child,
-    addr: String,
-    output: mpsc::Receiver<String>,
-}
-
-impl Process {
-    /// Starts `approvals serve` on an ephemeral port and waits for its "serving" log line.
-    fn serve(database_url: &str, dir: &Path) -> Self {
-        let mut child = Command::new(BINARY)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--database-url",
-                database_url,
-            ])
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start approvals");
-        let stdout = child.stdout.take().expect("stdout");
-        let (lines, output) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if lines.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut addr = None;
-        while addr.is_none() {
-            let line = output
-                .recv_timeout(Duration::from_secs(30))
-                .expect("server logs that it is serving");
-            if line.contains("serving") {
-                addr = line.rsplit("address=").next().map(|a| a.trim().to_owned());
-            }
-        }
-        Self {
-            child,
-            addr: addr.expect("address"),
-            output,
-        }
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        for _ in 0..100 {
-            if let Ok(Some(exit)) = self.child.try_wait() {
-                return exit;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("server did not stop within 5 s of SIGTERM");
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::common::{BINARY, Process, TestDatabase};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_then_serve_then_stop_on_sigterm() {

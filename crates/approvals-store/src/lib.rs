@@ -7,11 +7,13 @@
 //! to the event log. The event's revision comes from an identity column (no counter row).
 
 mod error;
+mod log;
 mod migration;
 mod schema;
 mod store;
 
 pub use error::StoreError;
+pub use log::{LogBatch, LogReader};
 pub use store::{
     Backend, Created, DatabaseSettings, IdempotencyKey, ListFilter, ListPage, Store,
     TOTAL_SIZE_EXACT_LIMIT,

@@ -11,7 +11,7 @@ use sea_orm::{
     sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous},
 };
 use sea_orm_migration::MigratorTrait;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, MutexGuard, Notify, watch};
 
 use crate::{
     error::StoreError,
@@ -21,6 +21,9 @@ use crate::{
 
 /// `total_size` is exact up to this many matching requests and an estimate beyond (AIP-158).
 pub const TOTAL_SIZE_EXACT_LIMIT: i64 = 10_000;
+
+/// PostgreSQL LISTEN/NOTIFY channel on which replicas announce commits.
+const COMMIT_CHANNEL: &str = "approvals_events";
 
 /// Key of the PostgreSQL advisory lock that serialises migrations across replicas.
 const MIGRATION_LOCK_KEY: i64 = 0x6170_7072_6f76_616c; // "approval"
@@ -67,6 +70,44 @@ pub struct ListFilter {
     pub resource_id: Option<String>,
     pub requester: Option<String>,
     pub states: Vec<State>,
+    /// One change request.
+    pub id: Option<String>,
+}
+
+impl ListFilter {
+    /// Whether `request` (as it stands) matches every filter.
+    pub fn matches(&self, request: &ChangeRequest) -> bool {
+        request.project == self.project
+            && self
+                .environment
+                .as_ref()
+                .is_none_or(|e| &request.environment == e)
+            && self
+                .action_key
+                .as_ref()
+                .is_none_or(|a| &request.action_key == a)
+            && self
+                .requester
+                .as_ref()
+                .is_none_or(|p| request.created_by.as_str() == p)
+            && self.id.as_ref().is_none_or(|id| &request.id == id)
+            && (self.states.is_empty() || self.states.contains(&request.state))
+            && self.matches_resources(request)
+    }
+
+    /// Whether any change of `request` touches the resource named by the filter (if any).
+    pub fn matches_resources(&self, request: &ChangeRequest) -> bool {
+        (self.resource_type.is_none() && self.resource_id.is_none())
+            || request.changes.iter().any(|c| {
+                self.resource_type
+                    .as_ref()
+                    .is_none_or(|t| &c.resource_type == t)
+                    && self
+                        .resource_id
+                        .as_ref()
+                        .is_none_or(|i| &c.resource_id == i)
+            })
+    }
 }
 
 #[derive(Debug)]
@@ -85,6 +126,9 @@ pub struct Store {
     /// SQLite takes one writer at a time; queueing writers here, in order, is fairer and cheaper
     /// than letting them spin on the busy timeout. Unused on PostgreSQL.
     sqlite_writer: Arc<Mutex<()>>,
+    /// Counts this process's commits, so the log reader wakes at once after a local write.
+    commits: Arc<watch::Sender<u64>>,
+    url: Arc<str>,
 }
 
 impl Store {
@@ -137,11 +181,77 @@ impl Store {
             db,
             backend,
             sqlite_writer: Arc::new(Mutex::new(())),
+            commits: Arc::new(watch::channel(0).0),
+            url: settings.url.as_str().into(),
         })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    pub(crate) fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Changes after every commit this process makes.
+    pub fn local_commits(&self) -> watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
+    async fn commit(&self, txn: DatabaseTransaction) -> Result<(), StoreError> {
+        txn.commit().await?;
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
+    }
+
+    /// PostgreSQL: relays commits between replicas (LISTEN/NOTIFY on `approvals_events`): a
+    /// NOTIFY after local commits (coalesced, outside the write transactions, so writers never
+    /// queue on the notification lock), and `wake` notified when any replica commits. Other
+    /// backends have one process and need nothing. The tasks reconnect on their own.
+    pub fn spawn_commit_relay(&self, wake: Arc<Notify>) -> Vec<tokio::task::JoinHandle<()>> {
+        if self.backend != Backend::Postgres {
+            return Vec::new();
+        }
+        let url = self.url.clone();
+        let listener = tokio::spawn(async move {
+            use sea_orm::sqlx::postgres::PgListener;
+            loop {
+                match PgListener::connect(&url).await {
+                    Ok(mut listener) => {
+                        if let Err(err) = listener.listen(COMMIT_CHANNEL).await {
+                            tracing::warn!(error = %err, "LISTEN failed");
+                        } else {
+                            // A reconnect may have missed notifications: wake the reader once.
+                            wake.notify_one();
+                            while listener.recv().await.is_ok() {
+                                wake.notify_one();
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot connect to LISTEN for commits")
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let store = self.clone();
+        let notifier = tokio::spawn(async move {
+            let mut commits = store.local_commits();
+            while commits.changed().await.is_ok() {
+                let notify = Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("SELECT pg_notify('{COMMIT_CHANNEL}', '')"),
+                );
+                if let Err(err) = store.db.execute_raw(notify).await {
+                    tracing::debug!(error = %err, "NOTIFY failed");
+                }
+                // Coalesce: one notification covers the commits of the next few milliseconds.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        vec![listener, notifier]
     }
 
     fn db_backend(&self) -> DbBackend {
@@ -210,6 +320,12 @@ impl Store {
         }
         let (writer, txn) = self.begin_write().await?;
         let result = async {
+            if self.backend == Backend::Postgres {
+                // The log reader relies on a writer having its xid before it takes a revision
+                // (see log.rs); `mutate` gets one by locking the row, a create asks for it.
+                txn.execute_unprepared("SELECT pg_current_xact_id()")
+                    .await?;
+            }
             let revision = self.append_event(&txn, &request, &event).await?;
             request.revision = revision;
             let body = serde_json::to_string(&request)?;
@@ -253,7 +369,7 @@ impl Store {
         .await;
         match result {
             Ok(()) => {
-                txn.commit().await?;
+                self.commit(txn).await?;
                 Ok(Created {
                     change_request: request,
                     existed: false,
@@ -367,7 +483,7 @@ impl Store {
         .await;
         match result {
             Ok(request) => {
-                txn.commit().await?;
+                self.commit(txn).await?;
                 Ok(request)
             }
             Err(err) => {
@@ -452,6 +568,26 @@ impl Store {
         Ok(())
     }
 
+    /// Up to `limit` requests matching `filter`, newest first, after the id `after`.
+    async fn list_rows(
+        &self,
+        filter: &ListFilter,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<ChangeRequest>, StoreError> {
+        let mut query = Query::select();
+        query
+            .columns([cr::ID, cr::REVISION, cr::BODY])
+            .from(CHANGE_REQUESTS);
+        apply_filter(&mut query, filter);
+        if let Some(after) = after {
+            query.and_where(Expr::col(cr::ID).lt(after));
+        }
+        query.order_by(cr::ID, Order::Desc).limit(limit);
+        let rows = self.db.query_all(&query).await?;
+        rows.iter().map(decode_request).collect()
+    }
+
     /// One page of requests matching `filter`, newest first, after the id `after`.
     pub async fn list(
         &self,
@@ -459,21 +595,7 @@ impl Store {
         after: Option<&str>,
         page_size: u64,
     ) -> Result<ListPage, StoreError> {
-        let mut query = Query::select();
-        query
-            .columns([cr::ID, cr::REVISION, cr::BODY])
-            .from(CHANGE_REQUESTS);
-        apply_filter(&mut query, filter);
-        let mut count_query = query.clone();
-        if let Some(after) = after {
-            query.and_where(Expr::col(cr::ID).lt(after));
-        }
-        query.order_by(cr::ID, Order::Desc).limit(page_size + 1);
-        let rows = self.db.query_all(&query).await?;
-        let mut change_requests = rows
-            .iter()
-            .map(decode_request)
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut change_requests = self.list_rows(filter, after, page_size + 1).await?;
         let next_after = if change_requests.len() as u64 > page_size {
             change_requests.truncate(page_size as usize);
             change_requests.last().map(|r| r.id.clone())
@@ -481,8 +603,10 @@ impl Store {
             None
         };
 
+        let mut count_query = Query::select();
+        count_query.from(CHANGE_REQUESTS);
+        apply_filter(&mut count_query, filter);
         count_query
-            .clear_selects()
             .expr(Expr::val(1))
             .limit(TOTAL_SIZE_EXACT_LIMIT as u64 + 1);
         let capped = Query::select()
@@ -541,6 +665,71 @@ impl Store {
         }
     }
 
+    /// Every request matching `filter` as it stood at `revision`, which must be settled (every
+    /// event at or below it committed or rolled back). Requests changed since come from the
+    /// event log's snapshot at or below `revision`; requests created after it are left out.
+    pub async fn requests_at(
+        &self,
+        filter: &ListFilter,
+        revision: i64,
+    ) -> Result<Vec<ChangeRequest>, StoreError> {
+        const PAGE: u64 = 500;
+        let mut found = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.list_rows(filter, after.as_deref(), PAGE).await?;
+            let full = page.len() as u64 == PAGE;
+            for request in page {
+                after = Some(request.id.clone());
+                if request.revision <= revision {
+                    seen.insert(request.id.clone());
+                    found.push(request);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        // After the scan: a request changed after `revision` at any time up to now is here.
+        let mut changed = Query::select();
+        changed
+            .column(cr::ID)
+            .from(CHANGE_REQUESTS)
+            .and_where(Expr::col(cr::PROJECT).eq(filter.project.as_str()))
+            .and_where(Expr::col(cr::REVISION).gt(revision));
+        if let Some(environment) = &filter.environment {
+            changed.and_where(Expr::col(cr::ENVIRONMENT).eq(environment.as_str()));
+        }
+        if let Some(action_key) = &filter.action_key {
+            changed.and_where(Expr::col(cr::ACTION_KEY).eq(action_key.as_str()));
+        }
+        if let Some(id) = &filter.id {
+            changed.and_where(Expr::col(cr::ID).eq(id.as_str()));
+        }
+        for row in self.db.query_all(&changed).await? {
+            let id: String = row.try_get("", cr::ID)?;
+            if seen.contains(&id) {
+                continue;
+            }
+            let at = Query::select()
+                .columns(EVENT_COLUMNS)
+                .from(EVENTS)
+                .and_where(Expr::col(ev::CHANGE_REQUEST_ID).eq(id.as_str()))
+                .and_where(Expr::col(ev::REVISION).lte(revision))
+                .order_by(ev::REVISION, Order::Desc)
+                .limit(1)
+                .to_owned();
+            if let Some(row) = self.db.query_one(&at).await?
+                && let Some(request) = decode_event(&row, true)?.change_request
+                && filter.matches(&request)
+            {
+                found.push(request);
+            }
+        }
+        Ok(found)
+    }
+
     /// Events of one request after `after_revision`, oldest first.
     pub async fn events(
         &self,
@@ -579,7 +768,7 @@ impl Store {
     }
 }
 
-const EVENT_COLUMNS: [&str; 12] = [
+pub(crate) const EVENT_COLUMNS: [&str; 12] = [
     ev::REVISION,
     ev::CHANGE_REQUEST_ID,
     ev::PROJECT,
@@ -652,6 +841,9 @@ fn apply_filter(query: &mut SelectStatement, filter: &ListFilter) {
     if let Some(requester) = &filter.requester {
         query.and_where(Expr::col(cr::CREATED_BY).eq(requester.as_str()));
     }
+    if let Some(id) = &filter.id {
+        query.and_where(Expr::col(cr::ID).eq(id.as_str()));
+    }
     if !filter.states.is_empty() {
         query.and_where(Expr::col(cr::STATE).is_in(filter.states.iter().map(|s| s.as_str())));
     }
@@ -686,7 +878,7 @@ fn decode_request(row: &QueryResult) -> Result<ChangeRequest, StoreError> {
     Ok(request)
 }
 
-fn decode_event(row: &QueryResult, with_snapshot: bool) -> Result<Event, StoreError> {
+pub(crate) fn decode_event(row: &QueryResult, with_snapshot: bool) -> Result<Event, StoreError> {
     let revision: i64 = row.try_get("", ev::REVISION)?;
     let kind: String = row.try_get("", ev::KIND)?;
     let from: String = row.try_get("", ev::FROM_STATE)?;

@@ -1,0 +1,445 @@
+//! Watch: one reader of the event log per process feeds every watcher.
+//!
+//! The hub reads the log with the store's gap-free reader (every event once, in revision
+//! order, across writers and replicas) and publishes each event, converted once, to a bounded
+//! in-memory ring. A watcher at the live tail takes events from the ring; one that starts from
+//! an old revision, or falls off the ring, reads the log itself at its own pace until it reaches
+//! the head again. No event is ever dropped: a watcher that has been live and falls more than
+//! `watch.max_lag` events (counted in revisions) behind is ended with RESOURCE_EXHAUSTED and the
+//! revision to resume from.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use approvals_domain::{Event, State};
+use approvals_store::{ListFilter, LogReader, Store, StoreError};
+use futures::Stream;
+use tokio::{
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+use tonic::Status;
+
+use crate::{config::WatchConfig, convert, error::ApiError, pb};
+
+/// Events per message and per log read.
+const BATCH: usize = 256;
+/// Requests per snapshot message.
+const SNAPSHOT_CHUNK: usize = 100;
+
+/// An event as published to live watchers: the domain event (for filtering) and its message.
+pub struct LiveEvent {
+    event: Event,
+    message: pb::Event,
+}
+
+pub struct Hub {
+    store: Store,
+    live: broadcast::Sender<Arc<LiveEvent>>,
+    head: watch::Receiver<i64>,
+    closing: watch::Sender<bool>,
+    permits: Arc<Semaphore>,
+    settings: WatchConfig,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Hub {
+    /// Finds a settled starting point in the log and starts following it.
+    pub async fn start(store: Store, settings: WatchConfig) -> Result<Arc<Self>, StoreError> {
+        let start = store.settled_head().await?;
+        let (head_tx, head) = watch::channel(start);
+        let (live, _) = broadcast::channel(settings.buffer);
+        let wake = Arc::new(Notify::new());
+        let mut tasks = store.spawn_commit_relay(wake.clone());
+        tasks.push(tokio::spawn(follow(
+            store.clone(),
+            start,
+            live.clone(),
+            head_tx,
+            wake,
+            settings.poll_interval,
+        )));
+        Ok(Arc::new(Self {
+            store,
+            live,
+            head,
+            closing: watch::channel(false).0,
+            permits: Arc::new(Semaphore::new(settings.max_watchers)),
+            settings,
+            tasks,
+        }))
+    }
+
+    /// The last revision published: every event at or below it is settled and published.
+    pub fn head(&self) -> i64 {
+        *self.head.borrow()
+    }
+
+    /// Ends every watch stream (with the revision to resume from), for shutdown.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+}
+
+/// The hub's reader: publishes settled events as soon as they are committed anywhere.
+async fn follow(
+    store: Store,
+    start: i64,
+    live: broadcast::Sender<Arc<LiveEvent>>,
+    head: watch::Sender<i64>,
+    wake: Arc<Notify>,
+    poll_interval: Duration,
+) {
+    let mut reader = store.log_reader(start);
+    let mut local_commits = store.local_commits();
+    loop {
+        match reader.next_batch(BATCH as u64).await {
+            Ok(batch) => {
+                let last = batch.events.last().map(|e| e.revision);
+                for event in batch.events {
+                    let message = convert::event(&event);
+                    // No receivers is fine: nobody is watching.
+                    let _ = live.send(Arc::new(LiveEvent { event, message }));
+                }
+                if let Some(last) = last {
+                    head.send_replace(last);
+                }
+                if batch.full {
+                    continue;
+                }
+                if batch.waiting {
+                    // An earlier revision is still in flight: look again very soon.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                tokio::select! {
+                    _ = local_commits.changed() => {}
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(poll_interval) => {}
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "reading the event log failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Which events a watcher receives.
+#[derive(Debug, Clone)]
+pub struct EventFilter {
+    pub project: String,
+    pub environment: Option<String>,
+    pub action_key: Option<String>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub states: Vec<State>,
+    pub id: Option<String>,
+}
+
+impl EventFilter {
+    fn as_list_filter(&self) -> ListFilter {
+        ListFilter {
+            project: self.project.clone(),
+            environment: self.environment.clone(),
+            action_key: self.action_key.clone(),
+            resource_type: self.resource_type.clone(),
+            resource_id: self.resource_id.clone(),
+            requester: None,
+            states: self.states.clone(),
+            id: self.id.clone(),
+        }
+    }
+
+    /// Matches on the event and on the request as it stood right after it; `states` on the
+    /// event's `to_state`.
+    fn matches(&self, event: &Event) -> bool {
+        event.project == self.project
+            && self
+                .environment
+                .as_ref()
+                .is_none_or(|e| &event.environment == e)
+            && self
+                .id
+                .as_ref()
+                .is_none_or(|id| &event.change_request_id == id)
+            && (self.states.is_empty() || self.states.contains(&event.to_state))
+            && match &event.change_request {
+                Some(request) => {
+                    self.action_key
+                        .as_ref()
+                        .is_none_or(|a| &request.action_key == a)
+                        && self.as_list_filter().matches_resources(request)
+                }
+                None => {
+                    self.action_key.is_none()
+                        && self.resource_type.is_none()
+                        && self.resource_id.is_none()
+                }
+            }
+    }
+}
+
+/// Where a watch starts.
+pub enum Start {
+    /// After the current head.
+    Now,
+    /// At this revision (inclusive).
+    Revision(i64),
+    /// A snapshot of the matching requests at the head, then the events after it.
+    Initial,
+}
+
+enum Mode {
+    /// Taking events from the hub's ring.
+    Live,
+    /// Reading the log up to `target` (a head published after `live` was subscribed).
+    CatchingUp { reader: LogReader, target: i64 },
+}
+
+struct Watcher {
+    hub: Arc<Hub>,
+    filter: EventFilter,
+    /// Every event at or below it has been processed (delivered if it matched).
+    cursor: i64,
+    live: broadcast::Receiver<Arc<LiveEvent>>,
+    mode: Mode,
+    /// Once at the live tail, the lag limit applies.
+    was_live: bool,
+    snapshot: Option<(std::vec::IntoIter<pb::ChangeRequest>, i64)>,
+    closing: watch::Receiver<bool>,
+    last_sent: Instant,
+    done: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchChangeRequestsResponse, Status>> + Send>>;
+
+/// Opens a watch stream.
+pub async fn open(
+    hub: Arc<Hub>,
+    filter: EventFilter,
+    start: Start,
+) -> Result<WatchStream, ApiError> {
+    let permit =
+        hub.permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::TooManyWatchers {
+                max: hub.settings.max_watchers,
+            })?;
+    // Subscribe before reading the head: every event after the head is then in `live`.
+    let live = hub.live.subscribe();
+    let head = hub.head();
+    let mut snapshot = None;
+    let (cursor, mode) = match start {
+        Start::Now => (head, Mode::Live),
+        Start::Revision(first) => {
+            let oldest = Ord::max(head - hub.settings.history + 1, 1);
+            if first < oldest {
+                return Err(ApiError::RevisionTooOld {
+                    requested: first,
+                    oldest,
+                });
+            }
+            let cursor = first - 1;
+            if cursor >= head {
+                (cursor, Mode::Live)
+            } else {
+                let reader = hub.store.log_reader_settled(cursor, head);
+                (
+                    cursor,
+                    Mode::CatchingUp {
+                        reader,
+                        target: head,
+                    },
+                )
+            }
+        }
+        Start::Initial => {
+            let requests = hub
+                .store
+                .requests_at(&filter.as_list_filter(), head)
+                .await?;
+            let messages: Vec<pb::ChangeRequest> = requests
+                .iter()
+                .map(|r| convert::change_request(r, None))
+                .collect();
+            snapshot = Some((messages.into_iter(), head));
+            (head, Mode::Live)
+        }
+    };
+    let was_live = matches!(mode, Mode::Live);
+    let watcher = Watcher {
+        closing: hub.closing.subscribe(),
+        hub,
+        filter,
+        cursor,
+        live,
+        mode,
+        was_live,
+        snapshot,
+        last_sent: Instant::now(),
+        done: false,
+        _permit: permit,
+    };
+    Ok(Box::pin(futures::stream::unfold(
+        watcher,
+        |mut watcher| async move {
+            let item = watcher.next().await?;
+            Some((item, watcher))
+        },
+    )))
+}
+
+impl Watcher {
+    async fn next(&mut self) -> Option<Result<pb::WatchChangeRequestsResponse, Status>> {
+        if self.done {
+            return None;
+        }
+        let result = self.next_message().await;
+        if result.is_err() {
+            self.done = true;
+        }
+        self.last_sent = Instant::now();
+        Some(result.map_err(Status::from))
+    }
+
+    async fn next_message(&mut self) -> Result<pb::WatchChangeRequestsResponse, ApiError> {
+        if let Some((requests, revision)) = &mut self.snapshot {
+            let chunk: Vec<pb::ChangeRequest> = requests.by_ref().take(SNAPSHOT_CHUNK).collect();
+            let complete = requests.len() == 0;
+            let revision = *revision;
+            if complete {
+                self.snapshot = None;
+            }
+            return Ok(pb::WatchChangeRequestsResponse {
+                revision: if complete { revision } else { 0 },
+                snapshot: chunk,
+                snapshot_complete: complete,
+                ..Default::default()
+            });
+        }
+        loop {
+            if *self.closing.borrow() {
+                return Err(ApiError::ShuttingDown {
+                    resume: self.cursor + 1,
+                });
+            }
+            if matches!(self.mode, Mode::CatchingUp { .. }) {
+                self.check_lag()?;
+            }
+            let events = match &mut self.mode {
+                Mode::CatchingUp { reader, target } => {
+                    let target = *target;
+                    let batch = reader.next_batch(BATCH as u64).await?;
+                    if batch.events.is_empty() && batch.waiting {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    let mut matching = Vec::new();
+                    for event in &batch.events {
+                        self.cursor = event.revision;
+                        if self.filter.matches(event) {
+                            matching.push(convert::event(event));
+                        }
+                    }
+                    if self.cursor >= target || (batch.events.is_empty() && !batch.waiting) {
+                        self.mode = Mode::Live;
+                        self.was_live = true;
+                    }
+                    matching
+                }
+                Mode::Live => {
+                    let deadline = self.last_sent + self.hub.settings.progress_interval;
+                    let first = tokio::select! {
+                        received = self.live.recv() => received,
+                        () = tokio::time::sleep_until(deadline) => {
+                            return Ok(pb::WatchChangeRequestsResponse {
+                                revision: self.cursor,
+                                progress: true,
+                                ..Default::default()
+                            });
+                        }
+                        _ = self.closing.changed() => continue,
+                    };
+                    let mut matching = Vec::new();
+                    let mut next = first;
+                    loop {
+                        match next {
+                            Ok(live) => {
+                                if live.event.revision > self.cursor {
+                                    self.cursor = live.event.revision;
+                                    if self.filter.matches(&live.event) {
+                                        matching.push(live.message.clone());
+                                    }
+                                }
+                            }
+                            Err(broadcast::error::RecvError::Lagged(_)) => {
+                                self.fall_back_to_log()?;
+                                break;
+                            }
+                            Err(broadcast::error::RecvError::Closed) => {
+                                return Err(ApiError::ShuttingDown {
+                                    resume: self.cursor + 1,
+                                });
+                            }
+                        }
+                        if matching.len() >= BATCH {
+                            break;
+                        }
+                        next = match self.live.try_recv() {
+                            Ok(live) => Ok(live),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                Err(broadcast::error::RecvError::Lagged(n))
+                            }
+                            Err(broadcast::error::TryRecvError::Closed) => {
+                                Err(broadcast::error::RecvError::Closed)
+                            }
+                            Err(broadcast::error::TryRecvError::Empty) => break,
+                        };
+                    }
+                    matching
+                }
+            };
+            if let Some(last) = events.last() {
+                return Ok(pb::WatchChangeRequestsResponse {
+                    revision: last.revision,
+                    events,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
+    /// The ring moved past this watcher: read the log instead, from where it is, unless it has
+    /// been live and is now too far behind.
+    fn fall_back_to_log(&mut self) -> Result<(), ApiError> {
+        self.live = self.hub.live.subscribe();
+        let target = self.hub.head();
+        self.check_lag()?;
+        let reader = self.hub.store.log_reader_settled(self.cursor, target);
+        self.mode = Mode::CatchingUp { reader, target };
+        Ok(())
+    }
+
+    fn check_lag(&self) -> Result<(), ApiError> {
+        let lag = self.hub.head() - self.cursor;
+        if self.was_live && lag > self.hub.settings.max_lag {
+            return Err(ApiError::WatcherTooSlow {
+                max_lag: self.hub.settings.max_lag,
+                resume: self.cursor + 1,
+            });
+        }
+        Ok(())
+    }
+}
