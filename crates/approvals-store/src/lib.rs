@@ -8,10 +8,13 @@
 
 mod error;
 mod migration;
+mod pending;
+mod policies;
 mod schema;
 mod store;
 
 pub use error::StoreError;
+pub use policies::PolicyFilter;
 pub use store::{
     Backend, Created, DatabaseSettings, IdempotencyKey, ListFilter, ListPage, Store,
     TOTAL_SIZE_EXACT_LIMIT,
