@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use approvals_domain::{DomainError, validation::Violations};
+use approvals_domain::{DomainError, Policy, validation::Violations};
 use approvals_store::{PolicyFilter, Store};
 use tonic::{Request, Response, Status};
 
@@ -35,6 +35,20 @@ fn required_name(field: &str, name: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Every bad field at once: those found converting the message, then the policy's own checks.
+fn validate_into(policy: &Policy, mut violations: Violations) -> Result<(), DomainError> {
+    match policy.validate("policy.") {
+        Err(DomainError::InvalidArgument(list)) => {
+            for violation in list {
+                violations.add(violation.field, violation.description);
+            }
+        }
+        Err(other) => return Err(other),
+        Ok(()) => {}
+    }
+    violations.into_result()
+}
+
 #[tonic::async_trait]
 impl Policies for PoliciesService {
     async fn create_policy(
@@ -47,8 +61,7 @@ impl Policies for PoliciesService {
         };
         let mut violations = Violations::default();
         let new = policy::new_policy(&body, super::change_requests::now(), &mut violations);
-        violations.into_result().map_err(ApiError::from)?;
-        new.validate("policy.").map_err(ApiError::from)?;
+        validate_into(&new, violations).map_err(ApiError::from)?;
         caller
             .ensure_project(&new.project)
             .map_err(ApiError::from)?;
@@ -151,8 +164,7 @@ impl Policies for PoliciesService {
                 for path in WRITABLE_PATHS.iter().filter(|p| paths.contains(*p)) {
                     policy::set_field(current, &body, path, &mut v);
                 }
-                v.into_result()?;
-                current.validate("policy.")?;
+                validate_into(current, v)?;
                 // Moving a policy to another project needs that project too.
                 caller.ensure_project(&current.project)?;
                 current.update_time = now;
