@@ -416,6 +416,55 @@ async fn jwts_are_verified_by_signature_issuer_audience_and_time() {
     }
 }
 
+#[tokio::test]
+async fn jwks_from_a_url_is_refreshed() {
+    let first = Issuer::new("key-1");
+    let second = Issuer::new("key-2");
+    let jwks = JwksServer::start(&first.jwks).await;
+    let mut config = first.config();
+    config.jwks_file = None;
+    config.jwks_url = Some(jwks.url.clone());
+    config.jwks_refresh_interval = std::time::Duration::from_millis(100);
+    let server = TestServer::start_with(|c| c.auth.jwt = Some(config)).await;
+
+    let mut by_first = requests(
+        &server,
+        Headers::bearer(&first.token("alice", "approvals:write", &[])),
+    )
+    .await;
+    by_first
+        .create_change_request(new_request())
+        .await
+        .expect("key from the URL");
+    let mut by_second = requests(
+        &server,
+        Headers::bearer(&second.token("bob", "approvals:write", &[])),
+    )
+    .await;
+    let err = by_second
+        .create_change_request(new_request())
+        .await
+        .expect_err("not published yet");
+    assert_error(&err, Code::Unauthenticated, "CREDENTIALS_INVALID");
+
+    // The provider rotates its key: the server picks it up on its next refresh.
+    jwks.set(&second.jwks);
+    let mut rotated = false;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if by_second.create_change_request(new_request()).await.is_ok() {
+            rotated = true;
+            break;
+        }
+    }
+    assert!(rotated, "the rotated key was never accepted");
+    let err = by_first
+        .create_change_request(new_request())
+        .await
+        .expect_err("retired key");
+    assert_error(&err, Code::Unauthenticated, "CREDENTIALS_INVALID");
+}
+
 #[test]
 fn generated_keys_configure_the_server() {
     let out = Command::new(BINARY)

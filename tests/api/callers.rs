@@ -96,6 +96,8 @@ pub const AUDIENCE: &str = "approvals";
 pub struct Issuer {
     kid: String,
     seed: [u8; 32],
+    /// The public key as a JWKS document.
+    pub jwks: String,
     pub jwks_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -123,6 +125,7 @@ impl Issuer {
         Self {
             kid: kid.to_owned(),
             seed,
+            jwks: jwks.to_string(),
             jwks_path,
             _dir: dir,
         }
@@ -171,4 +174,53 @@ pub fn now_secs() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or_default()
+}
+
+/// Serves a JWKS document over plain HTTP on loopback until dropped; `set` replaces it.
+pub struct JwksServer {
+    pub url: String,
+    document: std::sync::Arc<std::sync::Mutex<String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    pub async fn start(document: &str) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/jwks.json", listener.local_addr().expect("addr"));
+        let document = std::sync::Arc::new(std::sync::Mutex::new(document.to_owned()));
+        let served = document.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let body = served.lock().map(|d| d.clone()).unwrap_or_default();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            }
+        });
+        Self {
+            url,
+            document,
+            task,
+        }
+    }
+
+    pub fn set(&self, document: &str) {
+        if let Ok(mut current) = self.document.lock() {
+            *current = document.to_owned();
+        }
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
