@@ -584,3 +584,33 @@ async fn development_mode_keeps_the_actor_header_with_every_scope() {
         .into_inner();
     assert_eq!(created.created_by, "user:alice");
 }
+
+/// The README's `[auth]` example is a valid configuration (with real digests in place of the
+/// elided ones).
+#[test]
+fn readme_auth_example_is_a_valid_config() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let section = &readme[readme.find("### The `[auth]` section").expect("section")..];
+    let block: String = section
+        .lines()
+        .skip_while(|l| !l.starts_with("```toml"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let block = block
+        .replace("5f1d…", &"5f".repeat(32))
+        .replace("a03c…", &"a0".repeat(32));
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("approvals.toml");
+    std::fs::write(&file, block).expect("write");
+    let config = Config::load(Some(&file), |_| None, &Overrides::default()).expect("valid");
+    assert_eq!(config.auth.api_keys.len(), 2);
+    let jwt = config.auth.jwt.expect("jwt");
+    assert_eq!(
+        jwt.jwks_refresh_interval,
+        std::time::Duration::from_secs(300)
+    );
+    assert_eq!(jwt.scopes_claim, "scope");
+}
