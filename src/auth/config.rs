@@ -78,7 +78,8 @@ pub struct JwtConfig {
     pub groups_claim: String,
     /// Claim holding the caller's scopes, in the same forms (OAuth's `scope` is space separated).
     pub scopes_claim: String,
-    /// Claim holding the projects the caller may act in; "" or a missing claim: all projects.
+    /// Claim holding the projects the caller may act in. As for API keys, a missing or empty
+    /// claim means every project; "" (the default) reads no claim.
     pub projects_claim: String,
 }
 

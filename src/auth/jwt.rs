@@ -181,9 +181,8 @@ impl JwtVerifier {
         let projects = if self.config.projects_claim.is_empty() {
             None
         } else {
-            claims
-                .get(&self.config.projects_claim)
-                .map(|value| strings(Some(value)))
+            // Like a key's `projects`: absent or empty means every project.
+            Some(strings(claims.get(&self.config.projects_claim))).filter(|p| !p.is_empty())
         };
         Ok(Caller {
             principal,
