@@ -633,7 +633,7 @@ pub(crate) async fn rollback(txn: DatabaseTransaction) {
     }
 }
 
-pub(crate) fn select_request(id: &str) -> SelectStatement {
+fn select_request(id: &str) -> SelectStatement {
     Query::select()
         .columns([cr::ID, cr::REVISION, cr::BODY])
         .from(CHANGE_REQUESTS)
