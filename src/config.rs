@@ -5,6 +5,8 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use approvals_store::DatabaseSettings;
+
+use crate::auth::{AuthConfig, JwtConfig};
 use serde::{Deserialize, Deserializer};
 
 /// The embedded default: a SQLite file in the working directory.
@@ -21,6 +23,9 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub limits: LimitsConfig,
     pub watch: WatchConfig,
+    /// API keys and JWTs; without any, the server runs in local development mode (loopback
+    /// only, identity from `x-approvals-actor`).
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -91,6 +96,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             limits: LimitsConfig::default(),
             watch: WatchConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -117,7 +123,7 @@ impl Default for LimitsConfig {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
 }
@@ -202,7 +208,28 @@ const KEYS: &[(&str, Setter)] = &[
         c.limits.shutdown_grace = parse_duration(v)?;
         Ok(())
     }),
+    ("auth.jwt.issuer", |c, v| {
+        jwt(c).issuer = v.to_owned();
+        Ok(())
+    }),
+    ("auth.jwt.audience", |c, v| {
+        jwt(c).audience = v.to_owned();
+        Ok(())
+    }),
+    ("auth.jwt.jwks_file", |c, v| {
+        jwt(c).jwks_file = Some(v.to_owned());
+        Ok(())
+    }),
+    ("auth.jwt.jwks_url", |c, v| {
+        jwt(c).jwks_url = Some(v.to_owned());
+        Ok(())
+    }),
 ];
+
+/// The `[auth.jwt]` table, created by the first environment variable that sets one of its keys.
+fn jwt(config: &mut Config) -> &mut JwtConfig {
+    config.auth.jwt.get_or_insert_with(JwtConfig::default)
+}
 
 pub fn env_name(key: &str) -> String {
     format!("APPROVALS_{}", key.to_uppercase().replace('.', "_"))
@@ -299,7 +326,18 @@ impl Config {
             source_name: "the merged configuration".to_owned(),
             message,
         };
-        self.listen_addr().map_err(|m| invalid("listen", m))?;
+        let addr = self.listen_addr().map_err(|m| invalid("listen", m))?;
+        crate::auth::validate_config(&self.auth).map_err(|(key, m)| invalid(&key, m))?;
+        if !self.auth.is_configured() && !addr.ip().is_loopback() {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{addr} is not a loopback address and no authentication is configured: \
+                     refusing to start, since any caller could name itself with x-approvals-actor. \
+                     Configure [[auth.api_keys]] or [auth.jwt], or listen on 127.0.0.1"
+                ),
+            ));
+        }
         if self.min_approvals < 1 {
             return Err(invalid("min_approvals", "must be at least 1".into()));
         }

@@ -1,5 +1,7 @@
 //! Conversions between the protobuf messages and the domain types.
 
+pub mod policy;
+
 use approvals_domain::{
     Actor, Change, ChangeInput, ChangeRequest, Comment, Decision, Event, EventKind, Review, State,
     Timestamp, ValidationStatus, validation::Violations,
@@ -214,7 +216,7 @@ pub fn change_request(r: &ChangeRequest, viewer: Option<&Actor>) -> pb::ChangeRe
             .unwrap_or_default(),
         reviews: r.reviews.iter().map(review).collect(),
         comments: r.comments.iter().map(comment).collect(),
-        min_approvals: i32::try_from(r.rules.min_approvals).unwrap_or(i32::MAX),
+        min_approvals: i32::try_from(r.policy.rules.min_approvals).unwrap_or(i32::MAX),
         approval_count: i32::try_from(r.approval_count()).unwrap_or(i32::MAX),
         create_time: Some(timestamp(r.create_time)),
         update_time: Some(timestamp(r.update_time)),
@@ -226,6 +228,8 @@ pub fn change_request(r: &ChangeRequest, viewer: Option<&Actor>) -> pb::ChangeRe
         validation_errors: r.validation_errors.clone(),
         etag: r.etag(),
         revision: r.revision,
+        policy_snapshot: Some(policy::snapshot(&r.policy)),
+        validate_time: r.validate_time.map(timestamp),
         ..Default::default()
     };
     if let Some(viewer) = viewer {

@@ -30,6 +30,14 @@ pub enum ApiError {
     TooManyWatchers { max: usize },
     #[error("the server is shutting down; resume with start_revision {resume}")]
     ShuttingDown { resume: i64 },
+    #[error("{0}")]
+    CredentialsMissing(String),
+    #[error("{0}")]
+    CredentialsInvalid(String),
+    #[error("{method} needs the scope {scope}, which the caller does not hold")]
+    MissingScope { scope: &'static str, method: String },
+    #[error("{0} is not a method this service authorises")]
+    MethodNotAllowed(String),
 }
 
 impl From<DomainError> for ApiError {
@@ -96,6 +104,24 @@ impl From<ApiError> for Status {
                 "SHUTTING_DOWN",
                 &[("resume_revision", resume.to_string())],
             ),
+            ApiError::CredentialsMissing(_) => {
+                status(Code::Unauthenticated, message, "CREDENTIALS_MISSING", &[])
+            }
+            ApiError::CredentialsInvalid(_) => {
+                status(Code::Unauthenticated, message, "CREDENTIALS_INVALID", &[])
+            }
+            ApiError::MissingScope { scope, method } => status(
+                Code::PermissionDenied,
+                message,
+                "MISSING_SCOPE",
+                &[("scope", scope.to_owned()), ("method", method)],
+            ),
+            ApiError::MethodNotAllowed(method) => status(
+                Code::PermissionDenied,
+                message,
+                "METHOD_NOT_ALLOWED",
+                &[("method", method)],
+            ),
             ApiError::Store(store) => match store {
                 StoreError::NotFound(id) => {
                     let (code, message, mut details) = status(
@@ -117,6 +143,38 @@ impl From<ApiError> for Status {
                     &[
                         ("request_id", request_id),
                         ("change_request_id", change_request_id),
+                    ],
+                ),
+                StoreError::PolicyNotFound(name) => {
+                    let (code, message, mut details) = status(
+                        Code::NotFound,
+                        message,
+                        "POLICY_NOT_FOUND",
+                        &[("name", name.clone())],
+                    );
+                    details.set_resource_info("approvals.v1.Policy", name, "", "not found");
+                    (code, message, details)
+                }
+                StoreError::PolicyNameTaken(name) => status(
+                    Code::AlreadyExists,
+                    message,
+                    "POLICY_ALREADY_EXISTS",
+                    &[("name", name)],
+                ),
+                StoreError::PolicyScopeTaken {
+                    existing,
+                    project,
+                    environment,
+                    action_key,
+                } => status(
+                    Code::AlreadyExists,
+                    message,
+                    "POLICY_ALREADY_EXISTS",
+                    &[
+                        ("existing", existing),
+                        ("project", project),
+                        ("environment", environment),
+                        ("action_key", action_key),
                     ],
                 ),
                 StoreError::Unavailable(detail) => {
@@ -164,6 +222,18 @@ impl From<ApiError> for Status {
                         message,
                         "SELF_APPROVAL_FORBIDDEN",
                         &[],
+                    ),
+                    DomainError::NotApprover { principal } => status(
+                        Code::PermissionDenied,
+                        message,
+                        "NOT_APPROVER",
+                        &[("principal", principal)],
+                    ),
+                    DomainError::ProjectNotAllowed { project } => status(
+                        Code::PermissionDenied,
+                        message,
+                        "PROJECT_NOT_ALLOWED",
+                        &[("project", project)],
                     ),
                     DomainError::EtagMismatch { current, .. } => status(
                         Code::Aborted,

@@ -1,43 +1,37 @@
-//! Who is calling. Until authentication is configured, the caller names itself with the
-//! `x-approvals-actor` metadata (`user:NAME` or `service:NAME`) and its groups with
+//! Who is calling: the [`Caller`] the authentication layer ([`crate::auth`]) put into the
+//! request's extensions. In local development (no `[auth]` configured) the caller names itself
+//! with the `x-approvals-actor` metadata (`user:NAME` or `service:NAME`) and its groups with
 //! `x-approvals-groups` (comma separated, bare names).
+
+use std::sync::Arc;
 
 use approvals_domain::Actor;
 use tonic::Request;
 
-use crate::error::ApiError;
+use crate::{auth::Caller, error::ApiError};
 
 pub const ACTOR_HEADER: &str = "x-approvals-actor";
 pub const GROUPS_HEADER: &str = "x-approvals-groups";
 
-pub fn actor<T>(request: &Request<T>) -> Result<Actor, ApiError> {
-    let metadata = request.metadata();
-    let principal = match metadata.get(ACTOR_HEADER).map(|v| v.to_str()) {
-        None => {
-            return Err(ApiError::Unauthenticated(format!(
+/// The authenticated caller of this request.
+pub fn caller<T>(request: &Request<T>) -> Result<Arc<Caller>, ApiError> {
+    request
+        .extensions()
+        .get::<Arc<Caller>>()
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::Unauthenticated(format!(
                 "no caller identity: set the {ACTOR_HEADER} metadata (e.g. user:alice)"
-            )));
-        }
-        Some(Err(_)) => {
-            return Err(ApiError::Unauthenticated(format!(
-                "{ACTOR_HEADER} is not valid ASCII"
-            )));
-        }
-        Some(Ok(value)) => value.trim(),
-    };
-    let groups = match metadata.get(GROUPS_HEADER).map(|v| v.to_str()) {
-        None => Vec::new(),
-        Some(Err(_)) => {
-            return Err(ApiError::Unauthenticated(format!(
-                "{GROUPS_HEADER} is not valid ASCII"
-            )));
-        }
-        Some(Ok(value)) => parse_groups(value),
-    };
-    Actor::caller(principal, groups)
-        .map_err(|_| ApiError::Unauthenticated(format!(
-            "{ACTOR_HEADER} {principal:?} is not a caller principal: expected user:NAME or service:NAME"
-        )))
+            ))
+        })
+}
+
+/// The domain's view of the caller: on whose behalf the call is made, their groups, and the
+/// acting service for an on-behalf-of call. (Handlers that also check projects or scopes use
+/// [`caller`].)
+#[allow(dead_code)]
+pub fn actor<T>(request: &Request<T>) -> Result<Actor, ApiError> {
+    caller(request).map(|c| c.actor())
 }
 
 /// `sre, dba` -> `["sre", "dba"]`; a `group:` prefix is accepted and dropped.

@@ -1,5 +1,6 @@
 //! The approvals server: a gRPC service for change requests (the "four-eyes" workflow).
 
+pub mod auth;
 pub mod config;
 mod convert;
 mod error;
@@ -19,5 +20,6 @@ pub mod pb {
         tonic::include_file_descriptor_set!("approvals_descriptor");
 }
 
+pub use auth::{AUTHORIZATION_HEADER, ON_BEHALF_OF_GROUPS_HEADER, ON_BEHALF_OF_HEADER};
 pub use error::ERROR_DOMAIN;
 pub use identity::{ACTOR_HEADER, GROUPS_HEADER};

@@ -23,6 +23,54 @@ enum Command {
     Serve(ServeArgs),
     /// Apply pending database migrations and exit.
     Migrate(ServeArgs),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new API key (shown once) and the `[[auth.api_keys]]` entry to paste into the
+    /// config file, which holds only the key's SHA-256 digest.
+    Generate {
+        /// user:NAME or service:NAME.
+        #[arg(long)]
+        principal: String,
+        /// Comma separated: approvals:read, approvals:write, approvals:admin, approvals:act_as,
+        /// approvals:bypass.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        /// Comma separated bare group names.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Comma separated projects the key may act in (default: all).
+        #[arg(long, value_delimiter = ',')]
+        projects: Vec<String>,
+    },
+}
+
+fn generate_key(command: KeysCommand) -> ExitCode {
+    let KeysCommand::Generate {
+        principal,
+        scopes,
+        groups,
+        projects,
+    } = command;
+    match approvals::auth::api_keys::generate(&principal, &scopes, &groups, &projects) {
+        Ok((key, entry)) => {
+            println!("# The API key, shown only now; give it to the caller as a secret:");
+            println!("# authorization: Bearer {key}");
+            println!("{key}");
+            println!();
+            println!("# Add this entry to the server's config file:");
+            print!("{entry}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("approvals keys generate: {message}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -115,6 +163,7 @@ async fn shutdown_signal() {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (migrate_only, args) = match cli.command {
+        Some(Command::Keys(command)) => return generate_key(command),
         Some(Command::Serve(args)) => (false, args),
         Some(Command::Migrate(args)) => (true, args),
         None => (false, cli.serve),

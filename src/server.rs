@@ -8,9 +8,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    auth::{AuthLayer, AuthSetupError, Authenticator},
     config::Config,
-    pb::{self, change_requests_server::ChangeRequestsServer},
-    service::change_requests::ChangeRequestsService,
+    pb::{self, change_requests_server::ChangeRequestsServer, policies_server::PoliciesServer},
+    service::{change_requests::ChangeRequestsService, policies::PoliciesService},
     watch::Hub,
 };
 
@@ -28,6 +29,12 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
+    #[error(
+        "refusing to serve on {0}: it is not a loopback address and no authentication is configured ([[auth.api_keys]] or [auth.jwt])"
+    )]
+    Unprotected(std::net::SocketAddr),
 }
 
 /// Connects to the database and applies pending migrations.
@@ -43,6 +50,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let authenticator = std::sync::Arc::new(Authenticator::new(&config.auth).await?);
+    if authenticator.is_development() {
+        if let Ok(addr) = listener.local_addr()
+            && !addr.ip().is_loopback()
+        {
+            return Err(ServeError::Unprotected(addr));
+        }
+        tracing::warn!(
+            "no authentication configured: callers name themselves with x-approvals-actor and hold every scope (loopback address only)"
+        );
+    }
     let store = open_store(&config).await?;
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -68,6 +86,8 @@ pub async fn run(
         config.min_approvals,
     ))
     .max_decoding_message_size(config.limits.max_message_bytes);
+    let policies = PoliciesServer::new(PoliciesService::new(store))
+        .max_decoding_message_size(config.limits.max_message_bytes);
 
     tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
     // Drain in-flight calls after the shutdown signal, but never for longer than the grace
@@ -87,10 +107,12 @@ pub async fn run(
         .timeout(config.limits.request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(AuthLayer::new(authenticator))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(change_requests)
+        .add_service(policies)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
     let grace = config.limits.shutdown_grace;
     let result = tokio::select! {

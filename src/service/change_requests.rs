@@ -7,8 +7,8 @@ use std::{
 };
 
 use approvals_domain::{
-    ChangeRequest, ChangeRequestPatch, Decision, NewChangeRequest, Principal, ReviewRules,
-    Timestamp,
+    ChangeRequest, ChangeRequestPatch, Decision, NewChangeRequest, PolicySnapshot, Principal,
+    State, Timestamp,
     validation::{self, Violations},
 };
 use approvals_store::{IdempotencyKey, ListFilter, Store};
@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    auth::{Caller, Scope},
     convert,
     error::ApiError,
     identity, page_token,
@@ -45,7 +46,7 @@ impl ChangeRequestsService {
     }
 }
 
-fn now() -> Timestamp {
+pub(super) fn now() -> Timestamp {
     let micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
@@ -73,11 +74,28 @@ fn optional(value: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_owned())
 }
 
-fn ok(
-    request: &ChangeRequest,
-    actor: &approvals_domain::Actor,
-) -> Result<Response<pb::ChangeRequest>, Status> {
-    Ok(Response::new(convert::change_request(request, Some(actor))))
+fn ok(request: &ChangeRequest, caller: &Caller) -> Result<Response<pb::ChangeRequest>, Status> {
+    Ok(Response::new(view(request, caller)))
+}
+
+/// The request with the fields computed for the caller: reviewing and cancelling need
+/// `approvals:write` besides what the request's rules allow.
+fn view(request: &ChangeRequest, caller: &Caller) -> pb::ChangeRequest {
+    let mut out = convert::change_request(request, Some(&caller.actor()));
+    if !caller.has(Scope::Write) {
+        out.can_approve = false;
+        out.can_cancel = false;
+    }
+    out
+}
+
+/// `pending_for_me`: in review, approvable by the caller now, and not yet reviewed by them.
+fn pending_for(request: &ChangeRequest, caller: &Caller) -> bool {
+    let flags = request.viewer_flags(&caller.actor());
+    request.state == State::InReview
+        && caller.has(Scope::Write)
+        && flags.can_approve
+        && flags.user_decision.is_none()
 }
 
 fn idempotency_key(
@@ -117,7 +135,7 @@ impl ChangeRequests for ChangeRequestsService {
         &self,
         request: Request<pb::WatchChangeRequestsRequest>,
     ) -> Result<Response<Self::WatchChangeRequestsStream>, Status> {
-        identity::actor(&request)?;
+        let caller = identity::caller(&request)?;
         let req = request.into_inner();
         let mut violations = Violations::default();
         violations.required_name("project", &req.project);
@@ -139,6 +157,10 @@ impl ChangeRequests for ChangeRequestsService {
             );
         }
         violations.into_result().map_err(ApiError::from)?;
+        // A watcher sees only the projects its credentials allow; the filter holds it to one.
+        caller
+            .ensure_project(&req.project)
+            .map_err(ApiError::from)?;
         let id = if req.id.is_empty() {
             None
         } else {
@@ -174,8 +196,14 @@ impl ChangeRequests for ChangeRequestsService {
         &self,
         request: Request<pb::CreateChangeRequestRequest>,
     ) -> Result<Response<pb::ChangeRequest>, Status> {
-        let actor = identity::actor(&request)?;
+        let caller = identity::caller(&request)?;
+        let actor = caller.actor();
         let req = request.into_inner();
+        if !req.project.is_empty() {
+            caller
+                .ensure_project(&req.project)
+                .map_err(ApiError::from)?;
+        }
         let key = idempotency_key(&req)?;
         let now = now();
         let mut violations = Violations::default();
@@ -186,6 +214,18 @@ impl ChangeRequests for ChangeRequestsService {
             .map(|t| convert::from_timestamp("expire_time", t))
             .transpose()?;
         violations.into_result().map_err(ApiError::from)?;
+        let policies = self
+            .store
+            .project_policies(&req.project)
+            .await
+            .map_err(ApiError::from)?;
+        let policy = PolicySnapshot::select(
+            &policies,
+            &req.project,
+            &req.environment,
+            &req.action_key,
+            self.min_approvals,
+        );
         let new = NewChangeRequest {
             project: req.project,
             environment: req.environment,
@@ -198,38 +238,35 @@ impl ChangeRequests for ChangeRequestsService {
             expire_time,
             draft: req.draft,
         };
-        let (change_request, event) = ChangeRequest::create(
-            new_id(),
-            new,
-            &actor,
-            ReviewRules::with_min_approvals(self.min_approvals),
-            now,
-            &mut new_id,
-        )
-        .map_err(ApiError::from)?;
+        let (change_request, event) =
+            ChangeRequest::create(new_id(), new, &actor, policy, now, &mut new_id)
+                .map_err(ApiError::from)?;
         let created = self
             .store
             .create(change_request, event, key)
             .await
             .map_err(ApiError::from)?;
-        ok(&created.change_request, &actor)
+        ok(&created.change_request, &caller)
     }
 
     async fn get_change_request(
         &self,
         request: Request<pb::GetChangeRequestRequest>,
     ) -> Result<Response<pb::ChangeRequest>, Status> {
-        let actor = identity::actor(&request)?;
+        let caller = identity::caller(&request)?;
         let id = parse_id("id", &request.get_ref().id)?;
         let change_request = self.store.get(&id).await.map_err(ApiError::from)?;
-        ok(&change_request, &actor)
+        caller
+            .ensure_project(&change_request.project)
+            .map_err(ApiError::from)?;
+        ok(&change_request, &caller)
     }
 
     async fn list_change_requests(
         &self,
         request: Request<pb::ListChangeRequestsRequest>,
     ) -> Result<Response<pb::ListChangeRequestsResponse>, Status> {
-        let actor = identity::actor(&request)?;
+        let caller = identity::caller(&request)?;
         let req = request.into_inner();
         let mut violations = Violations::default();
         violations.required_name("project", &req.project);
@@ -247,6 +284,9 @@ impl ChangeRequests for ChangeRequestsService {
             violations.add("requester", message);
         }
         violations.into_result().map_err(ApiError::from)?;
+        caller
+            .ensure_project(&req.project)
+            .map_err(ApiError::from)?;
         let mut states = req
             .states
             .iter()
@@ -268,6 +308,7 @@ impl ChangeRequests for ChangeRequestsService {
             &req.resource_id,
             &req.requester,
             &states_key,
+            if req.pending_for_me { "pending" } else { "" },
         ]);
         let after = page_token::decode(&req.page_token, &digest)?;
         let filter = ListFilter {
@@ -280,16 +321,28 @@ impl ChangeRequests for ChangeRequestsService {
             states,
             id: None,
         };
-        let page = self
-            .store
-            .list(&filter, after.as_deref(), page_size)
-            .await
-            .map_err(ApiError::from)?;
+        let page = if req.pending_for_me {
+            let mut filter = filter;
+            if filter.states.is_empty() || filter.states.contains(&State::InReview) {
+                filter.states = vec![State::InReview];
+            }
+            self.store
+                .list_matching(
+                    &filter,
+                    |r| pending_for(r, &caller),
+                    after.as_deref(),
+                    page_size,
+                )
+                .await
+        } else {
+            self.store.list(&filter, after.as_deref(), page_size).await
+        }
+        .map_err(ApiError::from)?;
         Ok(Response::new(pb::ListChangeRequestsResponse {
             change_requests: page
                 .change_requests
                 .iter()
-                .map(|r| convert::change_request(r, Some(&actor)))
+                .map(|r| view(r, &caller))
                 .collect(),
             next_page_token: page
                 .next_after
@@ -303,7 +356,8 @@ impl ChangeRequests for ChangeRequestsService {
         &self,
         request: Request<pb::UpdateChangeRequestRequest>,
     ) -> Result<Response<pb::ChangeRequest>, Status> {
-        let actor = identity::actor(&request)?;
+        let caller = identity::caller(&request)?;
+        let actor = caller.actor();
         let req = request.into_inner();
         let Some(body) = req.change_request else {
             return Err(ApiError::invalid("change_request", "is required").into());
@@ -347,40 +401,43 @@ impl ChangeRequests for ChangeRequestsService {
         let updated = self
             .store
             .mutate(&id, |r| {
+                caller.ensure_project(&r.project)?;
                 r.check_etag(etag.as_deref())?;
                 r.update(&actor, patch, now, &mut new_id)
             })
             .await
             .map_err(ApiError::from)?;
-        ok(&updated, &actor)
+        ok(&updated, &caller)
     }
 
     async fn submit_change_request(
         &self,
         request: Request<pb::SubmitChangeRequestRequest>,
     ) -> Result<Response<pb::ChangeRequest>, Status> {
-        let actor = identity::actor(&request)?;
+        let caller = identity::caller(&request)?;
+        let actor = caller.actor();
         let req = request.into_inner();
         let id = parse_id("id", &req.id)?;
         let now = now();
         let updated = self
             .store
             .mutate(&id, |r| {
+                caller.ensure_project(&r.project)?;
                 r.check_etag(Some(&req.etag))?;
                 r.submit(&actor, now)
             })
             .await
             .map_err(ApiError::from)?;
-        ok(&updated, &actor)
+        ok(&updated, &caller)
     }
 
     async fn approve_change_request(
         &self,
         request: Request<pb::ApproveChangeRequestRequest>,
     ) -> Result<Response<pb::ChangeRequest>, Status> {
-        let actor = identity::actor(&request)?;
+        let caller = identity::caller(&request)?;
         let req = request.into_inner();
-        self.review(actor, &req.id, Decision::Approve, req.comment, &req.etag)
+        self.review(&caller, &req.id, Decision::Approve, req.comment, &req.etag)
             .await
     }
 
@@ -388,9 +445,9 @@ impl ChangeRequests for ChangeRequestsService {
         &self,
         request: Request<pb::RejectChangeRequestRequest>,
     ) -> Result<Response<pb::ChangeRequest>, Status> {
-        let actor = identity::actor(&request)?;
+        let caller = identity::caller(&request)?;
         let req = request.into_inner();
-        self.review(actor, &req.id, Decision::Reject, req.comment, &req.etag)
+        self.review(&caller, &req.id, Decision::Reject, req.comment, &req.etag)
             .await
     }
 
@@ -398,42 +455,48 @@ impl ChangeRequests for ChangeRequestsService {
         &self,
         request: Request<pb::CancelChangeRequestRequest>,
     ) -> Result<Response<pb::ChangeRequest>, Status> {
-        let actor = identity::actor(&request)?;
+        let caller = identity::caller(&request)?;
+        let actor = caller.actor();
         let req = request.into_inner();
         let id = parse_id("id", &req.id)?;
         let now = now();
         let updated = self
             .store
             .mutate(&id, |r| {
+                caller.ensure_project(&r.project)?;
                 r.check_etag(Some(&req.etag))?;
                 r.cancel(&actor, req.reason, now)
             })
             .await
             .map_err(ApiError::from)?;
-        ok(&updated, &actor)
+        ok(&updated, &caller)
     }
 
     async fn add_comment(
         &self,
         request: Request<pb::AddCommentRequest>,
     ) -> Result<Response<pb::ChangeRequest>, Status> {
-        let actor = identity::actor(&request)?;
+        let caller = identity::caller(&request)?;
+        let actor = caller.actor();
         let req = request.into_inner();
         let id = parse_id("id", &req.id)?;
         let now = now();
         let updated = self
             .store
-            .mutate(&id, |r| r.add_comment(&actor, new_id(), req.text, now))
+            .mutate(&id, |r| {
+                caller.ensure_project(&r.project)?;
+                r.add_comment(&actor, new_id(), req.text, now)
+            })
             .await
             .map_err(ApiError::from)?;
-        ok(&updated, &actor)
+        ok(&updated, &caller)
     }
 
     async fn list_change_request_events(
         &self,
         request: Request<pb::ListChangeRequestEventsRequest>,
     ) -> Result<Response<pb::ListChangeRequestEventsResponse>, Status> {
-        identity::actor(&request)?;
+        let caller = identity::caller(&request)?;
         let req = request.into_inner();
         let id = parse_id("id", &req.id)?;
         let page_size = page_token::page_size(
@@ -457,6 +520,11 @@ impl ChangeRequests for ChangeRequestsService {
             // Every request has at least its CREATED event: none means no such request.
             return Err(ApiError::from(approvals_store::StoreError::NotFound(id)).into());
         }
+        if let Some(first) = events.first() {
+            caller
+                .ensure_project(&first.project)
+                .map_err(ApiError::from)?;
+        }
         let next_page_token = if events.len() as u64 > page_size {
             events.truncate(page_size as usize);
             events
@@ -476,22 +544,24 @@ impl ChangeRequests for ChangeRequestsService {
 impl ChangeRequestsService {
     async fn review(
         &self,
-        actor: approvals_domain::Actor,
+        caller: &Caller,
         id: &str,
         decision: Decision,
         comment: String,
         etag: &str,
     ) -> Result<Response<pb::ChangeRequest>, Status> {
         let id = parse_id("id", id)?;
+        let actor = caller.actor();
         let now = now();
         let updated = self
             .store
             .mutate(&id, |r| {
+                caller.ensure_project(&r.project)?;
                 r.check_etag(Some(etag))?;
                 r.review(&actor, decision, comment, now)
             })
             .await
             .map_err(ApiError::from)?;
-        ok(&updated, &actor)
+        ok(&updated, caller)
     }
 }

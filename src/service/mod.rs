@@ -1,1 +1,2 @@
 pub mod change_requests;
+pub mod policies;

@@ -1,11 +1,14 @@
 //! Black-box tests through the real gRPC interface. One binary (faster to build), one module
 //! per feature.
 
+mod callers;
 mod common;
 
+mod auth;
 mod errors;
 mod lifecycle;
 mod list;
+mod policies;
 mod process;
 mod server;
 mod watch;

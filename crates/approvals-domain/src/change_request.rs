@@ -1,7 +1,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Action, Actor, Decision, DomainError, EventDraft, EventKind, Principal, State, Timestamp,
+    Action, Actor, Decision, DomainError, EventDraft, EventKind, PolicySnapshot, Principal, State,
+    Timestamp,
     validation::{self, Violations},
 };
 
@@ -62,28 +63,6 @@ pub enum ValidationStatus {
     Skipped,
 }
 
-/// The review rules frozen into a request at creation (from the policy, or the server default).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReviewRules {
-    pub min_approvals: u32,
-    pub allow_self_approval: bool,
-    pub rejections_to_reject: u32,
-    pub dismiss_stale_approvals: bool,
-}
-
-impl ReviewRules {
-    /// The server default: `min_approvals` distinct approvals, no self-approval, one rejection
-    /// rejects, edits dismiss earlier reviews.
-    pub fn with_min_approvals(min_approvals: u32) -> Self {
-        Self {
-            min_approvals: min_approvals.max(1),
-            allow_self_approval: false,
-            rejections_to_reject: 1,
-            dismiss_stale_approvals: true,
-        }
-    }
-}
-
 /// A change request: the aggregate every command acts on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChangeRequest {
@@ -104,7 +83,10 @@ pub struct ChangeRequest {
     pub reviews: Vec<Review>,
     #[serde(default)]
     pub comments: Vec<Comment>,
-    pub rules: ReviewRules,
+    /// The rules frozen at creation (from the matching policy, or the server default). Stored
+    /// as `rules` before policies existed.
+    #[serde(alias = "rules")]
+    pub policy: PolicySnapshot,
     pub create_time: Timestamp,
     pub update_time: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -118,6 +100,9 @@ pub struct ChangeRequest {
     pub validation_status: ValidationStatus,
     #[serde(default)]
     pub validation_errors: Vec<String>,
+    /// When the payloads were last checked against the policy's intent schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validate_time: Option<Timestamp>,
     /// Revision of the latest event; set by the store, 0 before the first write.
     #[serde(default)]
     pub revision: i64,
@@ -247,11 +232,12 @@ impl ChangeRequest {
         id: String,
         new: NewChangeRequest,
         actor: &Actor,
-        rules: ReviewRules,
+        policy: PolicySnapshot,
         now: Timestamp,
         change_ids: &mut dyn FnMut() -> String,
     ) -> Result<(Self, EventDraft), DomainError> {
         new.validate(now)?;
+        let validated = policy.validate_intent("", &new.changes)?;
         let state = if new.draft {
             State::Draft
         } else {
@@ -287,15 +273,19 @@ impl ChangeRequest {
             applied_by: None,
             reviews: Vec::new(),
             comments: Vec::new(),
-            rules,
+            expire_time: policy.expire_time(new.expire_time, now),
+            policy,
             create_time: now,
             update_time: now,
-            expire_time: new.expire_time,
             apply_time: None,
             apply_error: None,
             result_data: None,
-            validation_status: ValidationStatus::Skipped,
+            validation_status: match validated {
+                Some(()) => ValidationStatus::Valid,
+                None => ValidationStatus::Skipped,
+            },
             validation_errors: Vec::new(),
+            validate_time: validated.map(|()| now),
             revision: 0,
         };
         let event = request.event(EventKind::Created, actor, state, now, String::new());
@@ -350,7 +340,8 @@ impl ChangeRequest {
         let is_requester = self.is_requester(&actor.principal);
         ViewerFlags {
             can_approve: Action::Approve.is_allowed_in(self.state)
-                && (!is_requester || self.rules.allow_self_approval),
+                && (!is_requester || self.policy.rules.allow_self_approval)
+                && self.policy.may_review(actor),
             can_cancel: is_requester && Action::Cancel.is_allowed_in(self.state),
             is_requester,
             user_decision: self.decision_of(&actor.principal),
@@ -425,8 +416,9 @@ impl ChangeRequest {
         ))
     }
 
-    /// Records a review. A reviewer's later decision replaces their earlier one. Reaching
-    /// `min_approvals` distinct approvals approves; `rejections_to_reject` rejections reject.
+    /// Records a review, by one of the policy's approvers. A reviewer's later decision replaces
+    /// their earlier one. Reaching the policy's quorum (see [`PolicySnapshot::quorum_reached`])
+    /// approves; `rejections_to_reject` rejections reject.
     pub fn review(
         &mut self,
         actor: &Actor,
@@ -442,9 +434,14 @@ impl ChangeRequest {
         v.text("comment", &comment, validation::MAX_TEXT_BYTES);
         v.into_result()?;
         self.ensure_allowed(action)?;
+        if !self.policy.may_review(actor) {
+            return Err(DomainError::NotApprover {
+                principal: actor.principal.to_string(),
+            });
+        }
         if decision == Decision::Approve
             && self.is_requester(&actor.principal)
-            && !self.rules.allow_self_approval
+            && !self.policy.rules.allow_self_approval
         {
             return Err(DomainError::SelfApproval);
         }
@@ -458,9 +455,10 @@ impl ChangeRequest {
             dismissed: false,
             reviewer_groups: actor.groups.clone(),
         });
-        let to = if self.counting(Decision::Reject) >= self.rules.rejections_to_reject.max(1) {
+        let to = if self.counting(Decision::Reject) >= self.policy.rules.rejections_to_reject.max(1)
+        {
             State::Rejected
-        } else if self.approval_count() >= self.rules.min_approvals.max(1) {
+        } else if self.policy.quorum_reached(&self.reviews) {
             State::Approved
         } else {
             State::InReview
@@ -567,9 +565,26 @@ impl ChangeRequest {
                 }
             }
         }
+        let mut validated = None;
+        if let Some(changes) = &patch.changes {
+            match self.policy.validate_intent("change_request.", changes) {
+                Ok(outcome) => validated = outcome,
+                Err(DomainError::InvalidArgument(list)) => {
+                    for violation in list {
+                        v.add(violation.field, violation.description);
+                    }
+                }
+                Err(other) => return Err(other),
+            }
+        }
         v.into_result()?;
         self.ensure_allowed(Action::Update)?;
         self.ensure_requester(actor, Action::Update)?;
+        if validated.is_some() {
+            self.validation_status = ValidationStatus::Valid;
+            self.validation_errors.clear();
+            self.validate_time = Some(now);
+        }
 
         if let Some(title) = patch.title {
             self.title = title;
@@ -581,7 +596,7 @@ impl ChangeRequest {
             self.intent_display = intent;
         }
         if let Some(expire) = patch.expire_time {
-            self.expire_time = expire;
+            self.expire_time = self.policy.expire_time(expire, self.create_time);
         }
         if let Some(inputs) = patch.changes {
             let mut previous = std::mem::take(&mut self.changes);
@@ -612,7 +627,7 @@ impl ChangeRequest {
                 .collect();
         }
         let mut dismissed = 0;
-        if self.state == State::InReview && self.rules.dismiss_stale_approvals {
+        if self.state == State::InReview && self.policy.rules.dismiss_stale_approvals {
             for review in self.reviews.iter_mut().filter(|r| !r.dismissed) {
                 review.dismissed = true;
                 dismissed += 1;

@@ -27,6 +27,10 @@ pub enum DomainError {
     NotRequester { requester: String, action: Action },
     #[error("the requester cannot approve their own change request")]
     SelfApproval,
+    #[error("{principal} is not among the approvers of this change request's policy")]
+    NotApprover { principal: String },
+    #[error("the caller may not act in project {project:?}")]
+    ProjectNotAllowed { project: String },
     #[error(
         "etag {given:?} does not match the current etag {current:?}; re-read the change request and retry"
     )]

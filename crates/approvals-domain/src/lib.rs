@@ -6,6 +6,7 @@
 mod change_request;
 mod error;
 mod event;
+mod policy;
 mod principal;
 mod state;
 mod time;
@@ -13,10 +14,14 @@ pub mod validation;
 
 pub use change_request::{
     Change, ChangeInput, ChangeRequest, ChangeRequestPatch, Comment, NewChangeRequest, Review,
-    ReviewRules, ValidationStatus, ViewerFlags,
+    ValidationStatus, ViewerFlags,
 };
 pub use error::{DomainError, FieldViolation};
 pub use event::{Event, EventDraft, EventKind};
+pub use policy::{
+    ApplyMode, GroupRequirement, Policy, PolicyRules, PolicySnapshot, ReviewRules, Specificity,
+    parse_policy_principal, select_policy,
+};
 pub use principal::{Actor, Principal, PrincipalKind, SYSTEM_PRINCIPAL};
 pub use state::{Action, Decision, State};
 pub use time::Timestamp;

@@ -13,6 +13,19 @@ pub enum StoreError {
         request_id: String,
         change_request_id: String,
     },
+    #[error("policy {0:?} not found")]
+    PolicyNotFound(String),
+    #[error("a policy named {0:?} exists already")]
+    PolicyNameTaken(String),
+    #[error(
+        "policy {existing:?} already governs project {project:?}, environment {environment:?}, action_key {action_key:?}"
+    )]
+    PolicyScopeTaken {
+        existing: String,
+        project: String,
+        environment: String,
+        action_key: String,
+    },
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
     #[error("internal database error")]

@@ -9,11 +9,14 @@
 mod error;
 mod log;
 mod migration;
+mod pending;
+mod policies;
 mod schema;
 mod store;
 
 pub use error::StoreError;
 pub use log::{LogBatch, LogReader};
+pub use policies::PolicyFilter;
 pub use store::{
     Backend, Created, DatabaseSettings, IdempotencyKey, ListFilter, ListPage, Store,
     TOTAL_SIZE_EXACT_LIMIT,

@@ -6,14 +6,14 @@ use sea_orm_migration::{
     DbErr, MigrationName, MigrationTrait, MigratorTrait, SchemaManager, async_trait,
 };
 
-use crate::schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res};
+use crate::schema::{CHANGE_REQUESTS, EVENTS, POLICIES, RESOURCES, cr, ev, pol, res};
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial)]
+        vec![Box::new(Initial), Box::new(Policies)]
     }
 }
 
@@ -193,6 +193,50 @@ impl MigrationTrait for Initial {
                     .table(EVENTS)
                     .col(ev::CHANGE_REQUEST_ID)
                     .col(ev::REVISION)
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Approval policies: a JSON document per policy beside the columns that select it. One policy
+/// per (project, environment, action_key).
+struct Policies;
+
+impl MigrationName for Policies {
+    fn name(&self) -> &str {
+        "m0002_policies"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Policies {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(POLICIES)
+                    .col(ColumnDef::new(pol::NAME).text().not_null().primary_key())
+                    .col(text(pol::PROJECT))
+                    .col(text(pol::ENVIRONMENT))
+                    .col(text(pol::ACTION_KEY))
+                    .col(big(pol::REVISION))
+                    .col(big(pol::CREATE_TIME))
+                    .col(big(pol::UPDATE_TIME))
+                    .col(text(pol::BODY))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("pol_project_environment_action_key")
+                    .table(POLICIES)
+                    .col(pol::PROJECT)
+                    .col(pol::ENVIRONMENT)
+                    .col(pol::ACTION_KEY)
+                    .unique()
                     .to_owned(),
             )
             .await?;

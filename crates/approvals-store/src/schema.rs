@@ -41,3 +41,16 @@ pub mod ev {
     pub const DETAIL: &str = "detail";
     pub const SNAPSHOT: &str = "snapshot";
 }
+
+pub const POLICIES: &str = "policies";
+
+pub mod pol {
+    pub const NAME: &str = "name";
+    pub const PROJECT: &str = "project";
+    pub const ENVIRONMENT: &str = "environment";
+    pub const ACTION_KEY: &str = "action_key";
+    pub const REVISION: &str = "revision";
+    pub const CREATE_TIME: &str = "create_time";
+    pub const UPDATE_TIME: &str = "update_time";
+    pub const BODY: &str = "body";
+}

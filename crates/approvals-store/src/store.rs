@@ -121,8 +121,8 @@ pub struct ListPage {
 /// The store: one connection pool, and the use cases as transactions.
 #[derive(Clone)]
 pub struct Store {
-    db: DatabaseConnection,
-    backend: Backend,
+    pub(crate) db: DatabaseConnection,
+    pub(crate) backend: Backend,
     /// SQLite takes one writer at a time; queueing writers here, in order, is fairer and cheaper
     /// than letting them spin on the busy timeout. Unused on PostgreSQL.
     sqlite_writer: Arc<Mutex<()>>,
@@ -287,7 +287,7 @@ impl Store {
         Ok(())
     }
 
-    async fn begin_write(
+    pub(crate) async fn begin_write(
         &self,
     ) -> Result<(Option<MutexGuard<'_, ()>>, DatabaseTransaction), StoreError> {
         let guard = match self.backend {
@@ -816,7 +816,7 @@ impl From<DbErrOr> for StoreError {
     }
 }
 
-async fn rollback(txn: DatabaseTransaction) {
+pub(crate) async fn rollback(txn: DatabaseTransaction) {
     if let Err(err) = txn.rollback().await {
         tracing::warn!(error = %err, "rollback failed");
     }
@@ -830,7 +830,7 @@ fn select_request(id: &str) -> SelectStatement {
         .to_owned()
 }
 
-fn apply_filter(query: &mut SelectStatement, filter: &ListFilter) {
+pub(crate) fn apply_filter(query: &mut SelectStatement, filter: &ListFilter) {
     query.and_where(Expr::col(cr::PROJECT).eq(filter.project.as_str()));
     if let Some(environment) = &filter.environment {
         query.and_where(Expr::col(cr::ENVIRONMENT).eq(environment.as_str()));
@@ -871,7 +871,7 @@ fn resource_keys(request: &ChangeRequest) -> BTreeSet<(String, String)> {
         .collect()
 }
 
-fn decode_request(row: &QueryResult) -> Result<ChangeRequest, StoreError> {
+pub(crate) fn decode_request(row: &QueryResult) -> Result<ChangeRequest, StoreError> {
     let body: String = row.try_get("", cr::BODY)?;
     let mut request: ChangeRequest = serde_json::from_str(&body)?;
     request.revision = row.try_get("", cr::REVISION)?;

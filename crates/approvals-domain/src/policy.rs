@@ -1,0 +1,636 @@
+//! Approval policies: which rules govern a change request, chosen by project, environment and
+//! action key, and frozen into the request at creation as its [`PolicySnapshot`].
+//!
+//! Precedence, most specific first: a policy for the request's environment beats one for any
+//! environment (`""`); within that, an exact `action_key` beats a prefix (`feature_flag.*`), a
+//! longer prefix beats a shorter one, and `*` (the project default) comes last; then the server
+//! default.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::{
+    Actor, ChangeInput, DomainError, Principal, PrincipalKind, Review, Timestamp,
+    error::FieldViolation, validation::Violations,
+};
+
+/// How an approved request is applied (acted on by the apply feature; stored here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ApplyMode {
+    /// Not chosen: the server's behaviour for requests without a policy.
+    #[default]
+    Unspecified,
+    Auto,
+    Manual,
+    External,
+}
+
+/// At least `min_approvals` approvals from members of `group` (written `group:NAME`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRequirement {
+    pub group: Principal,
+    pub min_approvals: u32,
+}
+
+impl GroupRequirement {
+    /// The bare group name, as callers' groups are recorded (`sre` for `group:sre`).
+    pub fn group_name(&self) -> &str {
+        self.group
+            .as_str()
+            .strip_prefix("group:")
+            .unwrap_or(self.group.as_str())
+    }
+}
+
+/// The rules a policy sets. In a stored [`Policy`], `min_approvals` 0 means "the server default"
+/// and `rejections_to_reject` 0 means 1; a [`PolicySnapshot`] holds them resolved.
+///
+/// Every field added after the first release has a serde default, so request documents written
+/// before policies existed (which held only the first four fields) still decode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRules {
+    pub min_approvals: u32,
+    /// Who may review: principals (`user:x`, `service:y`) and groups (`group:z`). Empty: anyone
+    /// allowed to write.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvers: Vec<Principal>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requirements: Vec<GroupRequirement>,
+    pub allow_self_approval: bool,
+    pub rejections_to_reject: u32,
+    /// Requests expire this many microseconds after creation unless the caller asks for less.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_ttl_micros: Option<i64>,
+    #[serde(default)]
+    pub apply_mode: ApplyMode,
+    pub dismiss_stale_approvals: bool,
+    /// JSON Schema every change's payload must satisfy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent_schema: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub applier_endpoint: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub appliers: Vec<Principal>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub executors: Vec<Principal>,
+    #[serde(default)]
+    pub forbid_bypass: bool,
+}
+
+impl Default for PolicyRules {
+    /// The defaults of a new policy: server-default quorum, no self-approval, one rejection
+    /// rejects, edits dismiss earlier reviews.
+    fn default() -> Self {
+        Self {
+            min_approvals: 0,
+            approvers: Vec::new(),
+            requirements: Vec::new(),
+            allow_self_approval: false,
+            rejections_to_reject: 1,
+            default_ttl_micros: None,
+            apply_mode: ApplyMode::Unspecified,
+            dismiss_stale_approvals: true,
+            intent_schema: None,
+            applier_endpoint: String::new(),
+            appliers: Vec::new(),
+            executors: Vec::new(),
+            forbid_bypass: false,
+        }
+    }
+}
+
+/// An approval policy, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Unique across the service.
+    pub name: String,
+    pub project: String,
+    /// `""`: any environment.
+    pub environment: String,
+    /// An exact action key, or a prefix ending in `*` (`*` alone: the project default).
+    pub action_key: String,
+    #[serde(flatten)]
+    pub rules: PolicyRules,
+    pub create_time: Timestamp,
+    pub update_time: Timestamp,
+    /// Increases with every update; set by the store.
+    #[serde(default)]
+    pub revision: i64,
+}
+
+/// How specifically a policy matches a request; greater is more specific.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Specificity {
+    environment_specific: bool,
+    exact: bool,
+    prefix_chars: usize,
+}
+
+impl Policy {
+    /// The opaque etag of the current version (AIP-154).
+    pub fn etag(&self) -> String {
+        format!("p{}", self.revision)
+    }
+
+    pub fn check_etag(&self, given: Option<&str>) -> Result<(), DomainError> {
+        match given {
+            Some(given) if !given.is_empty() && given != self.etag() => {
+                Err(DomainError::EtagMismatch {
+                    given: given.to_owned(),
+                    current: self.etag(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// How specifically this policy matches a request for `project`, `environment` and
+    /// `action_key`; `None` when it does not match.
+    pub fn specificity(
+        &self,
+        project: &str,
+        environment: &str,
+        action_key: &str,
+    ) -> Option<Specificity> {
+        if self.project != project {
+            return None;
+        }
+        let environment_specific = match self.environment.as_str() {
+            "" => false,
+            env if env == environment => true,
+            _ => return None,
+        };
+        let (exact, prefix_chars) = match self.action_key.strip_suffix('*') {
+            Some(prefix) if action_key.starts_with(prefix) => (false, prefix.chars().count()),
+            Some(_) => return None,
+            None if self.action_key == action_key => (true, 0),
+            None => return None,
+        };
+        Some(Specificity {
+            environment_specific,
+            exact,
+            prefix_chars,
+        })
+    }
+
+    /// Checks every field; `prefix` names the message field (`policy.`).
+    pub fn validate(&self, prefix: &str) -> Result<(), DomainError> {
+        let mut v = Violations::default();
+        let field = |name: &str| format!("{prefix}{name}");
+        v.required_name(&field("name"), &self.name);
+        if self
+            .name
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            v.add(
+                field("name"),
+                "may contain only ASCII letters, digits, '-', '_' and '.'",
+            );
+        }
+        v.required_name(&field("project"), &self.project);
+        v.optional_name(&field("environment"), &self.environment);
+        v.required_name(&field("action_key"), &self.action_key);
+        if let Some(star) = self.action_key.find('*')
+            && star + 1 != self.action_key.len()
+        {
+            v.add(
+                field("action_key"),
+                "'*' may only end a prefix (\"feature_flag.*\", or \"*\" for every action)",
+            );
+        }
+        validate_rules(&mut v, prefix, &self.rules);
+        v.into_result()
+    }
+}
+
+fn validate_rules(v: &mut Violations, prefix: &str, rules: &PolicyRules) {
+    let field = |name: &str| format!("{prefix}{name}");
+    for (i, approver) in rules.approvers.iter().enumerate() {
+        if approver.kind() == PrincipalKind::System {
+            v.add(
+                field(&format!("approvers[{i}]")),
+                "must be user:NAME, service:NAME or group:NAME",
+            );
+        }
+    }
+    let mut seen = Vec::new();
+    for (i, requirement) in rules.requirements.iter().enumerate() {
+        if requirement.group.kind() != PrincipalKind::Group {
+            v.add(
+                field(&format!("requirements[{i}].group")),
+                format!(
+                    "{:?} is not a group: write group:NAME",
+                    requirement.group.as_str()
+                ),
+            );
+        }
+        if requirement.min_approvals < 1 {
+            v.add(
+                field(&format!("requirements[{i}].min_approvals")),
+                "must be at least 1",
+            );
+        }
+        if seen.contains(&requirement.group) {
+            v.add(
+                field(&format!("requirements[{i}].group")),
+                format!("{} has a requirement already", requirement.group),
+            );
+        }
+        seen.push(requirement.group.clone());
+    }
+    if let Some(ttl) = rules.default_ttl_micros
+        && ttl <= 0
+    {
+        v.add(field("default_ttl"), "must be positive");
+    }
+    if let Some(schema) = &rules.intent_schema
+        && let Err(err) = jsonschema::validator_for(&Value::Object(schema.clone()))
+    {
+        v.add(
+            field("intent_schema"),
+            format!("is not a valid JSON Schema: {err}"),
+        );
+    }
+    v.optional_name(&field("applier_endpoint"), &rules.applier_endpoint);
+    for (name, list) in [
+        ("appliers", &rules.appliers),
+        ("executors", &rules.executors),
+    ] {
+        for (i, principal) in list.iter().enumerate() {
+            if principal.kind() == PrincipalKind::System {
+                v.add(
+                    field(&format!("{name}[{i}]")),
+                    "must be user:NAME, service:NAME or group:NAME",
+                );
+            }
+        }
+    }
+}
+
+/// The most specific policy matching a request, if any (see the module documentation).
+pub fn select_policy<'a>(
+    policies: &'a [Policy],
+    project: &str,
+    environment: &str,
+    action_key: &str,
+) -> Option<&'a Policy> {
+    policies
+        .iter()
+        .filter_map(|p| {
+            p.specificity(project, environment, action_key)
+                .map(|s| (s, p))
+        })
+        .max_by(|(a, pa), (b, pb)| a.cmp(b).then_with(|| pb.name.cmp(&pa.name)))
+        .map(|(_, p)| p)
+}
+
+/// What a change request's rules were called before policies existed.
+pub type ReviewRules = PolicySnapshot;
+
+/// The rules frozen into a change request at creation: the matching policy's (with its name),
+/// or the server default (empty name). Later policy edits never change it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicySnapshot {
+    /// The policy's name; empty for the server default.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub project: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub environment: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub action_key: String,
+    /// Resolved: `min_approvals` >= 1 and `rejections_to_reject` >= 1.
+    #[serde(flatten)]
+    pub rules: PolicyRules,
+}
+
+impl PolicySnapshot {
+    /// The server default: `min_approvals` distinct approvals, no self-approval, one rejection
+    /// rejects, edits dismiss earlier reviews.
+    pub fn server_default(min_approvals: u32) -> Self {
+        Self {
+            name: String::new(),
+            project: String::new(),
+            environment: String::new(),
+            action_key: String::new(),
+            rules: PolicyRules {
+                min_approvals: min_approvals.max(1),
+                ..PolicyRules::default()
+            },
+        }
+    }
+
+    /// The server default (the name `ReviewRules` had before policies existed).
+    pub fn with_min_approvals(min_approvals: u32) -> Self {
+        Self::server_default(min_approvals)
+    }
+
+    /// The snapshot of `policy`, with its defaults resolved against the server's.
+    pub fn of(policy: &Policy, server_min_approvals: u32) -> Self {
+        let mut rules = policy.rules.clone();
+        if rules.min_approvals == 0 {
+            rules.min_approvals = server_min_approvals.max(1);
+        }
+        rules.rejections_to_reject = rules.rejections_to_reject.max(1);
+        Self {
+            name: policy.name.clone(),
+            project: policy.project.clone(),
+            environment: policy.environment.clone(),
+            action_key: policy.action_key.clone(),
+            rules,
+        }
+    }
+
+    /// The snapshot for a new request: the most specific matching policy, else the default.
+    pub fn select(
+        policies: &[Policy],
+        project: &str,
+        environment: &str,
+        action_key: &str,
+        server_min_approvals: u32,
+    ) -> Self {
+        match select_policy(policies, project, environment, action_key) {
+            Some(policy) => Self::of(policy, server_min_approvals),
+            None => Self::server_default(server_min_approvals),
+        }
+    }
+
+    /// Whether `actor` is among the approvers (always, when the list is empty).
+    pub fn may_review(&self, actor: &Actor) -> bool {
+        self.rules.approvers.is_empty()
+            || self.rules.approvers.iter().any(|approver| {
+                approver == &actor.principal
+                    || approver
+                        .as_str()
+                        .strip_prefix("group:")
+                        .is_some_and(|group| actor.groups.iter().any(|g| g == group))
+            })
+    }
+
+    /// Quorum: `min_approvals` distinct approvals that count, AND every group requirement met
+    /// by approvers who held the group when they reviewed. One approval counts once for each
+    /// requirement its reviewer satisfies, never twice for one.
+    pub fn quorum_reached(&self, reviews: &[Review]) -> bool {
+        let approvals: Vec<&Review> = counting(reviews).collect();
+        let enough =
+            u32::try_from(approvals.len()).unwrap_or(u32::MAX) >= self.rules.min_approvals.max(1);
+        enough
+            && self.rules.requirements.iter().all(|requirement| {
+                let met = approvals
+                    .iter()
+                    .filter(|r| {
+                        r.reviewer_groups
+                            .iter()
+                            .any(|g| g == requirement.group_name())
+                    })
+                    .count();
+                u32::try_from(met).unwrap_or(u32::MAX) >= requirement.min_approvals
+            })
+    }
+
+    /// When a request created at `now` expires: the caller's time, capped by `default_ttl`.
+    pub fn expire_time(
+        &self,
+        requested: Option<Timestamp>,
+        created: Timestamp,
+    ) -> Option<Timestamp> {
+        let limit = self
+            .rules
+            .default_ttl_micros
+            .map(|ttl| created.saturating_add_micros(ttl));
+        match (requested, limit) {
+            (Some(requested), Some(limit)) => Some(requested.min(limit)),
+            (requested, limit) => requested.or(limit),
+        }
+    }
+
+    /// Checks every change's payload against the intent schema. `Ok(None)`: no schema, nothing
+    /// checked. `Ok(Some(()))`: every payload is valid. Every violation is named as a field
+    /// (`{prefix}changes[1].payload.rollout`).
+    pub fn validate_intent(
+        &self,
+        prefix: &str,
+        changes: &[ChangeInput],
+    ) -> Result<Option<()>, DomainError> {
+        let Some(schema) = &self.rules.intent_schema else {
+            return Ok(None);
+        };
+        let validator =
+            jsonschema::validator_for(&Value::Object(schema.clone())).map_err(|err| {
+                // Refused when the policy was written; only a hand-edited database gets here.
+                DomainError::invalid(
+                    "policy_snapshot.intent_schema",
+                    format!("the policy's intent schema does not compile: {err}"),
+                )
+            })?;
+        let mut violations = Vec::new();
+        for (i, change) in changes.iter().enumerate() {
+            let payload = Value::Object(change.payload.clone());
+            for error in validator.iter_errors(&payload) {
+                let path = json_pointer_to_path(error.instance_path().as_str());
+                violations.push(FieldViolation::new(
+                    format!("{prefix}changes[{i}].payload{path}"),
+                    error.to_string(),
+                ));
+            }
+        }
+        if violations.is_empty() {
+            Ok(Some(()))
+        } else {
+            Err(DomainError::InvalidArgument(violations))
+        }
+    }
+}
+
+/// Approvals that count: not dismissed.
+fn counting(reviews: &[Review]) -> impl Iterator<Item = &Review> {
+    reviews
+        .iter()
+        .filter(|r| !r.dismissed && r.decision == crate::Decision::Approve)
+}
+
+/// `/rollout/steps/0` -> `.rollout.steps[0]`.
+fn json_pointer_to_path(pointer: &str) -> String {
+    let mut path = String::new();
+    for token in pointer.split('/').skip(1) {
+        let token = token.replace("~1", "/").replace("~0", "~");
+        if !token.is_empty() && token.chars().all(|c| c.is_ascii_digit()) {
+            path.push_str(&format!("[{token}]"));
+        } else {
+            path.push('.');
+            path.push_str(&token);
+        }
+    }
+    path
+}
+
+/// Parses a principal a policy names (`user:x`, `service:y`, `group:z`).
+pub fn parse_policy_principal(field: &str, text: &str) -> Result<Principal, FieldViolation> {
+    match Principal::parse(text) {
+        Ok(p) if p.kind() != PrincipalKind::System => Ok(p),
+        Ok(_) => Err(FieldViolation::new(
+            field,
+            format!("{text:?}: expected user:NAME, service:NAME or group:NAME"),
+        )),
+        Err(message) => Err(FieldViolation::new(field, message)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: Timestamp = Timestamp::from_micros(1_700_000_000_000_000);
+
+    fn policy(name: &str, environment: &str, action_key: &str) -> Policy {
+        Policy {
+            name: name.into(),
+            project: "web".into(),
+            environment: environment.into(),
+            action_key: action_key.into(),
+            rules: PolicyRules::default(),
+            create_time: NOW,
+            update_time: NOW,
+            revision: 1,
+        }
+    }
+
+    fn selected(policies: &[Policy], environment: &str, action_key: &str) -> Option<String> {
+        select_policy(policies, "web", environment, action_key).map(|p| p.name.clone())
+    }
+
+    #[test]
+    fn precedence_environment_then_exact_then_longest_prefix_then_star() {
+        let policies = vec![
+            policy("any-star", "", "*"),
+            policy("any-flag-prefix", "", "feature_flag.*"),
+            policy("any-exact", "", "feature_flag.update"),
+            policy("prod-star", "prod", "*"),
+            policy("prod-short", "prod", "feature*"),
+            policy("prod-long", "prod", "feature_flag.*"),
+            policy("prod-exact", "prod", "feature_flag.update"),
+        ];
+        assert_eq!(
+            selected(&policies, "prod", "feature_flag.update").as_deref(),
+            Some("prod-exact")
+        );
+        assert_eq!(
+            selected(&policies, "prod", "feature_flag.delete").as_deref(),
+            Some("prod-long")
+        );
+        assert_eq!(
+            selected(&policies, "prod", "feature_set.create").as_deref(),
+            Some("prod-short")
+        );
+        assert_eq!(
+            selected(&policies, "prod", "segment.update").as_deref(),
+            Some("prod-star")
+        );
+        // Another environment: only the any-environment policies apply.
+        assert_eq!(
+            selected(&policies, "staging", "feature_flag.update").as_deref(),
+            Some("any-exact")
+        );
+        assert_eq!(
+            selected(&policies, "staging", "feature_flag.delete").as_deref(),
+            Some("any-flag-prefix")
+        );
+        assert_eq!(
+            selected(&policies, "staging", "segment.update").as_deref(),
+            Some("any-star")
+        );
+        // An environment-specific wildcard beats an any-environment exact match.
+        assert_eq!(
+            selected(&policies[3..4], "prod", "x").as_deref(),
+            Some("prod-star")
+        );
+        let mut mixed = policies[..3].to_vec();
+        mixed.push(policy("prod-star", "prod", "*"));
+        assert_eq!(
+            selected(&mixed, "prod", "feature_flag.update").as_deref(),
+            Some("prod-star")
+        );
+        assert_eq!(selected(&policies, "prod", "x"), Some("prod-star".into()));
+        assert_eq!(
+            select_policy(&policies, "other", "prod", "feature_flag.update"),
+            None
+        );
+    }
+
+    #[test]
+    fn snapshot_resolves_defaults() {
+        let p = policy("p", "", "*");
+        let snapshot = PolicySnapshot::of(&p, 3);
+        assert_eq!(snapshot.rules.min_approvals, 3);
+        assert_eq!(snapshot.rules.rejections_to_reject, 1);
+        assert!(snapshot.rules.dismiss_stale_approvals);
+        assert_eq!(snapshot.name, "p");
+        assert_eq!(
+            PolicySnapshot::select(&[], "web", "", "x", 2),
+            PolicySnapshot::server_default(2)
+        );
+    }
+
+    #[test]
+    fn old_review_rules_documents_still_decode() {
+        let old = r#"{"min_approvals":2,"allow_self_approval":false,"rejections_to_reject":1,"dismiss_stale_approvals":true}"#;
+        let snapshot: PolicySnapshot = serde_json::from_str(old).expect("decodes");
+        assert_eq!(snapshot, PolicySnapshot::server_default(2));
+        let round: PolicySnapshot =
+            serde_json::from_str(&serde_json::to_string(&snapshot).expect("encodes"))
+                .expect("decodes");
+        assert_eq!(round, snapshot);
+    }
+
+    #[test]
+    fn validation_names_every_bad_field() {
+        let mut p = policy("bad name", "", "feature*.x");
+        p.rules.requirements = vec![GroupRequirement {
+            group: Principal::parse("user:bob").expect("principal"),
+            min_approvals: 0,
+        }];
+        p.rules.default_ttl_micros = Some(0);
+        p.rules.intent_schema =
+            Some(serde_json::from_str(r#"{"type": "no-such-type"}"#).expect("json"));
+        let err = p.validate("policy.").expect_err("invalid");
+        let DomainError::InvalidArgument(violations) = err else {
+            panic!("expected InvalidArgument");
+        };
+        let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "policy.name",
+                "policy.action_key",
+                "policy.requirements[0].group",
+                "policy.requirements[0].min_approvals",
+                "policy.default_ttl",
+                "policy.intent_schema",
+            ]
+        );
+    }
+
+    #[test]
+    fn expire_time_is_capped_by_the_default_ttl() {
+        let mut snapshot = PolicySnapshot::server_default(1);
+        let later = NOW.saturating_add_micros(10);
+        assert_eq!(snapshot.expire_time(None, NOW), None);
+        assert_eq!(snapshot.expire_time(Some(later), NOW), Some(later));
+        snapshot.rules.default_ttl_micros = Some(5);
+        let cap = NOW.saturating_add_micros(5);
+        assert_eq!(snapshot.expire_time(None, NOW), Some(cap));
+        assert_eq!(snapshot.expire_time(Some(later), NOW), Some(cap));
+        let sooner = NOW.saturating_add_micros(2);
+        assert_eq!(snapshot.expire_time(Some(sooner), NOW), Some(sooner));
+    }
+
+    #[test]
+    fn json_pointers_become_field_paths() {
+        assert_eq!(json_pointer_to_path(""), "");
+        assert_eq!(json_pointer_to_path("/rollout"), ".rollout");
+        assert_eq!(json_pointer_to_path("/steps/0/a~1b"), ".steps[0].a/b");
+    }
+}

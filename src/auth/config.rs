@@ -1,0 +1,101 @@
+//! The `[auth]` section of the configuration file.
+//!
+//! ```toml
+//! [[auth.api_keys]]
+//! principal = "service:flags"
+//! groups = []
+//! scopes = ["approvals:write"]
+//! projects = ["web"]
+//! sha256 = "…"            # hex SHA-256 of the key; the key itself is never stored
+//!
+//! [auth.jwt]
+//! issuer = "https://id.example.com/"
+//! audience = "approvals"
+//! jwks_file = "/etc/approvals/jwks.json"   # or jwks_url = "https://id.example.com/jwks.json"
+//! ```
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::duration;
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// API keys, presented as `authorization: Bearer <key>`.
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// JSON Web Tokens from an identity provider, presented the same way.
+    pub jwt: Option<JwtConfig>,
+}
+
+impl AuthConfig {
+    /// Whether any way to authenticate is configured. Without one, the server runs in local
+    /// development mode: loopback only, identity from `x-approvals-actor`.
+    pub fn is_configured(&self) -> bool {
+        !self.api_keys.is_empty() || self.jwt.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// `user:NAME` or `service:NAME`.
+    pub principal: String,
+    /// Bare group names (`sre`).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// `approvals:read`, `approvals:write`, `approvals:admin`, `approvals:act_as`,
+    /// `approvals:bypass`.
+    pub scopes: Vec<String>,
+    /// The projects the key may act in; empty: all.
+    #[serde(default)]
+    pub projects: Vec<String>,
+    /// Lower-case hex SHA-256 digest of the key.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of the token's audiences).
+    pub audience: String,
+    /// A JWKS document on disk (re-read every `jwks_refresh_interval`).
+    pub jwks_file: Option<String>,
+    /// A JWKS document over HTTP(S) (re-fetched every `jwks_refresh_interval`).
+    pub jwks_url: Option<String>,
+    #[serde(deserialize_with = "duration")]
+    pub jwks_refresh_interval: Duration,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(deserialize_with = "duration")]
+    pub leeway: Duration,
+    /// Prefix that makes a principal of `sub` (unless `sub` is `user:…` or `service:…` already).
+    pub principal_prefix: String,
+    /// Claim holding the caller's groups: an array of strings, or one string separated by spaces
+    /// or commas.
+    pub groups_claim: String,
+    /// Claim holding the caller's scopes, in the same forms (OAuth's `scope` is space separated).
+    pub scopes_claim: String,
+    /// Claim holding the projects the caller may act in. As for API keys, a missing or empty
+    /// claim means every project; "" (the default) reads no claim.
+    pub projects_claim: String,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            audience: String::new(),
+            jwks_file: None,
+            jwks_url: None,
+            jwks_refresh_interval: Duration::from_secs(300),
+            leeway: Duration::from_secs(30),
+            principal_prefix: "user:".to_owned(),
+            groups_claim: "groups".to_owned(),
+            scopes_claim: "scope".to_owned(),
+            projects_claim: String::new(),
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Conversions between `approvals.v1.Policy` and the domain's policies and snapshots.
+
+use approvals_domain::{
+    ApplyMode, GroupRequirement, Policy, PolicyRules, PolicySnapshot, Principal, Timestamp,
+    parse_policy_principal, validation::Violations,
+};
+
+use super::{from_struct, timestamp, to_struct};
+use crate::pb;
+
+/// The fields of a policy a caller may set (all but `name` and the output-only ones).
+pub const WRITABLE_PATHS: [&str; 16] = [
+    "project",
+    "environment",
+    "action_key",
+    "min_approvals",
+    "approvers",
+    "requirements",
+    "allow_self_approval",
+    "rejections_to_reject",
+    "default_ttl",
+    "apply_mode",
+    "dismiss_stale_approvals",
+    "intent_schema",
+    "applier_endpoint",
+    "appliers",
+    "executors",
+    "forbid_bypass",
+];
+
+fn apply_mode(mode: ApplyMode) -> pb::ApplyMode {
+    match mode {
+        ApplyMode::Unspecified => pb::ApplyMode::Unspecified,
+        ApplyMode::Auto => pb::ApplyMode::Auto,
+        ApplyMode::Manual => pb::ApplyMode::Manual,
+        ApplyMode::External => pb::ApplyMode::External,
+    }
+}
+
+fn duration(micros: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+    }
+}
+
+fn strings(principals: &[Principal]) -> Vec<String> {
+    principals.iter().map(ToString::to_string).collect()
+}
+
+fn to_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
+    out.min_approvals = to_i32(rules.min_approvals);
+    out.approvers = strings(&rules.approvers);
+    out.requirements = rules
+        .requirements
+        .iter()
+        .map(|r| pb::GroupRequirement {
+            group: r.group.to_string(),
+            min_approvals: to_i32(r.min_approvals),
+        })
+        .collect();
+    out.allow_self_approval = rules.allow_self_approval;
+    out.rejections_to_reject = to_i32(rules.rejections_to_reject);
+    out.default_ttl = rules.default_ttl_micros.map(duration);
+    out.apply_mode = apply_mode(rules.apply_mode).into();
+    out.dismiss_stale_approvals = Some(rules.dismiss_stale_approvals);
+    out.intent_schema = rules.intent_schema.as_ref().map(to_struct);
+    out.applier_endpoint = rules.applier_endpoint.clone();
+    out.appliers = strings(&rules.appliers);
+    out.executors = strings(&rules.executors);
+    out.forbid_bypass = rules.forbid_bypass;
+}
+
+pub fn policy(p: &Policy) -> pb::Policy {
+    let mut out = pb::Policy {
+        name: p.name.clone(),
+        project: p.project.clone(),
+        environment: p.environment.clone(),
+        action_key: p.action_key.clone(),
+        etag: p.etag(),
+        create_time: Some(timestamp(p.create_time)),
+        update_time: Some(timestamp(p.update_time)),
+        ..Default::default()
+    };
+    rules_into(&p.rules, &mut out);
+    out
+}
+
+/// A request's frozen rules, as a `Policy` (empty name: the server default).
+pub fn snapshot(s: &PolicySnapshot) -> pb::Policy {
+    let mut out = pb::Policy {
+        name: s.name.clone(),
+        project: s.project.clone(),
+        environment: s.environment.clone(),
+        action_key: s.action_key.clone(),
+        ..Default::default()
+    };
+    rules_into(&s.rules, &mut out);
+    out
+}
+
+/// A new policy from a create request, with every writable field read.
+pub fn new_policy(body: &pb::Policy, now: Timestamp, v: &mut Violations) -> Policy {
+    let mut policy = Policy {
+        name: body.name.clone(),
+        project: String::new(),
+        environment: String::new(),
+        action_key: String::new(),
+        rules: PolicyRules::default(),
+        create_time: now,
+        update_time: now,
+        revision: 0,
+    };
+    for path in WRITABLE_PATHS {
+        set_field(&mut policy, body, path, v);
+    }
+    policy
+}
+
+fn principals(field: &str, list: &[String], v: &mut Violations) -> Vec<Principal> {
+    list.iter()
+        .enumerate()
+        .filter_map(
+            |(i, text)| match parse_policy_principal(&format!("{field}[{i}]"), text) {
+                Ok(p) => Some(p),
+                Err(violation) => {
+                    v.add(violation.field, violation.description);
+                    None
+                }
+            },
+        )
+        .collect()
+}
+
+fn count(field: &str, n: i32, v: &mut Violations) -> u32 {
+    u32::try_from(n).unwrap_or_else(|_| {
+        v.add(field, "must not be negative");
+        0
+    })
+}
+
+/// Copies one writable field, named as in an update mask, from `body` into `policy`. Returns
+/// false for a path that is not a writable field.
+pub fn set_field(policy: &mut Policy, body: &pb::Policy, path: &str, v: &mut Violations) -> bool {
+    let field = format!("policy.{path}");
+    let rules = &mut policy.rules;
+    match path {
+        "project" => policy.project = body.project.clone(),
+        "environment" => policy.environment = body.environment.clone(),
+        "action_key" => policy.action_key = body.action_key.clone(),
+        "min_approvals" => rules.min_approvals = count(&field, body.min_approvals, v),
+        "approvers" => rules.approvers = principals(&field, &body.approvers, v),
+        "requirements" => {
+            rules.requirements = body
+                .requirements
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    let group =
+                        match parse_policy_principal(&format!("{field}[{i}].group"), &r.group) {
+                            Ok(group) => group,
+                            Err(violation) => {
+                                v.add(violation.field, violation.description);
+                                return None;
+                            }
+                        };
+                    Some(GroupRequirement {
+                        group,
+                        min_approvals: count(
+                            &format!("{field}[{i}].min_approvals"),
+                            r.min_approvals,
+                            v,
+                        ),
+                    })
+                })
+                .collect();
+        }
+        "allow_self_approval" => rules.allow_self_approval = body.allow_self_approval,
+        "rejections_to_reject" => {
+            rules.rejections_to_reject = count(&field, body.rejections_to_reject, v).max(1);
+        }
+        "default_ttl" => {
+            rules.default_ttl_micros = match &body.default_ttl {
+                None => None,
+                Some(d) => {
+                    let micros = d
+                        .seconds
+                        .checked_mul(1_000_000)
+                        .and_then(|s| s.checked_add(i64::from(d.nanos / 1000)));
+                    if micros.is_none() {
+                        v.add(field.as_str(), "is out of range");
+                    }
+                    micros
+                }
+            };
+        }
+        "apply_mode" => {
+            rules.apply_mode = match pb::ApplyMode::try_from(body.apply_mode) {
+                Ok(pb::ApplyMode::Unspecified) => ApplyMode::Unspecified,
+                Ok(pb::ApplyMode::Auto) => ApplyMode::Auto,
+                Ok(pb::ApplyMode::Manual) => ApplyMode::Manual,
+                Ok(pb::ApplyMode::External) => ApplyMode::External,
+                Err(_) => {
+                    v.add(
+                        field.as_str(),
+                        format!("{} is not an ApplyMode", body.apply_mode),
+                    );
+                    ApplyMode::Unspecified
+                }
+            };
+        }
+        "dismiss_stale_approvals" => {
+            rules.dismiss_stale_approvals = body.dismiss_stale_approvals.unwrap_or(true);
+        }
+        "intent_schema" => {
+            rules.intent_schema = body
+                .intent_schema
+                .as_ref()
+                .map(|s| from_struct(&field, s, v));
+        }
+        "applier_endpoint" => rules.applier_endpoint = body.applier_endpoint.clone(),
+        "appliers" => rules.appliers = principals(&field, &body.appliers, v),
+        "executors" => rules.executors = principals(&field, &body.executors, v),
+        "forbid_bypass" => rules.forbid_bypass = body.forbid_bypass,
+        _ => return false,
+    }
+    true
+}
