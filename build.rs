@@ -8,6 +8,7 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "proto/approvals/v1/resources.proto",
     "proto/approvals/v1/change_requests.proto",
+    "proto/approvals/v1/applier.proto",
     "proto/approvals/v1/policies.proto",
 ];
 

@@ -23,6 +23,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub limits: LimitsConfig,
     pub watch: WatchConfig,
+    pub apply: ApplyConfig,
     /// API keys and JWTs; without any, the server runs in local development mode (loopback
     /// only, identity from `x-approvals-actor`).
     pub auth: AuthConfig,
@@ -75,6 +76,43 @@ pub struct WatchConfig {
     pub buffer: usize,
 }
 
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApplyConfig {
+    /// How long ApproveChangeRequest (AUTO) and ApplyChangeRequest wait for the apply before
+    /// returning the request APPLYING (it finishes in the background). Below the unary timeout.
+    #[serde(deserialize_with = "duration")]
+    pub deadline: Duration,
+    /// How long a replica holds an apply it works on; renewed while it works. A replica that
+    /// finds an expired lease (its owner died) retries the apply with the same key.
+    #[serde(deserialize_with = "duration")]
+    pub lease: Duration,
+    /// First wait after a transient applier failure; doubles, at most 60 s.
+    #[serde(deserialize_with = "duration")]
+    pub retry_backoff: Duration,
+    /// Timeout of one applier call (counts as DEADLINE_EXCEEDED, transient).
+    #[serde(deserialize_with = "duration")]
+    pub call_timeout: Duration,
+    /// Attempts before an apply gives up with APPLY_FAILED.
+    pub max_attempts: u32,
+    /// How often each replica looks for due work (schedules, expiry, expired leases).
+    #[serde(deserialize_with = "duration")]
+    pub poll_interval: Duration,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(5),
+            lease: Duration::from_secs(30),
+            retry_backoff: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(30),
+            max_attempts: 10,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
 impl Default for WatchConfig {
     fn default() -> Self {
         Self {
@@ -96,6 +134,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             limits: LimitsConfig::default(),
             watch: WatchConfig::default(),
+            apply: ApplyConfig::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -202,6 +241,30 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("watch.buffer", |c, v| {
         c.watch.buffer = parse_number(v)?;
+        Ok(())
+    }),
+    ("apply.deadline", |c, v| {
+        c.apply.deadline = parse_duration(v)?;
+        Ok(())
+    }),
+    ("apply.lease", |c, v| {
+        c.apply.lease = parse_duration(v)?;
+        Ok(())
+    }),
+    ("apply.retry_backoff", |c, v| {
+        c.apply.retry_backoff = parse_duration(v)?;
+        Ok(())
+    }),
+    ("apply.call_timeout", |c, v| {
+        c.apply.call_timeout = parse_duration(v)?;
+        Ok(())
+    }),
+    ("apply.max_attempts", |c, v| {
+        c.apply.max_attempts = parse_number(v)?;
+        Ok(())
+    }),
+    ("apply.poll_interval", |c, v| {
+        c.apply.poll_interval = parse_duration(v)?;
         Ok(())
     }),
     ("limits.shutdown_grace", |c, v| {
@@ -367,6 +430,27 @@ impl Config {
                 "watch.buffer",
                 "buffer must be at least 16 and max_watchers at least 1".into(),
             ));
+        }
+        if self.apply.deadline >= self.limits.request_timeout {
+            return Err(invalid(
+                "apply.deadline",
+                format!(
+                    "must stay below limits.request_timeout ({:?}), or approvals would time out while waiting",
+                    self.limits.request_timeout
+                ),
+            ));
+        }
+        if self.apply.lease.is_zero()
+            || self.apply.poll_interval.is_zero()
+            || self.apply.call_timeout.is_zero()
+        {
+            return Err(invalid(
+                "apply.lease",
+                "apply durations must be positive".into(),
+            ));
+        }
+        if self.apply.max_attempts < 1 {
+            return Err(invalid("apply.max_attempts", "must be at least 1".into()));
         }
         if self.limits.max_message_bytes < 1024 {
             return Err(invalid(

@@ -89,6 +89,26 @@ fn validation_status(s: ValidationStatus) -> pb::ValidationStatus {
     }
 }
 
+fn schedule(s: &approvals_domain::Schedule) -> pb::Schedule {
+    use approvals_domain::ScheduleStatus;
+    pb::Schedule {
+        apply_time: Some(timestamp(s.apply_time)),
+        scheduled_by: s.scheduled_by.to_string(),
+        status: match s.status {
+            ScheduleStatus::Pending => pb::ScheduleStatus::Pending,
+            ScheduleStatus::Failed => pb::ScheduleStatus::Failed,
+            ScheduleStatus::Suspended => pb::ScheduleStatus::Suspended,
+        }
+        .into(),
+        reason: s.reason.clone(),
+    }
+}
+
+/// A Struct from a trusted peer (an applier's result) as JSON; non-finite numbers become null.
+pub fn struct_to_json(s: &Struct) -> Map<String, Json> {
+    from_struct("result_data", s, &mut Violations::default())
+}
+
 /// JSON object -> `google.protobuf.Struct`.
 pub fn to_struct(map: &Map<String, Json>) -> Struct {
     Struct {
@@ -230,6 +250,17 @@ pub fn change_request(r: &ChangeRequest, viewer: Option<&Actor>) -> pb::ChangeRe
         revision: r.revision,
         policy_snapshot: Some(policy::snapshot(&r.policy)),
         validate_time: r.validate_time.map(timestamp),
+        schedule: r.schedule.as_ref().map(schedule),
+        bypassed_by: r
+            .bypassed_by
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        bypass_justification: r.bypass_justification.clone().unwrap_or_default(),
+        apply_attempts: r
+            .apply_run
+            .as_ref()
+            .map_or(0, |run| i32::try_from(run.attempts).unwrap_or(i32::MAX)),
         ..Default::default()
     };
     if let Some(viewer) = viewer {

@@ -241,6 +241,33 @@ impl From<ApiError> for Status {
                         "ETAG_MISMATCH",
                         &[("current_etag", current)],
                     ),
+                    DomainError::Conflict { change_id, .. } => status(
+                        Code::FailedPrecondition,
+                        message,
+                        "CONFLICT",
+                        &[("change_id", change_id)],
+                    ),
+                    DomainError::Expired { .. } => {
+                        status(Code::FailedPrecondition, message, "EXPIRED", &[])
+                    }
+                    DomainError::NotApplier { action, .. } => status(
+                        Code::PermissionDenied,
+                        message,
+                        "NOT_APPLIER",
+                        &[("action", action.as_str().to_owned())],
+                    ),
+                    DomainError::NotExecutor { .. } => {
+                        status(Code::PermissionDenied, message, "NOT_EXECUTOR", &[])
+                    }
+                    DomainError::CannotApply(_) => {
+                        status(Code::FailedPrecondition, message, "NO_APPLIER", &[])
+                    }
+                    DomainError::BypassForbidden { policy } => status(
+                        Code::FailedPrecondition,
+                        message,
+                        "BYPASS_FORBIDDEN",
+                        &[("policy", policy)],
+                    ),
                 },
             },
         };

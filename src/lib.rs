@@ -1,5 +1,6 @@
 //! The approvals server: a gRPC service for change requests (the "four-eyes" workflow).
 
+mod apply;
 pub mod auth;
 pub mod config;
 mod convert;

@@ -8,6 +8,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    apply::ApplyEngine,
     auth::{AuthLayer, AuthSetupError, Authenticator},
     config::Config,
     pb::{self, change_requests_server::ChangeRequestsServer, policies_server::PoliciesServer},
@@ -80,9 +81,12 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let hub = Hub::start(store.clone(), config.watch.clone()).await?;
+    let engine = ApplyEngine::new(store.clone(), config.apply.clone());
+    let worker = engine.spawn_worker();
     let change_requests = ChangeRequestsServer::new(ChangeRequestsService::new(
         store.clone(),
         hub.clone(),
+        engine.clone(),
         config.min_approvals,
     ))
     .max_decoding_message_size(config.limits.max_message_bytes);
@@ -126,6 +130,7 @@ pub async fn run(
         }
     };
     probe.abort();
+    worker.abort();
     tracing::info!("stopped");
     Ok(result?)
 }

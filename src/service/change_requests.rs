@@ -7,16 +7,17 @@ use std::{
 };
 
 use approvals_domain::{
-    ChangeRequest, ChangeRequestPatch, Decision, NewChangeRequest, PolicySnapshot, Principal,
-    State, Timestamp,
+    ApplyWiring, ChangeRequest, ChangeRequestPatch, Decision, NewChangeRequest, PolicySnapshot,
+    Principal, State, Timestamp,
     validation::{self, Violations},
 };
-use approvals_store::{IdempotencyKey, ListFilter, Store};
+use approvals_store::{IdempotencyKey, ListFilter, Step, Store};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    apply::{ApplyEngine, new_key},
     auth::{Caller, Scope},
     convert,
     error::ApiError,
@@ -33,14 +34,16 @@ const EVENTS_MAX_PAGE_SIZE: u64 = 1000;
 pub struct ChangeRequestsService {
     store: Store,
     hub: Arc<Hub>,
+    engine: Arc<ApplyEngine>,
     min_approvals: u32,
 }
 
 impl ChangeRequestsService {
-    pub fn new(store: Store, hub: Arc<Hub>, min_approvals: u32) -> Self {
+    pub fn new(store: Store, hub: Arc<Hub>, engine: Arc<ApplyEngine>, min_approvals: u32) -> Self {
         Self {
             store,
             hub,
+            engine,
             min_approvals,
         }
     }
@@ -131,6 +134,140 @@ fn idempotency_key(
 impl ChangeRequests for ChangeRequestsService {
     type WatchChangeRequestsStream = watch::WatchStream;
 
+    async fn apply_change_request(
+        &self,
+        request: Request<pb::ApplyChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let caller = identity::caller(&request)?;
+        let req = request.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let bypass = if req.bypass_justification.is_empty() {
+            None
+        } else if req.bypass_justification.trim().is_empty() {
+            return Err(ApiError::invalid(
+                "bypass_justification",
+                "must say why (it is only whitespace)",
+            )
+            .into());
+        } else {
+            let mut v = Violations::default();
+            v.text(
+                "bypass_justification",
+                &req.bypass_justification,
+                validation::MAX_TEXT_BYTES,
+            );
+            v.into_result().map_err(ApiError::from)?;
+            Some(req.bypass_justification.clone())
+        };
+        let needed = if bypass.is_some() {
+            Scope::Bypass
+        } else {
+            Scope::Write
+        };
+        if !caller.has(needed) {
+            return Err(ApiError::MissingScope {
+                scope: needed.as_str(),
+                method: "ApplyChangeRequest".to_owned(),
+            }
+            .into());
+        }
+        let (_, wiring) = self.with_wiring(&caller, &id).await?;
+        let actor = caller.actor();
+        let now = now();
+        let key = new_key();
+        let replica = self.engine.replica().to_owned();
+        let lease = self.engine.lease_micros();
+        let started = self
+            .store
+            .step(&id, |r| {
+                caller.ensure_project(&r.project)?;
+                r.check_etag(Some(&req.etag))?;
+                r.start_manual_apply(&actor, &wiring, bypass, key, &replica, lease, now)
+                    .map(Step::Event)
+            })
+            .await
+            .map_err(ApiError::from)?;
+        let after = self
+            .engine
+            .run_and_wait(started)
+            .await
+            .map_err(ApiError::from)?;
+        ok(&after, &caller)
+    }
+
+    async fn schedule_change_request(
+        &self,
+        request: Request<pb::ScheduleChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let caller = identity::caller(&request)?;
+        let req = request.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let Some(apply_time) = req.apply_time.as_ref() else {
+            return Err(ApiError::invalid("apply_time", "is required").into());
+        };
+        let apply_time = convert::from_timestamp("apply_time", apply_time)?;
+        let (_, wiring) = self.with_wiring(&caller, &id).await?;
+        let actor = caller.actor();
+        let now = now();
+        let updated = self
+            .store
+            .mutate(&id, |r| {
+                r.check_etag(Some(&req.etag))?;
+                r.schedule(&actor, &wiring, apply_time, now)
+            })
+            .await
+            .map_err(ApiError::from)?;
+        ok(&updated, &caller)
+    }
+
+    async fn unschedule_change_request(
+        &self,
+        request: Request<pb::UnscheduleChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let caller = identity::caller(&request)?;
+        let req = request.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let (_, wiring) = self.with_wiring(&caller, &id).await?;
+        let actor = caller.actor();
+        let now = now();
+        let updated = self
+            .store
+            .mutate(&id, |r| {
+                r.check_etag(Some(&req.etag))?;
+                r.unschedule(&actor, &wiring, now)
+            })
+            .await
+            .map_err(ApiError::from)?;
+        ok(&updated, &caller)
+    }
+
+    async fn complete_change_request(
+        &self,
+        request: Request<pb::CompleteChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let caller = identity::caller(&request)?;
+        let req = request.into_inner();
+        let id = parse_id("id", &req.id)?;
+        let mut v = Violations::default();
+        v.text("error", &req.error, validation::MAX_TEXT_BYTES);
+        let result_data = req
+            .result_data
+            .as_ref()
+            .map(|s| convert::from_struct("result_data", s, &mut v));
+        v.into_result().map_err(ApiError::from)?;
+        let (_, wiring) = self.with_wiring(&caller, &id).await?;
+        let actor = caller.actor();
+        let now = now();
+        let updated = self
+            .store
+            .mutate(&id, |r| {
+                r.complete(&actor, &wiring, req.success, result_data, req.error, now)
+            })
+            .await
+            .map_err(ApiError::from)?;
+        ok(&updated, &caller)
+    }
+
     async fn watch_change_requests(
         &self,
         request: Request<pb::WatchChangeRequestsRequest>,
@@ -213,6 +350,11 @@ impl ChangeRequests for ChangeRequestsService {
             .as_ref()
             .map(|t| convert::from_timestamp("expire_time", t))
             .transpose()?;
+        let apply_time = req
+            .apply_time
+            .as_ref()
+            .map(|t| convert::from_timestamp("apply_time", t))
+            .transpose()?;
         violations.into_result().map_err(ApiError::from)?;
         let policies = self
             .store
@@ -237,6 +379,7 @@ impl ChangeRequests for ChangeRequestsService {
             intent_display: req.intent_display,
             expire_time,
             draft: req.draft,
+            apply_time,
         };
         let (change_request, event) =
             ChangeRequest::create(new_id(), new, &actor, policy, now, &mut new_id)
@@ -398,12 +541,21 @@ impl ChangeRequests for ChangeRequestsService {
         }
         violations.into_result().map_err(ApiError::from)?;
         let etag = optional(&body.etag);
+        // The latest applied versions decide which changes are (still) in conflict.
+        let current = self.store.get(&id).await.map_err(ApiError::from)?;
+        let versions = self
+            .store
+            .latest_versions(&current)
+            .await
+            .map_err(ApiError::from)?;
         let updated = self
             .store
             .mutate(&id, |r| {
                 caller.ensure_project(&r.project)?;
                 r.check_etag(etag.as_deref())?;
-                r.update(&actor, patch, now, &mut new_id)
+                r.update_with_versions(&actor, patch, now, &mut new_id, &|kind, id| {
+                    versions.get(&(kind.to_owned(), id.to_owned())).cloned()
+                })
             })
             .await
             .map_err(ApiError::from)?;
@@ -562,6 +714,48 @@ impl ChangeRequestsService {
             })
             .await
             .map_err(ApiError::from)?;
+        // AUTO: the approval that reached quorum starts the apply; wait for it a while.
+        if updated.state == State::Approved
+            && updated.apply_mode() == approvals_domain::ApplyMode::Auto
+        {
+            let wiring = self.engine.wiring(&updated).await.map_err(ApiError::from)?;
+            let key = new_key();
+            let replica = self.engine.replica().to_owned();
+            let lease = self.engine.lease_micros();
+            let started = self
+                .store
+                .step(&id, |r| {
+                    Ok(
+                        match r.start_automatic_apply(&wiring, key, &replica, lease, now) {
+                            Some(event) => Step::Event(event),
+                            None => Step::Unchanged,
+                        },
+                    )
+                })
+                .await
+                .map_err(ApiError::from)?;
+            let after = if started.runs_under(self.engine.replica()) {
+                self.engine
+                    .run_and_wait(started)
+                    .await
+                    .map_err(ApiError::from)?
+            } else {
+                started
+            };
+            return ok(&after, caller);
+        }
         ok(&updated, caller)
+    }
+
+    /// Loads a request the caller may act on, with its apply wiring.
+    async fn with_wiring(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(ChangeRequest, ApplyWiring), ApiError> {
+        let request = self.store.get(id).await?;
+        caller.ensure_project(&request.project)?;
+        let wiring = self.engine.wiring(&request).await?;
+        Ok((request, wiring))
     }
 }

@@ -405,7 +405,14 @@ pub struct Process {
 impl Process {
     /// Starts `approvals serve` on an ephemeral port and waits for its "serving" log line.
     pub fn serve(database_url: &str, dir: &Path) -> Self {
-        let mut child = Command::new(BINARY)
+        Self::serve_with(database_url, dir, &[])
+    }
+
+    /// Like [`Self::serve`], with extra environment variables (`APPROVALS_*` settings).
+    pub fn serve_with(database_url: &str, dir: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(BINARY);
+        command.envs(env.iter().copied());
+        let mut child = command
             .args([
                 "serve",
                 "--listen",

@@ -4,6 +4,8 @@
 mod callers;
 mod common;
 
+mod apply;
+
 mod auth;
 mod errors;
 mod lifecycle;

@@ -1,8 +1,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Action, Actor, Decision, DomainError, EventDraft, EventKind, PolicySnapshot, Principal, State,
-    Timestamp,
+    Action, Actor, ApplyRun, Decision, DomainError, EventDraft, EventKind, PolicySnapshot,
+    Principal, Schedule, ScheduleStatus, State, Timestamp,
     validation::{self, Violations},
 };
 
@@ -106,6 +106,16 @@ pub struct ChangeRequest {
     /// Revision of the latest event; set by the store, 0 before the first write.
     #[serde(default)]
     pub revision: i64,
+    /// The planned apply (set at creation with `apply_time`, or by a schedule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bypassed_by: Option<Principal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bypass_justification: Option<String>,
+    /// The current (or last) apply run: its idempotency key, attempts and lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_run: Option<ApplyRun>,
 }
 
 /// What a caller asks for in `CreateChangeRequest`.
@@ -121,6 +131,8 @@ pub struct NewChangeRequest {
     pub intent_display: String,
     pub expire_time: Option<Timestamp>,
     pub draft: bool,
+    /// Planned apply: on quorum the request becomes SCHEDULED instead of APPROVED.
+    pub apply_time: Option<Timestamp>,
 }
 
 /// The fields an update replaces; `None` leaves a field as it is.
@@ -238,6 +250,24 @@ impl ChangeRequest {
     ) -> Result<(Self, EventDraft), DomainError> {
         new.validate(now)?;
         let validated = policy.validate_intent("", &new.changes)?;
+        let expire_time = policy.expire_time(new.expire_time, now);
+        if let Some(apply_time) = new.apply_time {
+            if apply_time <= now {
+                return Err(DomainError::invalid("apply_time", "must be in the future"));
+            }
+            if expire_time.is_some_and(|expire| apply_time > expire) {
+                return Err(DomainError::invalid(
+                    "apply_time",
+                    "must not be after the change request's expire_time",
+                ));
+            }
+            if policy.rules.apply_mode == crate::policy::ApplyMode::External {
+                return Err(DomainError::CannotApply(
+                    "EXTERNAL change requests cannot be scheduled: their executor applies them"
+                        .into(),
+                ));
+            }
+        }
         let state = if new.draft {
             State::Draft
         } else {
@@ -273,7 +303,7 @@ impl ChangeRequest {
             applied_by: None,
             reviews: Vec::new(),
             comments: Vec::new(),
-            expire_time: policy.expire_time(new.expire_time, now),
+            expire_time,
             policy,
             create_time: now,
             update_time: now,
@@ -287,6 +317,15 @@ impl ChangeRequest {
             validation_errors: Vec::new(),
             validate_time: validated.map(|()| now),
             revision: 0,
+            schedule: new.apply_time.map(|apply_time| Schedule {
+                apply_time,
+                scheduled_by: actor.principal.clone(),
+                status: ScheduleStatus::Pending,
+                reason: String::new(),
+            }),
+            bypassed_by: None,
+            bypass_justification: None,
+            apply_run: None,
         };
         let event = request.event(EventKind::Created, actor, state, now, String::new());
         Ok((request, event))
@@ -348,7 +387,7 @@ impl ChangeRequest {
         }
     }
 
-    fn ensure_allowed(&self, action: Action) -> Result<(), DomainError> {
+    pub(crate) fn ensure_allowed(&self, action: Action) -> Result<(), DomainError> {
         if action.is_allowed_in(self.state) {
             Ok(())
         } else {
@@ -359,7 +398,11 @@ impl ChangeRequest {
         }
     }
 
-    fn ensure_requester(&self, actor: &Actor, action: Action) -> Result<(), DomainError> {
+    pub(crate) fn ensure_requester(
+        &self,
+        actor: &Actor,
+        action: Action,
+    ) -> Result<(), DomainError> {
         if self.is_requester(&actor.principal) {
             Ok(())
         } else {
@@ -370,7 +413,7 @@ impl ChangeRequest {
         }
     }
 
-    fn event(
+    pub(crate) fn event(
         &self,
         kind: EventKind,
         actor: &Actor,
@@ -389,7 +432,7 @@ impl ChangeRequest {
         }
     }
 
-    fn moved(
+    pub(crate) fn moved(
         &mut self,
         kind: EventKind,
         actor: &Actor,
@@ -434,6 +477,7 @@ impl ChangeRequest {
         v.text("comment", &comment, validation::MAX_TEXT_BYTES);
         v.into_result()?;
         self.ensure_allowed(action)?;
+        self.ensure_not_expired(now)?;
         if !self.policy.may_review(actor) {
             return Err(DomainError::NotApprover {
                 principal: actor.principal.to_string(),
@@ -459,7 +503,12 @@ impl ChangeRequest {
         {
             State::Rejected
         } else if self.policy.quorum_reached(&self.reviews) {
-            State::Approved
+            // A request created with an apply_time is scheduled rather than approved.
+            if self.schedule.is_some() && self.apply_mode() != crate::policy::ApplyMode::External {
+                State::Scheduled
+            } else {
+                State::Approved
+            }
         } else {
             State::InReview
         };
@@ -514,6 +563,21 @@ impl ChangeRequest {
         patch: ChangeRequestPatch,
         now: Timestamp,
         change_ids: &mut dyn FnMut() -> String,
+    ) -> Result<EventDraft, DomainError> {
+        self.update_with_versions(actor, patch, now, change_ids, &|_, _| None)
+    }
+
+    /// Like [`Self::update`], knowing each resource's latest applied version: a change whose
+    /// base_version is older gets (or keeps) a conflict, one that matches loses it. A request
+    /// with a conflict (IN_REVIEW, APPROVED, SCHEDULED or APPLY_FAILED) may be edited to
+    /// resolve it: it returns to IN_REVIEW, its reviews are dismissed and its schedule dropped.
+    pub fn update_with_versions(
+        &mut self,
+        actor: &Actor,
+        patch: ChangeRequestPatch,
+        now: Timestamp,
+        change_ids: &mut dyn FnMut() -> String,
+        latest_version: &dyn Fn(&str, &str) -> Option<String>,
     ) -> Result<EventDraft, DomainError> {
         let mut v = Violations::default();
         if patch.is_empty() {
@@ -578,7 +642,14 @@ impl ChangeRequest {
             }
         }
         v.into_result()?;
-        self.ensure_allowed(Action::Update)?;
+        let resolving = self.conflict().is_some()
+            && matches!(
+                self.state,
+                State::Approved | State::Scheduled | State::ApplyFailed
+            );
+        if !resolving {
+            self.ensure_allowed(Action::Update)?;
+        }
         self.ensure_requester(actor, Action::Update)?;
         if validated.is_some() {
             self.validation_status = ValidationStatus::Valid;
@@ -626,8 +697,29 @@ impl ChangeRequest {
                 })
                 .collect();
         }
+        for change in &mut self.changes {
+            let Some(latest) = latest_version(&change.resource_type, &change.resource_id) else {
+                continue;
+            };
+            change.conflict = match &change.base_version {
+                Some(base) if base != &latest => Some(format!(
+                    "{} {} is at version {latest}; this change was written against version {base}",
+                    change.resource_type, change.resource_id
+                )),
+                _ => None,
+            };
+        }
+        let to = if resolving {
+            // Back to review: what was approved is not what is there now.
+            self.schedule = None;
+            self.apply_run = None;
+            self.apply_error = None;
+            State::InReview
+        } else {
+            self.state
+        };
         let mut dismissed = 0;
-        if self.state == State::InReview && self.policy.rules.dismiss_stale_approvals {
+        if to == State::InReview && (resolving || self.policy.rules.dismiss_stale_approvals) {
             for review in self.reviews.iter_mut().filter(|r| !r.dismissed) {
                 review.dismissed = true;
                 dismissed += 1;
@@ -638,7 +730,6 @@ impl ChangeRequest {
         } else {
             String::new()
         };
-        let state = self.state;
-        Ok(self.moved(EventKind::Updated, actor, state, now, detail))
+        Ok(self.moved(EventKind::Updated, actor, to, now, detail))
     }
 }

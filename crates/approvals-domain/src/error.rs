@@ -35,6 +35,26 @@ pub enum DomainError {
         "etag {given:?} does not match the current etag {current:?}; re-read the change request and retry"
     )]
     EtagMismatch { given: String, current: String },
+    /// Applying, completing or scheduling a request that has a conflict.
+    #[error(
+        "change {change_id} has a conflict: {conflict}; update the change request to resolve it"
+    )]
+    Conflict { change_id: String, conflict: String },
+    #[error("the change request expired at {expire_time_micros} (microseconds since the epoch)")]
+    Expired { expire_time_micros: i64 },
+    #[error("{principal} may not {action} this change request: only the requester{others}")]
+    NotApplier {
+        principal: String,
+        action: Action,
+        others: String,
+    },
+    #[error("{principal} is not among the executors of this change request's policy")]
+    NotExecutor { principal: String },
+    /// The request cannot be applied by the service (no applier, or an EXTERNAL request).
+    #[error("{0}")]
+    CannotApply(String),
+    #[error("policy {policy:?} forbids break-glass applies")]
+    BypassForbidden { policy: String },
 }
 
 impl DomainError {

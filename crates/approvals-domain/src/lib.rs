@@ -3,6 +3,7 @@
 //! Pure: no I/O, no clock reads, no id generation. Time and ids are passed in by the caller, so
 //! every rule here is testable on its own.
 
+mod apply;
 mod change_request;
 mod error;
 mod event;
@@ -12,6 +13,9 @@ mod state;
 mod time;
 pub mod validation;
 
+pub use apply::{
+    ApplyOutcome, ApplyRun, ApplyWiring, ResourceVersion, Schedule, ScheduleStatus, listed,
+};
 pub use change_request::{
     Change, ChangeInput, ChangeRequest, ChangeRequestPatch, Comment, NewChangeRequest, Review,
     ValidationStatus, ViewerFlags,

@@ -50,6 +50,7 @@ fn request(policy: PolicySnapshot) -> ChangeRequest {
             intent_display: String::new(),
             expire_time: None,
             draft: false,
+            apply_time: None,
         },
         &actor("user:alice", &[]),
         policy,

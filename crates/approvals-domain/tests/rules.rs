@@ -35,6 +35,7 @@ fn new_request(draft: bool) -> NewChangeRequest {
         intent_display: String::new(),
         expire_time: None,
         draft,
+        apply_time: None,
     }
 }
 

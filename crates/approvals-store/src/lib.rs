@@ -6,6 +6,7 @@
 //! applies a domain command, writes the new document and appends one event, with its snapshot,
 //! to the event log. The event's revision comes from an identity column (no counter row).
 
+mod applying;
 mod error;
 mod log;
 mod migration;
@@ -14,6 +15,7 @@ mod policies;
 mod schema;
 mod store;
 
+pub use applying::Step;
 pub use error::StoreError;
 pub use log::{LogBatch, LogReader};
 pub use policies::PolicyFilter;

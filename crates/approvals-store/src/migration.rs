@@ -6,14 +6,16 @@ use sea_orm_migration::{
     DbErr, MigrationName, MigrationTrait, MigratorTrait, SchemaManager, async_trait,
 };
 
-use crate::schema::{CHANGE_REQUESTS, EVENTS, POLICIES, RESOURCES, cr, ev, pol, res};
+use crate::schema::{
+    CHANGE_REQUESTS, EVENTS, POLICIES, RESOURCE_VERSIONS, RESOURCES, cr, ev, pol, res, rv,
+};
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial), Box::new(Policies)]
+        vec![Box::new(Initial), Box::new(Policies), Box::new(Applying)]
     }
 }
 
@@ -237,6 +239,65 @@ impl MigrationTrait for Policies {
                     .col(pol::ENVIRONMENT)
                     .col(pol::ACTION_KEY)
                     .unique()
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Applying: when each request next needs the service (schedules, expiry, apply leases), and
+/// the latest version of each resource an applier reported (for conflicts).
+struct Applying;
+
+impl MigrationName for Applying {
+    fn name(&self) -> &str {
+        "m0003_applying"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Applying {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(CHANGE_REQUESTS)
+                    .add_column(ColumnDef::new(cr::DUE_TIME).big_integer().null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("cr_due_time")
+                    .table(CHANGE_REQUESTS)
+                    .col(cr::DUE_TIME)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(RESOURCE_VERSIONS)
+                    .col(text(rv::PROJECT))
+                    .col(text(rv::ENVIRONMENT))
+                    .col(text(rv::RESOURCE_TYPE))
+                    .col(text(rv::RESOURCE_ID))
+                    .col(text(rv::VERSION))
+                    .col(
+                        ColumnDef::new(rv::CHANGE_REQUEST_ID)
+                            .string_len(36)
+                            .not_null(),
+                    )
+                    .col(big(rv::UPDATE_TIME))
+                    .primary_key(
+                        Index::create()
+                            .col(rv::PROJECT)
+                            .col(rv::ENVIRONMENT)
+                            .col(rv::RESOURCE_TYPE)
+                            .col(rv::RESOURCE_ID),
+                    )
                     .to_owned(),
             )
             .await?;

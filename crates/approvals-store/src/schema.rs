@@ -18,6 +18,20 @@ pub mod cr {
     pub const REQUEST_ID: &str = "request_id";
     pub const REQUEST_FINGERPRINT: &str = "request_fingerprint";
     pub const BODY: &str = "body";
+    /// When the service next has work on the request (schedule, expiry, apply lease).
+    pub const DUE_TIME: &str = "due_time";
+}
+
+pub const RESOURCE_VERSIONS: &str = "resource_versions";
+
+pub mod rv {
+    pub const PROJECT: &str = "project";
+    pub const ENVIRONMENT: &str = "environment";
+    pub const RESOURCE_TYPE: &str = "resource_type";
+    pub const RESOURCE_ID: &str = "resource_id";
+    pub const VERSION: &str = "version";
+    pub const CHANGE_REQUEST_ID: &str = "change_request_id";
+    pub const UPDATE_TIME: &str = "update_time";
 }
 
 pub mod res {

@@ -341,6 +341,7 @@ impl Store {
                     cr::CREATE_TIME,
                     cr::UPDATE_TIME,
                     cr::EXPIRE_TIME,
+                    cr::DUE_TIME,
                     cr::REVISION,
                     cr::REQUEST_ID,
                     cr::REQUEST_FINGERPRINT,
@@ -356,6 +357,7 @@ impl Store {
                     request.create_time.as_micros().into(),
                     request.update_time.as_micros().into(),
                     request.expire_time.map(Timestamp::as_micros).into(),
+                    request.next_due_time().map(Timestamp::as_micros).into(),
                     revision.into(),
                     key.as_ref().map(|k| k.request_id.clone()).into(),
                     key.as_ref().map(|k| k.fingerprint.clone()).into(),
@@ -436,61 +438,100 @@ impl Store {
     {
         let (_writer, txn) = self.begin_write().await?;
         let result = async {
-            let mut query = select_request(id);
-            if self.backend == Backend::Postgres {
-                query.lock(LockType::Update);
-            }
-            let row = txn
-                .query_one(&query)
-                .await?
-                .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
-            let mut request = decode_request(&row)?;
-            let resources_before = resource_keys(&request);
+            let mut request = self.lock_request(&txn, id).await?;
+            let before = resource_keys(&request);
             let event = command(&mut request)?;
-            let previous_revision = request.revision;
-            let revision = self.append_event(&txn, &request, &event).await?;
-            request.revision = revision;
-            let update = Query::update()
-                .table(CHANGE_REQUESTS)
-                .value(cr::STATE, request.state.as_str())
-                .value(cr::UPDATE_TIME, request.update_time.as_micros())
-                .value(
-                    cr::EXPIRE_TIME,
-                    request.expire_time.map(Timestamp::as_micros),
-                )
-                .value(cr::REVISION, revision)
-                .value(cr::BODY, serde_json::to_string(&request)?)
-                .and_where(Expr::col(cr::ID).eq(id))
-                .and_where(Expr::col(cr::REVISION).eq(previous_revision))
-                .to_owned();
-            let updated = txn.execute(&update).await?;
-            if updated.rows_affected() != 1 {
-                // Unreachable while the row lock holds; refuse rather than lose an update.
-                return Err(StoreError::Internal(format!(
-                    "change request {id} changed during the transaction"
-                )));
-            }
-            if resource_keys(&request) != resources_before {
-                let delete = Query::delete()
-                    .from_table(RESOURCES)
-                    .and_where(Expr::col(res::CHANGE_REQUEST_ID).eq(id))
-                    .to_owned();
-                txn.execute(&delete).await?;
-                self.insert_resources(&txn, &request).await?;
-            }
+            self.write_request(&txn, &mut request, Some(&event), &before)
+                .await?;
             Ok(request)
         }
         .await;
+        self.finish(txn, result).await
+    }
+
+    /// Commits on success, rolls back on error.
+    pub(crate) async fn finish<T>(
+        &self,
+        txn: DatabaseTransaction,
+        result: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         match result {
-            Ok(request) => {
+            Ok(value) => {
                 self.commit(txn).await?;
-                Ok(request)
+                Ok(value)
             }
             Err(err) => {
                 rollback(txn).await;
                 Err(err)
             }
         }
+    }
+
+    /// Reads one request inside `txn`, locking its row (PostgreSQL; SQLite's write
+    /// transaction already excludes other writers).
+    pub(crate) async fn lock_request(
+        &self,
+        txn: &DatabaseTransaction,
+        id: &str,
+    ) -> Result<ChangeRequest, StoreError> {
+        let mut query = select_request(id);
+        if self.backend == Backend::Postgres {
+            query.lock(LockType::Update);
+        }
+        let row = txn
+            .query_one(&query)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        decode_request(&row)
+    }
+
+    /// Writes a locked request back: with an event (a new revision), or without one for the
+    /// service's own bookkeeping (leases, attempts), which keeps the revision.
+    pub(crate) async fn write_request(
+        &self,
+        txn: &DatabaseTransaction,
+        request: &mut ChangeRequest,
+        event: Option<&EventDraft>,
+        resources_before: &BTreeSet<(String, String)>,
+    ) -> Result<(), StoreError> {
+        let previous_revision = request.revision;
+        if let Some(event) = event {
+            request.revision = self.append_event(txn, request, event).await?;
+        }
+        let update = Query::update()
+            .table(CHANGE_REQUESTS)
+            .value(cr::STATE, request.state.as_str())
+            .value(cr::UPDATE_TIME, request.update_time.as_micros())
+            .value(
+                cr::EXPIRE_TIME,
+                request.expire_time.map(Timestamp::as_micros),
+            )
+            .value(
+                cr::DUE_TIME,
+                request.next_due_time().map(Timestamp::as_micros),
+            )
+            .value(cr::REVISION, request.revision)
+            .value(cr::BODY, serde_json::to_string(&request)?)
+            .and_where(Expr::col(cr::ID).eq(request.id.as_str()))
+            .and_where(Expr::col(cr::REVISION).eq(previous_revision))
+            .to_owned();
+        let updated = txn.execute(&update).await?;
+        if updated.rows_affected() != 1 {
+            // Unreachable while the row lock holds; refuse rather than lose an update.
+            return Err(StoreError::Internal(format!(
+                "change request {} changed during the transaction",
+                request.id
+            )));
+        }
+        if &resource_keys(request) != resources_before {
+            let delete = Query::delete()
+                .from_table(RESOURCES)
+                .and_where(Expr::col(res::CHANGE_REQUEST_ID).eq(request.id.as_str()))
+                .to_owned();
+            txn.execute(&delete).await?;
+            self.insert_resources(txn, request).await?;
+        }
+        Ok(())
     }
 
     async fn append_event(
@@ -822,7 +863,7 @@ pub(crate) async fn rollback(txn: DatabaseTransaction) {
     }
 }
 
-fn select_request(id: &str) -> SelectStatement {
+pub(crate) fn select_request(id: &str) -> SelectStatement {
     Query::select()
         .columns([cr::ID, cr::REVISION, cr::BODY])
         .from(CHANGE_REQUESTS)
@@ -863,7 +904,7 @@ pub(crate) fn apply_filter(query: &mut SelectStatement, filter: &ListFilter) {
     }
 }
 
-fn resource_keys(request: &ChangeRequest) -> BTreeSet<(String, String)> {
+pub(crate) fn resource_keys(request: &ChangeRequest) -> BTreeSet<(String, String)> {
     request
         .changes
         .iter()
@@ -876,6 +917,10 @@ pub(crate) fn decode_request(row: &QueryResult) -> Result<ChangeRequest, StoreEr
     let mut request: ChangeRequest = serde_json::from_str(&body)?;
     request.revision = row.try_get("", cr::REVISION)?;
     Ok(request)
+}
+
+pub(crate) fn decode_request_row(row: &QueryResult) -> Result<ChangeRequest, StoreError> {
+    decode_request(row)
 }
 
 pub(crate) fn decode_event(row: &QueryResult, with_snapshot: bool) -> Result<Event, StoreError> {

@@ -1,0 +1,421 @@
+//! The apply engine: calls the policy's `ChangeApplier` for requests in APPLYING, exactly once
+//! per idempotency key as far as the applier honours it, across crashes and replicas.
+//!
+//! - APPLYING is persisted, with the key and a lease held by this replica, before the applier
+//!   is called; the lease is renewed while the call is in flight.
+//! - Transient statuses (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED; a call
+//!   timeout counts as DEADLINE_EXCEEDED) are retried with the same key, backing off from
+//!   `apply.retry_backoff` (doubling, at most 60 s), up to `apply.max_attempts`.
+//! - A background worker in every replica claims due requests (`FOR UPDATE SKIP LOCKED` on
+//!   PostgreSQL): expires them, starts AUTO applies and schedules, and takes over applies whose
+//!   lease expired (a replica died), with the same key.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use approvals_domain::{
+    ApplyOutcome, ApplyWiring, ChangeRequest, ResourceVersion, State, Timestamp,
+};
+use approvals_store::{Step, Store, StoreError};
+use tokio::task::JoinHandle;
+use tonic::{Code, transport::Channel};
+
+use crate::{
+    config::ApplyConfig,
+    convert,
+    pb::{self, change_applier_client::ChangeApplierClient},
+};
+
+/// Longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+pub fn now() -> Timestamp {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    Timestamp::from_micros(micros)
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+pub fn new_key() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+pub struct ApplyEngine {
+    store: Store,
+    settings: ApplyConfig,
+    /// This process: the owner named in the leases it holds.
+    replica: String,
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Requests this process is applying now.
+    running: Mutex<HashSet<String>>,
+}
+
+impl ApplyEngine {
+    pub fn new(store: Store, settings: ApplyConfig) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            settings,
+            replica: format!("replica-{}", uuid::Uuid::now_v7()),
+            channels: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    pub fn lease_micros(&self) -> i64 {
+        micros(self.settings.lease)
+    }
+
+    /// How the request is applied: from the current policy of the snapshot's name, or the
+    /// snapshot itself when there is none (any more).
+    pub async fn wiring(&self, request: &ChangeRequest) -> Result<ApplyWiring, StoreError> {
+        let snapshot = &request.policy;
+        let rules = if snapshot.name.is_empty() {
+            snapshot.rules.clone()
+        } else {
+            match self.store.get_policy(&snapshot.name).await {
+                Ok(policy) => policy.rules,
+                Err(StoreError::PolicyNotFound(_)) => snapshot.rules.clone(),
+                Err(err) => return Err(err),
+            }
+        };
+        Ok(ApplyWiring {
+            policy_name: snapshot.name.clone(),
+            applier_endpoint: rules.applier_endpoint,
+            appliers: rules.appliers,
+            executors: rules.executors,
+            forbid_bypass: rules.forbid_bypass,
+        })
+    }
+
+    /// Runs the apply of `request` (APPLYING, leased to this replica) in the background, and
+    /// waits for it at most `apply.deadline`; returns the request as it then stands.
+    pub async fn run_and_wait(
+        self: &Arc<Self>,
+        request: ChangeRequest,
+    ) -> Result<ChangeRequest, StoreError> {
+        let id = request.id.clone();
+        let task = self.spawn_run(request);
+        let _ = tokio::time::timeout(self.settings.deadline, task).await;
+        self.store.get(&id).await
+    }
+
+    /// Starts the apply of `request` if it is APPLYING under this replica's lease and not
+    /// already running here.
+    pub fn spawn_run(self: &Arc<Self>, request: ChangeRequest) -> JoinHandle<()> {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let Some(key) = request
+                .apply_run
+                .as_ref()
+                .filter(|_| request.state == State::Applying)
+                .map(|r| r.idempotency_key.clone())
+            else {
+                return;
+            };
+            if !engine
+                .running
+                .lock()
+                .map(|mut r| r.insert(request.id.clone()))
+                .unwrap_or(false)
+            {
+                return;
+            }
+            let id = request.id.clone();
+            if let Err(err) = engine.run(request, &key).await {
+                tracing::warn!(change_request = %id, error = %err, "apply interrupted; the lease will let a replica retry it");
+            }
+            if let Ok(mut running) = engine.running.lock() {
+                running.remove(&id);
+            }
+        })
+    }
+
+    async fn run(&self, mut request: ChangeRequest, key: &str) -> Result<(), StoreError> {
+        loop {
+            if !request.runs(key, &self.replica) {
+                return Ok(());
+            }
+            let wiring = self.wiring(&request).await?;
+            let call = self.call(&wiring.applier_endpoint, &request, key);
+            let result = self.renewing_lease(&request.id, key, call).await?;
+            let now = now();
+            match result {
+                Ok(response) => {
+                    let outcome = outcome(response);
+                    let versions = match &outcome {
+                        ApplyOutcome::Applied { versions, .. } => versions.clone(),
+                        _ => Vec::new(),
+                    };
+                    self.store
+                        .finish_apply(&request.id, &versions, now, |r| {
+                            r.finish_apply(key, outcome.clone(), now)
+                        })
+                        .await?;
+                    return Ok(());
+                }
+                Err(status) if is_transient(status.code()) => {
+                    let attempts = request.apply_run.as_ref().map_or(0, |r| r.attempts);
+                    let backoff = backoff(self.settings.retry_backoff, attempts);
+                    let error = describe(&status);
+                    let max = self.settings.max_attempts;
+                    let lease = self.lease_micros();
+                    let replica = self.replica.clone();
+                    request = self
+                        .store
+                        .step(&request.id, |r| {
+                            if !r.runs(key, &replica) {
+                                return Ok(Step::Unchanged);
+                            }
+                            let retry_at = now.saturating_add_micros(micros(backoff));
+                            Ok(
+                                match r.record_transient_failure(error, max, retry_at, lease, now) {
+                                    Some(event) => Step::Event(event),
+                                    None => Step::Quiet,
+                                },
+                            )
+                        })
+                        .await?;
+                    if request.state != State::Applying {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(backoff).await;
+                }
+                Err(status) => {
+                    let outcome = ApplyOutcome::Failed {
+                        error: describe(&status),
+                    };
+                    self.store
+                        .finish_apply(&request.id, &[], now, |r| {
+                            r.finish_apply(key, outcome.clone(), now)
+                        })
+                        .await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Runs `call`, renewing this replica's lease on the request meanwhile.
+    async fn renewing_lease<F>(
+        &self,
+        id: &str,
+        key: &str,
+        call: F,
+    ) -> Result<Result<pb::ApplyChangesResponse, tonic::Status>, StoreError>
+    where
+        F: std::future::Future<Output = Result<pb::ApplyChangesResponse, tonic::Status>>,
+    {
+        tokio::pin!(call);
+        let every = self.settings.lease / 3;
+        loop {
+            tokio::select! {
+                result = &mut call => return Ok(result),
+                () = tokio::time::sleep(every) => {
+                    let now = now();
+                    let lease = self.lease_micros();
+                    let replica = self.replica.clone();
+                    self.store
+                        .step(id, |r| Ok(if r.renew_lease(key, &replica, lease, now) { Step::Quiet } else { Step::Unchanged }))
+                        .await?;
+                }
+            }
+        }
+    }
+
+    async fn call(
+        &self,
+        endpoint: &str,
+        request: &ChangeRequest,
+        key: &str,
+    ) -> Result<pb::ApplyChangesResponse, tonic::Status> {
+        let channel = self.channel(endpoint)?;
+        let mut client = ChangeApplierClient::new(channel);
+        let message = pb::ApplyChangesRequest {
+            idempotency_key: key.to_owned(),
+            change_request: Some(convert::change_request(request, None)),
+            approvers: request.approvers(),
+        };
+        match tokio::time::timeout(self.settings.call_timeout, client.apply_changes(message)).await
+        {
+            Ok(result) => result.map(tonic::Response::into_inner),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "the applier did not answer within {:?}",
+                self.settings.call_timeout
+            ))),
+        }
+    }
+
+    fn channel(&self, endpoint: &str) -> Result<Channel, tonic::Status> {
+        let mut channels = self
+            .channels
+            .lock()
+            .map_err(|_| tonic::Status::internal("applier channel cache poisoned"))?;
+        if let Some(channel) = channels.get(endpoint) {
+            return Ok(channel.clone());
+        }
+        let channel = Channel::from_shared(endpoint.to_owned())
+            .map_err(|e| {
+                tonic::Status::invalid_argument(format!("applier_endpoint {endpoint:?}: {e}"))
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        channels.insert(endpoint.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// The background worker: every `apply.poll_interval`, claims due requests.
+    pub fn spawn_worker(self: &Arc<Self>) -> JoinHandle<()> {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(engine.settings.poll_interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if let Err(err) = engine.sweep().await {
+                    tracing::warn!(error = %err, "apply worker: sweep failed; retrying");
+                }
+            }
+        })
+    }
+
+    /// One pass over due work.
+    pub async fn sweep(self: &Arc<Self>) -> Result<(), StoreError> {
+        let now = now();
+        let running: HashSet<String> = self.running.lock().map(|r| r.clone()).unwrap_or_default();
+        let lease = self.lease_micros();
+        let mut to_start = Vec::new();
+        let taken = self
+            .store
+            .claim_due(now, 100, |r| {
+                if running.contains(&r.id) {
+                    return Step::Unchanged;
+                }
+                if let Some(event) = r.expire(now) {
+                    return Step::Event(event);
+                }
+                if r.state == State::Applying {
+                    return if r.take_over_lease(&self.replica, lease, now) {
+                        Step::Quiet
+                    } else {
+                        Step::Unchanged
+                    };
+                }
+                to_start.push(r.id.clone());
+                Step::Unchanged
+            })
+            .await?;
+        for request in taken {
+            if request.runs_under(&self.replica) {
+                tracing::info!(change_request = %request.id, "taking over an apply whose lease expired");
+                self.spawn_run(request);
+            }
+        }
+        for id in to_start {
+            let request = self.store.get(&id).await?;
+            let wiring = self.wiring(&request).await?;
+            let key = new_key();
+            let replica = self.replica.clone();
+            let started = self
+                .store
+                .step(&id, |r| {
+                    Ok(
+                        match r.start_automatic_apply(&wiring, key, &replica, lease, now) {
+                            Some(event) => Step::Event(event),
+                            None => Step::Unchanged,
+                        },
+                    )
+                })
+                .await?;
+            if started.runs_under(&self.replica) {
+                self.spawn_run(started);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted
+    )
+}
+
+fn describe(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+fn backoff(first: Duration, attempts: u32) -> Duration {
+    let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
+    first.saturating_mul(factor).min(MAX_BACKOFF)
+}
+
+fn outcome(response: pb::ApplyChangesResponse) -> ApplyOutcome {
+    let error = if response.error.is_empty() {
+        "the applier reported a failure".to_owned()
+    } else {
+        response.error
+    };
+    match pb::Outcome::try_from(response.outcome) {
+        Ok(pb::Outcome::Applied) => ApplyOutcome::Applied {
+            result_data: response.result_data.as_ref().map(convert::struct_to_json),
+            versions: response
+                .resource_versions
+                .into_iter()
+                .map(|v| ResourceVersion {
+                    resource_type: v.resource_type,
+                    resource_id: v.resource_id,
+                    version: v.version,
+                })
+                .collect(),
+        },
+        Ok(pb::Outcome::Conflict) => ApplyOutcome::Conflict { error },
+        _ => ApplyOutcome::Failed { error },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_a_minute() {
+        let first = Duration::from_secs(1);
+        assert_eq!(backoff(first, 1), Duration::from_secs(1));
+        assert_eq!(backoff(first, 2), Duration::from_secs(2));
+        assert_eq!(backoff(first, 4), Duration::from_secs(8));
+        assert_eq!(backoff(first, 30), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn transient_codes() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Aborted,
+        ] {
+            assert!(is_transient(code));
+        }
+        for code in [
+            Code::Internal,
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::PermissionDenied,
+        ] {
+            assert!(!is_transient(code));
+        }
+    }
+}

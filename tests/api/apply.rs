@@ -1,0 +1,1059 @@
+//! Applying approved changes, with a real `ChangeApplier` server started by each test: AUTO,
+//! MANUAL and EXTERNAL modes, retries, deadlines, schedules, expiry, conflicts, break-glass,
+//! and exactly-once across a crash and across replicas.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use approvals::{
+    auth::AuthConfig,
+    pb::{
+        self, EventKind, State,
+        change_applier_server::{ChangeApplier, ChangeApplierServer},
+        policies_client::PoliciesClient,
+    },
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Code, Request, Response, Status};
+
+use crate::{callers::*, common::*};
+
+/// What the test applier answers to one call.
+#[derive(Clone)]
+enum Reply {
+    Applied(Vec<(&'static str, &'static str, &'static str)>),
+    Failed(&'static str),
+    Conflict(&'static str),
+    Status(Code),
+    /// Answer `Applied` after this long.
+    Slow(Duration),
+}
+
+#[derive(Clone, Default)]
+struct Applier {
+    calls: Arc<Mutex<Vec<pb::ApplyChangesRequest>>>,
+    script: Arc<Mutex<VecDeque<Reply>>>,
+}
+
+#[tonic::async_trait]
+impl ChangeApplier for Applier {
+    async fn apply_changes(
+        &self,
+        request: Request<pb::ApplyChangesRequest>,
+    ) -> Result<Response<pb::ApplyChangesResponse>, Status> {
+        let request = request.into_inner();
+        self.calls.lock().expect("calls").push(request);
+        let reply = self
+            .script
+            .lock()
+            .expect("script")
+            .pop_front()
+            .unwrap_or(Reply::Applied(vec![]));
+        let applied = |versions: Vec<(&str, &str, &str)>| pb::ApplyChangesResponse {
+            outcome: pb::Outcome::Applied as i32,
+            result_data: Some(payload(serde_json::json!({"deployed": true}))),
+            resource_versions: versions
+                .into_iter()
+                .map(|(t, i, v)| pb::ResourceVersion {
+                    resource_type: t.into(),
+                    resource_id: i.into(),
+                    version: v.into(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        match reply {
+            Reply::Applied(versions) => Ok(Response::new(applied(versions))),
+            Reply::Failed(error) => Ok(Response::new(pb::ApplyChangesResponse {
+                outcome: pb::Outcome::Failed as i32,
+                error: error.into(),
+                ..Default::default()
+            })),
+            Reply::Conflict(error) => Ok(Response::new(pb::ApplyChangesResponse {
+                outcome: pb::Outcome::Conflict as i32,
+                error: error.into(),
+                ..Default::default()
+            })),
+            Reply::Status(code) => Err(Status::new(code, "applier says no")),
+            Reply::Slow(delay) => {
+                tokio::time::sleep(delay).await;
+                Ok(Response::new(applied(vec![])))
+            }
+        }
+    }
+}
+
+impl Applier {
+    /// Serves on an ephemeral port; returns its endpoint.
+    async fn start(script: Vec<Reply>) -> (Self, String) {
+        let applier = Self {
+            script: Arc::new(Mutex::new(script.into())),
+            ..Default::default()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let service = ChangeApplierServer::new(applier.clone());
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await;
+        });
+        (applier, endpoint)
+    }
+
+    fn calls(&self) -> Vec<pb::ApplyChangesRequest> {
+        self.calls.lock().expect("calls").clone()
+    }
+}
+
+fn fast(c: &mut approvals::config::Config) {
+    c.apply.retry_backoff = Duration::from_millis(30);
+    c.apply.poll_interval = Duration::from_millis(100);
+    c.apply.deadline = Duration::from_secs(3);
+}
+
+fn policy(mode: pb::ApplyMode, endpoint: &str) -> pb::Policy {
+    pb::Policy {
+        name: format!("web-{}", uuid::Uuid::now_v7().simple()),
+        project: "web".into(),
+        action_key: "*".into(),
+        apply_mode: mode as i32,
+        applier_endpoint: endpoint.into(),
+        ..Default::default()
+    }
+}
+
+async fn create_policy(server: &TestServer, policy: pb::Policy) -> pb::Policy {
+    let mut client =
+        PoliciesClient::with_interceptor(server.channel().await, Caller::named("user:admin"));
+    client
+        .create_policy(pb::CreatePolicyRequest {
+            policy: Some(policy),
+        })
+        .await
+        .expect("create policy")
+        .into_inner()
+}
+
+async fn approve(client: &mut Client, id: &str) -> pb::ChangeRequest {
+    client
+        .approve_change_request(pb::ApproveChangeRequestRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("approve")
+        .into_inner()
+}
+
+async fn get(client: &mut Client, id: &str) -> pb::ChangeRequest {
+    client
+        .get_change_request(pb::GetChangeRequestRequest { id: id.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+/// Polls until the request is in `wanted` (at most 15 s).
+async fn wait_for(client: &mut Client, id: &str, wanted: State) -> pb::ChangeRequest {
+    for _ in 0..300 {
+        let current = get(client, id).await;
+        if state(&current) == wanted {
+            return current;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{id} did not reach {wanted:?}: {:?}",
+        state(&get(client, id).await)
+    );
+}
+
+fn kinds(events: &[pb::Event]) -> Vec<(EventKind, State, State)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                EventKind::try_from(e.kind).expect("kind"),
+                State::try_from(e.from_state).expect("state"),
+                State::try_from(e.to_state).expect("state"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn auto_apply_on_quorum_succeeds() {
+    let (applier, endpoint) = Applier::start(vec![]).await;
+    let server = TestServer::start_with(fast).await;
+    create_policy(&server, policy(pb::ApplyMode::Auto, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(&mut alice, new_request()).await;
+    let applied = approve(&mut bob, &created.id).await;
+    assert_eq!(
+        state(&applied),
+        State::Applied,
+        "the approval returns after the apply"
+    );
+    assert_eq!(applied.applied_by, "user:bob");
+    assert_eq!(
+        applied.result_data,
+        Some(payload(serde_json::json!({"deployed": true})))
+    );
+    assert!(applied.apply_time.is_some());
+
+    let calls = applier.calls();
+    assert_eq!(calls.len(), 1);
+    assert!(!calls[0].idempotency_key.is_empty());
+    assert_eq!(calls[0].approvers, vec!["user:bob"]);
+    let sent = calls[0].change_request.as_ref().expect("request sent");
+    assert_eq!(
+        (sent.id.as_str(), sent.changes.len()),
+        (created.id.as_str(), 1)
+    );
+    assert_eq!(
+        kinds(&events(&mut alice, &created.id).await),
+        vec![
+            (EventKind::Created, State::InReview, State::InReview),
+            (EventKind::Reviewed, State::InReview, State::Approved),
+            (EventKind::ApplyStarted, State::Approved, State::Applying),
+            (EventKind::Applied, State::Applying, State::Applied),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn auto_apply_failure_is_recorded() {
+    let (_applier, endpoint) =
+        Applier::start(vec![Reply::Failed("flag service rejected the rollout")]).await;
+    let server = TestServer::start_with(fast).await;
+    create_policy(&server, policy(pb::ApplyMode::Auto, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(&mut alice, new_request()).await;
+    let failed = approve(&mut bob, &created.id).await;
+    assert_eq!(state(&failed), State::ApplyFailed);
+    assert_eq!(failed.apply_error, "flag service rejected the rollout");
+}
+
+#[tokio::test]
+async fn an_applier_conflict_fails_the_apply_and_marks_every_change() {
+    let (applier, endpoint) =
+        Applier::start(vec![Reply::Conflict("checkout moved to version 7")]).await;
+    let server = TestServer::start_with(fast).await;
+    create_policy(&server, policy(pb::ApplyMode::Auto, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(
+        &mut alice,
+        pb::CreateChangeRequestRequest {
+            changes: vec![flag_change("a"), flag_change("b")],
+            ..new_request()
+        },
+    )
+    .await;
+    let failed = approve(&mut bob, &created.id).await;
+    assert_eq!(
+        (state(&failed), failed.apply_error.as_str()),
+        (State::ApplyFailed, "checkout moved to version 7")
+    );
+    assert!(
+        failed
+            .changes
+            .iter()
+            .all(|c| c.conflict == "checkout moved to version 7")
+    );
+    let err = alice
+        .apply_change_request(pb::ApplyChangeRequestRequest {
+            id: created.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("conflict");
+    assert_error(&err, Code::FailedPrecondition, "CONFLICT");
+    assert_eq!(
+        applier.calls().len(),
+        1,
+        "no applier call for a request with a conflict"
+    );
+}
+
+#[tokio::test]
+async fn an_unavailable_applier_is_retried_with_one_key() {
+    let (applier, endpoint) = Applier::start(vec![
+        Reply::Status(Code::Unavailable),
+        Reply::Status(Code::ResourceExhausted),
+        Reply::Applied(vec![]),
+    ])
+    .await;
+    let server = TestServer::start_with(fast).await;
+    create_policy(&server, policy(pb::ApplyMode::Auto, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(&mut alice, new_request()).await;
+    approve(&mut bob, &created.id).await;
+    let applied = wait_for(&mut alice, &created.id, State::Applied).await;
+    assert_eq!(applied.apply_attempts, 3);
+    let keys: Vec<String> = applier
+        .calls()
+        .into_iter()
+        .map(|c| c.idempotency_key)
+        .collect();
+    assert_eq!(keys.len(), 3);
+    assert!(
+        keys.iter().all(|k| k == &keys[0]),
+        "one key throughout: {keys:?}"
+    );
+}
+
+#[tokio::test]
+async fn past_the_deadline_the_apply_finishes_in_the_background() {
+    let (_applier, endpoint) = Applier::start(vec![Reply::Slow(Duration::from_millis(1500))]).await;
+    let server = TestServer::start_with(|c| {
+        fast(c);
+        c.apply.deadline = Duration::from_millis(300);
+    })
+    .await;
+    create_policy(&server, policy(pb::ApplyMode::Auto, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(&mut alice, new_request()).await;
+    let started = std::time::Instant::now();
+    let returned = approve(&mut bob, &created.id).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "returned at the deadline"
+    );
+    assert_eq!(state(&returned), State::Applying);
+    wait_for(&mut alice, &created.id, State::Applied).await;
+}
+
+#[tokio::test]
+async fn retries_give_up_after_max_attempts() {
+    let (applier, endpoint) = Applier::start(vec![Reply::Status(Code::Unavailable); 10]).await;
+    let server = TestServer::start_with(|c| {
+        fast(c);
+        c.apply.max_attempts = 3;
+    })
+    .await;
+    create_policy(&server, policy(pb::ApplyMode::Auto, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(&mut alice, new_request()).await;
+    approve(&mut bob, &created.id).await;
+    let failed = wait_for(&mut alice, &created.id, State::ApplyFailed).await;
+    assert!(
+        failed.apply_error.starts_with("gave up after 3 attempts: "),
+        "{}",
+        failed.apply_error
+    );
+    assert_eq!(applier.calls().len(), 3);
+}
+
+#[tokio::test]
+async fn manual_apply_by_the_requester_or_an_applier_only() {
+    let (applier, endpoint) = Applier::start(vec![Reply::Failed("first try fails")]).await;
+    let server = TestServer::start_with(fast).await;
+    create_policy(
+        &server,
+        pb::Policy {
+            appliers: vec!["group:deployers".into()],
+            ..policy(pb::ApplyMode::Manual, &endpoint)
+        },
+    )
+    .await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let mut dave = server.client_in_groups("user:dave", "deployers").await;
+    let created = create(&mut alice, new_request()).await;
+    let approved = approve(&mut bob, &created.id).await;
+    assert_eq!(
+        state(&approved),
+        State::Approved,
+        "MANUAL: quorum only approves"
+    );
+    assert!(applier.calls().is_empty());
+
+    let apply = |id: &str| pb::ApplyChangeRequestRequest {
+        id: id.into(),
+        ..Default::default()
+    };
+    let err = bob
+        .apply_change_request(apply(&created.id))
+        .await
+        .expect_err("not an applier");
+    assert_error(&err, Code::PermissionDenied, "NOT_APPLIER");
+
+    let failed = alice
+        .apply_change_request(apply(&created.id))
+        .await
+        .expect("requester applies")
+        .into_inner();
+    assert_eq!(
+        (state(&failed), failed.apply_error.as_str()),
+        (State::ApplyFailed, "first try fails")
+    );
+    // APPLY_FAILED may be applied again, with a new key.
+    let applied = dave
+        .apply_change_request(apply(&created.id))
+        .await
+        .expect("applier applies")
+        .into_inner();
+    assert_eq!(
+        (state(&applied), applied.applied_by.as_str()),
+        (State::Applied, "user:dave")
+    );
+    let keys: Vec<String> = applier
+        .calls()
+        .into_iter()
+        .map(|c| c.idempotency_key)
+        .collect();
+    assert_eq!(keys.len(), 2);
+    assert_ne!(keys[0], keys[1]);
+
+    let err = alice
+        .apply_change_request(apply(&created.id))
+        .await
+        .expect_err("already applied");
+    assert_error(&err, Code::FailedPrecondition, "INVALID_TRANSITION");
+}
+
+#[tokio::test]
+async fn apply_without_an_applier_or_on_external_requests_is_refused() {
+    let server = TestServer::start_with(fast).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    // No policy at all: MANUAL with no applier.
+    let created = create(&mut alice, new_request()).await;
+    approve(&mut bob, &created.id).await;
+    let err = alice
+        .apply_change_request(pb::ApplyChangeRequestRequest {
+            id: created.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no applier");
+    let message = assert_error(&err, Code::FailedPrecondition, "NO_APPLIER");
+    assert!(message.contains("no policy matched"), "{message}");
+
+    create_policy(&server, policy(pb::ApplyMode::External, "")).await;
+    let external = create(&mut alice, new_request()).await;
+    approve(&mut bob, &external.id).await;
+    let err = alice
+        .apply_change_request(pb::ApplyChangeRequestRequest {
+            id: external.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("external");
+    assert_error(&err, Code::FailedPrecondition, "NO_APPLIER");
+    let err = alice
+        .schedule_change_request(pb::ScheduleChangeRequestRequest {
+            id: external.id.clone(),
+            apply_time: Some(in_seconds(60.0)),
+            ..Default::default()
+        })
+        .await
+        .expect_err("external requests are not scheduled");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn external_requests_are_completed_by_an_executor() {
+    let server = TestServer::start_with(fast).await;
+    create_policy(
+        &server,
+        pb::Policy {
+            executors: vec!["group:deployers".into()],
+            ..policy(pb::ApplyMode::External, "")
+        },
+    )
+    .await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let mut pipeline = server
+        .client_in_groups("service:pipeline", "deployers")
+        .await;
+    let created = create(&mut alice, new_request()).await;
+    assert_eq!(
+        state(&approve(&mut bob, &created.id).await),
+        State::Approved
+    );
+    let complete = |success: bool| pb::CompleteChangeRequestRequest {
+        id: created.id.clone(),
+        success,
+        result_data: Some(payload(serde_json::json!({"build": 42}))),
+        error: String::new(),
+    };
+    let err = bob
+        .complete_change_request(complete(true))
+        .await
+        .expect_err("not an executor");
+    assert_error(&err, Code::PermissionDenied, "NOT_EXECUTOR");
+    let done = pipeline
+        .complete_change_request(complete(true))
+        .await
+        .expect("executor")
+        .into_inner();
+    assert_eq!(
+        (state(&done), done.applied_by.as_str()),
+        (State::Applied, "service:pipeline")
+    );
+    assert_eq!(
+        done.result_data,
+        Some(payload(serde_json::json!({"build": 42})))
+    );
+    let err = pipeline
+        .complete_change_request(complete(false))
+        .await
+        .expect_err("second completion");
+    assert_error(&err, Code::FailedPrecondition, "INVALID_TRANSITION");
+    let trail = events(&mut alice, &created.id).await;
+    assert_eq!(
+        trail.last().map(|e| e.kind),
+        Some(EventKind::Completed as i32)
+    );
+
+    let failing = create(&mut alice, new_request()).await;
+    approve(&mut bob, &failing.id).await;
+    let failed = pipeline
+        .complete_change_request(pb::CompleteChangeRequestRequest {
+            id: failing.id.clone(),
+            success: false,
+            error: "deploy broke".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("report failure")
+        .into_inner();
+    assert_eq!(
+        (state(&failed), failed.apply_error.as_str()),
+        (State::ApplyFailed, "deploy broke")
+    );
+}
+
+fn in_seconds(seconds: f64) -> prost_types::Timestamp {
+    let now = std::time::SystemTime::now();
+    let at = if seconds >= 0.0 {
+        now + Duration::from_secs_f64(seconds)
+    } else {
+        now - Duration::from_secs_f64(-seconds)
+    };
+    let since = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch");
+    prost_types::Timestamp {
+        seconds: since.as_secs() as i64,
+        nanos: since.subsec_nanos() as i32,
+    }
+}
+
+#[tokio::test]
+async fn schedules_apply_at_their_time_and_can_be_changed() {
+    let (applier, endpoint) = Applier::start(vec![]).await;
+    let server = TestServer::start_with(fast).await;
+    create_policy(&server, policy(pb::ApplyMode::Manual, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+
+    let created = create(&mut alice, new_request()).await;
+    approve(&mut bob, &created.id).await;
+    let schedule = |id: &str, at: prost_types::Timestamp| pb::ScheduleChangeRequestRequest {
+        id: id.into(),
+        apply_time: Some(at),
+        ..Default::default()
+    };
+    let err = alice
+        .schedule_change_request(schedule(&created.id, in_seconds(-5.0)))
+        .await
+        .expect_err("past");
+    assert_invalid(&err, &["apply_time"]);
+    let err = bob
+        .schedule_change_request(schedule(&created.id, in_seconds(60.0)))
+        .await
+        .expect_err("not an applier");
+    assert_error(&err, Code::PermissionDenied, "NOT_APPLIER");
+    let scheduled = alice
+        .schedule_change_request(schedule(&created.id, in_seconds(60.0)))
+        .await
+        .expect("schedule")
+        .into_inner();
+    assert_eq!(state(&scheduled), State::Scheduled);
+    let plan = scheduled.schedule.expect("schedule");
+    assert_eq!(
+        (plan.scheduled_by.as_str(), plan.status),
+        ("user:alice", pb::ScheduleStatus::Pending as i32)
+    );
+    // Rescheduled sooner: applied then, on behalf of whoever scheduled it.
+    alice
+        .schedule_change_request(schedule(&created.id, in_seconds(0.8)))
+        .await
+        .expect("reschedule");
+    let applied = wait_for(&mut alice, &created.id, State::Applied).await;
+    assert_eq!(applied.applied_by, "user:alice");
+    assert_eq!(applier.calls().len(), 1);
+
+    // Unscheduled: back to APPROVED, never applied.
+    let second = create(&mut alice, new_request()).await;
+    approve(&mut bob, &second.id).await;
+    alice
+        .schedule_change_request(schedule(&second.id, in_seconds(0.5)))
+        .await
+        .expect("schedule");
+    let back = alice
+        .unschedule_change_request(pb::UnscheduleChangeRequestRequest {
+            id: second.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("unschedule")
+        .into_inner();
+    assert_eq!(state(&back), State::Approved);
+    // Cancelled while scheduled: never applied.
+    let third = create(&mut alice, new_request()).await;
+    approve(&mut bob, &third.id).await;
+    alice
+        .schedule_change_request(schedule(&third.id, in_seconds(0.5)))
+        .await
+        .expect("schedule");
+    alice
+        .cancel_change_request(pb::CancelChangeRequestRequest {
+            id: third.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("cancel");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(state(&get(&mut alice, &second.id).await), State::Approved);
+    assert_eq!(state(&get(&mut alice, &third.id).await), State::Cancelled);
+    assert_eq!(applier.calls().len(), 1, "neither was applied");
+}
+
+#[tokio::test]
+async fn apply_time_at_creation_schedules_on_quorum_and_a_failed_schedule_is_reported() {
+    let (_applier, endpoint) =
+        Applier::start(vec![Reply::Failed("maintenance window closed")]).await;
+    let server = TestServer::start_with(fast).await;
+    create_policy(&server, policy(pb::ApplyMode::Manual, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(
+        &mut alice,
+        pb::CreateChangeRequestRequest {
+            apply_time: Some(in_seconds(1.0)),
+            ..new_request()
+        },
+    )
+    .await;
+    let scheduled = approve(&mut bob, &created.id).await;
+    assert_eq!(state(&scheduled), State::Scheduled);
+    let failed = wait_for(&mut alice, &created.id, State::ApplyFailed).await;
+    let plan = failed.schedule.expect("schedule");
+    assert_eq!(plan.status, pb::ScheduleStatus::Failed as i32);
+    assert_eq!(plan.reason, "maintenance window closed");
+    let trail = events(&mut alice, &created.id).await;
+    assert_eq!(
+        trail.last().map(|e| e.kind),
+        Some(EventKind::ScheduleFailed as i32)
+    );
+
+    let err = alice
+        .create_change_request(pb::CreateChangeRequestRequest {
+            apply_time: Some(in_seconds(-1.0)),
+            ..new_request()
+        })
+        .await
+        .expect_err("past apply_time");
+    assert_invalid(&err, &["apply_time"]);
+}
+
+#[tokio::test]
+async fn open_requests_expire() {
+    let server = TestServer::start_with(fast).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(
+        &mut alice,
+        pb::CreateChangeRequestRequest {
+            expire_time: Some(in_seconds(0.5)),
+            ..new_request()
+        },
+    )
+    .await;
+    let expired = wait_for(&mut alice, &created.id, State::Expired).await;
+    assert_eq!(state(&expired), State::Expired);
+    let err = bob
+        .approve_change_request(pb::ApproveChangeRequestRequest {
+            id: created.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("expired");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let trail = events(&mut alice, &created.id).await;
+    assert_eq!(
+        kinds(&trail).last().copied(),
+        Some((EventKind::Expired, State::InReview, State::Expired))
+    );
+    assert_eq!(
+        trail.last().map(|e| e.actor.as_str()),
+        Some("system:approvals")
+    );
+}
+
+fn versioned(resource_id: &str, base: &str) -> pb::Change {
+    pb::Change {
+        base_version: base.into(),
+        ..flag_change(resource_id)
+    }
+}
+
+#[tokio::test]
+async fn conflicts_are_marked_and_resolved_by_an_update() {
+    let (_applier, endpoint) = Applier::start(vec![Reply::Applied(vec![(
+        "feature_flag",
+        "checkout",
+        "2",
+    )])])
+    .await;
+    let server = TestServer::start_with(fast).await;
+    create_policy(&server, policy(pb::ApplyMode::Manual, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let first = create(
+        &mut alice,
+        pb::CreateChangeRequestRequest {
+            changes: vec![versioned("checkout", "1")],
+            ..new_request()
+        },
+    )
+    .await;
+    let second = create(
+        &mut alice,
+        pb::CreateChangeRequestRequest {
+            changes: vec![versioned("checkout", "1")],
+            ..new_request()
+        },
+    )
+    .await;
+    let scheduled = create(
+        &mut alice,
+        pb::CreateChangeRequestRequest {
+            changes: vec![versioned("checkout", "1")],
+            ..new_request()
+        },
+    )
+    .await;
+    let unrelated = create(
+        &mut alice,
+        pb::CreateChangeRequestRequest {
+            changes: vec![versioned("other", "1")],
+            ..new_request()
+        },
+    )
+    .await;
+    for id in [&first.id, &second.id, &scheduled.id] {
+        approve(&mut bob, id).await;
+    }
+    alice
+        .schedule_change_request(pb::ScheduleChangeRequestRequest {
+            id: scheduled.id.clone(),
+            apply_time: Some(in_seconds(3600.0)),
+            ..Default::default()
+        })
+        .await
+        .expect("schedule");
+    let applied = alice
+        .apply_change_request(pb::ApplyChangeRequestRequest {
+            id: first.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("apply")
+        .into_inner();
+    assert_eq!(state(&applied), State::Applied);
+
+    let marked = get(&mut alice, &second.id).await;
+    let conflict = &marked.changes[0].conflict;
+    assert!(
+        conflict.contains("version 2") && conflict.contains(&first.id),
+        "{conflict}"
+    );
+    let trail = events(&mut alice, &second.id).await;
+    assert_eq!(
+        trail.last().map(|e| e.kind),
+        Some(EventKind::ConflictDetected as i32)
+    );
+    let suspended = get(&mut alice, &scheduled.id).await;
+    assert_eq!(
+        suspended.schedule.as_ref().map(|s| s.status),
+        Some(pb::ScheduleStatus::Suspended as i32)
+    );
+    assert!(
+        get(&mut alice, &unrelated.id).await.changes[0]
+            .conflict
+            .is_empty()
+    );
+
+    let err = alice
+        .apply_change_request(pb::ApplyChangeRequestRequest {
+            id: second.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("conflict");
+    assert_error(&err, Code::FailedPrecondition, "CONFLICT");
+
+    // The requester rewrites the change against the new version: back to review, conflict gone.
+    let resolved = alice
+        .update_change_request(pb::UpdateChangeRequestRequest {
+            change_request: Some(pb::ChangeRequest {
+                id: second.id.clone(),
+                changes: vec![pb::Change {
+                    id: marked.changes[0].id.clone(),
+                    ..versioned("checkout", "2")
+                }],
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["changes".into()],
+            }),
+        })
+        .await
+        .expect("resolve")
+        .into_inner();
+    assert_eq!(state(&resolved), State::InReview);
+    assert!(resolved.changes[0].conflict.is_empty());
+    assert_eq!(resolved.approval_count, 0, "earlier approvals dismissed");
+}
+
+#[tokio::test]
+async fn break_glass_applies_without_quorum() {
+    let (applier, endpoint) = Applier::start(vec![]).await;
+    let (bypass_key, bypass) = api_key("user:oncall", &["approvals:bypass"], &[], &[]);
+    let (writer_key, writer) = api_key("user:alice", &["approvals:write"], &[], &[]);
+    let (admin_key, admin) = api_key("user:admin", &["approvals:admin"], &[], &[]);
+    let server = TestServer::start_with(|c| {
+        fast(c);
+        c.auth = AuthConfig {
+            api_keys: vec![bypass, writer, admin],
+            jwt: None,
+        };
+    })
+    .await;
+    let mut admin = policies(&server, Headers::bearer(&admin_key)).await;
+    let guarded = admin
+        .create_policy(pb::CreatePolicyRequest {
+            policy: Some(pb::Policy {
+                action_key: "guarded".into(),
+                forbid_bypass: true,
+                ..policy(pb::ApplyMode::Manual, &endpoint)
+            }),
+        })
+        .await
+        .expect("policy")
+        .into_inner();
+    admin
+        .create_policy(pb::CreatePolicyRequest {
+            policy: Some(policy(pb::ApplyMode::Manual, &endpoint)),
+        })
+        .await
+        .expect("policy");
+    let mut alice = requests(&server, Headers::bearer(&writer_key)).await;
+    let mut oncall = requests(&server, Headers::bearer(&bypass_key)).await;
+    let created = alice
+        .create_change_request(new_request())
+        .await
+        .expect("create")
+        .into_inner();
+    let bypass = |id: &str, why: &str| pb::ApplyChangeRequestRequest {
+        id: id.into(),
+        bypass_justification: why.into(),
+        ..Default::default()
+    };
+
+    let err = alice
+        .apply_change_request(bypass(&created.id, "prod is down"))
+        .await
+        .expect_err("no bypass scope");
+    assert_error(&err, Code::PermissionDenied, "MISSING_SCOPE");
+    let err = oncall
+        .apply_change_request(bypass(&created.id, "   "))
+        .await
+        .expect_err("blank");
+    assert_invalid(&err, &["bypass_justification"]);
+
+    let applied = oncall
+        .apply_change_request(bypass(&created.id, "prod is down"))
+        .await
+        .expect("break glass")
+        .into_inner();
+    assert_eq!(state(&applied), State::Applied);
+    assert_eq!(
+        (
+            applied.bypassed_by.as_str(),
+            applied.bypass_justification.as_str()
+        ),
+        ("user:oncall", "prod is down")
+    );
+    assert_eq!(applied.applied_by, "user:oncall");
+    assert_eq!(applier.calls().len(), 1);
+    let trail = alice
+        .list_change_request_events(pb::ListChangeRequestEventsRequest {
+            id: created.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .events;
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.kind == EventKind::Bypassed as i32 && e.actor == "user:oncall")
+    );
+
+    let forbidden = alice
+        .create_change_request(pb::CreateChangeRequestRequest {
+            action_key: "guarded".into(),
+            ..new_request()
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    let err = oncall
+        .apply_change_request(bypass(&forbidden.id, "prod is down"))
+        .await
+        .expect_err("forbidden");
+    let message = assert_error(&err, Code::FailedPrecondition, "BYPASS_FORBIDDEN");
+    assert!(message.contains(&guarded.name), "{message}");
+}
+
+/// Two replicas on one database race the same schedules: each request is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_apply_each_schedule_once() {
+    let (applier, endpoint) = Applier::start(vec![]).await;
+    let server = TestServer::start_with(fast).await;
+    let replica = TestServer::replica_of(&server, fast).await;
+    create_policy(&server, policy(pb::ApplyMode::Manual, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = replica.client("user:bob").await;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        let created = create(&mut alice, new_request()).await;
+        approve(&mut bob, &created.id).await;
+        alice
+            .schedule_change_request(pb::ScheduleChangeRequestRequest {
+                id: created.id.clone(),
+                apply_time: Some(in_seconds(1.0)),
+                ..Default::default()
+            })
+            .await
+            .expect("schedule");
+        ids.push(created.id);
+    }
+    for id in &ids {
+        wait_for(&mut alice, id, State::Applied).await;
+    }
+    let calls = applier.calls();
+    for id in &ids {
+        let n = calls
+            .iter()
+            .filter(|c| c.change_request.as_ref().map(|r| &r.id) == Some(id))
+            .count();
+        assert_eq!(n, 1, "{id} applied {n} times");
+    }
+    drop(replica);
+}
+
+/// The server is killed while the applier holds the call; restarted with a short lease, it
+/// retries with the same key, and the request ends APPLIED exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_apply_is_retried_with_the_same_key() {
+    let (applier, endpoint) = Applier::start(vec![
+        Reply::Slow(Duration::from_secs(60)),
+        Reply::Applied(vec![]),
+    ])
+    .await;
+    let (database, url) = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let env = [
+        ("APPROVALS_APPLY_LEASE", "1s"),
+        ("APPROVALS_APPLY_DEADLINE", "200ms"),
+        ("APPROVALS_APPLY_POLL_INTERVAL", "100ms"),
+    ];
+    let mut first = Process::serve_with(&url, dir.path(), &env);
+    let connect = |addr: String| async move {
+        tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    };
+    let channel = connect(first.addr.clone()).await;
+    PoliciesClient::with_interceptor(channel.clone(), Caller::named("user:admin"))
+        .create_policy(pb::CreatePolicyRequest {
+            policy: Some(policy(pb::ApplyMode::Auto, &endpoint)),
+        })
+        .await
+        .expect("policy");
+    let mut alice = pb::change_requests_client::ChangeRequestsClient::with_interceptor(
+        channel.clone(),
+        Caller::named("user:alice"),
+    );
+    let mut bob = pb::change_requests_client::ChangeRequestsClient::with_interceptor(
+        channel,
+        Caller::named("user:bob"),
+    );
+    let created = create(&mut alice, new_request()).await;
+    let returned = approve(&mut bob, &created.id).await;
+    assert_eq!(state(&returned), State::Applying);
+    for _ in 0..100 {
+        if !applier.calls().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(applier.calls().len(), 1, "the applier holds the first call");
+    first.child.kill().expect("SIGKILL");
+    let _ = first.child.wait();
+
+    let second = Process::serve_with(&url, dir.path(), &env);
+    let channel = connect(second.addr.clone()).await;
+    let mut alice = pb::change_requests_client::ChangeRequestsClient::with_interceptor(
+        channel,
+        Caller::named("user:alice"),
+    );
+    let applied = wait_for(&mut alice, &created.id, State::Applied).await;
+    assert_eq!(applied.applied_by, "user:bob");
+    let keys: Vec<String> = applier
+        .calls()
+        .into_iter()
+        .map(|c| c.idempotency_key)
+        .collect();
+    assert_eq!(keys.len(), 2, "one retry after the crash");
+    assert_eq!(keys[0], keys[1], "the same idempotency key");
+    let trail = kinds(&events(&mut alice, &created.id).await);
+    assert_eq!(
+        trail
+            .iter()
+            .filter(|(kind, _, _)| *kind == EventKind::ApplyStarted)
+            .count(),
+        1
+    );
+    assert_eq!(
+        trail
+            .iter()
+            .filter(|(kind, _, _)| *kind == EventKind::Applied)
+            .count(),
+        1
+    );
+    drop(second);
+    drop(database);
+}
