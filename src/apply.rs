@@ -275,6 +275,29 @@ impl ApplyEngine {
         Ok(channel)
     }
 
+    /// Starts the service's own apply of `request` if it is due (an AUTO request at quorum, a
+    /// schedule whose time came), under a lease held by this replica; the row lock and the
+    /// domain's checks make it happen once whichever replica or handler tries.
+    pub async fn start_automatic(
+        &self,
+        request: &ChangeRequest,
+    ) -> Result<ChangeRequest, StoreError> {
+        let wiring = self.wiring(request).await?;
+        let key = new_key();
+        let lease = self.lease_micros();
+        let now = now();
+        self.store
+            .step(&request.id, |r| {
+                Ok(
+                    match r.start_automatic_apply(&wiring, key, &self.replica, lease, now) {
+                        Some(event) => Step::Event(event),
+                        None => Step::Unchanged,
+                    },
+                )
+            })
+            .await
+    }
+
     /// The background worker: every `apply.poll_interval`, claims due requests.
     pub fn spawn_worker(self: &Arc<Self>) -> JoinHandle<()> {
         let engine = self.clone();
@@ -324,20 +347,7 @@ impl ApplyEngine {
         }
         for id in to_start {
             let request = self.store.get(&id).await?;
-            let wiring = self.wiring(&request).await?;
-            let key = new_key();
-            let replica = self.replica.clone();
-            let started = self
-                .store
-                .step(&id, |r| {
-                    Ok(
-                        match r.start_automatic_apply(&wiring, key, &replica, lease, now) {
-                            Some(event) => Step::Event(event),
-                            None => Step::Unchanged,
-                        },
-                    )
-                })
-                .await?;
+            let started = self.start_automatic(&request).await?;
             if started.runs_under(&self.replica) {
                 self.spawn_run(started);
             }

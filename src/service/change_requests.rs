@@ -718,20 +718,9 @@ impl ChangeRequestsService {
         if updated.state == State::Approved
             && updated.apply_mode() == approvals_domain::ApplyMode::Auto
         {
-            let wiring = self.engine.wiring(&updated).await.map_err(ApiError::from)?;
-            let key = new_key();
-            let replica = self.engine.replica().to_owned();
-            let lease = self.engine.lease_micros();
             let started = self
-                .store
-                .step(&id, |r| {
-                    Ok(
-                        match r.start_automatic_apply(&wiring, key, &replica, lease, now) {
-                            Some(event) => Step::Event(event),
-                            None => Step::Unchanged,
-                        },
-                    )
-                })
+                .engine
+                .start_automatic(&updated)
                 .await
                 .map_err(ApiError::from)?;
             let after = if started.runs_under(self.engine.replica()) {
