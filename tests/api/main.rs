@@ -12,3 +12,6 @@ mod policies;
 mod process;
 mod server;
 mod watch;
+
+mod outage;
+mod pg_cluster;
