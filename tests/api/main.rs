@@ -13,5 +13,6 @@ mod process;
 mod server;
 mod watch;
 
+mod crash;
 mod outage;
 mod pg_cluster;
