@@ -5,9 +5,11 @@ pub mod config;
 mod convert;
 mod error;
 mod identity;
+pub mod metrics;
 mod page_token;
 pub mod server;
 mod service;
+pub mod telemetry;
 mod watch;
 
 /// Code generated from `proto/approvals/v1`.

@@ -5,7 +5,6 @@ use approvals::{
     server,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
 
 /// approvals: a gRPC service for change requests (propose, review, apply on quorum).
 #[derive(Parser)]
@@ -107,17 +106,6 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn,h2=warn")
-    });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn load(args: &ServeArgs) -> Result<Config, String> {
     let flags = Overrides {
         listen: args.listen.clone(),
@@ -168,7 +156,7 @@ async fn main() -> ExitCode {
         Some(Command::Migrate(args)) => (true, args),
         None => (false, cli.serve),
     };
-    init_logging(args.log_format);
+    let _telemetry = approvals::telemetry::init(matches!(args.log_format, LogFormat::Json));
     let config = match load(&args) {
         Ok(config) => config,
         Err(message) => {

@@ -16,3 +16,4 @@ mod watch;
 mod crash;
 mod outage;
 mod pg_cluster;
+mod telemetry;
