@@ -5,6 +5,7 @@ pub mod config;
 mod convert;
 mod error;
 mod identity;
+pub mod limits;
 pub mod metrics;
 mod page_token;
 pub mod server;

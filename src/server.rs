@@ -110,6 +110,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(crate::telemetry::RpcLayer)
         .layer(AuthLayer::new(authenticator))
+        .layer(crate::limits::LimitLayer::new(&config.limits))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

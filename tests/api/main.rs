@@ -14,6 +14,7 @@ mod server;
 mod watch;
 
 mod crash;
+mod limits;
 mod outage;
 mod pg_cluster;
 mod telemetry;
