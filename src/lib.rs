@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod config_check;
 mod convert;
 mod error;
 mod identity;

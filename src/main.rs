@@ -25,6 +25,16 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Check the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate file + environment + flags and print the effective configuration (secrets
+    /// redacted); exit 2 with the offending key when it is invalid.
+    Check(ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -152,6 +162,18 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (migrate_only, args) = match cli.command {
         Some(Command::Keys(command)) => return generate_key(command),
+        Some(Command::Config(ConfigCommand::Check(args))) => {
+            return match load(&args) {
+                Ok(config) => {
+                    print!("{}", approvals::config_check::render(&config));
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("approvals: invalid configuration: {message}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Some(Command::Serve(args)) => (false, args),
         Some(Command::Migrate(args)) => (true, args),
         None => (false, cli.serve),

@@ -13,6 +13,7 @@ mod process;
 mod server;
 mod watch;
 
+mod config_check;
 mod crash;
 mod limits;
 mod outage;
