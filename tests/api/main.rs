@@ -15,6 +15,7 @@ mod watch;
 
 mod config_check;
 mod crash;
+mod deploy;
 mod limits;
 mod outage;
 mod pg_cluster;
