@@ -234,6 +234,80 @@ mod tests {
         assert!(limiter.take("user:a").is_ok(), "refilled");
     }
 
+    /// A call to `path` through `service`, as far as its gRPC status.
+    async fn call<S>(service: &mut S, path: &str) -> Option<String>
+    where
+        S: Service<http::Request<()>, Response = http::Response<tonic::body::Body>>,
+        S::Error: std::fmt::Debug,
+    {
+        let request = http::Request::builder()
+            .uri(path)
+            .body(())
+            .expect("request");
+        let response = service.call(request).await.expect("answered");
+        response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    #[tokio::test]
+    async fn over_the_concurrency_limit_is_refused_at_once_and_streams_pass() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let inner = {
+            let release = release.clone();
+            tower::service_fn(move |request: http::Request<()>| {
+                let release = release.clone();
+                async move {
+                    if request.uri().path().ends_with("/Slow") {
+                        release.notified().await;
+                    }
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        tonic::body::Body::empty(),
+                    ))
+                }
+            })
+        };
+        let layer = LimitLayer::new(&LimitsConfig {
+            max_concurrent_requests: 1,
+            ..LimitsConfig::default()
+        });
+        let mut service = layer.layer(inner);
+        let mut first = service.clone();
+        let slow =
+            tokio::spawn(
+                async move { call(&mut first, "/approvals.v1.ChangeRequests/Slow").await },
+            );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let refused = call(
+            &mut service,
+            "/approvals.v1.ChangeRequests/GetChangeRequest",
+        )
+        .await;
+        assert_eq!(
+            refused.as_deref(),
+            Some((Code::ResourceExhausted as i32).to_string().as_str())
+        );
+        // A stream and a health check are not counted.
+        assert_eq!(call(&mut service, STREAMING_METHODS[0]).await, None);
+        assert_eq!(
+            call(&mut service, "/grpc.health.v1.Health/Check").await,
+            None
+        );
+        release.notify_one();
+        assert_eq!(slow.await.expect("joined"), None);
+        // The permit is back.
+        assert_eq!(
+            call(
+                &mut service,
+                "/approvals.v1.ChangeRequests/GetChangeRequest"
+            )
+            .await,
+            None
+        );
+    }
+
     #[test]
     fn streams_health_and_reflection_are_not_limited() {
         assert!(is_limited(
