@@ -25,7 +25,7 @@ use tonic::{Code, transport::Channel};
 
 use crate::{
     config::ApplyConfig,
-    convert,
+    convert, metrics,
     pb::{self, change_applier_client::ChangeApplierClient},
 };
 
@@ -54,8 +54,8 @@ pub struct ApplyEngine {
     /// This process: the owner named in the leases it holds.
     replica: String,
     channels: Mutex<HashMap<String, Channel>>,
-    /// Requests this process is applying now.
-    running: Mutex<HashSet<String>>,
+    /// Requests this process is applying now, each with a flag set when its run ends.
+    running: Mutex<HashMap<String, tokio::sync::watch::Receiver<bool>>>,
 }
 
 impl ApplyEngine {
@@ -65,7 +65,7 @@ impl ApplyEngine {
             settings,
             replica: format!("replica-{}", uuid::Uuid::now_v7()),
             channels: Mutex::new(HashMap::new()),
-            running: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
         })
     }
 
@@ -106,9 +106,36 @@ impl ApplyEngine {
         request: ChangeRequest,
     ) -> Result<ChangeRequest, StoreError> {
         let id = request.id.clone();
-        let task = self.spawn_run(request);
-        let _ = tokio::time::timeout(self.settings.deadline, task).await;
-        self.store.get(&id).await
+        let deadline = tokio::time::Instant::now() + self.settings.deadline;
+        if request.runs_under(&self.replica) {
+            self.spawn_run(request);
+        }
+        // Whoever runs it (this handler, this replica's worker, another replica), wait until it
+        // leaves APPLYING or the deadline passes.
+        loop {
+            let done = self.running.lock().ok().and_then(|r| r.get(&id).cloned());
+            match done {
+                Some(mut done) => {
+                    let _ = tokio::time::timeout_at(deadline, done.wait_for(|finished| *finished))
+                        .await;
+                }
+                None => {
+                    let current = self.store.get(&id).await?;
+                    if current.state != State::Applying || tokio::time::Instant::now() >= deadline {
+                        return Ok(current);
+                    }
+                    tokio::time::sleep_until(Ord::min(
+                        deadline,
+                        tokio::time::Instant::now() + Duration::from_millis(20),
+                    ))
+                    .await;
+                    continue;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return self.store.get(&id).await;
+            }
+        }
     }
 
     /// Starts the apply of `request` if it is APPLYING under this replica's lease and not
@@ -124,12 +151,19 @@ impl ApplyEngine {
             else {
                 return;
             };
-            if !engine
+            let (finished, done) = tokio::sync::watch::channel(false);
+            let claimed = engine
                 .running
                 .lock()
-                .map(|mut r| r.insert(request.id.clone()))
-                .unwrap_or(false)
-            {
+                .map(|mut r| match r.entry(request.id.clone()) {
+                    std::collections::hash_map::Entry::Occupied(_) => false,
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(done);
+                        true
+                    }
+                })
+                .unwrap_or(false);
+            if !claimed {
                 return;
             }
             let id = request.id.clone();
@@ -139,6 +173,7 @@ impl ApplyEngine {
             if let Ok(mut running) = engine.running.lock() {
                 running.remove(&id);
             }
+            finished.send_replace(true);
         })
     }
 
@@ -158,11 +193,17 @@ impl ApplyEngine {
                         ApplyOutcome::Applied { versions, .. } => versions.clone(),
                         _ => Vec::new(),
                     };
+                    let label = match &outcome {
+                        ApplyOutcome::Applied { .. } => "applied",
+                        ApplyOutcome::Failed { .. } => "failed",
+                        ApplyOutcome::Conflict { .. } => "conflict",
+                    };
                     self.store
                         .finish_apply(&request.id, &versions, now, |r| {
                             r.finish_apply(key, outcome.clone(), now)
                         })
                         .await?;
+                    metrics::record_apply_outcome(label);
                     return Ok(());
                 }
                 Err(status) if is_transient(status.code()) => {
@@ -188,8 +229,10 @@ impl ApplyEngine {
                         })
                         .await?;
                     if request.state != State::Applying {
+                        metrics::record_apply_outcome("gave_up");
                         return Ok(());
                     }
+                    metrics::record_apply_outcome("retried");
                     tokio::time::sleep(backoff).await;
                 }
                 Err(status) => {
@@ -201,6 +244,7 @@ impl ApplyEngine {
                             r.finish_apply(key, outcome.clone(), now)
                         })
                         .await?;
+                    metrics::record_apply_outcome("failed");
                     return Ok(());
                 }
             }
@@ -316,7 +360,11 @@ impl ApplyEngine {
     /// One pass over due work.
     pub async fn sweep(self: &Arc<Self>) -> Result<(), StoreError> {
         let now = now();
-        let running: HashSet<String> = self.running.lock().map(|r| r.clone()).unwrap_or_default();
+        let running: HashSet<String> = self
+            .running
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
         let lease = self.lease_micros();
         let mut to_start = Vec::new();
         let taken = self

@@ -54,6 +54,13 @@ pub struct LimitsConfig {
     /// After SIGTERM, how long in-flight calls may take to finish before the server exits.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// Unary calls handled at once; more are RESOURCE_EXHAUSTED at once. 0: no limit.
+    pub max_concurrent_requests: usize,
+    /// Unary calls per second per authenticated principal; more are RESOURCE_EXHAUSTED
+    /// (reason RATE_LIMITED) for that principal only. 0: no limit.
+    pub rate_limit_per_second: u32,
+    /// Calls a principal may make at once above its rate; 0: the same as the rate.
+    pub rate_limit_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -158,6 +165,9 @@ impl Default for LimitsConfig {
             request_timeout: Duration::from_secs(30),
             max_message_bytes: 4 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            max_concurrent_requests: 1024,
+            rate_limit_per_second: 0,
+            rate_limit_burst: 0,
         }
     }
 }
@@ -271,6 +281,18 @@ const KEYS: &[(&str, Setter)] = &[
         c.limits.shutdown_grace = parse_duration(v)?;
         Ok(())
     }),
+    ("limits.max_concurrent_requests", |c, v| {
+        c.limits.max_concurrent_requests = parse_number(v)?;
+        Ok(())
+    }),
+    ("limits.rate_limit_per_second", |c, v| {
+        c.limits.rate_limit_per_second = parse_number(v)?;
+        Ok(())
+    }),
+    ("limits.rate_limit_burst", |c, v| {
+        c.limits.rate_limit_burst = parse_number(v)?;
+        Ok(())
+    }),
     ("auth.jwt.issuer", |c, v| {
         jwt(c).issuer = v.to_owned();
         Ok(())
@@ -292,6 +314,11 @@ const KEYS: &[(&str, Setter)] = &[
 /// The `[auth.jwt]` table, created by the first environment variable that sets one of its keys.
 fn jwt(config: &mut Config) -> &mut JwtConfig {
     config.auth.jwt.get_or_insert_with(JwtConfig::default)
+}
+
+/// The key paths environment variables can set (`database.url`, ...).
+pub fn key_paths() -> impl Iterator<Item = &'static str> {
+    KEYS.iter().map(|(key, _)| *key)
 }
 
 pub fn env_name(key: &str) -> String {

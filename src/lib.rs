@@ -3,12 +3,16 @@
 mod apply;
 pub mod auth;
 pub mod config;
+pub mod config_check;
 mod convert;
 mod error;
 mod identity;
+pub mod limits;
+pub mod metrics;
 mod page_token;
 pub mod server;
 mod service;
+pub mod telemetry;
 mod watch;
 
 /// Code generated from `proto/approvals/v1`.

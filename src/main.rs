@@ -5,7 +5,6 @@ use approvals::{
     server,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
 
 /// approvals: a gRPC service for change requests (propose, review, apply on quorum).
 #[derive(Parser)]
@@ -26,6 +25,16 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Check the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate file + environment + flags and print the effective configuration (secrets
+    /// redacted); exit 2 with the offending key when it is invalid.
+    Check(ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -107,17 +116,6 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn,h2=warn")
-    });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn load(args: &ServeArgs) -> Result<Config, String> {
     let flags = Overrides {
         listen: args.listen.clone(),
@@ -164,11 +162,23 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (migrate_only, args) = match cli.command {
         Some(Command::Keys(command)) => return generate_key(command),
+        Some(Command::Config(ConfigCommand::Check(args))) => {
+            return match load(&args) {
+                Ok(config) => {
+                    print!("{}", approvals::config_check::render(&config));
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("approvals: invalid configuration: {message}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Some(Command::Serve(args)) => (false, args),
         Some(Command::Migrate(args)) => (true, args),
         None => (false, cli.serve),
     };
-    init_logging(args.log_format);
+    let _telemetry = approvals::telemetry::init(matches!(args.log_format, LogFormat::Json));
     let config = match load(&args) {
         Ok(config) => config,
         Err(message) => {

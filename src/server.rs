@@ -63,6 +63,7 @@ pub async fn run(
         );
     }
     let store = open_store(&config).await?;
+    crate::metrics::observe_pool(store.clone(), config.database.max_connections);
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
@@ -111,7 +112,9 @@ pub async fn run(
         .timeout(config.limits.request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(crate::telemetry::RpcLayer)
         .layer(AuthLayer::new(authenticator))
+        .layer(crate::limits::LimitLayer::new(&config.limits))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -105,6 +105,7 @@ async fn follow(
             Ok(batch) => {
                 let last = batch.events.last().map(|e| e.revision);
                 for event in batch.events {
+                    crate::metrics::record_transition(event.kind.as_str());
                     let message = convert::event(&event);
                     // No receivers is fine: nobody is watching.
                     let _ = live.send(Arc::new(LiveEvent { event, message }));
@@ -220,6 +221,7 @@ struct Watcher {
     last_sent: Instant,
     done: bool,
     _permit: OwnedSemaphorePermit,
+    _counted: crate::metrics::OpenWatcher,
 }
 
 pub type WatchStream =
@@ -292,6 +294,7 @@ pub async fn open(
         last_sent: Instant::now(),
         done: false,
         _permit: permit,
+        _counted: crate::metrics::OpenWatcher::new(),
     };
     Ok(Box::pin(futures::stream::unfold(
         watcher,
@@ -412,6 +415,9 @@ impl Watcher {
                 }
             };
             if let Some(last) = events.last() {
+                if matches!(self.mode, Mode::Live) {
+                    crate::metrics::record_watch_lag(self.hub.head() - self.cursor);
+                }
                 return Ok(pb::WatchChangeRequestsResponse {
                     revision: last.revision,
                     events,

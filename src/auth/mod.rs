@@ -203,6 +203,8 @@ impl Caller {
 
     /// PERMISSION_DENIED (`PROJECT_NOT_ALLOWED`) unless the credential may act in `project`.
     pub fn ensure_project(&self, project: &str) -> Result<(), DomainError> {
+        // Every call that names a project passes here: label the call's span with it.
+        tracing::Span::current().record("project", project);
         if self.may_act_in(project) {
             Ok(())
         } else {

@@ -14,3 +14,11 @@ mod policies;
 mod process;
 mod server;
 mod watch;
+
+mod config_check;
+mod crash;
+mod deploy;
+mod limits;
+mod outage;
+mod pg_cluster;
+mod telemetry;

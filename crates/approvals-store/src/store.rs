@@ -279,6 +279,20 @@ impl Store {
         }
     }
 
+    /// The pool's open connections and how many of them are idle, for metrics.
+    pub fn pool_usage(&self) -> (u32, usize) {
+        match self.backend {
+            Backend::Postgres => {
+                let pool = self.db.get_postgres_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+            Backend::Sqlite => {
+                let pool = self.db.get_sqlite_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+        }
+    }
+
     /// A cheap round trip, for health checks.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.db
@@ -307,6 +321,7 @@ impl Store {
     /// Stores a new request and its CREATED event. With an idempotency key, a key this caller
     /// used before returns the request it created then (or `RequestIdReused` when the body
     /// differs), even when two such creates race.
+    #[tracing::instrument(level = "info", skip_all, fields(change_request_id = %request.id, project = %request.project), err(level = "debug"))]
     pub async fn create(
         &self,
         mut request: ChangeRequest,
@@ -422,6 +437,7 @@ impl Store {
         }))
     }
 
+    #[tracing::instrument(level = "info", skip(self), fields(change_request_id = %id), err(level = "debug"))]
     pub async fn get(&self, id: &str) -> Result<ChangeRequest, StoreError> {
         let query = select_request(id);
         match self.db.query_one(&query).await? {
@@ -432,6 +448,7 @@ impl Store {
 
     /// Runs a domain command on one request in one transaction: lock the row, apply the
     /// command, store the new document and append its event. A refused command writes nothing.
+    #[tracing::instrument(level = "info", skip(self, command), fields(change_request_id = %id), err(level = "debug"))]
     pub async fn mutate<F>(&self, id: &str, command: F) -> Result<ChangeRequest, StoreError>
     where
         F: FnOnce(&mut ChangeRequest) -> Result<EventDraft, DomainError> + Send,
@@ -630,6 +647,7 @@ impl Store {
     }
 
     /// One page of requests matching `filter`, newest first, after the id `after`.
+    #[tracing::instrument(level = "info", skip_all, err(level = "debug"))]
     pub async fn list(
         &self,
         filter: &ListFilter,

@@ -1,0 +1,236 @@
+//! Logs, traces and metrics. Logs go through `tracing` (text or JSON). When
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans and metrics are also exported over OTLP/gRPC,
+//! configured by the standard `OTEL_*` variables (`OTEL_SERVICE_NAME`,
+//! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_METRIC_EXPORT_INTERVAL`, ...); otherwise nothing is
+//! exported and the instruments are no-ops.
+//!
+//! [`RpcLayer`] gives every call a span (method, status code, project and change request id
+//! where known) continuing the W3C trace context of the incoming metadata, and records the RPC
+//! metrics.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use opentelemetry::{global, propagation::Extractor, trace::TracerProvider as _};
+use opentelemetry_sdk::{
+    Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator,
+    trace::SdkTracerProvider,
+};
+use tower::{Layer, Service};
+use tracing::{Instrument, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+
+pub const ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+const DEFAULT_FILTER: &str = "info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn,h2=warn";
+
+/// Keeps the exporters alive; flushes them when dropped (at exit).
+#[derive(Default)]
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+    meter: Option<SdkMeterProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(tracer) = self.tracer.take()
+            && let Err(err) = tracer.shutdown()
+        {
+            eprintln!("approvals: flushing spans: {err}");
+        }
+        if let Some(meter) = self.meter.take()
+            && let Err(err) = meter.shutdown()
+        {
+            eprintln!("approvals: flushing metrics: {err}");
+        }
+    }
+}
+
+/// Installs the log subscriber and, when configured, the OTLP exporters. Call inside the
+/// runtime (the exporters' gRPC channels are tokio tasks).
+pub fn init(json: bool) -> Telemetry {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let mut telemetry = Telemetry::default();
+    let otlp = std::env::var(ENDPOINT_ENV).is_ok_and(|v| !v.trim().is_empty());
+    let mut otel_layer = None;
+    let mut setup_error = None;
+    if otlp {
+        match exporters() {
+            Ok((tracer, meter)) => {
+                global::set_text_map_propagator(TraceContextPropagator::new());
+                global::set_meter_provider(meter.clone());
+                otel_layer =
+                    Some(tracing_opentelemetry::layer().with_tracer(tracer.tracer("approvals")));
+                telemetry.tracer = Some(tracer);
+                telemetry.meter = Some(meter);
+            }
+            Err(err) => setup_error = Some(err),
+        }
+    }
+    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    if json {
+        registry
+            .with(tracing_subscriber::fmt::layer().json())
+            .init();
+    } else {
+        registry.with(tracing_subscriber::fmt::layer()).init();
+    }
+    if let Some(err) = setup_error {
+        tracing::error!(error = %err, "OpenTelemetry export is not running");
+    } else if otlp {
+        tracing::info!("exporting spans and metrics over OTLP");
+    }
+    telemetry
+}
+
+fn exporters() -> Result<(SdkTracerProvider, SdkMeterProvider), String> {
+    let resource = Resource::builder().with_service_name("approvals").build();
+    let spans = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+        .map_err(|e| format!("span exporter: {e}"))?;
+    let tracer = SdkTracerProvider::builder()
+        .with_batch_exporter(spans)
+        .with_resource(resource.clone())
+        .build();
+    let metrics = opentelemetry_otlp::MetricExporter::builder()
+        .with_tonic()
+        .build()
+        .map_err(|e| format!("metric exporter: {e}"))?;
+    let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(metrics).build();
+    let meter = SdkMeterProvider::builder()
+        .with_reader(reader)
+        .with_resource(resource)
+        .build();
+    Ok((tracer, meter))
+}
+
+/// Reads W3C `traceparent`/`tracestate` from request headers (gRPC metadata).
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// A span per call and the RPC metrics; outermost, so it sees every answer.
+#[derive(Clone, Default)]
+pub struct RpcLayer;
+
+impl<S> Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcService { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcService<S> {
+    inner: S,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B> Service<http::Request<B>> for RpcService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or(("", path.as_str()));
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = Empty,
+            otel.status_code = Empty,
+            project = Empty,
+            change_request_id = Empty,
+        );
+        let parent = global::get_text_map_propagator(|propagator| {
+            propagator.extract(&Headers(request.headers()))
+        });
+        let _ = span.set_parent(parent);
+        let started = Instant::now();
+        let call = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        Box::pin(
+            async move {
+                let response = call.await;
+                let code = match &response {
+                    // A trailers-only answer (every error) carries grpc-status in the headers; a
+                    // successful unary answer carries it in the trailers, as 0.
+                    Ok(response) => response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or(tonic::Code::Ok, tonic::Code::from_i32),
+                    Err(_) => tonic::Code::Internal,
+                };
+                let name = code_name(code);
+                let span = tracing::Span::current();
+                span.record("rpc.grpc.status_code", code as i32);
+                if code != tonic::Code::Ok {
+                    span.record("otel.status_code", "ERROR");
+                }
+                crate::metrics::record_rpc(&path, name, started.elapsed());
+                response
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// The canonical upper-case name of a status code.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}

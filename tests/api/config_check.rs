@@ -1,0 +1,63 @@
+//! `approvals config check`: the effective configuration with secrets redacted, or the error
+//! naming the key (exit 2).
+
+use std::process::Command;
+
+use crate::common::BINARY;
+
+fn check(file: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("approvals.toml");
+    std::fs::write(&path, file).expect("write config");
+    let mut command = Command::new(BINARY);
+    command
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .env_remove("APPROVALS_CONFIG")
+        .env_remove("APPROVALS_DATABASE_URL");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("run config check")
+}
+
+#[test]
+fn prints_the_effective_configuration_with_secrets_redacted() {
+    let out = check(
+        "[database]\nurl = \"postgres://app:hunter2@db:5432/approvals\"\n[limits]\nrate_limit_per_second = 5\n",
+        &[("APPROVALS_LIMITS_MAX_CONCURRENT_REQUESTS", "64")],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+    assert!(
+        stdout.contains("postgres://app:<redacted>@db:5432/approvals"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("rate_limit_per_second = 5"), "{stdout}");
+    assert!(stdout.contains("max_concurrent_requests = 64"), "{stdout}");
+    // What it prints is a configuration the server loads.
+    let _: approvals::config::Config = toml::from_str(&stdout).expect("loads back");
+}
+
+#[test]
+fn an_invalid_configuration_names_the_key_and_exits_2() {
+    let out = check("[limits]\nrate_limit_burst = \"lots\"\n", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rate_limit_burst"), "{stderr}");
+
+    let out = check("", &[("APPROVALS_LIMITS_RATE_LIMIT_PER_SECOND", "-1")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("limits.rate_limit_per_second (from APPROVALS_LIMITS_RATE_LIMIT_PER_SECOND)"),
+        "{stderr}"
+    );
+}
