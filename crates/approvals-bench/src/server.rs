@@ -29,7 +29,10 @@ pub enum BenchDatabase {
 }
 
 impl BenchDatabase {
-    pub async fn create(postgres_admin_url: Option<&str>, keep: bool) -> Result<(Self, String), String> {
+    pub async fn create(
+        postgres_admin_url: Option<&str>,
+        keep: bool,
+    ) -> Result<(Self, String), String> {
         let tag = uuid::Uuid::now_v7().simple().to_string();
         match postgres_admin_url {
             Some(admin_url) => {
@@ -129,7 +132,10 @@ impl ServerProcess {
             .env("APPROVALS_DATABASE_URL", options.database_url)
             // The lifecycle scenario needs two distinct approvals for quorum.
             .env("APPROVALS_MIN_APPROVALS", "2")
-            .env("APPROVALS_WATCH_MAX_WATCHERS", options.max_watchers.to_string())
+            .env(
+                "APPROVALS_WATCH_MAX_WATCHERS",
+                options.max_watchers.to_string(),
+            )
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

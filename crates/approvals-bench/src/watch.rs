@@ -45,7 +45,10 @@ pub async fn fan_out(
     server_pid: Option<u32>,
     options: &WatchOptions,
 ) -> Result<WatchResult, String> {
-    let connections = options.watchers.div_ceil(options.per_connection.max(1)).max(1);
+    let connections = options
+        .watchers
+        .div_ceil(options.per_connection.max(1))
+        .max(1);
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
         channels.push(connect(addr).await?);
