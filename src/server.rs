@@ -4,7 +4,6 @@ use std::{future::Future, time::Duration};
 
 use approvals_store::Store;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -120,7 +119,7 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(change_requests)
         .add_service(policies)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(incoming(listener), signal);
     let grace = config.limits.shutdown_grace;
     let result = tokio::select! {
         result = serve => result,
@@ -136,6 +135,14 @@ pub async fn run(
     worker.abort();
     tracing::info!("stopped");
     Ok(result?)
+}
+
+/// Accepted connections with Nagle's algorithm off. tonic sets TCP_NODELAY only on listeners it
+/// binds itself; without it a response written in several pieces (headers, then data, then
+/// trailers) waits for the client's delayed ACK, about 40 ms (measured with approvals-bench: get
+/// at 64 in flight went from ~1,500/s with p50 44 ms to the figures in the README).
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Our API, health, and the `google.rpc` error details, so grpcurl can decode ErrorInfo and

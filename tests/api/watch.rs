@@ -492,7 +492,16 @@ async fn idle_streams_get_progress_and_are_not_cut_by_the_request_timeout() {
     let mut alice = server.client("user:alice").await;
     let created = create(&mut alice, new_request()).await;
     let mut w = server.client("service:w").await;
-    let mut stream = watch(&mut w, watch_request("web")).await;
+    // From the next revision: "now" is the hub's published head, which may not include the
+    // create yet, and then its event would (rightly) arrive first.
+    let mut stream = watch(
+        &mut w,
+        pb::WatchChangeRequestsRequest {
+            start_revision: created.revision + 1,
+            ..watch_request("web")
+        },
+    )
+    .await;
     let started = std::time::Instant::now();
     let mut progress = 0;
     while started.elapsed() < Duration::from_millis(1200) {

@@ -1,0 +1,206 @@
+//! The server under test: a database of its own (a SQLite file in a temporary directory, or a
+//! fresh PostgreSQL database dropped afterwards) and the real `approvals` binary as a child
+//! process, so its resident memory can be read from /proc.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use sea_orm::{ConnectionTrait, Database};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// A database created for one run, removed when the run ends (unless kept).
+pub enum BenchDatabase {
+    Sqlite {
+        dir: PathBuf,
+        keep: bool,
+    },
+    Postgres {
+        admin_url: String,
+        name: String,
+        keep: bool,
+    },
+}
+
+impl BenchDatabase {
+    pub async fn create(
+        postgres_admin_url: Option<&str>,
+        keep: bool,
+    ) -> Result<(Self, String), String> {
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        match postgres_admin_url {
+            Some(admin_url) => {
+                let name = format!("approvals_bench_{tag}");
+                let admin = Database::connect(admin_url)
+                    .await
+                    .map_err(|e| format!("connect to {admin_url}: {e}"))?;
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .map_err(|e| format!("create database {name}: {e}"))?;
+                let url = with_database(admin_url, &name);
+                Ok((
+                    Self::Postgres {
+                        admin_url: admin_url.to_owned(),
+                        name,
+                        keep,
+                    },
+                    url,
+                ))
+            }
+            None => {
+                let dir = std::env::temp_dir().join(format!("approvals-bench-{tag}"));
+                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                let url = format!("sqlite://{}", dir.join("approvals.db").display());
+                Ok((Self::Sqlite { dir, keep }, url))
+            }
+        }
+    }
+
+    pub async fn remove(self) {
+        match self {
+            Self::Sqlite { dir, keep: false } => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Self::Postgres {
+                admin_url,
+                name,
+                keep: false,
+            } => {
+                if let Ok(admin) = Database::connect(&admin_url).await {
+                    let _ = admin
+                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            }
+            Self::Sqlite { dir, keep: true } => eprintln!("kept {}", dir.display()),
+            Self::Postgres { name, .. } => eprintln!("kept database {name}"),
+        }
+    }
+}
+
+/// `postgres://u@h:5432/db?x=y` with `db` replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let prefix = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{prefix}/{name}?{query}"),
+        None => format!("{prefix}/{name}"),
+    }
+}
+
+/// The `approvals` server as a child process; killed (by its pid) when dropped.
+pub struct ServerProcess {
+    child: Child,
+    pub addr: String,
+}
+
+pub struct ServerOptions<'a> {
+    pub binary: &'a Path,
+    pub database_url: &'a str,
+    pub max_watchers: usize,
+    pub db_connections: Option<u32>,
+    pub log: &'a Path,
+}
+
+impl ServerProcess {
+    pub async fn start(options: &ServerOptions<'_>) -> Result<Self, String> {
+        // An ephemeral port, released just before the server binds it.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("find a free port: {e}"))?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let log = std::fs::File::create(options.log)
+            .map_err(|e| format!("{}: {e}", options.log.display()))?;
+        let mut command = Command::new(options.binary);
+        command
+            .env("APPROVALS_LISTEN", &addr)
+            .env("APPROVALS_DATABASE_URL", options.database_url)
+            // The lifecycle scenario needs two distinct approvals for quorum.
+            .env("APPROVALS_MIN_APPROVALS", "2")
+            .env(
+                "APPROVALS_WATCH_MAX_WATCHERS",
+                options.max_watchers.to_string(),
+            )
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(n) = options.db_connections {
+            command.env("APPROVALS_DATABASE_MAX_CONNECTIONS", n.to_string());
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", options.binary.display()))?;
+        let mut server = Self { child, addr };
+        server.wait_until_serving(options.log).await?;
+        Ok(server)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    async fn wait_until_serving(&mut self, log: &Path) -> Result<(), String> {
+        for _ in 0..600 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let tail = std::fs::read_to_string(log).unwrap_or_default();
+                return Err(format!("server exited with {status}: {tail}"));
+            }
+            if let Ok(channel) = Channel::from_shared(format!("http://{}", self.addr))
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+                && let Ok(response) = HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                && response.get_ref().status == ServingStatus::Serving as i32
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err("server did not become SERVING within 60 s".into())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident set size of a process in bytes (VmRSS), or None when /proc cannot tell.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The 1-minute load average, to tell a quiet machine from a busy one in the report.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
