@@ -24,6 +24,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub watch: WatchConfig,
     pub apply: ApplyConfig,
+    pub telemetry: TelemetryConfig,
     /// API keys and JWTs; without any, the server runs in local development mode (loopback
     /// only, identity from `x-approvals-actor`).
     pub auth: AuthConfig,
@@ -81,6 +82,29 @@ pub struct WatchConfig {
     /// Events kept in memory for watchers at the live tail; a watcher further behind reads the
     /// log instead (it is ended only past `max_lag`).
     pub buffer: usize,
+}
+
+/// Logs and OpenTelemetry export. The standard `OTEL_*` variables still apply and win.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `text` or `json` (`--log-format` wins).
+    pub log_format: String,
+    /// OTLP/gRPC collector, e.g. `http://collector:4317`; empty: no export unless
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    pub otlp_endpoint: String,
+    /// `service.name` of spans and metrics (`OTEL_SERVICE_NAME` wins).
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: "text".into(),
+            otlp_endpoint: String::new(),
+            service_name: "approvals".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -142,6 +166,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             watch: WatchConfig::default(),
             apply: ApplyConfig::default(),
+            telemetry: TelemetryConfig::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -275,6 +300,18 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("apply.poll_interval", |c, v| {
         c.apply.poll_interval = parse_duration(v)?;
+        Ok(())
+    }),
+    ("telemetry.log_format", |c, v| {
+        c.telemetry.log_format = v.trim().to_owned();
+        Ok(())
+    }),
+    ("telemetry.otlp_endpoint", |c, v| {
+        c.telemetry.otlp_endpoint = v.trim().to_owned();
+        Ok(())
+    }),
+    ("telemetry.service_name", |c, v| {
+        c.telemetry.service_name = v.trim().to_owned();
         Ok(())
     }),
     ("limits.shutdown_grace", |c, v| {
@@ -458,6 +495,21 @@ impl Config {
                 "buffer must be at least 16 and max_watchers at least 1".into(),
             ));
         }
+        if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
+            return Err(invalid(
+                "telemetry.log_format",
+                format!(
+                    "{:?} is not a log format: expected \"text\" or \"json\"",
+                    self.telemetry.log_format
+                ),
+            ));
+        }
+        if self.telemetry.service_name.trim().is_empty() {
+            return Err(invalid(
+                "telemetry.service_name",
+                "must not be empty".into(),
+            ));
+        }
         if self.apply.deadline >= self.limits.request_timeout {
             return Err(invalid(
                 "apply.deadline",
@@ -584,6 +636,24 @@ mod tests {
         )
         .expect_err("zero");
         assert!(err.to_string().starts_with("min_approvals"), "{err}");
+    }
+
+    #[test]
+    fn telemetry_section() {
+        let file = write(
+            "[telemetry]\nlog_format = \"json\"\notlp_endpoint = \"http://collector:4317\"\n",
+        );
+        let config = Config::load(Some(&file.0), |_| None, &Overrides::default()).expect("loads");
+        assert_eq!(config.telemetry.log_format, "json");
+        assert_eq!(config.telemetry.otlp_endpoint, "http://collector:4317");
+        assert_eq!(config.telemetry.service_name, "approvals");
+        let err = Config::load(
+            None,
+            |k| (k == "APPROVALS_TELEMETRY_LOG_FORMAT").then(|| "xml".into()),
+            &Overrides::default(),
+        )
+        .expect_err("unknown format");
+        assert!(err.to_string().starts_with("telemetry.log_format"), "{err}");
     }
 
     #[test]

@@ -70,6 +70,13 @@ pub fn render(config: &Config) -> String {
     apply.insert("poll_interval".into(), duration(a.poll_interval));
     root.insert("apply".into(), apply.into());
 
+    let t = &config.telemetry;
+    let mut telemetry = Table::new();
+    telemetry.insert("log_format".into(), t.log_format.clone().into());
+    telemetry.insert("otlp_endpoint".into(), redact_url(&t.otlp_endpoint).into());
+    telemetry.insert("service_name".into(), t.service_name.clone().into());
+    root.insert("telemetry".into(), telemetry.into());
+
     let mut auth = Table::new();
     let keys: Vec<Value> = config
         .auth

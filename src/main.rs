@@ -105,9 +105,9 @@ struct ServeArgs {
     /// Progress message interval on idle watch streams [env: APPROVALS_WATCH_PROGRESS_INTERVAL] [default: 10s].
     #[arg(long, value_name = "DURATION")]
     watch_progress_interval: Option<String>,
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    /// Log format [env: APPROVALS_TELEMETRY_LOG_FORMAT] [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -178,7 +178,6 @@ async fn main() -> ExitCode {
         Some(Command::Migrate(args)) => (true, args),
         None => (false, cli.serve),
     };
-    let _telemetry = approvals::telemetry::init(matches!(args.log_format, LogFormat::Json));
     let config = match load(&args) {
         Ok(config) => config,
         Err(message) => {
@@ -186,6 +185,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let json = match args.log_format {
+        Some(format) => matches!(format, LogFormat::Json),
+        None => config.telemetry.log_format == "json",
+    };
+    let _telemetry = approvals::telemetry::init(&approvals::telemetry::TelemetrySettings {
+        json,
+        otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()),
+        service_name: config.telemetry.service_name.clone(),
+    });
     let result = if migrate_only {
         server::open_store(&config)
             .await

@@ -52,15 +52,31 @@ impl Drop for Telemetry {
 
 /// Installs the log subscriber and, when configured, the OTLP exporters. Call inside the
 /// runtime (the exporters' gRPC channels are tokio tasks).
-pub fn init(json: bool) -> Telemetry {
+/// What the `[telemetry]` section (and `--log-format`) chose.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetrySettings {
+    pub json: bool,
+    /// Used when `OTEL_EXPORTER_OTLP_ENDPOINT` is not set (the environment wins).
+    pub otlp_endpoint: Option<String>,
+    /// `service.name`, unless `OTEL_SERVICE_NAME` says otherwise.
+    pub service_name: String,
+}
+
+pub fn init(settings: &TelemetrySettings) -> Telemetry {
+    let json = settings.json;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let mut telemetry = Telemetry::default();
-    let otlp = std::env::var(ENDPOINT_ENV).is_ok_and(|v| !v.trim().is_empty());
+    let from_env = std::env::var(ENDPOINT_ENV).is_ok_and(|v| !v.trim().is_empty());
+    let from_config = settings
+        .otlp_endpoint
+        .clone()
+        .filter(|e| !e.trim().is_empty() && !from_env);
+    let otlp = from_env || from_config.is_some();
     let mut otel_layer = None;
     let mut setup_error = None;
     if otlp {
-        match exporters() {
+        match exporters(from_config.as_deref(), &settings.service_name) {
             Ok((tracer, meter)) => {
                 global::set_text_map_propagator(TraceContextPropagator::new());
                 global::set_meter_provider(meter.clone());
@@ -88,18 +104,30 @@ pub fn init(json: bool) -> Telemetry {
     telemetry
 }
 
-fn exporters() -> Result<(SdkTracerProvider, SdkMeterProvider), String> {
-    let resource = Resource::builder().with_service_name("approvals").build();
-    let spans = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()
-        .map_err(|e| format!("span exporter: {e}"))?;
+fn exporters(
+    endpoint: Option<&str>,
+    service_name: &str,
+) -> Result<(SdkTracerProvider, SdkMeterProvider), String> {
+    use opentelemetry_otlp::WithExportConfig;
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service_name.to_owned());
+    }
+    let resource = resource.build();
+    let mut spans = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(endpoint) = endpoint {
+        spans = spans.with_endpoint(endpoint);
+    }
+    let spans = spans.build().map_err(|e| format!("span exporter: {e}"))?;
     let tracer = SdkTracerProvider::builder()
         .with_batch_exporter(spans)
         .with_resource(resource.clone())
         .build();
-    let metrics = opentelemetry_otlp::MetricExporter::builder()
-        .with_tonic()
+    let mut metrics = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+    if let Some(endpoint) = endpoint {
+        metrics = metrics.with_endpoint(endpoint);
+    }
+    let metrics = metrics
         .build()
         .map_err(|e| format!("metric exporter: {e}"))?;
     let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(metrics).build();

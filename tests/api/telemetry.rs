@@ -1,4 +1,4 @@
-//! OpenTelemetry: the real binary, with `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an in-process
+//! OpenTelemetry: the real binary, with `telemetry.otlp_endpoint` pointing at an in-process
 //! OTLP receiver, exports a span per RPC (continuing the caller's W3C trace) and the metrics.
 
 use std::{
@@ -115,7 +115,13 @@ async fn spans_and_metrics_arrive_over_otlp() {
         .current_dir(dir.path())
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"))
+        // The collector named in the `[telemetry]` section (through its environment key);
+        // `OTEL_EXPORTER_OTLP_ENDPOINT`, when set, would win.
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env(
+            "APPROVALS_TELEMETRY_OTLP_ENDPOINT",
+            format!("http://{collector}"),
+        )
         .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .stdout(Stdio::piped())

@@ -563,19 +563,8 @@ impl Store {
     ) -> Result<i64, StoreError> {
         let insert = Query::insert()
             .into_table(EVENTS)
-            .columns([
-                ev::CHANGE_REQUEST_ID,
-                ev::PROJECT,
-                ev::ENVIRONMENT,
-                ev::KIND,
-                ev::ACTOR,
-                ev::ACTING_PRINCIPAL,
-                ev::FROM_STATE,
-                ev::TO_STATE,
-                ev::EVENT_TIME,
-                ev::DETAIL,
-                ev::SNAPSHOT,
-            ])
+            // Every column but the revision, which the identity column assigns.
+            .columns(EVENT_COLUMNS[1..].iter().copied())
             .values_panic([
                 request.id.clone().into(),
                 request.project.clone().into(),
