@@ -188,10 +188,13 @@ async fn filters_select_events() {
     )
     .await;
 
+    // From the revision after the last write: "now" is the hub's published head, which may
+    // trail it, and the stage request's earlier events would then (rightly) come first.
     let mut by_id = watch(
         &mut w,
         pb::WatchChangeRequestsRequest {
             id: stage.id.clone(),
+            start_revision: api.revision + 1,
             ..watch_request("web")
         },
     )
@@ -374,6 +377,18 @@ async fn start_revision_older_than_the_history_is_out_of_range() {
         last = create(&mut alice, new_request()).await.revision;
     }
     let mut w = server.client("service:w").await;
+    // The window is measured from the head the hub has published; wait until that includes
+    // the last create (a watch from it delivers it once published).
+    let mut tail = watch(
+        &mut w,
+        pb::WatchChangeRequestsRequest {
+            start_revision: last,
+            ..watch_request("web")
+        },
+    )
+    .await;
+    assert_eq!(next_events(&mut tail, 1).await[0].revision, last);
+    drop(tail);
     let err = w
         .watch_change_requests(pb::WatchChangeRequestsRequest {
             start_revision: 1,
