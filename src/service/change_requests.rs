@@ -1,14 +1,11 @@
 //! `approvals.v1.ChangeRequests`: each handler identifies the caller, converts the request,
 //! runs the domain command through the store, and converts the result back.
 
-use std::{
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::sync::Arc;
 
 use approvals_domain::{
     ApplyWiring, ChangeRequest, ChangeRequestPatch, Decision, NewChangeRequest, PolicySnapshot,
-    Principal, State, Timestamp,
+    Principal, State,
     validation::{self, Violations},
 };
 use approvals_store::{IdempotencyKey, ListFilter, Step, Store};
@@ -17,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    apply::{ApplyEngine, new_key},
+    apply::{ApplyEngine, new_key, now},
     auth::{Caller, Scope},
     convert,
     error::ApiError,
@@ -47,14 +44,6 @@ impl ChangeRequestsService {
             min_approvals,
         }
     }
-}
-
-pub(super) fn now() -> Timestamp {
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    Timestamp::from_micros(micros)
 }
 
 fn new_id() -> String {

@@ -60,7 +60,7 @@ impl Policies for PoliciesService {
             return Err(ApiError::invalid("policy", "is required").into());
         };
         let mut violations = Violations::default();
-        let new = policy::new_policy(&body, super::change_requests::now(), &mut violations);
+        let new = policy::new_policy(&body, crate::apply::now(), &mut violations);
         validate_into(&new, violations).map_err(ApiError::from)?;
         caller
             .ensure_project(&new.project)
@@ -153,7 +153,7 @@ impl Policies for PoliciesService {
         }
         violations.into_result().map_err(ApiError::from)?;
         let paths: HashSet<&str> = paths.into_iter().collect();
-        let now = super::change_requests::now();
+        let now = crate::apply::now();
         let etag = body.etag.clone();
         let updated = self
             .store
