@@ -1,4 +1,11 @@
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use approvals_domain::{
     ChangeRequest, DomainError, Event, EventDraft, EventKind, Principal, State, Timestamp,
@@ -128,6 +135,8 @@ pub struct Store {
     sqlite_writer: Arc<Mutex<()>>,
     /// Counts this process's commits, so the log reader wakes at once after a local write.
     commits: Arc<watch::Sender<u64>>,
+    /// The highest revision this process has appended to the log (committed or not).
+    written: Arc<AtomicI64>,
     url: Arc<str>,
 }
 
@@ -186,6 +195,7 @@ impl Store {
             backend,
             sqlite_writer: Arc::new(Mutex::new(())),
             commits: Arc::new(watch::channel(0).0),
+            written: Arc::new(AtomicI64::new(0)),
             url: settings.url.as_str().into(),
         })
     }
@@ -196,6 +206,17 @@ impl Store {
 
     pub(crate) fn connection(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// The highest revision this process has appended to the event log, from the moment it is
+    /// appended (before its commit): a reader that has applied the log up to it has seen every
+    /// write this process made.
+    pub fn written_head(&self) -> i64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    fn note_written(&self, revision: i64) {
+        self.written.fetch_max(revision, Ordering::AcqRel);
     }
 
     /// Changes after every commit this process makes.
@@ -337,79 +358,132 @@ impl Store {
         {
             return Ok(existing);
         }
+        let result = if self.backend == Backend::Postgres {
+            self.create_in_one_statement(&mut request, &event, key.as_ref())
+                .await
+        } else {
+            self.create_in_transaction(&mut request, &event, key.as_ref())
+                .await
+        };
+        match result {
+            Ok(()) => Ok(Created {
+                change_request: request,
+                existed: false,
+            }),
+            Err(err) => match (err, &key) {
+                (DbErrOr::Db(db), Some(key))
+                    if matches!(db.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) =>
+                {
+                    // Another create with the same request_id won the race.
+                    self.find_by_request_id(&request.created_by, key)
+                        .await?
+                        .ok_or_else(|| StoreError::Internal("request_id vanished".into()))
+                }
+                (err, _) => Err(err.into()),
+            },
+        }
+    }
+
+    /// PostgreSQL: the event, the request and its resources in one statement, so a create is
+    /// one round trip (it was six: begin, xid, three inserts, commit). Being one statement, it
+    /// is atomic without a transaction block.
+    async fn create_in_one_statement(
+        &self,
+        request: &mut ChangeRequest,
+        event: &EventDraft,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<(), DbErrOr> {
+        let mut values: Vec<sea_orm::Value> = Vec::new();
+        let mut placeholders = |row: Vec<sea_orm::Value>| {
+            let start = values.len();
+            let list: Vec<String> = (1..=row.len()).map(|i| format!("${}", start + i)).collect();
+            values.extend(row);
+            list.join(", ")
+        };
+        let event_columns = EVENT_COLUMNS[1..].join(", ");
+        let event_row = placeholders(event_values(request, event)?);
+        let (request_columns, request_row) = request_values(request, key)?;
+        let request_row = placeholders(request_row);
+        // The log reader relies on a writer having its xid before it takes a revision (see
+        // log.rs): the materialised `xid` row is produced before the event row's identity
+        // value is drawn.
+        let mut sql = format!(
+            "WITH xid AS MATERIALIZED (SELECT pg_current_xact_id()), \
+             event AS (INSERT INTO {EVENTS} ({event_columns}) SELECT {event_row} FROM xid \
+             RETURNING {revision}), \
+             request AS (INSERT INTO {CHANGE_REQUESTS} ({request_columns}, {revision}) \
+             SELECT {request_row}, event.{revision} FROM event)",
+            revision = ev::REVISION,
+            request_columns = request_columns.join(", "),
+        );
+        let keys = resource_keys(request);
+        if !keys.is_empty() {
+            let rows: Vec<String> = keys
+                .into_iter()
+                .map(|(resource_type, resource_id)| {
+                    format!(
+                        "({})",
+                        placeholders(vec![
+                            request.id.clone().into(),
+                            request.project.clone().into(),
+                            resource_type.into(),
+                            resource_id.into(),
+                        ])
+                    )
+                })
+                .collect();
+            sql.push_str(&format!(
+                ", resources AS (INSERT INTO {RESOURCES} ({}, {}, {}, {}) VALUES {})",
+                res::CHANGE_REQUEST_ID,
+                res::PROJECT,
+                res::RESOURCE_TYPE,
+                res::RESOURCE_ID,
+                rows.join(", ")
+            ));
+        }
+        sql.push_str(&format!(" SELECT {} FROM event", ev::REVISION));
+        let statement = Statement::from_sql_and_values(DbBackend::Postgres, sql, values);
+        let row = self
+            .db
+            .query_one_raw(statement)
+            .await?
+            .ok_or_else(|| StoreError::Internal("create returned no revision".into()))?;
+        let revision: i64 = row.try_get("", ev::REVISION)?;
+        self.note_written(revision);
+        request.revision = revision;
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
+    }
+
+    /// SQLite: the same rows in one write transaction.
+    async fn create_in_transaction(
+        &self,
+        request: &mut ChangeRequest,
+        event: &EventDraft,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<(), DbErrOr> {
         let (writer, txn) = self.begin_write().await?;
         let result = async {
-            if self.backend == Backend::Postgres {
-                // The log reader relies on a writer having its xid before it takes a revision
-                // (see log.rs); `mutate` gets one by locking the row, a create asks for it.
-                txn.execute_unprepared("SELECT pg_current_xact_id()")
-                    .await?;
-            }
-            let revision = self.append_event(&txn, &request, &event).await?;
+            let revision = self.append_event(&txn, request, event).await?;
             request.revision = revision;
-            let body = serde_json::to_string(&request)?;
+            let (columns, mut values) = request_values(request, key)?;
+            values.push(revision.into());
             let insert = Query::insert()
                 .into_table(CHANGE_REQUESTS)
-                .columns([
-                    cr::ID,
-                    cr::PROJECT,
-                    cr::ENVIRONMENT,
-                    cr::ACTION_KEY,
-                    cr::STATE,
-                    cr::CREATED_BY,
-                    cr::CREATE_TIME,
-                    cr::UPDATE_TIME,
-                    cr::EXPIRE_TIME,
-                    cr::DUE_TIME,
-                    cr::REVISION,
-                    cr::REQUEST_ID,
-                    cr::REQUEST_FINGERPRINT,
-                    cr::BODY,
-                ])
-                .values_panic([
-                    request.id.clone().into(),
-                    request.project.clone().into(),
-                    request.environment.clone().into(),
-                    request.action_key.clone().into(),
-                    request.state.as_str().into(),
-                    request.created_by.as_str().into(),
-                    request.create_time.as_micros().into(),
-                    request.update_time.as_micros().into(),
-                    request.expire_time.map(Timestamp::as_micros).into(),
-                    request.next_due_time().map(Timestamp::as_micros).into(),
-                    revision.into(),
-                    key.as_ref().map(|k| k.request_id.clone()).into(),
-                    key.as_ref().map(|k| k.fingerprint.clone()).into(),
-                    body.into(),
-                ])
+                .columns(columns.iter().copied().chain([cr::REVISION]))
+                .values_panic(values.into_iter().map(Expr::val))
                 .to_owned();
             txn.execute(&insert).await?;
-            self.insert_resources(&txn, &request).await?;
+            self.insert_resources(&txn, request).await?;
             Ok::<_, DbErrOr>(())
         }
         .await;
         match result {
-            Ok(()) => {
-                self.commit(txn).await?;
-                Ok(Created {
-                    change_request: request,
-                    existed: false,
-                })
-            }
+            Ok(()) => Ok(self.commit(txn).await?),
             Err(err) => {
                 rollback(txn).await;
                 drop(writer);
-                match (err, &key) {
-                    (DbErrOr::Db(db), Some(key))
-                        if matches!(db.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) =>
-                    {
-                        // Another create with the same request_id won the race.
-                        self.find_by_request_id(&request.created_by, key)
-                            .await?
-                            .ok_or_else(|| StoreError::Internal("request_id vanished".into()))
-                    }
-                    (err, _) => Err(err.into()),
-                }
+                Err(err)
             }
         }
     }
@@ -565,30 +639,16 @@ impl Store {
             .into_table(EVENTS)
             // Every column but the revision, which the identity column assigns.
             .columns(EVENT_COLUMNS[1..].iter().copied())
-            .values_panic([
-                request.id.clone().into(),
-                request.project.clone().into(),
-                request.environment.clone().into(),
-                event.kind.as_str().into(),
-                event.actor.as_str().into(),
-                event
-                    .acting_principal
-                    .as_ref()
-                    .map(|p| p.as_str().to_owned())
-                    .into(),
-                event.from_state.as_str().into(),
-                event.to_state.as_str().into(),
-                event.time.as_micros().into(),
-                event.detail.clone().into(),
-                serde_json::to_string(request)?.into(),
-            ])
+            .values_panic(event_values(request, event)?.into_iter().map(Expr::val))
             .returning_col(ev::REVISION)
             .to_owned();
         let row = txn
             .query_one(&insert)
             .await?
             .ok_or_else(|| StoreError::Internal("event insert returned no revision".into()))?;
-        Ok(row.try_get("", ev::REVISION)?)
+        let revision = row.try_get("", ev::REVISION)?;
+        self.note_written(revision);
+        Ok(revision)
     }
 
     async fn insert_resources(
@@ -834,6 +894,69 @@ pub(crate) const EVENT_COLUMNS: [&str; 12] = [
     ev::DETAIL,
     ev::SNAPSHOT,
 ];
+
+/// The values of an event row, in the order of `EVENT_COLUMNS[1..]` (all but the revision).
+fn event_values(
+    request: &ChangeRequest,
+    event: &EventDraft,
+) -> Result<Vec<sea_orm::Value>, StoreError> {
+    Ok(vec![
+        request.id.clone().into(),
+        request.project.clone().into(),
+        request.environment.clone().into(),
+        event.kind.as_str().into(),
+        event.actor.as_str().into(),
+        event
+            .acting_principal
+            .as_ref()
+            .map(|p| p.as_str().to_owned())
+            .into(),
+        event.from_state.as_str().into(),
+        event.to_state.as_str().into(),
+        event.time.as_micros().into(),
+        event.detail.clone().into(),
+        serde_json::to_string(request)?.into(),
+    ])
+}
+
+/// The columns and values of a new request's row, all but the revision (which the event
+/// assigns; the stored body's revision is never read, the column's is).
+fn request_values(
+    request: &ChangeRequest,
+    key: Option<&IdempotencyKey>,
+) -> Result<([&'static str; 13], Vec<sea_orm::Value>), StoreError> {
+    let columns = [
+        cr::ID,
+        cr::PROJECT,
+        cr::ENVIRONMENT,
+        cr::ACTION_KEY,
+        cr::STATE,
+        cr::CREATED_BY,
+        cr::CREATE_TIME,
+        cr::UPDATE_TIME,
+        cr::EXPIRE_TIME,
+        cr::DUE_TIME,
+        cr::REQUEST_ID,
+        cr::REQUEST_FINGERPRINT,
+        cr::BODY,
+    ];
+    let values = vec![
+        request.id.clone().into(),
+        request.project.clone().into(),
+        request.environment.clone().into(),
+        request.action_key.clone().into(),
+        request.state.as_str().into(),
+        request.created_by.as_str().into(),
+        request.create_time.as_micros().into(),
+        request.update_time.as_micros().into(),
+        request.expire_time.map(Timestamp::as_micros).into(),
+        request.next_due_time().map(Timestamp::as_micros).into(),
+        key.map(|k| k.request_id.clone()).into(),
+        key.map(|k| k.fingerprint.clone()).into(),
+        serde_json::to_string(request)?.into(),
+    ];
+    Ok((columns, values))
+}
 
 /// Either a database error (kept whole, to tell unique violations apart) or a store error.
 enum DbErrOr {
