@@ -82,6 +82,9 @@ pub struct WatchConfig {
     /// Events kept in memory for watchers at the live tail; a watcher further behind reads the
     /// log instead (it is ended only past `max_lag`).
     pub buffer: usize,
+    /// Change requests kept in memory for GetChangeRequest, kept current by the event log;
+    /// 0: every get reads the database. See the README, "Reads".
+    pub cache_entries: usize,
 }
 
 /// Logs and OpenTelemetry export. The standard `OTEL_*` variables still apply and win.
@@ -153,6 +156,7 @@ impl Default for WatchConfig {
             max_watchers: 50_000,
             poll_interval: Duration::from_millis(500),
             buffer: 1024,
+            cache_entries: 100_000,
         }
     }
 }
@@ -276,6 +280,10 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("watch.buffer", |c, v| {
         c.watch.buffer = parse_number(v)?;
+        Ok(())
+    }),
+    ("watch.cache_entries", |c, v| {
+        c.watch.cache_entries = parse_number(v)?;
         Ok(())
     }),
     ("apply.deadline", |c, v| {

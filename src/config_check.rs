@@ -58,6 +58,7 @@ pub fn render(config: &Config) -> String {
     watch.insert("max_watchers".into(), count(w.max_watchers));
     watch.insert("poll_interval".into(), duration(w.poll_interval));
     watch.insert("buffer".into(), count(w.buffer));
+    watch.insert("cache_entries".into(), count(w.cache_entries));
     root.insert("watch".into(), watch.into());
 
     let a = &config.apply;

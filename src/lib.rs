@@ -10,6 +10,7 @@ mod identity;
 pub mod limits;
 pub mod metrics;
 mod page_token;
+mod read_cache;
 pub mod server;
 mod service;
 pub mod telemetry;

@@ -20,7 +20,7 @@ use tokio::{
 };
 use tonic::Status;
 
-use crate::{config::WatchConfig, convert, error::ApiError, pb};
+use crate::{config::WatchConfig, convert, error::ApiError, pb, read_cache::RequestCache};
 
 /// Events per message and per log read.
 const BATCH: usize = 256;
@@ -41,6 +41,7 @@ pub struct Hub {
     permits: Arc<Semaphore>,
     settings: WatchConfig,
     tasks: Vec<JoinHandle<()>>,
+    cache: Arc<RequestCache>,
 }
 
 impl Drop for Hub {
@@ -59,6 +60,7 @@ impl Hub {
         let (live, _) = broadcast::channel(settings.buffer);
         let wake = Arc::new(Notify::new());
         let mut tasks = store.spawn_commit_relay(wake.clone());
+        let cache = Arc::new(RequestCache::new(settings.cache_entries, start));
         tasks.push(tokio::spawn(follow(
             store.clone(),
             start,
@@ -66,6 +68,7 @@ impl Hub {
             head_tx,
             wake,
             settings.poll_interval,
+            cache.clone(),
         )));
         Ok(Arc::new(Self {
             store,
@@ -75,7 +78,13 @@ impl Hub {
             permits: Arc::new(Semaphore::new(settings.max_watchers)),
             settings,
             tasks,
+            cache,
         }))
+    }
+
+    /// The read cache this hub keeps current (see `read_cache`).
+    pub fn cache(&self) -> &RequestCache {
+        &self.cache
     }
 
     /// The last revision published: every event at or below it is settled and published.
@@ -97,6 +106,7 @@ async fn follow(
     head: watch::Sender<i64>,
     wake: Arc<Notify>,
     poll_interval: Duration,
+    cache: Arc<RequestCache>,
 ) {
     let mut reader = store.log_reader(start);
     let mut local_commits = store.local_commits();
@@ -104,6 +114,14 @@ async fn follow(
         match reader.next_batch(BATCH as u64).await {
             Ok(batch) => {
                 let last = batch.events.last().map(|e| e.revision);
+                // The cache first: once a watcher or a reader sees the head move, the cache no
+                // longer holds what the new events changed.
+                cache.apply(
+                    batch
+                        .events
+                        .iter()
+                        .map(|e| (e.revision, e.change_request_id.as_str())),
+                );
                 for event in batch.events {
                     crate::metrics::record_transition(event.kind.as_str());
                     let message = convert::event(&event);

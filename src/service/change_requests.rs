@@ -387,7 +387,16 @@ impl ChangeRequests for ChangeRequestsService {
     ) -> Result<Response<pb::ChangeRequest>, Status> {
         let caller = identity::caller(&request)?;
         let id = parse_id("id", &request.get_ref().id)?;
-        let change_request = self.store.get(&id).await.map_err(ApiError::from)?;
+        let cache = self.hub.cache();
+        let change_request = match cache.get(&id, self.store.written_head()) {
+            Some(cached) => cached,
+            None => {
+                let mark = cache.mark();
+                let read = self.store.get(&id).await.map_err(ApiError::from)?;
+                cache.offer(mark, &read);
+                Arc::new(read)
+            }
+        };
         caller
             .ensure_project(&change_request.project)
             .map_err(ApiError::from)?;

@@ -12,6 +12,7 @@ mod lifecycle;
 mod list;
 mod policies;
 mod process;
+mod reads;
 mod server;
 mod watch;
 
