@@ -12,7 +12,7 @@ use crate::{
     config::Config,
     pb::{self, change_requests_server::ChangeRequestsServer, policies_server::PoliciesServer},
     service::{change_requests::ChangeRequestsService, policies::PoliciesService},
-    watch::Hub,
+    watch::{Hub, WatchFrame, WatchStream},
 };
 
 /// The health service name Kubernetes liveness probes check: SERVING while the process runs,
@@ -83,13 +83,18 @@ pub async fn run(
     let hub = Hub::start(store.clone(), config.watch.clone()).await?;
     let engine = ApplyEngine::new(store.clone(), config.apply.clone());
     let worker = engine.spawn_worker();
-    let change_requests = ChangeRequestsServer::new(ChangeRequestsService::new(
+    let service = ChangeRequestsService::new(
         store.clone(),
         hub.clone(),
         engine.clone(),
         config.min_approvals,
-    ))
-    .max_decoding_message_size(config.limits.max_message_bytes);
+    );
+    let change_requests = WatchRoute {
+        watch: service.clone(),
+        max_message_bytes: config.limits.max_message_bytes,
+        inner: ChangeRequestsServer::new(service)
+            .max_decoding_message_size(config.limits.max_message_bytes),
+    };
     let policies = PoliciesServer::new(PoliciesService::new(store))
         .max_decoding_message_size(config.limits.max_message_bytes);
 
@@ -186,5 +191,66 @@ async fn probe_database(
                 set_database_health(&reporter, ServingStatus::NotServing).await;
             }
         }
+    }
+}
+
+/// The ChangeRequests service, with WatchChangeRequests sent as [`WatchFrame`]s: events from the
+/// live ring go out encoded once for all watchers, instead of cloned and encoded per stream
+/// (the generated code's codec takes only the generated message). Same path, same messages on
+/// the wire; every other method goes to the generated server.
+#[derive(Clone)]
+struct WatchRoute {
+    inner: ChangeRequestsServer<ChangeRequestsService>,
+    watch: ChangeRequestsService,
+    max_message_bytes: usize,
+}
+
+const WATCH_PATH: &str = "/approvals.v1.ChangeRequests/WatchChangeRequests";
+
+impl tonic::server::NamedService for WatchRoute {
+    const NAME: &'static str =
+        <ChangeRequestsServer<ChangeRequestsService> as tonic::server::NamedService>::NAME;
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for WatchRoute {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != WATCH_PATH {
+            return Box::pin(self.inner.call(request));
+        }
+        let watch = OpenWatch(self.watch.clone());
+        let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
+            WatchFrame,
+            pb::WatchChangeRequestsRequest,
+        >::default())
+        .apply_max_message_size_config(Some(self.max_message_bytes), None);
+        Box::pin(async move { Ok(grpc.server_streaming(watch, request).await) })
+    }
+}
+
+struct OpenWatch(ChangeRequestsService);
+
+impl tonic::server::ServerStreamingService<pb::WatchChangeRequestsRequest> for OpenWatch {
+    type Response = WatchFrame;
+    type ResponseStream = WatchStream;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<tonic::Response<WatchStream>, tonic::Status>> + Send>,
+    >;
+
+    fn call(&mut self, request: tonic::Request<pb::WatchChangeRequestsRequest>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { service.open_watch(request).await })
     }
 }

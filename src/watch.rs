@@ -10,6 +10,9 @@
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
+use bytes::Bytes;
+use prost::Message as _;
+
 use approvals_domain::{Event, State};
 use approvals_store::{ListFilter, LogReader, Store, StoreError};
 use futures::Stream;
@@ -27,10 +30,139 @@ const BATCH: usize = 256;
 /// Requests per snapshot message.
 const SNAPSHOT_CHUNK: usize = 100;
 
-/// An event as published to live watchers: the domain event (for filtering) and its message.
+/// An event as published to live watchers: the domain event (for filtering), its message, and
+/// the message encoded once for every watcher (see [`WatchFrame`]).
 pub struct LiveEvent {
     event: Event,
     message: pb::Event,
+    encoded: Bytes,
+}
+
+impl LiveEvent {
+    fn new(event: Event) -> Self {
+        let message = convert::event(&event);
+        let encoded = Bytes::from(message.encode_to_vec());
+        Self {
+            event,
+            message,
+            encoded,
+        }
+    }
+}
+
+/// One message of a watch stream, as the stream produces it. Events from the live ring are
+/// shared, already encoded: with 10,000 watchers an event used to be cloned and encoded
+/// 10,000 times. On the wire a frame is exactly the `WatchChangeRequestsResponse` it stands
+/// for (`into_message` gives that message; a test holds the bytes equal).
+#[derive(Clone)]
+pub enum WatchFrame {
+    Message(pb::WatchChangeRequestsResponse),
+    Live {
+        revision: i64,
+        events: Vec<Arc<LiveEvent>>,
+    },
+}
+
+impl Default for WatchFrame {
+    fn default() -> Self {
+        Self::Message(pb::WatchChangeRequestsResponse::default())
+    }
+}
+
+impl std::fmt::Debug for WatchFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Message(message) => message.fmt(f),
+            Self::Live { revision, events } => f
+                .debug_struct("WatchFrame::Live")
+                .field("revision", revision)
+                .field("events", &events.len())
+                .finish(),
+        }
+    }
+}
+
+impl WatchFrame {
+    pub fn into_message(self) -> pb::WatchChangeRequestsResponse {
+        match self {
+            Self::Message(message) => message,
+            Self::Live { revision, events } => pb::WatchChangeRequestsResponse {
+                revision,
+                events: events.iter().map(|e| e.message.clone()).collect(),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// Field numbers of `WatchChangeRequestsResponse` that a live frame writes.
+const REVISION_FIELD: u32 = 1;
+const EVENTS_FIELD: u32 = 2;
+
+/// Encoding only (the server never decodes a frame): the bytes prost writes for the same
+/// message, fields in number order.
+impl prost::Message for WatchFrame {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        match self {
+            Self::Message(message) => message.encode_raw(buf),
+            Self::Live { revision, events } => {
+                if *revision != 0 {
+                    prost::encoding::int64::encode(REVISION_FIELD, revision, buf);
+                }
+                for event in events {
+                    prost::encoding::encode_key(
+                        EVENTS_FIELD,
+                        prost::encoding::WireType::LengthDelimited,
+                        buf,
+                    );
+                    prost::encoding::encode_varint(event.encoded.len() as u64, buf);
+                    buf.put_slice(&event.encoded);
+                }
+            }
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        if let Self::Live { .. } = self {
+            *self = Self::Message(std::mem::take(self).into_message());
+        }
+        match self {
+            Self::Message(message) => message.merge_field(tag, wire_type, buf, ctx),
+            Self::Live { .. } => Ok(()),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        match self {
+            Self::Message(message) => message.encoded_len(),
+            Self::Live { revision, events } => {
+                let revision = if *revision != 0 {
+                    prost::encoding::int64::encoded_len(REVISION_FIELD, revision)
+                } else {
+                    0
+                };
+                revision
+                    + events
+                        .iter()
+                        .map(|e| {
+                            prost::encoding::key_len(EVENTS_FIELD)
+                                + prost::encoding::encoded_len_varint(e.encoded.len() as u64)
+                                + e.encoded.len()
+                        })
+                        .sum::<usize>()
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
 }
 
 pub struct Hub {
@@ -124,9 +256,8 @@ async fn follow(
                 );
                 for event in batch.events {
                     crate::metrics::record_transition(event.kind.as_str());
-                    let message = convert::event(&event);
                     // No receivers is fine: nobody is watching.
-                    let _ = live.send(Arc::new(LiveEvent { event, message }));
+                    let _ = live.send(Arc::new(LiveEvent::new(event)));
                 }
                 if let Some(last) = last {
                     head.send_replace(last);
@@ -242,7 +373,11 @@ struct Watcher {
     _counted: crate::metrics::OpenWatcher,
 }
 
-pub type WatchStream =
+/// A watch stream as the watch route sends it (see `server::WatchRoute`).
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchFrame, Status>> + Send>>;
+
+/// The same stream as plain messages, for the generated service trait.
+pub type WatchMessages =
     Pin<Box<dyn Stream<Item = Result<pb::WatchChangeRequestsResponse, Status>> + Send>>;
 
 /// Opens a watch stream.
@@ -324,7 +459,7 @@ pub async fn open(
 }
 
 impl Watcher {
-    async fn next(&mut self) -> Option<Result<pb::WatchChangeRequestsResponse, Status>> {
+    async fn next(&mut self) -> Option<Result<WatchFrame, Status>> {
         if self.done {
             return None;
         }
@@ -336,7 +471,7 @@ impl Watcher {
         Some(result.map_err(Status::from))
     }
 
-    async fn next_message(&mut self) -> Result<pb::WatchChangeRequestsResponse, ApiError> {
+    async fn next_message(&mut self) -> Result<WatchFrame, ApiError> {
         if let Some((requests, revision)) = &mut self.snapshot {
             let chunk: Vec<pb::ChangeRequest> = requests.by_ref().take(SNAPSHOT_CHUNK).collect();
             let complete = requests.len() == 0;
@@ -344,12 +479,12 @@ impl Watcher {
             if complete {
                 self.snapshot = None;
             }
-            return Ok(pb::WatchChangeRequestsResponse {
+            return Ok(WatchFrame::Message(pb::WatchChangeRequestsResponse {
                 revision: if complete { revision } else { 0 },
                 snapshot: chunk,
                 snapshot_complete: complete,
                 ..Default::default()
-            });
+            }));
         }
         loop {
             if *self.closing.borrow() {
@@ -360,7 +495,7 @@ impl Watcher {
             if matches!(self.mode, Mode::CatchingUp { .. }) {
                 self.check_lag()?;
             }
-            let events = match &mut self.mode {
+            let frame = match &mut self.mode {
                 Mode::CatchingUp { reader, target } => {
                     let target = *target;
                     let batch = reader.next_batch(BATCH as u64).await?;
@@ -378,18 +513,24 @@ impl Watcher {
                         self.mode = Mode::Live;
                         self.was_live = true;
                     }
-                    matching
+                    matching.last().map(|last| last.revision).map(|revision| {
+                        WatchFrame::Message(pb::WatchChangeRequestsResponse {
+                            revision,
+                            events: matching,
+                            ..Default::default()
+                        })
+                    })
                 }
                 Mode::Live => {
                     let deadline = self.last_sent + self.hub.settings.progress_interval;
                     let first = tokio::select! {
                         received = self.live.recv() => received,
                         () = tokio::time::sleep_until(deadline) => {
-                            return Ok(pb::WatchChangeRequestsResponse {
+                            return Ok(WatchFrame::Message(pb::WatchChangeRequestsResponse {
                                 revision: self.cursor,
                                 progress: true,
                                 ..Default::default()
-                            });
+                            }));
                         }
                         _ = self.closing.changed() => continue,
                     };
@@ -401,7 +542,7 @@ impl Watcher {
                                 if live.event.revision > self.cursor {
                                     self.cursor = live.event.revision;
                                     if self.filter.matches(&live.event) {
-                                        matching.push(live.message.clone());
+                                        matching.push(live);
                                     }
                                 }
                             }
@@ -430,17 +571,19 @@ impl Watcher {
                         };
                     }
                     matching
+                        .last()
+                        .map(|last| last.event.revision)
+                        .map(|revision| WatchFrame::Live {
+                            revision,
+                            events: matching,
+                        })
                 }
             };
-            if let Some(last) = events.last() {
+            if let Some(frame) = frame {
                 if matches!(self.mode, Mode::Live) {
                     crate::metrics::record_watch_lag(self.hub.head() - self.cursor);
                 }
-                return Ok(pb::WatchChangeRequestsResponse {
-                    revision: last.revision,
-                    events,
-                    ..Default::default()
-                });
+                return Ok(frame);
             }
         }
     }
@@ -465,5 +608,49 @@ impl Watcher {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use approvals_domain::{EventKind, Principal, Timestamp};
+
+    use super::*;
+
+    fn live(revision: i64, detail: &str) -> Arc<LiveEvent> {
+        Arc::new(LiveEvent::new(Event {
+            revision,
+            change_request_id: format!("cr-{revision}"),
+            project: "web".into(),
+            environment: "prod".into(),
+            kind: EventKind::Commented,
+            actor: Principal::parse("user:alice").expect("principal"),
+            acting_principal: None,
+            from_state: State::InReview,
+            to_state: State::InReview,
+            time: Timestamp::from_micros(1_700_000_000_000_000),
+            detail: detail.into(),
+            change_request: None,
+        }))
+    }
+
+    #[test]
+    fn a_live_frame_is_byte_for_byte_the_message_it_stands_for() {
+        for events in [
+            vec![],
+            vec![live(7, "hi")],
+            vec![live(8, ""), live(300, "long")],
+        ] {
+            let revision = events.last().map_or(0, |e| e.event.revision);
+            let frame = WatchFrame::Live { revision, events };
+            let bytes = frame.encode_to_vec();
+            assert_eq!(bytes.len(), frame.encoded_len());
+            let message = frame.clone().into_message();
+            assert_eq!(bytes, message.encode_to_vec());
+            assert_eq!(
+                pb::WatchChangeRequestsResponse::decode(bytes.as_slice()).expect("decodes"),
+                message
+            );
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! `approvals.v1.ChangeRequests`: each handler identifies the caller, converts the request,
 //! runs the domain command through the store, and converts the result back.
 
+use futures::StreamExt;
 use std::sync::Arc;
 
 use approvals_domain::{
@@ -28,6 +29,7 @@ const LIST_MAX_PAGE_SIZE: u64 = 1000;
 const EVENTS_DEFAULT_PAGE_SIZE: u64 = 100;
 const EVENTS_MAX_PAGE_SIZE: u64 = 1000;
 
+#[derive(Clone)]
 pub struct ChangeRequestsService {
     store: Store,
     hub: Arc<Hub>,
@@ -36,6 +38,68 @@ pub struct ChangeRequestsService {
 }
 
 impl ChangeRequestsService {
+    /// WatchChangeRequests: checks the request and opens the stream.
+    pub async fn open_watch(
+        &self,
+        request: Request<pb::WatchChangeRequestsRequest>,
+    ) -> Result<Response<watch::WatchStream>, Status> {
+        let caller = identity::caller(&request)?;
+        let req = request.into_inner();
+        let mut violations = Violations::default();
+        violations.required_name("project", &req.project);
+        for (field, value) in [
+            ("environment", &req.environment),
+            ("action_key", &req.action_key),
+            ("resource_type", &req.resource_type),
+            ("resource_id", &req.resource_id),
+        ] {
+            violations.optional_name(field, value);
+        }
+        if req.start_revision < 0 {
+            violations.add("start_revision", "must not be negative (0 means from now)");
+        }
+        if req.start_revision > 0 && req.include_initial {
+            violations.add(
+                "include_initial",
+                "cannot be combined with start_revision: a snapshot starts at the current revision",
+            );
+        }
+        violations.into_result().map_err(ApiError::from)?;
+        // A watcher sees only the projects its credentials allow; the filter holds it to one.
+        caller
+            .ensure_project(&req.project)
+            .map_err(ApiError::from)?;
+        let id = if req.id.is_empty() {
+            None
+        } else {
+            Some(parse_id("id", &req.id)?)
+        };
+        let states = req
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| convert::from_state(&format!("states[{i}]"), *s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let filter = EventFilter {
+            project: req.project,
+            environment: optional(&req.environment),
+            action_key: optional(&req.action_key),
+            resource_type: optional(&req.resource_type),
+            resource_id: optional(&req.resource_id),
+            states,
+            id,
+        };
+        let start = if req.include_initial {
+            Start::Initial
+        } else if req.start_revision > 0 {
+            Start::Revision(req.start_revision)
+        } else {
+            Start::Now
+        };
+        let stream = watch::open(self.hub.clone(), filter, start).await?;
+        Ok(Response::new(stream))
+    }
+
     pub fn new(store: Store, hub: Arc<Hub>, engine: Arc<ApplyEngine>, min_approvals: u32) -> Self {
         Self {
             store,
@@ -121,7 +185,7 @@ fn idempotency_key(
 
 #[tonic::async_trait]
 impl ChangeRequests for ChangeRequestsService {
-    type WatchChangeRequestsStream = watch::WatchStream;
+    type WatchChangeRequestsStream = watch::WatchMessages;
 
     async fn apply_change_request(
         &self,
@@ -257,65 +321,16 @@ impl ChangeRequests for ChangeRequestsService {
         ok(&updated, &caller)
     }
 
+    /// Served by `server::WatchRoute`, which sends the frames as they are; this form (plain
+    /// messages) is what the generated trait asks for.
     async fn watch_change_requests(
         &self,
         request: Request<pb::WatchChangeRequestsRequest>,
     ) -> Result<Response<Self::WatchChangeRequestsStream>, Status> {
-        let caller = identity::caller(&request)?;
-        let req = request.into_inner();
-        let mut violations = Violations::default();
-        violations.required_name("project", &req.project);
-        for (field, value) in [
-            ("environment", &req.environment),
-            ("action_key", &req.action_key),
-            ("resource_type", &req.resource_type),
-            ("resource_id", &req.resource_id),
-        ] {
-            violations.optional_name(field, value);
-        }
-        if req.start_revision < 0 {
-            violations.add("start_revision", "must not be negative (0 means from now)");
-        }
-        if req.start_revision > 0 && req.include_initial {
-            violations.add(
-                "include_initial",
-                "cannot be combined with start_revision: a snapshot starts at the current revision",
-            );
-        }
-        violations.into_result().map_err(ApiError::from)?;
-        // A watcher sees only the projects its credentials allow; the filter holds it to one.
-        caller
-            .ensure_project(&req.project)
-            .map_err(ApiError::from)?;
-        let id = if req.id.is_empty() {
-            None
-        } else {
-            Some(parse_id("id", &req.id)?)
-        };
-        let states = req
-            .states
-            .iter()
-            .enumerate()
-            .map(|(i, s)| convert::from_state(&format!("states[{i}]"), *s))
-            .collect::<Result<Vec<_>, _>>()?;
-        let filter = EventFilter {
-            project: req.project,
-            environment: optional(&req.environment),
-            action_key: optional(&req.action_key),
-            resource_type: optional(&req.resource_type),
-            resource_id: optional(&req.resource_id),
-            states,
-            id,
-        };
-        let start = if req.include_initial {
-            Start::Initial
-        } else if req.start_revision > 0 {
-            Start::Revision(req.start_revision)
-        } else {
-            Start::Now
-        };
-        let stream = watch::open(self.hub.clone(), filter, start).await?;
-        Ok(Response::new(stream))
+        let stream = self.open_watch(request).await?.into_inner();
+        Ok(Response::new(Box::pin(
+            stream.map(|frame| frame.map(watch::WatchFrame::into_message)),
+        )))
     }
 
     async fn create_change_request(
