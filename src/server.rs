@@ -231,12 +231,34 @@ impl tower::Service<http::Request<tonic::body::Body>> for WatchRoute {
             return Box::pin(self.inner.call(request));
         }
         let watch = OpenWatch(self.watch.clone());
-        let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
-            WatchFrame,
-            pb::WatchChangeRequestsRequest,
-        >::default())
-        .apply_max_message_size_config(Some(self.max_message_bytes), None);
+        let mut grpc = tonic::server::Grpc::new(WatchCodec)
+            .apply_max_message_size_config(Some(self.max_message_bytes), None);
         Box::pin(async move { Ok(grpc.server_streaming(watch, request).await) })
+    }
+}
+
+/// The watch codec: prost, with a smaller first buffer than tonic's 8 KiB. Every open stream
+/// holds its buffer while idle; it grows when a message needs more.
+struct WatchCodec;
+
+/// Bytes of a watch stream's first encode buffer.
+const WATCH_BUFFER_BYTES: usize = 1024;
+
+impl tonic::codec::Codec for WatchCodec {
+    type Encode = WatchFrame;
+    type Decode = pb::WatchChangeRequestsRequest;
+    type Encoder = tonic_prost::ProstEncoder<WatchFrame>;
+    type Decoder = tonic_prost::ProstDecoder<pb::WatchChangeRequestsRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(
+            WATCH_BUFFER_BYTES,
+            32 * 1024,
+        ))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
     }
 }
 
