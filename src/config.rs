@@ -156,7 +156,7 @@ impl Default for WatchConfig {
             max_watchers: 50_000,
             poll_interval: Duration::from_millis(500),
             buffer: 1024,
-            cache_entries: 100_000,
+            cache_entries: 20_000,
         }
     }
 }
