@@ -357,3 +357,46 @@ async fn list_filters_are_validated() {
     assert_invalid(&err, &["requester"]);
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+/// total_size is exact up to 1,000 matches; beyond, an estimate that never says 1,000 or less.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn total_size_is_exact_up_to_a_thousand_then_an_estimate() {
+    let server = TestServer::start().await;
+    let mut alice = server.client("user:alice").await;
+    let create_many = |n: usize| {
+        let server = &server;
+        async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for worker in 0..16 {
+                let mut client = server.client("user:alice").await;
+                tasks.spawn(async move {
+                    for _ in (worker..n).step_by(16) {
+                        create(&mut client, new_request()).await;
+                    }
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.expect("creates");
+            }
+        }
+    };
+    let total = |client: &mut Client| {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_change_requests(pb::ListChangeRequestsRequest {
+                    page_size: 10,
+                    ..list("web")
+                })
+                .await
+                .expect("list")
+                .into_inner()
+                .total_size
+        }
+    };
+    create_many(1000).await;
+    assert_eq!(total(&mut alice).await, 1000);
+    create_many(1).await;
+    let beyond = total(&mut alice).await;
+    assert!(beyond > 1000, "an estimate past the exact limit: {beyond}");
+}

@@ -143,8 +143,9 @@ pub struct Store {
     commits: Arc<watch::Sender<u64>>,
     /// The highest revision this process has appended to the log (committed or not).
     written: Arc<AtomicI64>,
-    /// Planner estimates of list totals, by statement: they change only with the table's
-    /// statistics (ANALYZE), so they are asked for once a minute per filter, not per page.
+    /// Estimates of list totals beyond the exact limit, by statement, reused for a minute:
+    /// PostgreSQL's planner estimate changes only with the table's statistics (ANALYZE); on
+    /// SQLite it is a count, a minute old at most.
     estimates: Arc<std::sync::Mutex<HashMap<String, (Instant, i64)>>>,
     url: Arc<str>,
 }
@@ -775,8 +776,7 @@ impl Store {
         })
     }
 
-    /// Beyond the exact limit: PostgreSQL's planner estimate (no scan of a million rows), or an
-    /// exact count on SQLite, whose planner gives no row estimate.
+    /// An estimate of `key`'s total made less than `ESTIMATE_TTL` ago.
     fn cached_estimate(&self, key: &str) -> Option<i64> {
         let estimates = self.estimates.lock().unwrap_or_else(|e| e.into_inner());
         estimates
@@ -796,15 +796,17 @@ impl Store {
         estimates.insert(key, (Instant::now(), estimate));
     }
 
+    /// Beyond the exact limit: PostgreSQL's planner estimate (no scan of a million rows), or an
+    /// exact count on SQLite, whose planner gives no row estimate; either reused for a minute.
     async fn estimate_count(&self, mut matching: SelectStatement) -> Result<i64, StoreError> {
         matching.reset_limit();
-        match self.backend {
+        let (sql, values) = matching.build(sea_orm::sea_query::PostgresQueryBuilder);
+        let key = format!("{sql} {values:?}");
+        if let Some(estimate) = self.cached_estimate(&key) {
+            return Ok(estimate);
+        }
+        let estimate = match self.backend {
             Backend::Postgres => {
-                let (sql, values) = matching.build(sea_orm::sea_query::PostgresQueryBuilder);
-                let key = format!("{sql} {values:?}");
-                if let Some(estimate) = self.cached_estimate(&key) {
-                    return Ok(estimate);
-                }
                 let stmt = Statement::from_sql_and_values(
                     DbBackend::Postgres,
                     format!("EXPLAIN (FORMAT JSON) {sql}"),
@@ -815,27 +817,27 @@ impl Store {
                     Some(row) => row.try_get_by_index::<serde_json::Value>(0).ok(),
                     None => None,
                 };
-                let estimate = plan
-                    .and_then(|p| {
-                        p.pointer("/0/Plan/Plan Rows")
-                            .and_then(serde_json::Value::as_f64)
-                    })
-                    .map(|rows| rows as i64)
-                    .unwrap_or(TOTAL_SIZE_EXACT_LIMIT + 1);
-                self.remember_estimate(key, estimate);
-                Ok(estimate)
+                plan.and_then(|p| {
+                    p.pointer("/0/Plan/Plan Rows")
+                        .and_then(serde_json::Value::as_f64)
+                })
+                .map(|rows| rows as i64)
+                .unwrap_or(TOTAL_SIZE_EXACT_LIMIT + 1)
             }
             Backend::Sqlite => {
+                // No planner estimate: an exact count, reused as an estimate like PostgreSQL's.
                 let count = Query::select()
                     .expr_as(Expr::cust("COUNT(*)"), Alias::new("n"))
                     .from_subquery(matching, Alias::new("matching"))
                     .to_owned();
-                Ok(match self.db.query_one(&count).await? {
+                match self.db.query_one(&count).await? {
                     Some(row) => row.try_get("", "n")?,
                     None => 0,
-                })
+                }
             }
-        }
+        };
+        self.remember_estimate(key, estimate);
+        Ok(estimate)
     }
 
     /// Every request matching `filter` as it stood at `revision`, which must be settled (every
