@@ -44,7 +44,9 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-pub fn new_key() -> String {
+/// A new UUIDv7: the ids of requests, changes and comments, and apply runs' idempotency keys.
+/// Time-ordered, so ids sort newest last and index well.
+pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
@@ -327,7 +329,7 @@ impl ApplyEngine {
         request: &ChangeRequest,
     ) -> Result<ChangeRequest, StoreError> {
         let wiring = self.wiring(request).await?;
-        let key = new_key();
+        let key = new_id();
         let lease = self.lease_micros();
         let now = now();
         self.store

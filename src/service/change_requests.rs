@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    apply::{ApplyEngine, new_key, now},
+    apply::{ApplyEngine, new_id, now},
     auth::{Caller, Scope},
     convert,
     error::ApiError,
@@ -108,10 +108,6 @@ impl ChangeRequestsService {
             min_approvals,
         }
     }
-}
-
-fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
 }
 
 /// A change request id from a request: required, a UUID, normalised to lower-case hyphenated.
@@ -227,7 +223,7 @@ impl ChangeRequests for ChangeRequestsService {
         let (_, wiring) = self.with_wiring(&caller, &id).await?;
         let actor = caller.actor();
         let now = now();
-        let key = new_key();
+        let key = new_id();
         let replica = self.engine.replica().to_owned();
         let lease = self.engine.lease_micros();
         let started = self
