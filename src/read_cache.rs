@@ -11,6 +11,8 @@
 //!   up to it, every get reads the database.
 //! - A write through another replica reaches this cache once this replica's hub has read it
 //!   (the commit notification plus one log read, milliseconds), as it reaches watchers.
+//! - A request in APPLYING is never cached: its attempt count and lease change without an
+//!   event.
 //! - Writes never use the cache: they lock and check the row in the database, so an etag from a
 //!   stale read fails with ABORTED instead of overwriting anything.
 
@@ -20,7 +22,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use approvals_domain::ChangeRequest;
+use approvals_domain::{ChangeRequest, State};
 use lru::LruCache;
 
 /// Invalidations remembered, so that a read racing with them can tell whether they concern it.
@@ -80,6 +82,11 @@ impl RequestCache {
     /// Caches `request`, read from the database after [`Self::mark`] returned `mark`, unless an
     /// event applied since then changed it after the revision read.
     pub fn offer(&self, mark: i64, request: &ChangeRequest) {
+        if request.state == State::Applying {
+            // An apply in progress changes its attempt count and lease without an event (so
+            // without telling this cache): such a request is always read from the database.
+            return;
+        }
         let Some(mut inner) = self.lock() else {
             return;
         };
@@ -213,6 +220,15 @@ mod tests {
         let mark = cache.mark();
         cache.apply((1..=(RECENT as i64 + 1)).map(|r| (r, "b")));
         cache.offer(mark, &request("a", 0));
+        assert!(cache.get("a", 0).is_none());
+    }
+
+    #[test]
+    fn a_request_being_applied_is_not_cached() {
+        let cache = RequestCache::new(10, 0);
+        let mut applying = request("a", 3);
+        applying.state = State::Applying;
+        cache.offer(cache.mark(), &applying);
         assert!(cache.get("a", 0).is_none());
     }
 

@@ -1057,3 +1057,46 @@ async fn a_crash_mid_apply_is_retried_with_the_same_key() {
     drop(second);
     drop(database);
 }
+
+/// While an apply is retried, a get shows each attempt as it is recorded (attempts change
+/// without an event, so a request being applied is never served from the read cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gets_show_the_attempts_of_an_apply_in_progress() {
+    let (_applier, endpoint) = Applier::start(vec![
+        Reply::Status(Code::Unavailable),
+        Reply::Status(Code::Unavailable),
+        Reply::Status(Code::Unavailable),
+        Reply::Slow(Duration::from_secs(30)),
+    ])
+    .await;
+    let server = TestServer::start_with(|c| {
+        c.apply.retry_backoff = Duration::from_millis(200);
+        c.apply.poll_interval = Duration::from_millis(100);
+        c.apply.deadline = Duration::from_secs(10);
+    })
+    .await;
+    create_policy(&server, policy(pb::ApplyMode::Auto, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let created = create(&mut alice, new_request()).await;
+    let mut bob = server.client("user:bob").await;
+    let id = created.id.clone();
+    // The approval starts the apply and waits for it; meanwhile alice reads.
+    let approval = tokio::spawn(async move { approve(&mut bob, &id).await });
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let read = get(&mut alice, &created.id).await;
+        if state(&read) == State::Applying && seen.last() != Some(&read.apply_attempts) {
+            seen.push(read.apply_attempts);
+        }
+        if read.apply_attempts >= 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "attempts seen while applying: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    approval.abort();
+}
