@@ -62,6 +62,13 @@ pub struct LimitsConfig {
     pub rate_limit_per_second: u32,
     /// Calls a principal may make at once above its rate; 0: the same as the rate.
     pub rate_limit_burst: u32,
+    /// HTTP/2 PING on every connection this often, so idle watch streams survive proxies and
+    /// NATs that drop quiet connections, and dead clients are noticed. 0s: no pings.
+    #[serde(deserialize_with = "duration")]
+    pub keepalive_interval: Duration,
+    /// A connection whose PING is not answered within this is closed.
+    #[serde(deserialize_with = "duration")]
+    pub keepalive_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -197,6 +204,8 @@ impl Default for LimitsConfig {
             max_concurrent_requests: 1024,
             rate_limit_per_second: 0,
             rate_limit_burst: 0,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -338,6 +347,14 @@ const KEYS: &[(&str, Setter)] = &[
         c.limits.rate_limit_burst = parse_number(v)?;
         Ok(())
     }),
+    ("limits.keepalive_interval", |c, v| {
+        c.limits.keepalive_interval = parse_duration(v)?;
+        Ok(())
+    }),
+    ("limits.keepalive_timeout", |c, v| {
+        c.limits.keepalive_timeout = parse_duration(v)?;
+        Ok(())
+    }),
     ("auth.jwt.issuer", |c, v| {
         jwt(c).issuer = v.to_owned();
         Ok(())
@@ -462,6 +479,12 @@ impl Config {
             message,
         };
         let addr = self.listen_addr().map_err(|m| invalid("listen", m))?;
+        if !self.limits.keepalive_interval.is_zero() && self.limits.keepalive_timeout.is_zero() {
+            return Err(invalid(
+                "limits.keepalive_timeout",
+                "must be more than 0s while keepalive_interval is set".into(),
+            ));
+        }
         crate::auth::validate_config(&self.auth).map_err(|(key, m)| invalid(&key, m))?;
         if !self.auth.is_configured() && !addr.ip().is_loopback() {
             return Err(invalid(
@@ -662,6 +685,31 @@ mod tests {
         )
         .expect_err("unknown format");
         assert!(err.to_string().starts_with("telemetry.log_format"), "{err}");
+    }
+
+    #[test]
+    fn keepalive_is_configurable_and_checked() {
+        let file = write("[limits]\nkeepalive_interval = \"0s\"\n");
+        let config = Config::load(Some(&file.0), |_| None, &Overrides::default()).expect("loads");
+        assert_eq!(config.limits.keepalive_interval, Duration::ZERO);
+        let config = Config::load(
+            None,
+            |k| (k == "APPROVALS_LIMITS_KEEPALIVE_INTERVAL").then(|| "5s".into()),
+            &Overrides::default(),
+        )
+        .expect("loads");
+        assert_eq!(config.limits.keepalive_interval, Duration::from_secs(5));
+        assert_eq!(config.limits.keepalive_timeout, Duration::from_secs(10));
+        let err = Config::load(
+            None,
+            |k| (k == "APPROVALS_LIMITS_KEEPALIVE_TIMEOUT").then(|| "0s".into()),
+            &Overrides::default(),
+        )
+        .expect_err("no timeout");
+        assert!(
+            err.to_string().starts_with("limits.keepalive_timeout"),
+            "{err}"
+        );
     }
 
     #[test]

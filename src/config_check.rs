@@ -36,6 +36,8 @@ pub fn render(config: &Config) -> String {
     limits.insert("request_timeout".into(), duration(l.request_timeout));
     limits.insert("max_message_bytes".into(), count(l.max_message_bytes));
     limits.insert("shutdown_grace".into(), duration(l.shutdown_grace));
+    limits.insert("keepalive_interval".into(), duration(l.keepalive_interval));
+    limits.insert("keepalive_timeout".into(), duration(l.keepalive_timeout));
     limits.insert(
         "max_concurrent_requests".into(),
         count(l.max_concurrent_requests),

@@ -114,8 +114,10 @@ pub async fn run(
     };
     let serve = tonic::transport::Server::builder()
         .timeout(config.limits.request_timeout)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(
+            Some(config.limits.keepalive_interval).filter(|interval| !interval.is_zero()),
+        )
+        .http2_keepalive_timeout(Some(config.limits.keepalive_timeout))
         .layer(crate::telemetry::RpcLayer)
         .layer(AuthLayer::new(authenticator))
         .layer(crate::limits::LimitLayer::new(&config.limits))
