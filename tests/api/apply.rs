@@ -140,25 +140,6 @@ async fn create_policy(server: &TestServer, policy: pb::Policy) -> pb::Policy {
         .into_inner()
 }
 
-async fn approve(client: &mut Client, id: &str) -> pb::ChangeRequest {
-    client
-        .approve_change_request(pb::ApproveChangeRequestRequest {
-            id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("approve")
-        .into_inner()
-}
-
-async fn get(client: &mut Client, id: &str) -> pb::ChangeRequest {
-    client
-        .get_change_request(pb::GetChangeRequestRequest { id: id.into() })
-        .await
-        .expect("get")
-        .into_inner()
-}
-
 /// Polls until the request is in `wanted` (at most 15 s).
 async fn wait_for(client: &mut Client, id: &str, wanted: State) -> pb::ChangeRequest {
     for _ in 0..300 {

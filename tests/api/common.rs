@@ -345,6 +345,26 @@ pub async fn create(
         .into_inner()
 }
 
+/// Approves as the client's caller, expecting success.
+pub async fn approve(client: &mut Client, id: &str) -> pb::ChangeRequest {
+    client
+        .approve_change_request(pb::ApproveChangeRequestRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("approve")
+        .into_inner()
+}
+
+pub async fn get(client: &mut Client, id: &str) -> pb::ChangeRequest {
+    client
+        .get_change_request(pb::GetChangeRequestRequest { id: id.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
 /// Asserts a status code and `ErrorInfo` reason, and returns the message for further checks.
 pub fn assert_error(status: &Status, code: Code, reason: &str) -> String {
     assert_eq!(status.code(), code, "unexpected status: {status:?}");

@@ -3,28 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use approvals::pb::{self, State};
+use approvals::pb::State;
 
 use crate::common::*;
-
-async fn get(client: &mut Client, id: &str) -> pb::ChangeRequest {
-    client
-        .get_change_request(pb::GetChangeRequestRequest { id: id.into() })
-        .await
-        .expect("get")
-        .into_inner()
-}
-
-async fn approve(client: &mut Client, id: &str) -> pb::ChangeRequest {
-    client
-        .approve_change_request(pb::ApproveChangeRequestRequest {
-            id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("approve")
-        .into_inner()
-}
 
 #[tokio::test]
 async fn a_get_after_a_write_on_the_same_replica_sees_the_write() {
