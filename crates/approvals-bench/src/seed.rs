@@ -163,22 +163,7 @@ pub async fn insert_rows<C: ConnectionTrait>(
         "snapshot",
     ]);
     for spec in specs {
-        // The snapshot is taken before the store sets the revision: keep the template's.
-        let revision = template.snapshot["revision"].as_i64().unwrap_or_default();
-        let snapshot = template.document(&template.snapshot, spec, revision);
-        events.values_panic([
-            spec.id.clone().into(),
-            spec.project.clone().into(),
-            spec.environment.clone().into(),
-            template.kind.clone().into(),
-            spec.created_by.clone().into(),
-            Option::<String>::None.into(),
-            template.from_state.clone().into(),
-            template.to_state.clone().into(),
-            template.event_time.into(),
-            template.detail.clone().into(),
-            snapshot.to_string().into(),
-        ]);
+        events.values_panic(event_values(template, spec).into_iter().map(Expr::val));
     }
     events.returning(Query::returning().columns(["revision", "change_request_id"]));
     let mut revisions = HashMap::with_capacity(specs.len());
@@ -241,6 +226,26 @@ pub async fn insert_rows<C: ConnectionTrait>(
     Ok(())
 }
 
+/// The values of `spec`'s CREATED event row, in the column order of `insert_rows`.
+fn event_values(template: &Template, spec: &RowSpec) -> Vec<sea_orm::Value> {
+    // The snapshot is taken before the store sets the revision: keep the template's.
+    let revision = template.snapshot["revision"].as_i64().unwrap_or_default();
+    let snapshot = template.document(&template.snapshot, spec, revision);
+    vec![
+        spec.id.clone().into(),
+        spec.project.clone().into(),
+        spec.environment.clone().into(),
+        template.kind.clone().into(),
+        spec.created_by.clone().into(),
+        Option::<String>::None.into(),
+        template.from_state.clone().into(),
+        template.to_state.clone().into(),
+        template.event_time.into(),
+        template.detail.clone().into(),
+        snapshot.to_string().into(),
+    ]
+}
+
 /// One request in one transaction (immediate on SQLite, as the service's writer is): three
 /// inserts, commit. The SQLite service writes a create this way.
 pub async fn insert_one(
@@ -296,24 +301,12 @@ pub async fn insert_one_statement(
     template: &Template,
     spec: &RowSpec,
 ) -> Result<(), DbErr> {
-    let event_revision = template.snapshot["revision"].as_i64().unwrap_or_default();
-    let snapshot = template.document(&template.snapshot, spec, event_revision);
     // The stored body's revision is never read (the column's is).
     let body = template.document(&template.body, spec, 0);
-    let values: Vec<sea_orm::Value> = vec![
-        // $1..$11: the event
-        spec.id.clone().into(),
-        spec.project.clone().into(),
-        spec.environment.clone().into(),
-        template.kind.clone().into(),
-        spec.created_by.clone().into(),
-        Option::<String>::None.into(),
-        template.from_state.clone().into(),
-        template.to_state.clone().into(),
-        template.event_time.into(),
-        template.detail.clone().into(),
-        snapshot.to_string().into(),
-        // $12..$20: the request
+    // $1..$11: the event
+    let mut values = event_values(template, spec);
+    values.extend::<[sea_orm::Value; 10]>([
+        // $12..$19: the request
         template.action_key.clone().into(),
         template.state.clone().into(),
         template.create_time.into(),
@@ -325,7 +318,7 @@ pub async fn insert_one_statement(
         // $20, $21: the resource
         template.resource_type.clone().into(),
         spec.resource_id.clone().into(),
-    ];
+    ]);
     let sql = format!(
         "WITH event AS (INSERT INTO {EVENTS} (change_request_id, project, environment, kind, \
          actor, acting_principal, from_state, to_state, event_time, detail, snapshot) \
