@@ -237,8 +237,13 @@ impl Store {
 
     async fn commit(&self, txn: DatabaseTransaction) -> Result<(), StoreError> {
         txn.commit().await?;
-        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+        self.note_committed();
         Ok(())
+    }
+
+    /// Wakes this process's log reader: something was just committed.
+    fn note_committed(&self) {
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// PostgreSQL: relays commits between replicas (LISTEN/NOTIFY on `approvals_events`): a
@@ -462,7 +467,7 @@ impl Store {
         let revision: i64 = row.try_get("", ev::REVISION)?;
         self.note_written(revision);
         request.revision = revision;
-        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+        self.note_committed();
         Ok(())
     }
 
@@ -706,11 +711,7 @@ impl Store {
             .columns([cr::ID, cr::REVISION, cr::BODY])
             .from(CHANGE_REQUESTS);
         if let Some(count) = count {
-            let capped = Query::select()
-                .expr(Expr::cust("COUNT(*)"))
-                .from_subquery(count.clone(), Alias::new("matching"))
-                .to_owned();
-            query.expr_as(capped, Alias::new("total_size"));
+            query.expr_as(count_of(count), Alias::new("total_size"));
         }
         apply_filter(&mut query, filter);
         if let Some(after) = after {
@@ -755,16 +756,10 @@ impl Store {
             // The first page is empty: nothing matches.
             None if after.is_none() => 0,
             // Past the last page: count on its own.
-            None => {
-                let capped = Query::select()
-                    .expr_as(Expr::cust("COUNT(*)"), Alias::new("n"))
-                    .from_subquery(count_query.clone(), Alias::new("matching"))
-                    .to_owned();
-                match self.db.query_one(&capped).await? {
-                    Some(row) => row.try_get("", "n")?,
-                    None => 0,
-                }
-            }
+            None => match self.db.query_one(&count_of(&count_query)).await? {
+                Some(row) => row.try_get("", "n")?,
+                None => 0,
+            },
         };
         if total_size > TOTAL_SIZE_EXACT_LIMIT {
             total_size = Ord::max(self.estimate_count(count_query).await?, total_size);
@@ -826,11 +821,7 @@ impl Store {
             }
             Backend::Sqlite => {
                 // No planner estimate: an exact count, reused as an estimate like PostgreSQL's.
-                let count = Query::select()
-                    .expr_as(Expr::cust("COUNT(*)"), Alias::new("n"))
-                    .from_subquery(matching, Alias::new("matching"))
-                    .to_owned();
-                match self.db.query_one(&count).await? {
+                match self.db.query_one(&count_of(&matching)).await? {
                     Some(row) => row.try_get("", "n")?,
                     None => 0,
                 }
@@ -957,6 +948,14 @@ pub(crate) const EVENT_COLUMNS: [&str; 12] = [
     ev::DETAIL,
     ev::SNAPSHOT,
 ];
+
+/// `SELECT COUNT(*) AS n` of the rows `matching` selects.
+fn count_of(matching: &SelectStatement) -> SelectStatement {
+    Query::select()
+        .expr_as(Expr::cust("COUNT(*)"), Alias::new("n"))
+        .from_subquery(matching.clone(), Alias::new("matching"))
+        .to_owned()
+}
 
 /// The values of an event row, in the order of `EVENT_COLUMNS[1..]` (all but the revision).
 fn event_values(
