@@ -4,6 +4,7 @@ mod apply;
 pub mod auth;
 pub mod config;
 pub mod config_check;
+mod connection;
 mod convert;
 mod error;
 mod identity;
@@ -15,6 +16,7 @@ pub mod server;
 mod service;
 pub mod telemetry;
 mod watch;
+mod watch_route;
 
 /// Code generated from `proto/approvals/v1`.
 pub mod pb {

@@ -10,9 +10,10 @@ use crate::{
     apply::ApplyEngine,
     auth::{AuthLayer, AuthSetupError, Authenticator},
     config::Config,
-    pb::{self, change_requests_server::ChangeRequestsServer, policies_server::PoliciesServer},
+    pb::{self, policies_server::PoliciesServer},
     service::{change_requests::ChangeRequestsService, policies::PoliciesService},
-    watch::{Hub, WatchFrame, WatchStream},
+    watch::Hub,
+    watch_route::WatchRoute,
 };
 
 /// The health service name Kubernetes liveness probes check: SERVING while the process runs,
@@ -89,12 +90,7 @@ pub async fn run(
         engine.clone(),
         config.min_approvals,
     );
-    let change_requests = WatchRoute {
-        watch: service.clone(),
-        max_message_bytes: config.limits.max_message_bytes,
-        inner: ChangeRequestsServer::new(service)
-            .max_decoding_message_size(config.limits.max_message_bytes),
-    };
+    let change_requests = WatchRoute::new(service, config.limits.max_message_bytes);
     let policies = PoliciesServer::new(PoliciesService::new(store))
         .max_decoding_message_size(config.limits.max_message_bytes);
 
@@ -126,7 +122,7 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(change_requests)
         .add_service(policies)
-        .serve_with_incoming_shutdown(incoming(listener), signal);
+        .serve_with_incoming_shutdown(crate::connection::incoming(listener), signal);
     let grace = config.limits.shutdown_grace;
     let result = tokio::select! {
         result = serve => result,
@@ -142,14 +138,6 @@ pub async fn run(
     worker.abort();
     tracing::info!("stopped");
     Ok(result?)
-}
-
-/// Accepted connections with Nagle's algorithm off. tonic sets TCP_NODELAY only on listeners it
-/// binds itself; without it a response written in several pieces (headers, then data, then
-/// trailers) waits for the client's delayed ACK, about 40 ms (measured with approvals-bench: get
-/// at 64 in flight went from ~1,500/s with p50 44 ms to the figures in the README).
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Our API, health, and the `google.rpc` error details, so grpcurl can decode ErrorInfo and
@@ -193,88 +181,5 @@ async fn probe_database(
                 set_database_health(&reporter, ServingStatus::NotServing).await;
             }
         }
-    }
-}
-
-/// The ChangeRequests service, with WatchChangeRequests sent as [`WatchFrame`]s: events from the
-/// live ring go out encoded once for all watchers, instead of cloned and encoded per stream
-/// (the generated code's codec takes only the generated message). Same path, same messages on
-/// the wire; every other method goes to the generated server.
-#[derive(Clone)]
-struct WatchRoute {
-    inner: ChangeRequestsServer<ChangeRequestsService>,
-    watch: ChangeRequestsService,
-    max_message_bytes: usize,
-}
-
-const WATCH_PATH: &str = "/approvals.v1.ChangeRequests/WatchChangeRequests";
-
-impl tonic::server::NamedService for WatchRoute {
-    const NAME: &'static str =
-        <ChangeRequestsServer<ChangeRequestsService> as tonic::server::NamedService>::NAME;
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for WatchRoute {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = std::pin::Pin<
-        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        if request.uri().path() != WATCH_PATH {
-            return Box::pin(self.inner.call(request));
-        }
-        let watch = OpenWatch(self.watch.clone());
-        let mut grpc = tonic::server::Grpc::new(WatchCodec)
-            .apply_max_message_size_config(Some(self.max_message_bytes), None);
-        Box::pin(async move { Ok(grpc.server_streaming(watch, request).await) })
-    }
-}
-
-/// The watch codec: prost, with a smaller first buffer than tonic's 8 KiB. Every open stream
-/// holds its buffer while idle; it grows when a message needs more.
-struct WatchCodec;
-
-/// Bytes of a watch stream's first encode buffer.
-const WATCH_BUFFER_BYTES: usize = 1024;
-
-impl tonic::codec::Codec for WatchCodec {
-    type Encode = WatchFrame;
-    type Decode = pb::WatchChangeRequestsRequest;
-    type Encoder = tonic_prost::ProstEncoder<WatchFrame>;
-    type Decoder = tonic_prost::ProstDecoder<pb::WatchChangeRequestsRequest>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(
-            WATCH_BUFFER_BYTES,
-            32 * 1024,
-        ))
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
-    }
-}
-
-struct OpenWatch(ChangeRequestsService);
-
-impl tonic::server::ServerStreamingService<pb::WatchChangeRequestsRequest> for OpenWatch {
-    type Response = WatchFrame;
-    type ResponseStream = WatchStream;
-    type Future = std::pin::Pin<
-        Box<dyn Future<Output = Result<tonic::Response<WatchStream>, tonic::Status>> + Send>,
-    >;
-
-    fn call(&mut self, request: tonic::Request<pb::WatchChangeRequestsRequest>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.open_watch(request).await })
     }
 }

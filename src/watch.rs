@@ -35,25 +35,42 @@ const SNAPSHOT_CHUNK: usize = 100;
 pub struct LiveEvent {
     event: Event,
     message: pb::Event,
-    encoded: Bytes,
+    /// The gRPC message of a frame that carries this event alone: the 5-byte gRPC prefix, then
+    /// `WatchChangeRequestsResponse { revision, events: [event] }`. It ends with the encoded
+    /// event, which frames of several events copy from.
+    framed: Bytes,
+    /// Length of the encoded event at the end of `framed`.
+    event_len: usize,
 }
 
 impl LiveEvent {
     fn new(event: Event) -> Self {
         let message = convert::event(&event);
-        let encoded = Bytes::from(message.encode_to_vec());
+        let event_len = message.encoded_len();
+        let body_len = live_body_len(event.revision, [event_len]);
+        let mut framed = bytes::BytesMut::with_capacity(GRPC_PREFIX + body_len);
+        put_grpc_prefix(body_len, &mut framed);
+        put_live_header(event.revision, &mut framed);
+        put_event_key(event_len, &mut framed);
+        message.encode_raw(&mut framed);
         Self {
             event,
             message,
-            encoded,
+            framed: framed.freeze(),
+            event_len,
         }
+    }
+
+    fn encoded(&self) -> &[u8] {
+        &self.framed[self.framed.len() - self.event_len..]
     }
 }
 
 /// One message of a watch stream, as the stream produces it. Events from the live ring are
 /// shared, already encoded: with 10,000 watchers an event used to be cloned and encoded
-/// 10,000 times. On the wire a frame is exactly the `WatchChangeRequestsResponse` it stands
-/// for (`into_message` gives that message; a test holds the bytes equal).
+/// 10,000 times, and a frame of one event is sent as the very bytes the ring holds. On the wire
+/// a frame is exactly the `WatchChangeRequestsResponse` it stands for (`into_message` gives
+/// that message; a test holds the bytes equal).
 #[derive(Clone)]
 pub enum WatchFrame {
     Message(pb::WatchChangeRequestsResponse),
@@ -61,12 +78,6 @@ pub enum WatchFrame {
         revision: i64,
         events: Vec<Arc<LiveEvent>>,
     },
-}
-
-impl Default for WatchFrame {
-    fn default() -> Self {
-        Self::Message(pb::WatchChangeRequestsResponse::default())
-    }
 }
 
 impl std::fmt::Debug for WatchFrame {
@@ -93,81 +104,93 @@ impl WatchFrame {
             },
         }
     }
+
+    /// The frame as one length-prefixed gRPC message (uncompressed), as it goes on the wire.
+    pub fn grpc_message(&self) -> Bytes {
+        match self {
+            Self::Live { revision, events } => match events.as_slice() {
+                [only] if only.event.revision == *revision => only.framed.clone(),
+                _ => {
+                    let body_len = live_body_len(*revision, events.iter().map(|e| e.event_len));
+                    let mut buf = bytes::BytesMut::with_capacity(GRPC_PREFIX + body_len);
+                    put_grpc_prefix(body_len, &mut buf);
+                    put_live_header(*revision, &mut buf);
+                    for event in events {
+                        put_event_key(event.event_len, &mut buf);
+                        buf.extend_from_slice(event.encoded());
+                    }
+                    buf.freeze()
+                }
+            },
+            Self::Message(message) => {
+                let body_len = message.encoded_len();
+                let mut buf = bytes::BytesMut::with_capacity(GRPC_PREFIX + body_len);
+                put_grpc_prefix(body_len, &mut buf);
+                message.encode_raw(&mut buf);
+                buf.freeze()
+            }
+        }
+    }
 }
 
-/// Field numbers of `WatchChangeRequestsResponse` that a live frame writes.
+/// Bytes before each gRPC message: a compression flag (0) and the length (u32, big-endian).
+const GRPC_PREFIX: usize = 5;
+/// Field numbers of `WatchChangeRequestsResponse` that a live frame writes, in number order,
+/// as prost writes them.
 const REVISION_FIELD: u32 = 1;
 const EVENTS_FIELD: u32 = 2;
 
-/// Encoding only (the server never decodes a frame): the bytes prost writes for the same
-/// message, fields in number order.
-impl prost::Message for WatchFrame {
-    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
-        match self {
-            Self::Message(message) => message.encode_raw(buf),
-            Self::Live { revision, events } => {
-                if *revision != 0 {
-                    prost::encoding::int64::encode(REVISION_FIELD, revision, buf);
-                }
-                for event in events {
-                    prost::encoding::encode_key(
-                        EVENTS_FIELD,
-                        prost::encoding::WireType::LengthDelimited,
-                        buf,
-                    );
-                    prost::encoding::encode_varint(event.encoded.len() as u64, buf);
-                    buf.put_slice(&event.encoded);
-                }
-            }
-        }
-    }
+fn put_grpc_prefix(body_len: usize, buf: &mut bytes::BytesMut) {
+    use bytes::BufMut;
+    buf.put_u8(0);
+    // A single event is far below 4 GiB: the store refuses payloads past the message limit.
+    buf.put_u32(u32::try_from(body_len).unwrap_or(u32::MAX));
+}
 
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl bytes::Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        if let Self::Live { .. } = self {
-            *self = Self::Message(std::mem::take(self).into_message());
-        }
-        match self {
-            Self::Message(message) => message.merge_field(tag, wire_type, buf, ctx),
-            Self::Live { .. } => Ok(()),
-        }
+fn put_live_header(revision: i64, buf: &mut bytes::BytesMut) {
+    if revision != 0 {
+        prost::encoding::int64::encode(REVISION_FIELD, &revision, buf);
     }
+}
 
-    fn encoded_len(&self) -> usize {
-        match self {
-            Self::Message(message) => message.encoded_len(),
-            Self::Live { revision, events } => {
-                let revision = if *revision != 0 {
-                    prost::encoding::int64::encoded_len(REVISION_FIELD, revision)
-                } else {
-                    0
-                };
-                revision
-                    + events
-                        .iter()
-                        .map(|e| {
-                            prost::encoding::key_len(EVENTS_FIELD)
-                                + prost::encoding::encoded_len_varint(e.encoded.len() as u64)
-                                + e.encoded.len()
-                        })
-                        .sum::<usize>()
-            }
-        }
-    }
+fn put_event_key(event_len: usize, buf: &mut bytes::BytesMut) {
+    prost::encoding::encode_key(
+        EVENTS_FIELD,
+        prost::encoding::WireType::LengthDelimited,
+        buf,
+    );
+    prost::encoding::encode_varint(event_len as u64, buf);
+}
 
-    fn clear(&mut self) {
-        *self = Self::default();
-    }
+fn live_body_len(revision: i64, event_lens: impl IntoIterator<Item = usize>) -> usize {
+    let revision = if revision != 0 {
+        prost::encoding::int64::encoded_len(REVISION_FIELD, &revision)
+    } else {
+        0
+    };
+    revision
+        + event_lens
+            .into_iter()
+            .map(|len| {
+                prost::encoding::key_len(EVENTS_FIELD)
+                    + prost::encoding::encoded_len_varint(len as u64)
+                    + len
+            })
+            .sum::<usize>()
+}
+
+/// What the live ring carries.
+#[derive(Clone)]
+enum Published {
+    Event(Arc<LiveEvent>),
+    /// The hub is closing (`closing` is already set): wakes every live watcher to end its
+    /// stream, without each watcher also waiting on the closing flag.
+    Closing,
 }
 
 pub struct Hub {
     store: Store,
-    live: broadcast::Sender<Arc<LiveEvent>>,
+    live: broadcast::Sender<Published>,
     head: watch::Receiver<i64>,
     closing: watch::Sender<bool>,
     permits: Arc<Semaphore>,
@@ -227,6 +250,7 @@ impl Hub {
     /// Ends every watch stream (with the revision to resume from), for shutdown.
     pub fn close(&self) {
         self.closing.send_replace(true);
+        let _ = self.live.send(Published::Closing);
     }
 }
 
@@ -234,7 +258,7 @@ impl Hub {
 async fn follow(
     store: Store,
     start: i64,
-    live: broadcast::Sender<Arc<LiveEvent>>,
+    live: broadcast::Sender<Published>,
     head: watch::Sender<i64>,
     wake: Arc<Notify>,
     poll_interval: Duration,
@@ -257,7 +281,7 @@ async fn follow(
                 for event in batch.events {
                     crate::metrics::record_transition(event.kind.as_str());
                     // No receivers is fine: nobody is watching.
-                    let _ = live.send(Arc::new(LiveEvent::new(event)));
+                    let _ = live.send(Published::Event(Arc::new(LiveEvent::new(event))));
                 }
                 if let Some(last) = last {
                     head.send_replace(last);
@@ -328,7 +352,11 @@ impl EventFilter {
                     self.action_key
                         .as_ref()
                         .is_none_or(|a| &request.action_key == a)
-                        && self.as_list_filter().matches_resources(request)
+                        && approvals_store::touches_resource(
+                            self.resource_type.as_deref(),
+                            self.resource_id.as_deref(),
+                            request,
+                        )
                 }
                 None => {
                     self.action_key.is_none()
@@ -361,13 +389,18 @@ struct Watcher {
     filter: EventFilter,
     /// Every event at or below it has been processed (delivered if it matched).
     cursor: i64,
-    live: broadcast::Receiver<Arc<LiveEvent>>,
+    live: broadcast::Receiver<Published>,
     mode: Mode,
     /// Once at the live tail, the lag limit applies.
     was_live: bool,
     snapshot: Option<(std::vec::IntoIter<pb::ChangeRequest>, i64)>,
+    /// Checked before each message; live watchers also learn of it from the ring.
     closing: watch::Receiver<bool>,
     last_sent: Instant,
+    /// Fires at or before the next progress notification is due; when it fires early (messages
+    /// were sent since it was set) it is set again from `last_sent`. Kept across messages, so a
+    /// delivery does not register and drop a timer for each of thousands of watchers.
+    progress: Pin<Box<tokio::time::Sleep>>,
     done: bool,
     _permit: OwnedSemaphorePermit,
     _counted: crate::metrics::OpenWatcher,
@@ -435,8 +468,12 @@ pub async fn open(
         }
     };
     let was_live = matches!(mode, Mode::Live);
+    let now = Instant::now();
     let watcher = Watcher {
         closing: hub.closing.subscribe(),
+        progress: Box::pin(tokio::time::sleep_until(
+            now + hub.settings.progress_interval,
+        )),
         hub,
         filter,
         cursor,
@@ -444,13 +481,15 @@ pub async fn open(
         mode,
         was_live,
         snapshot,
-        last_sent: Instant::now(),
+        last_sent: now,
         done: false,
         _permit: permit,
         _counted: crate::metrics::OpenWatcher::new(),
     };
+    // `unfold` moves its state and the future of each step: with the watcher boxed and the log
+    // read boxed (in `next_message`), that is a few words per delivery, not kilobytes.
     Ok(Box::pin(futures::stream::unfold(
-        watcher,
+        Box::new(watcher),
         |mut watcher| async move {
             let item = watcher.next().await?;
             Some((item, watcher))
@@ -498,7 +537,8 @@ impl Watcher {
             let frame = match &mut self.mode {
                 Mode::CatchingUp { reader, target } => {
                     let target = *target;
-                    let batch = reader.next_batch(BATCH as u64).await?;
+                    // Boxed, so the future of a live delivery stays small (see `open`).
+                    let batch = Box::pin(reader.next_batch(BATCH as u64)).await?;
                     if batch.events.is_empty() && batch.waiting {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
@@ -522,23 +562,33 @@ impl Watcher {
                     })
                 }
                 Mode::Live => {
-                    let deadline = self.last_sent + self.hub.settings.progress_interval;
+                    // `biased`: when woken by an event, only the ring is polled.
                     let first = tokio::select! {
+                        biased;
                         received = self.live.recv() => received,
-                        () = tokio::time::sleep_until(deadline) => {
+                        () = self.progress.as_mut() => {
+                            let interval = self.hub.settings.progress_interval;
+                            let due = self.last_sent + interval;
+                            let now = Instant::now();
+                            if now < due {
+                                self.progress.as_mut().reset(due);
+                                continue;
+                            }
+                            self.progress.as_mut().reset(now + interval);
                             return Ok(WatchFrame::Message(pb::WatchChangeRequestsResponse {
                                 revision: self.cursor,
                                 progress: true,
                                 ..Default::default()
                             }));
                         }
-                        _ = self.closing.changed() => continue,
                     };
                     let mut matching = Vec::new();
                     let mut next = first;
                     loop {
                         match next {
-                            Ok(live) => {
+                            // Back to the top, which ends the stream (after `matching`).
+                            Ok(Published::Closing) => break,
+                            Ok(Published::Event(live)) => {
                                 if live.event.revision > self.cursor {
                                     self.cursor = live.event.revision;
                                     if self.filter.matches(&live.event) {
@@ -643,14 +693,31 @@ mod tests {
         ] {
             let revision = events.last().map_or(0, |e| e.event.revision);
             let frame = WatchFrame::Live { revision, events };
-            let bytes = frame.encode_to_vec();
-            assert_eq!(bytes.len(), frame.encoded_len());
             let message = frame.clone().into_message();
-            assert_eq!(bytes, message.encode_to_vec());
-            assert_eq!(
-                pb::WatchChangeRequestsResponse::decode(bytes.as_slice()).expect("decodes"),
-                message
-            );
+            let body = message.encode_to_vec();
+            let mut expected = vec![0];
+            expected.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
+            expected.extend_from_slice(&body);
+            assert_eq!(frame.grpc_message().as_ref(), expected.as_slice());
         }
+    }
+
+    #[test]
+    fn any_frame_is_its_message_prefixed() {
+        let frame = WatchFrame::Message(pb::WatchChangeRequestsResponse {
+            revision: 12,
+            progress: true,
+            ..Default::default()
+        });
+        let bytes = frame.grpc_message();
+        assert_eq!(bytes[0], 0, "uncompressed");
+        assert_eq!(
+            u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize,
+            bytes.len() - 5
+        );
+        assert_eq!(
+            pb::WatchChangeRequestsResponse::decode(&bytes[5..]).expect("decodes"),
+            frame.into_message()
+        );
     }
 }

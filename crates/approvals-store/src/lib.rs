@@ -21,5 +21,5 @@ pub use log::{LogBatch, LogReader};
 pub use policies::PolicyFilter;
 pub use store::{
     Backend, Created, DatabaseSettings, IdempotencyKey, ListFilter, ListPage, Store,
-    TOTAL_SIZE_EXACT_LIMIT,
+    TOTAL_SIZE_EXACT_LIMIT, touches_resource,
 };

@@ -110,17 +110,26 @@ impl ListFilter {
 
     /// Whether any change of `request` touches the resource named by the filter (if any).
     pub fn matches_resources(&self, request: &ChangeRequest) -> bool {
-        (self.resource_type.is_none() && self.resource_id.is_none())
-            || request.changes.iter().any(|c| {
-                self.resource_type
-                    .as_ref()
-                    .is_none_or(|t| &c.resource_type == t)
-                    && self
-                        .resource_id
-                        .as_ref()
-                        .is_none_or(|i| &c.resource_id == i)
-            })
+        touches_resource(
+            self.resource_type.as_deref(),
+            self.resource_id.as_deref(),
+            request,
+        )
     }
+}
+
+/// Whether any change of `request` touches a resource of this type and id; an unset one
+/// matches any, both unset match every request.
+pub fn touches_resource(
+    resource_type: Option<&str>,
+    resource_id: Option<&str>,
+    request: &ChangeRequest,
+) -> bool {
+    (resource_type.is_none() && resource_id.is_none())
+        || request.changes.iter().any(|c| {
+            resource_type.is_none_or(|t| c.resource_type == t)
+                && resource_id.is_none_or(|i| c.resource_id == i)
+        })
 }
 
 #[derive(Debug)]

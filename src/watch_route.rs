@@ -1,0 +1,152 @@
+//! WatchChangeRequests on the wire. The server routes this one method itself and writes its
+//! response body directly: each [`WatchFrame`] becomes one gRPC message, and a frame of one
+//! live event is sent as the bytes the hub encoded once for every watcher (a shared buffer, not
+//! a copy). Through tonic's generated code each of 10,000 watchers copied the event into its
+//! own encode buffer and its stream was polled twice per delivery. Same path, same messages,
+//! same status trailers; every other method goes to the generated server.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http_body::Frame;
+use tonic::{Status, metadata::MetadataMap, server::NamedService};
+
+use crate::{
+    pb::{self, change_requests_server::ChangeRequestsServer},
+    service::change_requests::ChangeRequestsService,
+    watch::WatchStream,
+};
+
+const WATCH_PATH: &str = "/approvals.v1.ChangeRequests/WatchChangeRequests";
+
+/// The ChangeRequests service with WatchChangeRequests served as described in the module docs.
+#[derive(Clone)]
+pub(crate) struct WatchRoute {
+    inner: ChangeRequestsServer<ChangeRequestsService>,
+    watch: ChangeRequestsService,
+    max_message_bytes: usize,
+}
+
+impl WatchRoute {
+    pub(crate) fn new(service: ChangeRequestsService, max_message_bytes: usize) -> Self {
+        Self {
+            watch: service.clone(),
+            max_message_bytes,
+            inner: ChangeRequestsServer::new(service).max_decoding_message_size(max_message_bytes),
+        }
+    }
+}
+
+impl NamedService for WatchRoute {
+    const NAME: &'static str = <ChangeRequestsServer<ChangeRequestsService> as NamedService>::NAME;
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for WatchRoute {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != WATCH_PATH {
+            return Box::pin(self.inner.call(request));
+        }
+        let service = self.watch.clone();
+        let max_message_bytes = self.max_message_bytes;
+        Box::pin(async move {
+            Ok(match watch(service, request, max_message_bytes).await {
+                Ok(response) => response,
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// Decodes the request as tonic would (one uncompressed message within the size limit), opens
+/// the watch, and answers with its frames.
+async fn watch(
+    service: ChangeRequestsService,
+    request: http::Request<tonic::body::Body>,
+    max_message_bytes: usize,
+) -> Result<http::Response<tonic::body::Body>, Status> {
+    let (parts, body) = request.into_parts();
+    let mut messages = std::pin::pin!(tonic::codec::Streaming::new_request(
+        tonic_prost::ProstDecoder::<pb::WatchChangeRequestsRequest>::default(),
+        body,
+        None,
+        Some(max_message_bytes),
+    ));
+    let message = messages
+        .message()
+        .await?
+        .ok_or_else(|| Status::internal("Missing request message."))?;
+    let request = tonic::Request::from_parts(
+        MetadataMap::from_headers(parts.headers),
+        parts.extensions,
+        message,
+    );
+    let (metadata, stream, extensions) = service.open_watch(request).await?.into_parts();
+    let mut response = http::Response::new(tonic::body::Body::new(WatchBody {
+        stream,
+        done: false,
+    }));
+    *response.headers_mut() = metadata.into_headers();
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    *response.extensions_mut() = extensions;
+    Ok(response)
+}
+
+/// A watch stream as a gRPC response body: one message per frame, then the status trailers.
+struct WatchBody {
+    stream: WatchStream,
+    done: bool,
+}
+
+impl http_body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let status = match ready!(self.stream.as_mut().poll_next(cx)) {
+            Some(Ok(frame)) => return Poll::Ready(Some(Ok(Frame::data(frame.grpc_message())))),
+            Some(Err(status)) => status,
+            None => Status::ok(""),
+        };
+        self.done = true;
+        Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// The trailers that end a call with `status`.
+fn trailers(status: &Status) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::with_capacity(3);
+    if let Err(unencodable) = status.add_header(&mut trailers) {
+        trailers.clear();
+        let _ = Status::internal(format!(
+            "the watch ended with a status that cannot be sent: {unencodable}"
+        ))
+        .add_header(&mut trailers);
+    }
+    trailers
+}
