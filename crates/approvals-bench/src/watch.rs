@@ -13,12 +13,16 @@ use std::{
 use approvals::pb::{self, change_requests_client::ChangeRequestsClient};
 use serde::Serialize;
 use tokio::sync::watch;
+use tonic::{codegen::http::uri::PathAndQuery, transport::Channel};
+
+use futures::{FutureExt, StreamExt};
 
 use crate::{connect, create_request, load::percentile, server::rss_bytes, with_actor};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct WatchResult {
     pub watchers: usize,
+    pub decode: WatchDecode,
     pub connections: usize,
     pub established: usize,
     pub writes: usize,
@@ -37,7 +41,120 @@ pub struct WatchOptions {
     pub per_connection: usize,
     pub writes: usize,
     pub interval: Duration,
+    pub decode: WatchDecode,
     pub project: String,
+}
+
+/// How much of each message a bench watcher decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchDecode {
+    /// Each event's revision only.
+    Revisions,
+    /// The whole `WatchChangeRequestsResponse`.
+    Full,
+}
+
+/// `WatchChangeRequestsResponse` as a `revisions` watcher reads it: prost skips the rest.
+#[derive(Clone, PartialEq, prost::Message)]
+struct DeliveredRevisions {
+    #[prost(message, repeated, tag = "2")]
+    events: Vec<DeliveredRevision>,
+}
+
+/// `Event` as a `revisions` watcher reads it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct DeliveredRevision {
+    #[prost(int64, tag = "1")]
+    revision: i64,
+}
+
+/// A watch message as a bench watcher decodes it.
+trait Delivered: prost::Message + Default + Send + 'static {
+    fn revisions(&self) -> impl Iterator<Item = i64>;
+}
+
+impl Delivered for DeliveredRevisions {
+    fn revisions(&self) -> impl Iterator<Item = i64> {
+        self.events.iter().map(|event| event.revision)
+    }
+}
+
+impl Delivered for pb::WatchChangeRequestsResponse {
+    fn revisions(&self) -> impl Iterator<Item = i64> {
+        self.events.iter().map(|event| event.revision)
+    }
+}
+
+/// Events received over one connection's watchers: (revision, arrival) pairs, and the errors
+/// of the streams that failed.
+type Received = (Vec<(i64, Instant)>, Vec<String>);
+
+/// The watchers of one connection: opens `watchers` streams, then records when each event
+/// arrives on each until `stop`. One task polls all of them, as a client process would, so the
+/// bench's own scheduling weighs little on the server it shares the machine with.
+async fn watch_connection<U: Delivered>(
+    channel: Channel,
+    watchers: usize,
+    project: String,
+    established: Arc<AtomicUsize>,
+    mut stop: watch::Receiver<bool>,
+    expected: usize,
+) -> Received {
+    let open = (0..watchers).map(|_| {
+        let channel = channel.clone();
+        let project = project.clone();
+        let established = established.clone();
+        async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.map_err(|e| e.to_string())?;
+            let request = with_actor(
+                pb::WatchChangeRequestsRequest {
+                    project,
+                    ..Default::default()
+                },
+                "user:watcher",
+            );
+            let stream = grpc
+                .server_streaming::<_, U, _>(
+                    request,
+                    PathAndQuery::from_static("/approvals.v1.ChangeRequests/WatchChangeRequests"),
+                    tonic_prost::ProstCodec::<pb::WatchChangeRequestsRequest, U>::default(),
+                )
+                .await
+                .map_err(|status| status.to_string())?
+                .into_inner();
+            established.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, String>(stream)
+        }
+    });
+    let mut errors = Vec::new();
+    let mut streams = Vec::with_capacity(watchers);
+    for opened in futures::future::join_all(open).await {
+        match opened {
+            Ok(stream) => streams.push(stream),
+            Err(err) => errors.push(err),
+        }
+    }
+    let mut received = Vec::with_capacity(streams.len() * expected);
+    let mut messages = futures::stream::select_all(streams);
+    let stopped = stop.wait_for(|stop| *stop);
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            biased;
+            message = messages.next() => match message {
+                Some(Ok(message)) => {
+                    let now = Instant::now();
+                    received.extend(message.revisions().map(|revision| (revision, now)));
+                }
+                Some(Err(status)) => errors.push(status.to_string()),
+                None => break,
+            },
+            _ = &mut stopped => break,
+        }
+    }
+    (received, errors)
 }
 
 pub async fn fan_out(
@@ -59,43 +176,33 @@ pub async fn fan_out(
 
     let established = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop) = watch::channel(false);
-    let mut tasks = Vec::with_capacity(options.watchers);
-    for i in 0..options.watchers {
-        let channel = channels[i % connections].clone();
-        let established = established.clone();
-        let mut stop = stop.clone();
+    let mut tasks = Vec::with_capacity(connections);
+    for (i, channel) in channels.into_iter().enumerate() {
+        // The first `watchers % connections` connections take one more.
+        let watchers =
+            options.watchers / connections + usize::from(i < options.watchers % connections);
         let project = options.project.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut client = ChangeRequestsClient::new(channel);
-            let request = with_actor(
-                pb::WatchChangeRequestsRequest {
-                    project,
-                    ..Default::default()
-                },
-                "user:watcher",
-            );
-            let mut received: Vec<(String, Instant)> = Vec::new();
-            let mut stream = match client.watch_change_requests(request).await {
-                Ok(response) => response.into_inner(),
-                Err(status) => return Err(status.to_string()),
-            };
-            established.fetch_add(1, Ordering::Relaxed);
-            loop {
-                tokio::select! {
-                    message = stream.message() => match message {
-                        Ok(Some(message)) => {
-                            let now = Instant::now();
-                            for event in message.events {
-                                received.push((event.change_request_id, now));
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(status) => return Err(status.to_string()),
-                    },
-                    _ = stop.changed() => break,
-                }
-            }
-            Ok(received)
+        let (established, stop) = (established.clone(), stop.clone());
+        let expected = options.writes;
+        tasks.push(tokio::spawn(match options.decode {
+            WatchDecode::Revisions => watch_connection::<DeliveredRevisions>(
+                channel,
+                watchers,
+                project,
+                established,
+                stop,
+                expected,
+            )
+            .boxed(),
+            WatchDecode::Full => watch_connection::<pb::WatchChangeRequestsResponse>(
+                channel,
+                watchers,
+                project,
+                established,
+                stop,
+                expected,
+            )
+            .boxed(),
         }));
     }
     // Wait until every stream is open (or a minute has passed).
@@ -109,7 +216,7 @@ pub async fn fan_out(
 
     // Writes, spaced out: each one is delivered to every watcher.
     let mut writer = ChangeRequestsClient::new(connect(addr).await?);
-    let mut issued: Vec<(String, Instant)> = Vec::with_capacity(options.writes);
+    let mut issued: Vec<(i64, Instant)> = Vec::with_capacity(options.writes);
     for i in 0..options.writes {
         let started = Instant::now();
         let created = writer
@@ -120,25 +227,25 @@ pub async fn fan_out(
             .await
             .map_err(|s| format!("watch write: {s}"))?
             .into_inner();
-        issued.push((created.id, started));
+        issued.push((created.revision, started));
         tokio::time::sleep(options.interval).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _ = stop_tx.send(true);
 
-    let issued: std::collections::HashMap<String, Instant> = issued.into_iter().collect();
+    let issued: std::collections::HashMap<i64, Instant> = issued.into_iter().collect();
     let mut latencies = Vec::with_capacity(options.watchers * options.writes);
     let mut errors = Vec::new();
     for task in tasks {
         match task.await {
-            Ok(Ok(received)) => {
-                for (id, at) in received {
-                    if let Some(started) = issued.get(&id) {
+            Ok((received, failed)) => {
+                for (revision, at) in received {
+                    if let Some(started) = issued.get(&revision) {
                         latencies.push(at.saturating_duration_since(*started).as_nanos() as u64);
                     }
                 }
+                errors.extend(failed);
             }
-            Ok(Err(err)) => errors.push(err),
             Err(err) => errors.push(err.to_string()),
         }
     }
@@ -150,6 +257,7 @@ pub async fn fan_out(
     let deliveries = latencies.len() as u64;
     Ok(WatchResult {
         watchers: options.watchers,
+        decode: options.decode,
         connections,
         established,
         writes: options.writes,
