@@ -9,6 +9,7 @@ mod convert;
 mod error;
 mod identity;
 pub mod limits;
+mod live_ring;
 pub mod metrics;
 mod page_token;
 mod read_cache;

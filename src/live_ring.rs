@@ -1,0 +1,259 @@
+//! The live ring: the last events the hub published, read by every live watcher.
+//!
+//! tokio's broadcast channel did this job, but every receive took the channel's one lock, to
+//! read and then to queue the receiver's waker again, so one event delivered to 10,000
+//! watchers meant 20,000 turns of one lock, fought over by every worker thread. Here a reader
+//! keeps its waker in its own slot, registered without a lock, and reads the ring under a
+//! shared lock; the publisher takes the exclusive lock once per batch of events, then wakes
+//! every slot.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::Context,
+};
+
+use futures::task::AtomicWaker;
+use slab::Slab;
+
+/// The ring. Items are cloned out to readers (keep them cheap to clone: `Arc`s).
+pub(crate) struct LiveRing<T> {
+    items: RwLock<Items<T>>,
+    readers: Mutex<Slab<Arc<AtomicWaker>>>,
+    closed: AtomicBool,
+    capacity: usize,
+}
+
+struct Items<T> {
+    items: VecDeque<T>,
+    /// Position (counted from the first item ever published) of `items[0]`.
+    first: u64,
+}
+
+impl<T> Items<T> {
+    fn end(&self) -> u64 {
+        self.first + self.items.len() as u64
+    }
+}
+
+/// What a read found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Read {
+    /// Items were appended to the caller's buffer.
+    Items,
+    /// Nothing new; the reader is woken when there is.
+    Empty,
+    /// Items the reader had not read yet were overwritten: it has missed some.
+    Lagged,
+    /// The ring was closed and the reader has read everything.
+    Closed,
+}
+
+impl<T: Clone> LiveRing<T> {
+    /// A ring that keeps the last `capacity` items (at least one).
+    pub(crate) fn new(capacity: usize) -> Arc<Self> {
+        let capacity = capacity.max(1);
+        Arc::new(Self {
+            items: RwLock::new(Items {
+                items: VecDeque::with_capacity(capacity),
+                first: 0,
+            }),
+            readers: Mutex::new(Slab::new()),
+            closed: AtomicBool::new(false),
+            capacity,
+        })
+    }
+
+    /// A reader of every item published from now on.
+    pub(crate) fn subscribe(self: &Arc<Self>) -> Reader<T> {
+        let waker = Arc::new(AtomicWaker::new());
+        let key = self
+            .readers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(waker.clone());
+        Reader {
+            next: self.end(),
+            ring: self.clone(),
+            key,
+            waker,
+        }
+    }
+
+    /// Appends `items`, dropping the oldest beyond the capacity, and wakes every reader.
+    pub(crate) fn publish(&self, items: impl IntoIterator<Item = T>) {
+        {
+            let mut ring = self.items.write().unwrap_or_else(PoisonError::into_inner);
+            for item in items {
+                if ring.items.len() == self.capacity {
+                    ring.items.pop_front();
+                    ring.first += 1;
+                }
+                ring.items.push_back(item);
+            }
+        }
+        self.wake_all();
+    }
+
+    /// Readers read what is left, then see [`Read::Closed`].
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn end(&self) -> u64 {
+        self.items
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .end()
+    }
+
+    fn wake_all(&self) {
+        let readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        for (_, waker) in readers.iter() {
+            waker.wake();
+        }
+    }
+}
+
+/// A reader's place in the ring. Dropping it ends its wake-ups.
+pub(crate) struct Reader<T> {
+    ring: Arc<LiveRing<T>>,
+    key: usize,
+    waker: Arc<AtomicWaker>,
+    /// Position of the next item to read.
+    next: u64,
+}
+
+impl<T: Clone> Reader<T> {
+    /// Appends up to `max` unread items to `out`. When there are none, the task of `cx` is
+    /// woken by the next publish or close.
+    pub(crate) fn read(&mut self, cx: &mut Context<'_>, max: usize, out: &mut Vec<T>) -> Read {
+        // Register before looking: a publish after the look then wakes this task.
+        self.waker.register(cx.waker());
+        let closed = self.ring.is_closed();
+        let ring = self
+            .ring
+            .items
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.next < ring.first {
+            return Read::Lagged;
+        }
+        let start = usize::try_from(self.next - ring.first).unwrap_or(usize::MAX);
+        let before = out.len();
+        out.extend(ring.items.iter().skip(start).take(max).cloned());
+        let taken = out.len() - before;
+        if taken > 0 {
+            self.next += taken as u64;
+            Read::Items
+        } else if closed {
+            Read::Closed
+        } else {
+            Read::Empty
+        }
+    }
+
+    /// Skips everything published so far (after a [`Read::Lagged`], say).
+    pub(crate) fn skip_to_end(&mut self) {
+        self.next = self.ring.end();
+    }
+}
+
+impl<T> Drop for Reader<T> {
+    fn drop(&mut self) {
+        let mut readers = self
+            .ring
+            .readers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if readers.contains(self.key) {
+            readers.remove(self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Poll, Waker};
+
+    use super::*;
+
+    fn read(reader: &mut Reader<u32>, max: usize) -> (Read, Vec<u32>) {
+        let mut out = Vec::new();
+        let read = reader.read(&mut Context::from_waker(Waker::noop()), max, &mut out);
+        (read, out)
+    }
+
+    #[test]
+    fn readers_see_what_was_published_after_they_subscribed_in_order() {
+        let ring = LiveRing::new(8);
+        ring.publish([1]);
+        let mut reader = ring.subscribe();
+        assert_eq!(read(&mut reader, 10), (Read::Empty, vec![]));
+        ring.publish([2, 3]);
+        ring.publish([4]);
+        assert_eq!(read(&mut reader, 2), (Read::Items, vec![2, 3]));
+        assert_eq!(read(&mut reader, 10), (Read::Items, vec![4]));
+        assert_eq!(read(&mut reader, 10), (Read::Empty, vec![]));
+    }
+
+    #[test]
+    fn a_reader_left_behind_by_the_capacity_is_told_it_lagged() {
+        let ring = LiveRing::new(2);
+        let mut reader = ring.subscribe();
+        ring.publish([1, 2, 3]);
+        assert_eq!(read(&mut reader, 10), (Read::Lagged, vec![]));
+        reader.skip_to_end();
+        ring.publish([4]);
+        assert_eq!(read(&mut reader, 10), (Read::Items, vec![4]));
+    }
+
+    #[test]
+    fn close_lets_readers_finish_then_reports_closed() {
+        let ring = LiveRing::new(4);
+        let mut reader = ring.subscribe();
+        ring.publish([1]);
+        ring.close();
+        assert_eq!(read(&mut reader, 10), (Read::Items, vec![1]));
+        assert_eq!(read(&mut reader, 10), (Read::Closed, vec![]));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_reader_is_woken_by_a_publish() {
+        let ring = LiveRing::new(4);
+        let mut reader = ring.subscribe();
+        let waiting = tokio::spawn(async move {
+            let mut out = Vec::new();
+            std::future::poll_fn(|cx| match reader.read(cx, 10, &mut out) {
+                Read::Empty => Poll::Pending,
+                _ => Poll::Ready(()),
+            })
+            .await;
+            out
+        });
+        tokio::task::yield_now().await;
+        ring.publish([7]);
+        let out = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert_eq!(out, vec![7]);
+    }
+
+    #[test]
+    fn dropping_a_reader_frees_its_slot() {
+        let ring = LiveRing::<u32>::new(4);
+        let reader = ring.subscribe();
+        assert_eq!(ring.readers.lock().map(|r| r.len()).unwrap_or(0), 1);
+        drop(reader);
+        assert_eq!(ring.readers.lock().map(|r| r.len()).unwrap_or(1), 0);
+    }
+}
