@@ -59,18 +59,12 @@ pub struct LiveEvent {
 impl LiveEvent {
     fn new(event: Event) -> Self {
         let message = convert::event(&event);
-        let event_len = message.encoded_len();
-        let body_len = live_body_len(event.revision, [event_len]);
-        let mut framed = bytes::BytesMut::with_capacity(GRPC_PREFIX + body_len);
-        put_grpc_prefix(body_len, &mut framed);
-        put_live_header(event.revision, &mut framed);
-        put_event_key(event_len, &mut framed);
-        message.encode_raw(&mut framed);
+        let encoded = message.encode_to_vec();
         Self {
+            framed: frame_live(event.revision, [encoded.as_slice()]),
+            event_len: encoded.len(),
             event,
             message,
-            framed: framed.freeze(),
-            event_len,
         }
     }
 
@@ -123,17 +117,7 @@ impl WatchFrame {
         match self {
             Self::Live { revision, events } => match events.as_slice() {
                 [only] if only.event.revision == *revision => only.framed.clone(),
-                _ => {
-                    let body_len = live_body_len(*revision, events.iter().map(|e| e.event_len));
-                    let mut buf = bytes::BytesMut::with_capacity(GRPC_PREFIX + body_len);
-                    put_grpc_prefix(body_len, &mut buf);
-                    put_live_header(*revision, &mut buf);
-                    for event in events {
-                        put_event_key(event.event_len, &mut buf);
-                        buf.extend_from_slice(event.encoded());
-                    }
-                    buf.freeze()
-                }
+                _ => frame_live(*revision, events.iter().map(|event| event.encoded())),
             },
             Self::Message(message) => {
                 let body_len = message.encoded_len();
@@ -160,36 +144,39 @@ fn put_grpc_prefix(body_len: usize, buf: &mut bytes::BytesMut) {
     buf.put_u32(u32::try_from(body_len).unwrap_or(u32::MAX));
 }
 
-fn put_live_header(revision: i64, buf: &mut bytes::BytesMut) {
-    if revision != 0 {
-        prost::encoding::int64::encode(REVISION_FIELD, &revision, buf);
-    }
-}
-
-fn put_event_key(event_len: usize, buf: &mut bytes::BytesMut) {
-    prost::encoding::encode_key(
-        EVENTS_FIELD,
-        prost::encoding::WireType::LengthDelimited,
-        buf,
-    );
-    prost::encoding::encode_varint(event_len as u64, buf);
-}
-
-fn live_body_len(revision: i64, event_lens: impl IntoIterator<Item = usize>) -> usize {
-    let revision = if revision != 0 {
+/// The gRPC message of a live frame: `WatchChangeRequestsResponse { revision, events }` with
+/// the events already encoded, fields in number order as prost writes them.
+fn frame_live<'a>(revision: i64, events: impl IntoIterator<Item = &'a [u8]> + Clone) -> Bytes {
+    let revision_len = if revision != 0 {
         prost::encoding::int64::encoded_len(REVISION_FIELD, &revision)
     } else {
         0
     };
-    revision
-        + event_lens
+    let body_len = revision_len
+        + events
+            .clone()
             .into_iter()
-            .map(|len| {
+            .map(|event| {
                 prost::encoding::key_len(EVENTS_FIELD)
-                    + prost::encoding::encoded_len_varint(len as u64)
-                    + len
+                    + prost::encoding::encoded_len_varint(event.len() as u64)
+                    + event.len()
             })
-            .sum::<usize>()
+            .sum::<usize>();
+    let mut buf = bytes::BytesMut::with_capacity(GRPC_PREFIX + body_len);
+    put_grpc_prefix(body_len, &mut buf);
+    if revision != 0 {
+        prost::encoding::int64::encode(REVISION_FIELD, &revision, &mut buf);
+    }
+    for event in events {
+        prost::encoding::encode_key(
+            EVENTS_FIELD,
+            prost::encoding::WireType::LengthDelimited,
+            &mut buf,
+        );
+        prost::encoding::encode_varint(event.len() as u64, &mut buf);
+        buf.extend_from_slice(event);
+    }
+    buf.freeze()
 }
 
 pub struct Hub {
@@ -411,7 +398,7 @@ struct Watcher {
     _counted: crate::metrics::OpenWatcher,
 }
 
-/// A watch stream as the watch route sends it (see `server::WatchRoute`).
+/// A watch stream as the watch route sends it (see `watch_route`).
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchFrame, Status>> + Send>>;
 
 /// The same stream as plain messages, for the generated service trait.

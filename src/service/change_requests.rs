@@ -37,6 +37,27 @@ pub struct ChangeRequestsService {
     min_approvals: u32,
 }
 
+/// The filter fields List and Watch share: a project (required) and optional names.
+fn filter_violations(
+    project: &str,
+    environment: &str,
+    action_key: &str,
+    resource_type: &str,
+    resource_id: &str,
+) -> Violations {
+    let mut violations = Violations::default();
+    violations.required_name("project", project);
+    for (field, value) in [
+        ("environment", environment),
+        ("action_key", action_key),
+        ("resource_type", resource_type),
+        ("resource_id", resource_id),
+    ] {
+        violations.optional_name(field, value);
+    }
+    violations
+}
+
 impl ChangeRequestsService {
     /// WatchChangeRequests: checks the request and opens the stream.
     pub async fn open_watch(
@@ -45,16 +66,13 @@ impl ChangeRequestsService {
     ) -> Result<Response<watch::WatchStream>, Status> {
         let caller = identity::caller(&request)?;
         let req = request.into_inner();
-        let mut violations = Violations::default();
-        violations.required_name("project", &req.project);
-        for (field, value) in [
-            ("environment", &req.environment),
-            ("action_key", &req.action_key),
-            ("resource_type", &req.resource_type),
-            ("resource_id", &req.resource_id),
-        ] {
-            violations.optional_name(field, value);
-        }
+        let mut violations = filter_violations(
+            &req.project,
+            &req.environment,
+            &req.action_key,
+            &req.resource_type,
+            &req.resource_id,
+        );
         if req.start_revision < 0 {
             violations.add("start_revision", "must not be negative (0 means from now)");
         }
@@ -317,7 +335,7 @@ impl ChangeRequests for ChangeRequestsService {
         ok(&updated, &caller)
     }
 
-    /// Served by `server::WatchRoute`, which sends the frames as they are; this form (plain
+    /// Served by `watch_route::WatchRoute`, which sends the frames as they are; this form (plain
     /// messages) is what the generated trait asks for.
     async fn watch_change_requests(
         &self,
@@ -420,16 +438,13 @@ impl ChangeRequests for ChangeRequestsService {
     ) -> Result<Response<pb::ListChangeRequestsResponse>, Status> {
         let caller = identity::caller(&request)?;
         let req = request.into_inner();
-        let mut violations = Violations::default();
-        violations.required_name("project", &req.project);
-        for (field, value) in [
-            ("environment", &req.environment),
-            ("action_key", &req.action_key),
-            ("resource_type", &req.resource_type),
-            ("resource_id", &req.resource_id),
-        ] {
-            violations.optional_name(field, value);
-        }
+        let mut violations = filter_violations(
+            &req.project,
+            &req.environment,
+            &req.action_key,
+            &req.resource_type,
+            &req.resource_id,
+        );
         if !req.requester.is_empty()
             && let Err(message) = Principal::parse(&req.requester)
         {

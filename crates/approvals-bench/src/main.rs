@@ -178,6 +178,18 @@ pub(crate) async fn connect(addr: &str) -> Result<Channel, String> {
         .map_err(|e| format!("connect to {addr}: {e}"))
 }
 
+/// A row of the direct-insert ceilings: a fresh id, the ceiling's project, one requester per
+/// worker.
+fn ceiling_row(worker: usize, resource_id: String) -> seed::RowSpec {
+    seed::RowSpec {
+        id: uuid::Uuid::now_v7().to_string(),
+        project: "ceiling-direct".into(),
+        environment: "prod".into(),
+        created_by: format!("user:direct-{worker}"),
+        resource_id,
+    }
+}
+
 fn payload() -> prost_types::Struct {
     use prost_types::{Value, value::Kind};
     prost_types::Struct {
@@ -531,13 +543,7 @@ async fn scenarios(
             let stats = drive(c, warmup, duration, move |worker, sequence| {
                 let (db, template, writer) = (db.clone(), template.clone(), writer.clone());
                 async move {
-                    let spec = seed::RowSpec {
-                        id: uuid::Uuid::now_v7().to_string(),
-                        project: "ceiling-direct".into(),
-                        environment: "prod".into(),
-                        created_by: format!("user:direct-{worker}"),
-                        resource_id: format!("flag-{sequence}"),
-                    };
+                    let spec = ceiling_row(worker, format!("flag-{sequence}"));
                     let _guard = if postgres {
                         None
                     } else {
@@ -558,13 +564,7 @@ async fn scenarios(
                 let stats = drive(c, warmup, duration, move |worker, sequence| {
                     let (db, template) = (db.clone(), template.clone());
                     async move {
-                        let spec = seed::RowSpec {
-                            id: uuid::Uuid::now_v7().to_string(),
-                            project: "ceiling-direct".into(),
-                            environment: "prod".into(),
-                            created_by: format!("user:direct-{worker}"),
-                            resource_id: format!("flag-one-{sequence}"),
-                        };
+                        let spec = ceiling_row(worker, format!("flag-one-{sequence}"));
                         seed::insert_one_statement(&db, &template, &spec)
                             .await
                             .map_err(|e| e.to_string())

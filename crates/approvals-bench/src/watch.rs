@@ -90,18 +90,32 @@ impl Delivered for pb::WatchChangeRequestsResponse {
 /// of the streams that failed.
 type Received = (Vec<(i64, Instant)>, Vec<String>);
 
-/// The watchers of one connection: opens `watchers` streams, then records when each event
-/// arrives on each until `stop`. One task polls all of them, as a client process would, so the
-/// bench's own scheduling weighs little on the server it shares the machine with.
-async fn watch_connection<U: Delivered>(
+/// The watchers of one connection.
+struct ConnectionWatchers {
     channel: Channel,
-    watchers: usize,
+    /// Streams to open on it.
+    count: usize,
     project: String,
+    /// Counts the streams open, across connections.
     established: Arc<AtomicUsize>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    /// Events each stream should receive (to size the record).
     expected: usize,
-) -> Received {
-    let open = (0..watchers).map(|_| {
+}
+
+/// Opens a connection's watch streams, then records when each event arrives on each until
+/// `stop`. One task polls all of them, as a client process would, so the bench's own
+/// scheduling weighs little on the server it shares the machine with.
+async fn watch_connection<U: Delivered>(watchers: ConnectionWatchers) -> Received {
+    let ConnectionWatchers {
+        channel,
+        count,
+        project,
+        established,
+        mut stop,
+        expected,
+    } = watchers;
+    let open = (0..count).map(|_| {
         let channel = channel.clone();
         let project = project.clone();
         let established = established.clone();
@@ -129,7 +143,7 @@ async fn watch_connection<U: Delivered>(
         }
     });
     let mut errors = Vec::new();
-    let mut streams = Vec::with_capacity(watchers);
+    let mut streams = Vec::with_capacity(count);
     for opened in futures::future::join_all(open).await {
         match opened {
             Ok(stream) => streams.push(stream),
@@ -179,30 +193,21 @@ pub async fn fan_out(
     let mut tasks = Vec::with_capacity(connections);
     for (i, channel) in channels.into_iter().enumerate() {
         // The first `watchers % connections` connections take one more.
-        let watchers =
+        let count =
             options.watchers / connections + usize::from(i < options.watchers % connections);
-        let project = options.project.clone();
-        let (established, stop) = (established.clone(), stop.clone());
-        let expected = options.writes;
+        let watchers = ConnectionWatchers {
+            channel,
+            count,
+            project: options.project.clone(),
+            established: established.clone(),
+            stop: stop.clone(),
+            expected: options.writes,
+        };
         tasks.push(tokio::spawn(match options.decode {
-            WatchDecode::Revisions => watch_connection::<DeliveredRevisions>(
-                channel,
-                watchers,
-                project,
-                established,
-                stop,
-                expected,
-            )
-            .boxed(),
-            WatchDecode::Full => watch_connection::<pb::WatchChangeRequestsResponse>(
-                channel,
-                watchers,
-                project,
-                established,
-                stop,
-                expected,
-            )
-            .boxed(),
+            WatchDecode::Revisions => watch_connection::<DeliveredRevisions>(watchers).boxed(),
+            WatchDecode::Full => {
+                watch_connection::<pb::WatchChangeRequestsResponse>(watchers).boxed()
+            }
         }));
     }
     // Wait until every stream is open (or a minute has passed).
