@@ -231,7 +231,8 @@ impl Hub {
         &self.cache
     }
 
-    /// The last revision published: every event at or below it is settled and published.
+    /// The last revision settled: every event at or below it is in the log for good, and is in
+    /// the live ring or about to be (the head moves just before the ring, see `follow`).
     pub fn head(&self) -> i64 {
         *self.head.borrow()
     }
@@ -274,11 +275,15 @@ async fn follow(
                         Arc::new(LiveEvent::new(event))
                     })
                     .collect();
-                if !published.is_empty() {
-                    live.publish(published);
-                }
+                // The head moves first: a watcher subscribes to the ring, then reads the head,
+                // so whatever it reads, every event above that head is still to come in the
+                // ring. Published first, an event could land before the subscription while the
+                // head still read below it, and that watcher would never get it.
                 if let Some(last) = last {
                     head.send_replace(last);
+                }
+                if !published.is_empty() {
+                    live.publish(published);
                 }
                 if batch.full {
                     continue;
