@@ -340,18 +340,16 @@ impl ChangeRequest {
 
     /// The approver whose approval reached quorum: the latest counting approval.
     fn quorum_approver(&self) -> Option<Principal> {
-        self.reviews
-            .iter()
-            .filter(|r| !r.dismissed && r.decision == crate::Decision::Approve)
+        self.counted_approvals()
+            .into_iter()
             .max_by_key(|r| r.create_time)
             .map(|r| r.reviewer.clone())
     }
 
     /// Principals whose approvals counted.
     pub fn approvers(&self) -> Vec<String> {
-        self.reviews
-            .iter()
-            .filter(|r| !r.dismissed && r.decision == crate::Decision::Approve)
+        self.counted_approvals()
+            .into_iter()
             .map(|r| r.reviewer.to_string())
             .collect()
     }

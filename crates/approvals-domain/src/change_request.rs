@@ -1,8 +1,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Action, Actor, ApplyRun, Decision, DomainError, EventDraft, EventKind, PolicySnapshot,
-    Principal, Schedule, ScheduleStatus, State, Timestamp,
+    Action, Actor, ApplyRun, Decision, DomainError, EventDraft, EventKind, IdentityProof,
+    PolicySnapshot, Principal, Schedule, ScheduleStatus, State, Timestamp,
+    principal::party,
     validation::{self, Violations},
 };
 
@@ -45,6 +46,23 @@ pub struct Review {
     pub dismissed: bool,
     #[serde(default)]
     pub reviewer_groups: Vec<String>,
+    /// The service that called on the reviewer's behalf, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acting_principal: Option<Principal>,
+    /// How the reviewer's identity was established.
+    #[serde(default)]
+    pub proof: IdentityProof,
+}
+
+impl Review {
+    /// Who answers for this review (see [`Actor::party`]).
+    pub fn party(&self) -> &Principal {
+        party(&self.reviewer, self.acting_principal.as_ref(), self.proof)
+    }
+
+    fn is_live_approval(&self) -> bool {
+        !self.dismissed && self.decision == Decision::Approve
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,6 +95,12 @@ pub struct ChangeRequest {
     pub intent_display: String,
     pub state: State,
     pub created_by: Principal,
+    /// The service that created the request on the requester's behalf, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by_acting_principal: Option<Principal>,
+    /// How the requester's identity was established.
+    #[serde(default)]
+    pub created_by_proof: IdentityProof,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_by: Option<Principal>,
     #[serde(default)]
@@ -300,6 +324,8 @@ impl ChangeRequest {
             intent_display: new.intent_display,
             state,
             created_by: actor.principal.clone(),
+            created_by_acting_principal: actor.acting_principal.clone(),
+            created_by_proof: actor.proof,
             applied_by: None,
             reviews: Vec::new(),
             comments: Vec::new(),
@@ -353,9 +379,65 @@ impl ChangeRequest {
         &self.created_by == principal
     }
 
-    /// Distinct reviewers whose approval counts now.
+    /// Approvals that count now: distinct reviewers' approvals that are not dismissed (see
+    /// [`Self::counted_approvals`]).
     pub fn approval_count(&self) -> u32 {
-        self.counting(Decision::Approve)
+        u32::try_from(self.counted_approvals().len()).unwrap_or(u32::MAX)
+    }
+
+    /// Who answers for the request (see [`Actor::party`]).
+    pub fn requester_party(&self) -> &Principal {
+        party(
+            &self.created_by,
+            self.created_by_acting_principal.as_ref(),
+            self.created_by_proof,
+        )
+    }
+
+    /// The approvals that count toward quorum: live (not dismissed) approvals; under a policy
+    /// with `independent_approvals`, at most one per party, and none from the requester's party
+    /// by anyone but the requester (whose own approval the self-approval rule governs). Review
+    /// refuses such approvals as they are made; counting holds to the same rule.
+    pub fn counted_approvals(&self) -> Vec<&Review> {
+        let live = self.reviews.iter().filter(|r| r.is_live_approval());
+        if !self.policy.rules.independent_approvals {
+            return live.collect();
+        }
+        let requester = self.requester_party();
+        let mut counted: Vec<&Review> = Vec::new();
+        for review in live {
+            let party = review.party();
+            let same_as_requester = party == requester && review.reviewer != self.created_by;
+            if !same_as_requester && !counted.iter().any(|c| c.party() == party) {
+                counted.push(review);
+            }
+        }
+        counted
+    }
+
+    /// Why an approval by `actor` would not be independent, if it would not (a policy with
+    /// `independent_approvals`): its party is the requester's, or stands behind another live
+    /// approval already. The requester's own approval is the self-approval rule's.
+    fn independence_refusal(&self, actor: &Actor) -> Option<DomainError> {
+        if !self.policy.rules.independent_approvals || actor.principal == self.created_by {
+            return None;
+        }
+        let party = actor.party();
+        let other = if party == self.requester_party() {
+            Some(format!("the change request of {}", self.created_by))
+        } else {
+            self.reviews
+                .iter()
+                .find(|r| {
+                    r.is_live_approval() && r.reviewer != actor.principal && r.party() == party
+                })
+                .map(|r| format!("the approval of {}", r.reviewer))
+        };
+        other.map(|other| DomainError::NotIndependent {
+            party: party.to_string(),
+            principal: actor.principal.to_string(),
+            other,
+        })
     }
 
     fn counting(&self, decision: Decision) -> u32 {
@@ -380,7 +462,8 @@ impl ChangeRequest {
         ViewerFlags {
             can_approve: Action::Approve.is_allowed_in(self.state)
                 && (!is_requester || self.policy.rules.allow_self_approval)
-                && self.policy.may_review(actor),
+                && self.policy.may_review(actor)
+                && self.independence_refusal(actor).is_none(),
             can_cancel: is_requester && Action::Cancel.is_allowed_in(self.state),
             is_requester,
             user_decision: self.decision_of(&actor.principal),
@@ -489,6 +572,11 @@ impl ChangeRequest {
         {
             return Err(DomainError::SelfApproval);
         }
+        if decision == Decision::Approve
+            && let Some(refusal) = self.independence_refusal(actor)
+        {
+            return Err(refusal);
+        }
         self.reviews
             .retain(|r| r.dismissed || r.reviewer != actor.principal);
         self.reviews.push(Review {
@@ -498,11 +586,13 @@ impl ChangeRequest {
             create_time: now,
             dismissed: false,
             reviewer_groups: actor.groups.clone(),
+            acting_principal: actor.acting_principal.clone(),
+            proof: actor.proof,
         });
         let to = if self.counting(Decision::Reject) >= self.policy.rules.rejections_to_reject.max(1)
         {
             State::Rejected
-        } else if self.policy.quorum_reached(&self.reviews) {
+        } else if self.policy.quorum_met(&self.counted_approvals()) {
             // A request created with an apply_time is scheduled rather than approved.
             if self.schedule.is_some() && self.apply_mode() != crate::policy::ApplyMode::External {
                 State::Scheduled

@@ -27,8 +27,25 @@ pub enum DomainError {
     NotRequester { requester: String, action: Action },
     #[error("the requester cannot approve their own change request")]
     SelfApproval,
+    /// An approval whose party (see [`crate::Actor::party`]) is the requester's, or already
+    /// approved through another reviewer, under a policy with independent approvals.
+    #[error(
+        "this approval is not independent: {party} vouches for {principal} without proof, and {party} already stands behind {other}; the approver must prove their own identity"
+    )]
+    NotIndependent {
+        party: String,
+        principal: String,
+        other: String,
+    },
     #[error("{principal} is not among the approvers of this change request's policy")]
     NotApprover { principal: String },
+    /// A change request the caller may not see: answered exactly as an unknown id, so that
+    /// ids of other projects cannot be probed.
+    #[error("change request {id:?} not found")]
+    ChangeRequestNotFound { id: String },
+    /// A policy the caller may not see: answered exactly as an unknown name.
+    #[error("policy {name:?} not found")]
+    PolicyNotFound { name: String },
     #[error("the caller may not act in project {project:?}")]
     ProjectNotAllowed { project: String },
     #[error(

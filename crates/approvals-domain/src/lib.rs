@@ -26,6 +26,6 @@ pub use policy::{
     ApplyMode, GroupRequirement, Policy, PolicyRules, PolicySnapshot, ReviewRules, Specificity,
     parse_policy_principal, select_policy,
 };
-pub use principal::{Actor, Principal, PrincipalKind, SYSTEM_PRINCIPAL};
+pub use principal::{Actor, IdentityProof, Principal, PrincipalKind, SYSTEM_PRINCIPAL};
 pub use state::{Action, Decision, State};
 pub use time::Timestamp;

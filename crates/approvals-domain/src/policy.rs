@@ -76,6 +76,12 @@ pub struct PolicyRules {
     pub executors: Vec<Principal>,
     #[serde(default)]
     pub forbid_bypass: bool,
+    /// Approvals must be independent: approvals whose identity only one acting credential
+    /// vouched for (on-behalf-of without the user's token) count once for that credential, and
+    /// not at all when that credential also created the request. Stored policies written before
+    /// the setting existed decode as false; new policies and the server default have it on.
+    #[serde(default)]
+    pub independent_approvals: bool,
 }
 
 impl Default for PolicyRules {
@@ -96,6 +102,7 @@ impl Default for PolicyRules {
             appliers: Vec::new(),
             executors: Vec::new(),
             forbid_bypass: false,
+            independent_approvals: true,
         }
     }
 }
@@ -370,11 +377,17 @@ impl PolicySnapshot {
             })
     }
 
-    /// Quorum: `min_approvals` distinct approvals that count, AND every group requirement met
-    /// by approvers who held the group when they reviewed. One approval counts once for each
-    /// requirement its reviewer satisfies, never twice for one.
+    /// Quorum over every live approval in `reviews` (see [`Self::quorum_met`]).
     pub fn quorum_reached(&self, reviews: &[Review]) -> bool {
         let approvals: Vec<&Review> = counting(reviews).collect();
+        self.quorum_met(&approvals)
+    }
+
+    /// Quorum: `min_approvals` approvals that count, AND every group requirement met by
+    /// approvers who held the group when they reviewed. One approval counts once for each
+    /// requirement its reviewer satisfies, never twice for one. `approvals` are the ones that
+    /// count ([`crate::ChangeRequest::counted_approvals`]).
+    pub fn quorum_met(&self, approvals: &[&Review]) -> bool {
         let enough =
             u32::try_from(approvals.len()).unwrap_or(u32::MAX) >= self.rules.min_approvals.max(1);
         enough
@@ -578,7 +591,10 @@ mod tests {
     fn old_review_rules_documents_still_decode() {
         let old = r#"{"min_approvals":2,"allow_self_approval":false,"rejections_to_reject":1,"dismiss_stale_approvals":true}"#;
         let snapshot: PolicySnapshot = serde_json::from_str(old).expect("decodes");
-        assert_eq!(snapshot, PolicySnapshot::server_default(2));
+        // Written before independent approvals existed: the rule it was created under stays.
+        let mut expected = PolicySnapshot::server_default(2);
+        expected.rules.independent_approvals = false;
+        assert_eq!(snapshot, expected);
         let round: PolicySnapshot =
             serde_json::from_str(&serde_json::to_string(&snapshot).expect("encodes"))
                 .expect("decodes");

@@ -69,22 +69,76 @@ impl fmt::Display for Principal {
     }
 }
 
+/// How the identity of an actor was established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum IdentityProof {
+    /// Not recorded (reviews and requests written before proofs were recorded).
+    #[default]
+    Unspecified,
+    /// The principal authenticated with its own credential (an API key or a JWT of its own).
+    Credential,
+    /// A service acted on the principal's behalf and forwarded the principal's own token, which
+    /// the server verified.
+    UserToken,
+    /// A service acted on the principal's behalf without proof: only the acting credential
+    /// vouches for the identity.
+    Asserted,
+    /// Local development: the caller named itself.
+    Development,
+}
+
+impl IdentityProof {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityProof::Unspecified => "UNSPECIFIED",
+            IdentityProof::Credential => "CREDENTIAL",
+            IdentityProof::UserToken => "USER_TOKEN",
+            IdentityProof::Asserted => "ASSERTED",
+            IdentityProof::Development => "DEVELOPMENT",
+        }
+    }
+}
+
+/// Who answers for a decision: the acting credential's principal when it only asserted the
+/// identity, else the principal itself. Two approvals with one party are not independent.
+pub(crate) fn party<'a>(
+    principal: &'a Principal,
+    acting_principal: Option<&'a Principal>,
+    proof: IdentityProof,
+) -> &'a Principal {
+    match (proof, acting_principal) {
+        (IdentityProof::Asserted, Some(acting)) => acting,
+        _ => principal,
+    }
+}
+
 /// Who performs a command: the principal on whose behalf it is done, the groups that principal
-/// holds (bare names), and the service that called when it acted on the principal's behalf.
+/// holds (bare names), the service that called when it acted on the principal's behalf, and how
+/// the principal's identity was established.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor {
     pub principal: Principal,
     pub groups: Vec<String>,
     pub acting_principal: Option<Principal>,
+    pub proof: IdentityProof,
 }
 
 impl Actor {
+    /// An actor authenticated with its own credential.
     pub fn new(principal: Principal, groups: Vec<String>) -> Self {
         Self {
             principal,
             groups,
             acting_principal: None,
+            proof: IdentityProof::Credential,
         }
+    }
+
+    /// Who answers for this actor's decisions (see [`IdentityProof`]): the acting service when
+    /// it only asserted the principal's identity, else the principal.
+    pub fn party(&self) -> &Principal {
+        party(&self.principal, self.acting_principal.as_ref(), self.proof)
     }
 
     /// Parses a caller's principal (a user or a service; groups and the system cannot call).

@@ -260,6 +260,8 @@ fn reviews_strategy() -> impl Strategy<Value = Vec<Review>> {
                     create_time: NOW,
                     dismissed,
                     reviewer_groups: groups.into_iter().map(str::to_owned).collect(),
+                    acting_principal: None,
+                    proof: Default::default(),
                 });
             }
             reviews
@@ -311,6 +313,8 @@ proptest! {
             create_time: NOW,
             dismissed: false,
             reviewer_groups: groups.into_iter().map(str::to_owned).collect(),
+            acting_principal: None,
+            proof: Default::default(),
         });
         prop_assert!(!before || policy.quorum_reached(&more));
     }
