@@ -92,10 +92,22 @@ pub fn render(config: &Config) -> String {
             entry.insert("scopes".into(), strings(&key.scopes));
             entry.insert("projects".into(), strings(&key.projects));
             entry.insert("sha256".into(), REDACTED.into());
+            if !key.act_as.is_empty() {
+                entry.insert("act_as".into(), strings(&key.act_as));
+            }
             entry.into()
         })
         .collect();
     auth.insert("api_keys".into(), keys.into());
+    if !config.auth.groups.is_empty() {
+        let groups: Table = config
+            .auth
+            .groups
+            .iter()
+            .map(|(group, members)| (group.clone(), strings(members)))
+            .collect();
+        auth.insert("groups".into(), groups.into());
+    }
     if let Some(j) = &config.auth.jwt {
         let mut jwt = Table::new();
         jwt.insert("issuer".into(), j.issuer.clone().into());
@@ -115,6 +127,12 @@ pub fn render(config: &Config) -> String {
         jwt.insert("groups_claim".into(), j.groups_claim.clone().into());
         jwt.insert("scopes_claim".into(), j.scopes_claim.clone().into());
         jwt.insert("projects_claim".into(), j.projects_claim.clone().into());
+        jwt.insert("act_as_claim".into(), j.act_as_claim.clone().into());
+        jwt.insert("jwks_max_age".into(), duration(j.jwks_max_age));
+        jwt.insert(
+            "jwks_min_refetch_interval".into(),
+            duration(j.jwks_min_refetch_interval),
+        );
         auth.insert("jwt".into(), jwt.into());
     }
     root.insert("auth".into(), auth.into());

@@ -3,8 +3,8 @@
 pub mod policy;
 
 use approvals_domain::{
-    Actor, Change, ChangeInput, ChangeRequest, Comment, Decision, Event, EventKind, Review, State,
-    Timestamp, ValidationStatus, validation::Violations,
+    Actor, Change, ChangeInput, ChangeRequest, Comment, Decision, Event, EventKind, IdentityProof,
+    Principal, Review, State, Timestamp, ValidationStatus, validation::Violations,
 };
 use prost_types::{Struct, Value, value::Kind};
 use serde_json::{Map, Number, Value as Json};
@@ -203,6 +203,22 @@ fn review(r: &Review) -> pb::Review {
         create_time: Some(timestamp(r.create_time)),
         dismissed: r.dismissed,
         reviewer_groups: r.reviewer_groups.clone(),
+        acting_principal: principal_or_empty(r.acting_principal.as_ref()),
+        identity_proof: identity_proof(r.proof).into(),
+    }
+}
+
+fn principal_or_empty(principal: Option<&Principal>) -> String {
+    principal.map(ToString::to_string).unwrap_or_default()
+}
+
+fn identity_proof(proof: IdentityProof) -> pb::IdentityProof {
+    match proof {
+        IdentityProof::Unspecified => pb::IdentityProof::Unspecified,
+        IdentityProof::Credential => pb::IdentityProof::Credential,
+        IdentityProof::UserToken => pb::IdentityProof::UserToken,
+        IdentityProof::Asserted => pb::IdentityProof::Asserted,
+        IdentityProof::Development => pb::IdentityProof::Development,
     }
 }
 
@@ -261,6 +277,8 @@ pub fn change_request(r: &ChangeRequest, viewer: Option<&Actor>) -> pb::ChangeRe
             .apply_run
             .as_ref()
             .map_or(0, |run| i32::try_from(run.attempts).unwrap_or(i32::MAX)),
+        created_by_acting_principal: principal_or_empty(r.created_by_acting_principal.as_ref()),
+        created_by_identity_proof: identity_proof(r.created_by_proof).into(),
         ..Default::default()
     };
     if let Some(viewer) = viewer {

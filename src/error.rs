@@ -38,6 +38,8 @@ pub enum ApiError {
     MissingScope { scope: &'static str, method: String },
     #[error("{0} is not a method this service authorises")]
     MethodNotAllowed(String),
+    #[error("{0}")]
+    ActAsNotAllowed(String),
 }
 
 impl From<DomainError> for ApiError {
@@ -75,6 +77,16 @@ fn status(
 
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Self {
+        // What the caller may not see is answered exactly as what does not exist.
+        let err = match err {
+            ApiError::Store(StoreError::Domain(DomainError::ChangeRequestNotFound { id })) => {
+                ApiError::Store(StoreError::NotFound(id))
+            }
+            ApiError::Store(StoreError::Domain(DomainError::PolicyNotFound { name })) => {
+                ApiError::Store(StoreError::PolicyNotFound(name))
+            }
+            other => other,
+        };
         let message = err.to_string();
         let (code, message, details) = match err {
             ApiError::Unauthenticated(_) => {
@@ -116,6 +128,9 @@ impl From<ApiError> for Status {
                 "MISSING_SCOPE",
                 &[("scope", scope.to_owned()), ("method", method)],
             ),
+            ApiError::ActAsNotAllowed(_) => {
+                status(Code::PermissionDenied, message, "ACT_AS_NOT_ALLOWED", &[])
+            }
             ApiError::MethodNotAllowed(method) => status(
                 Code::PermissionDenied,
                 message,
@@ -223,11 +238,29 @@ impl From<ApiError> for Status {
                         "SELF_APPROVAL_FORBIDDEN",
                         &[],
                     ),
+                    DomainError::NotIndependent { party, .. } => status(
+                        Code::PermissionDenied,
+                        message,
+                        "APPROVAL_NOT_INDEPENDENT",
+                        &[("party", party)],
+                    ),
                     DomainError::NotApprover { principal } => status(
                         Code::PermissionDenied,
                         message,
                         "NOT_APPROVER",
                         &[("principal", principal)],
+                    ),
+                    DomainError::ChangeRequestNotFound { id } => status(
+                        Code::NotFound,
+                        message,
+                        "CHANGE_REQUEST_NOT_FOUND",
+                        &[("id", id)],
+                    ),
+                    DomainError::PolicyNotFound { name } => status(
+                        Code::NotFound,
+                        message,
+                        "POLICY_NOT_FOUND",
+                        &[("name", name)],
                     ),
                     DomainError::ProjectNotAllowed { project } => status(
                         Code::PermissionDenied,

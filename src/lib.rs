@@ -29,6 +29,8 @@ pub mod pb {
         tonic::include_file_descriptor_set!("approvals_descriptor");
 }
 
-pub use auth::{AUTHORIZATION_HEADER, ON_BEHALF_OF_GROUPS_HEADER, ON_BEHALF_OF_HEADER};
+pub use auth::{
+    AUTHORIZATION_HEADER, ON_BEHALF_OF_GROUPS_HEADER, ON_BEHALF_OF_HEADER, USER_TOKEN_HEADER,
+};
 pub use error::ERROR_DOMAIN;
 pub use identity::{ACTOR_HEADER, GROUPS_HEADER};

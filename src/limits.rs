@@ -106,19 +106,23 @@ where
         if !is_limited(request.uri().path()) {
             return Box::pin(self.inner.call(request));
         }
+        // The credential that authenticated pays for every call it makes, whoever it acts for;
+        // a user acted for pays as well.
         if let Some(rate) = &self.limits.rate
             && let Some(caller) = request.extensions().get::<Arc<Caller>>()
-            && let Err(wait) = rate.take(caller.principal.as_str())
+            && let Some((limited, wait)) = std::iter::once(caller.credential_principal())
+                .chain(caller.acting_principal.as_ref().map(|_| &caller.principal))
+                .find_map(|principal| rate.take(principal.as_str()).err().map(|w| (principal, w)))
         {
             let status = refused(
                 format!(
                     "{} is over its rate limit of {}/s; retry after {} ms",
-                    caller.principal.as_str(),
+                    limited.as_str(),
                     rate.per_second,
                     wait.as_millis()
                 ),
                 "RATE_LIMITED",
-                &[("principal", caller.principal.as_str().to_owned())],
+                &[("principal", limited.as_str().to_owned())],
                 wait,
             );
             crate::metrics::record_limited("rate");

@@ -52,9 +52,14 @@ enum KeysCommand {
         /// Comma separated bare group names.
         #[arg(long, value_delimiter = ',')]
         groups: Vec<String>,
-        /// Comma separated projects the key may act in (default: all).
+        /// Comma separated projects the key may act in (default: every project, written
+        /// `projects = ["*"]`).
         #[arg(long, value_delimiter = ',')]
         projects: Vec<String>,
+        /// With approvals:act_as: comma separated users the key may act for (user:NAME, or
+        /// user:* for every user).
+        #[arg(long = "act-as", value_delimiter = ',')]
+        act_as: Vec<String>,
     },
 }
 
@@ -64,8 +69,9 @@ fn generate_key(command: KeysCommand) -> ExitCode {
         scopes,
         groups,
         projects,
+        act_as,
     } = command;
-    match approvals::auth::api_keys::generate(&principal, &scopes, &groups, &projects) {
+    match approvals::auth::api_keys::generate(&principal, &scopes, &groups, &projects, &act_as) {
         Ok((key, entry)) => {
             println!("# The API key, shown only now; give it to the caller as a secret:");
             println!("# authorization: Bearer {key}");

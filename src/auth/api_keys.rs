@@ -5,7 +5,11 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
-use super::{ApiKeyConfig, Caller, Scope, caller_principal};
+use approvals_domain::IdentityProof;
+
+use super::{
+    ActAsList, ApiKeyConfig, Authenticated, Caller, Scope, caller_principal, parse_projects,
+};
 use crate::{error::ApiError, identity::parse_groups};
 
 /// Every generated key starts with this, so a leaked key is recognisable (secret scanners).
@@ -13,7 +17,7 @@ pub const KEY_PREFIX: &str = "apv1_";
 
 struct ApiKey {
     digest: [u8; 32],
-    caller: Caller,
+    holder: Authenticated,
 }
 
 pub struct ApiKeys(Vec<ApiKey>);
@@ -48,14 +52,27 @@ impl ApiKeys {
             let scopes =
                 super::parse_scopes(&config.scopes).map_err(|m| format!("[{i}].scopes: {m}"))?;
             let digest = parse_digest(&config.sha256).map_err(|m| format!("[{i}].sha256: {m}"))?;
+            if let Some(first) = keys.iter().position(|k: &ApiKey| k.digest == digest) {
+                return Err(format!(
+                    "[{i}].sha256: is the digest of [{first}] too: every key must be distinct"
+                ));
+            }
+            let projects =
+                parse_projects(&config.projects).map_err(|m| format!("[{i}].projects: {m}"))?;
+            let act_as =
+                ActAsList::parse(&config.act_as).map_err(|m| format!("[{i}].act_as: {m}"))?;
             keys.push(ApiKey {
                 digest,
-                caller: Caller {
-                    principal,
-                    groups: parse_groups(&config.groups.join(",")),
-                    scopes,
-                    projects: (!config.projects.is_empty()).then(|| config.projects.clone()),
-                    acting_principal: None,
+                holder: Authenticated {
+                    caller: Caller {
+                        principal,
+                        groups: parse_groups(&config.groups.join(",")),
+                        scopes,
+                        projects,
+                        acting_principal: None,
+                        proof: IdentityProof::Credential,
+                    },
+                    act_as,
                 },
             });
         }
@@ -64,7 +81,7 @@ impl ApiKeys {
 
     /// The caller a key belongs to. Every configured digest is compared, in constant time, so
     /// the time taken does not tell which (or whether a) digest matched.
-    pub fn verify(&self, key: &str) -> Result<Caller, ApiError> {
+    pub fn verify(&self, key: &str) -> Result<Authenticated, ApiError> {
         let presented: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let mut found: Option<&ApiKey> = None;
         for candidate in &self.0 {
@@ -73,7 +90,7 @@ impl ApiKeys {
                 found = Some(candidate);
             }
         }
-        found.map(|k| k.caller.clone()).ok_or_else(|| {
+        found.map(|k| k.holder.clone()).ok_or_else(|| {
             ApiError::CredentialsInvalid("the API key is not known to this server".to_owned())
         })
     }
@@ -85,11 +102,30 @@ pub fn generate(
     scopes: &[String],
     groups: &[String],
     projects: &[String],
+    act_as: &[String],
 ) -> Result<(String, String), String> {
     caller_principal(principal)?;
     let scopes: Vec<Scope> = super::parse_scopes(scopes)?;
     if scopes.is_empty() {
         return Err("name at least one scope".to_owned());
+    }
+    // No projects named: every project, said explicitly in the entry.
+    let every_project = ["*".to_owned()];
+    let projects = if projects.is_empty() {
+        &every_project[..]
+    } else {
+        projects
+    };
+    parse_projects(projects).map_err(|m| format!("--projects: {m}"))?;
+    ActAsList::parse(act_as).map_err(|m| format!("--act-as: {m}"))?;
+    if scopes.contains(&Scope::ActAs) && act_as.is_empty() {
+        return Err(
+            "--act-as is required with approvals:act_as: the users the key may act for (user:NAME, or user:* for every user)"
+                .to_owned(),
+        );
+    }
+    if !scopes.contains(&Scope::ActAs) && !act_as.is_empty() {
+        return Err("--act-as needs the approvals:act_as scope".to_owned());
     }
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
@@ -112,13 +148,16 @@ pub fn generate(
                 .to_owned()
         })
         .collect();
-    let entry = format!(
+    let mut entry = format!(
         "[[auth.api_keys]]\nprincipal = {principal:?}\ngroups = [{}]\nscopes = [{}]\nprojects = [{}]\nsha256 = \"{}\"\n",
         list(&groups),
         list(&scope_names),
         list(projects),
         digest_hex(&key),
     );
+    if !act_as.is_empty() {
+        entry.push_str(&format!("act_as = [{}]\n", list(act_as)));
+    }
     Ok((key, entry))
 }
 
@@ -133,12 +172,13 @@ mod tests {
             &["approvals:write".into()],
             &["sre".into()],
             &["web".into()],
+            &[],
         )
         .expect("generates");
         assert!(key.starts_with(KEY_PREFIX));
         let config: crate::config::Config = toml::from_str(&entry).expect("entry is TOML");
         let keys = ApiKeys::new(&config.auth.api_keys).expect("valid");
-        let caller = keys.verify(&key).expect("known key");
+        let caller = keys.verify(&key).expect("known key").caller;
         assert_eq!(caller.principal.as_str(), "service:flags");
         assert_eq!(caller.groups, vec!["sre"]);
         assert_eq!(caller.scopes, vec![Scope::Write]);

@@ -5,8 +5,12 @@
 //! principal = "service:flags"
 //! groups = []
 //! scopes = ["approvals:write"]
-//! projects = ["web"]
+//! projects = ["web"]        # or ["*"]: every project
 //! sha256 = "…"            # hex SHA-256 of the key; the key itself is never stored
+//! act_as = ["user:*"]       # with approvals:act_as: whom it may act for
+//!
+//! [auth.groups]             # group memberships the server vouches for
+//! sre = ["user:alice", "service:deployer"]
 //!
 //! [auth.jwt]
 //! issuer = "https://id.example.com/"
@@ -14,7 +18,7 @@
 //! jwks_file = "/etc/approvals/jwks.json"   # or jwks_url = "https://id.example.com/jwks.json"
 //! ```
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use serde::Deserialize;
 
@@ -27,6 +31,10 @@ pub struct AuthConfig {
     pub api_keys: Vec<ApiKeyConfig>,
     /// JSON Web Tokens from an identity provider, presented the same way.
     pub jwt: Option<JwtConfig>,
+    /// Group memberships from the server's own configuration: a bare group name -> its members
+    /// (`user:NAME`, `service:NAME`). Added to the groups a caller's credential carries, and the
+    /// only groups an on-behalf-of user has besides those of a forwarded user token.
+    pub groups: BTreeMap<String, Vec<String>>,
 }
 
 impl AuthConfig {
@@ -48,11 +56,16 @@ pub struct ApiKeyConfig {
     /// `approvals:read`, `approvals:write`, `approvals:admin`, `approvals:act_as`,
     /// `approvals:bypass`.
     pub scopes: Vec<String>,
-    /// The projects the key may act in; empty: all.
+    /// The projects the key may act in; `["*"]`: every project. Required: a key without
+    /// projects is refused when the configuration loads.
     #[serde(default)]
     pub projects: Vec<String>,
     /// Lower-case hex SHA-256 digest of the key.
     pub sha256: String,
+    /// With `approvals:act_as`: the users the key may act for, `user:NAME` or `user:*` (every
+    /// user). Required with that scope; only `user:` principals can be acted for.
+    #[serde(default)]
+    pub act_as: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -78,9 +91,21 @@ pub struct JwtConfig {
     pub groups_claim: String,
     /// Claim holding the caller's scopes, in the same forms (OAuth's `scope` is space separated).
     pub scopes_claim: String,
-    /// Claim holding the projects the caller may act in. As for API keys, a missing or empty
-    /// claim means every project; "" (the default) reads no claim.
+    /// Claim holding the projects the caller may act in (`*`: every project). When set, a token
+    /// without it (or with none listed) is refused; "" (the default) reads no claim and lets
+    /// tokens act in every project.
     pub projects_claim: String,
+    /// Claim listing whom a token holding `approvals:act_as` may act for (`user:NAME`, or
+    /// `user:*`); without it such a token acts for nobody.
+    pub act_as_claim: String,
+    /// Keys not refreshed successfully for this long are dropped (tokens are then refused until
+    /// a refresh succeeds), so a key the provider removed is not trusted forever.
+    #[serde(deserialize_with = "duration")]
+    pub jwks_max_age: Duration,
+    /// A token signed with an unknown `kid` makes the server fetch the keys again at once, at
+    /// most once per this interval.
+    #[serde(deserialize_with = "duration")]
+    pub jwks_min_refetch_interval: Duration,
 }
 
 impl Default for JwtConfig {
@@ -96,6 +121,9 @@ impl Default for JwtConfig {
             groups_claim: "groups".to_owned(),
             scopes_claim: "scope".to_owned(),
             projects_claim: String::new(),
+            act_as_claim: "act_as".to_owned(),
+            jwks_max_age: Duration::from_secs(24 * 3600),
+            jwks_min_refetch_interval: Duration::from_secs(30),
         }
     }
 }

@@ -3,15 +3,19 @@
 //! The principal is `sub` with the configured prefix (`user:` by default) unless `sub` is already
 //! `user:NAME` or `service:NAME`; groups, scopes and projects come from configurable claims.
 
-use std::sync::{Arc, RwLock};
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
 
+use approvals_domain::IdentityProof;
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
     jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet},
 };
 use serde_json::Value;
 
-use super::{Caller, JwtConfig, Scope, caller_principal};
+use super::{ActAsList, Authenticated, Caller, JwtConfig, Scope, caller_principal, parse_projects};
 use crate::{error::ApiError, identity::parse_groups};
 
 /// The algorithms accepted; anything else (HS*, none) is refused whatever the token says.
@@ -20,6 +24,29 @@ const ALGORITHMS: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Algorith
 /// Three base64url segments: a compact JWS. API keys never contain a dot.
 pub fn looks_like_jwt(token: &str) -> bool {
     token.split('.').count() == 3
+}
+
+/// A `jwks_url` must be `https://`, except on a loopback host (a sidecar or a test), where
+/// `http://` cannot be intercepted on the network.
+pub fn check_jwks_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(&parsed) => Ok(()),
+        "http" => Err(format!(
+            "{url:?} is plain http: the keys that decide who may call must come over https (http is accepted only on a loopback host)"
+        )),
+        other => Err(format!("{url:?}: scheme {other:?} is not https")),
+    }
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Where the keys come from.
@@ -42,6 +69,12 @@ impl JwksSource {
                     .await
                     .and_then(reqwest::Response::error_for_status)
                     .map_err(|e| format!("cannot fetch JWKS from {url}: {e}"))?;
+                if response.status().is_redirection() {
+                    return Err(format!(
+                        "the JWKS at {url} answered with a redirect ({}); redirects are not followed: configure the final URL",
+                        response.status()
+                    ));
+                }
                 response
                     .text()
                     .await
@@ -52,9 +85,52 @@ impl JwksSource {
     }
 }
 
+/// The keys in use, and when they were last loaded successfully.
+struct Keys {
+    set: JwkSet,
+    loaded: Instant,
+}
+
+/// Shared by the verifier and its refresh task.
+struct KeyStore {
+    source: JwksSource,
+    keys: RwLock<Keys>,
+    /// When a load was last attempted, for the rate limit on unknown-`kid` refetches; the async
+    /// lock makes concurrent refetches wait for one load.
+    last_attempt: tokio::sync::Mutex<Instant>,
+}
+
+impl KeyStore {
+    /// Loads the keys now; a failure keeps the previous keys (until they are too old).
+    async fn reload(&self) -> Result<(), String> {
+        let set = self.source.load().await?;
+        if let Ok(mut keys) = self.keys.write() {
+            *keys = Keys {
+                set,
+                loaded: Instant::now(),
+            };
+        }
+        Ok(())
+    }
+
+    /// Reloads for a token whose `kid` is unknown, unless a load was attempted within
+    /// `min_interval`. Returns whether a load was made.
+    async fn refetch_for_unknown_kid(&self, min_interval: Duration) -> bool {
+        let mut last = self.last_attempt.lock().await;
+        if last.elapsed() < min_interval {
+            return false;
+        }
+        *last = Instant::now();
+        if let Err(err) = self.reload().await {
+            tracing::warn!(%err, "JWKS refetch for an unknown kid failed");
+        }
+        true
+    }
+}
+
 pub struct JwtVerifier {
     config: JwtConfig,
-    keys: Arc<RwLock<JwkSet>>,
+    store: Arc<KeyStore>,
     refresh: tokio::task::JoinHandle<()>,
 }
 
@@ -66,24 +142,35 @@ impl Drop for JwtVerifier {
 
 impl JwtVerifier {
     /// Loads the keys (a failure stops the server from starting) and refreshes them every
-    /// `jwks_refresh_interval`; a failed refresh keeps the previous keys and is logged.
+    /// `jwks_refresh_interval`; a failed refresh keeps the previous keys and is logged, until
+    /// they are older than `jwks_max_age`.
     pub async fn start(config: &JwtConfig) -> Result<Self, String> {
         let source = match (&config.jwks_file, &config.jwks_url) {
             (Some(path), _) => JwksSource::File(path.clone()),
             (None, Some(url)) => {
+                check_jwks_url(url)?;
                 // One process-wide TLS provider; an error only means one is installed already.
                 let _ = rustls::crypto::ring::default_provider().install_default();
                 let client = reqwest::Client::builder()
-                    .timeout(std::time::Duration::from_secs(10))
+                    .timeout(Duration::from_secs(10))
+                    .redirect(reqwest::redirect::Policy::none())
                     .build()
                     .map_err(|e| format!("HTTP client: {e}"))?;
                 JwksSource::Url(url.clone(), client)
             }
             (None, None) => return Err("set jwks_file or jwks_url".to_owned()),
         };
-        let keys = Arc::new(RwLock::new(source.load().await?));
+        let set = source.load().await?;
+        let store = Arc::new(KeyStore {
+            source,
+            keys: RwLock::new(Keys {
+                set,
+                loaded: Instant::now(),
+            }),
+            last_attempt: tokio::sync::Mutex::new(Instant::now()),
+        });
         let refresh = tokio::spawn({
-            let keys = Arc::downgrade(&keys);
+            let store = Arc::downgrade(&store);
             let interval = config.jwks_refresh_interval;
             async move {
                 let mut ticker = tokio::time::interval(interval);
@@ -91,28 +178,49 @@ impl JwtVerifier {
                 ticker.tick().await;
                 loop {
                     ticker.tick().await;
-                    let Some(keys) = keys.upgrade() else { return };
-                    match source.load().await {
-                        Ok(set) => {
-                            if let Ok(mut current) = keys.write() {
-                                *current = set;
-                            }
-                        }
-                        Err(err) => {
-                            tracing::warn!(%err, "JWKS refresh failed; keeping the previous keys")
-                        }
+                    let Some(store) = store.upgrade() else { return };
+                    *store.last_attempt.lock().await = Instant::now();
+                    if let Err(err) = store.reload().await {
+                        tracing::warn!(%err, "JWKS refresh failed; keeping the previous keys");
                     }
                 }
             }
         });
         Ok(Self {
             config: config.clone(),
-            keys,
+            store,
             refresh,
         })
     }
 
-    pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+    /// The keys that may verify a token with this header: matching `kid` and algorithm, from a
+    /// key set no older than `jwks_max_age`.
+    fn candidates(&self, header: &jsonwebtoken::Header) -> Result<Vec<DecodingKey>, String> {
+        let keys = self
+            .store
+            .keys
+            .read()
+            .map_err(|_| "the key set is unavailable".to_owned())?;
+        if keys.loaded.elapsed() > self.config.jwks_max_age {
+            return Err(format!(
+                "the signing keys could not be refreshed for more than {}; tokens are refused until they are",
+                humantime::format_duration(self.config.jwks_max_age)
+            ));
+        }
+        Ok(keys
+            .set
+            .keys
+            .iter()
+            .filter(|jwk| match &header.kid {
+                Some(kid) => jwk.common.key_id.as_deref() == Some(kid.as_str()),
+                None => true,
+            })
+            .filter(|jwk| key_fits(jwk, header.alg))
+            .filter_map(|jwk| DecodingKey::from_jwk(jwk).ok())
+            .collect())
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Authenticated, ApiError> {
         let invalid = |why: String| ApiError::CredentialsInvalid(format!("invalid JWT: {why}"));
         let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(e.to_string()))?;
         if !ALGORITHMS.contains(&header.alg) {
@@ -121,21 +229,17 @@ impl JwtVerifier {
                 header.alg
             )));
         }
-        let candidates: Vec<DecodingKey> = {
-            let keys = self
-                .keys
-                .read()
-                .map_err(|_| invalid("the key set is unavailable".to_owned()))?;
-            keys.keys
-                .iter()
-                .filter(|jwk| match &header.kid {
-                    Some(kid) => jwk.common.key_id.as_deref() == Some(kid.as_str()),
-                    None => true,
-                })
-                .filter(|jwk| key_fits(jwk, header.alg))
-                .filter_map(|jwk| DecodingKey::from_jwk(jwk).ok())
-                .collect()
-        };
+        let mut candidates = self.candidates(&header).map_err(invalid)?;
+        // A kid the server does not know may be a key the provider just published.
+        if candidates.is_empty()
+            && header.kid.is_some()
+            && self
+                .store
+                .refetch_for_unknown_kid(self.config.jwks_min_refetch_interval)
+                .await
+        {
+            candidates = self.candidates(&header).map_err(invalid)?;
+        }
         if candidates.is_empty() {
             return Err(invalid(
                 "no key in the JWKS matches the token's kid and algorithm".to_owned(),
@@ -150,7 +254,7 @@ impl JwtVerifier {
         let mut last_error = None;
         for key in &candidates {
             match jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, key, &validation) {
-                Ok(data) => return self.caller(&data.claims).map_err(invalid),
+                Ok(data) => return self.holder(&data.claims).map_err(invalid),
                 Err(err) => last_error = Some(err),
             }
         }
@@ -161,16 +265,23 @@ impl JwtVerifier {
         ))
     }
 
-    fn caller(&self, claims: &serde_json::Map<String, Value>) -> Result<Caller, String> {
+    fn holder(&self, claims: &serde_json::Map<String, Value>) -> Result<Authenticated, String> {
         let sub = claims
             .get("sub")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .ok_or("the token has no sub")?;
-        let principal = if sub.starts_with("user:") || sub.starts_with("service:") {
-            caller_principal(sub)?
-        } else {
-            caller_principal(&format!("{}{sub}", self.config.principal_prefix))?
+        let prefix = self.config.principal_prefix.as_str();
+        // A sub that names a principal keeps it only when it is of the configured kind: a
+        // provider's users cannot make themselves services by their choice of subject.
+        let principal = match sub.strip_prefix(prefix) {
+            Some(_) => caller_principal(sub)?,
+            None if sub.starts_with("user:") || sub.starts_with("service:") => {
+                return Err(format!(
+                    "sub {sub:?} names another kind of principal than auth.jwt.principal_prefix {prefix:?}"
+                ));
+            }
+            None => caller_principal(&format!("{prefix}{sub}"))?,
         };
         let groups = parse_groups(&strings(claims.get(&self.config.groups_claim)).join(","));
         // Unknown scopes (another service's) are ignored: they grant nothing here.
@@ -181,15 +292,30 @@ impl JwtVerifier {
         let projects = if self.config.projects_claim.is_empty() {
             None
         } else {
-            // Like a key's `projects`: absent or empty means every project.
-            Some(strings(claims.get(&self.config.projects_claim))).filter(|p| !p.is_empty())
+            let listed = strings(claims.get(&self.config.projects_claim));
+            parse_projects(&listed).map_err(|m| {
+                format!(
+                    "the {:?} claim (auth.jwt.projects_claim): {m}",
+                    self.config.projects_claim
+                )
+            })?
         };
-        Ok(Caller {
-            principal,
-            groups,
-            scopes,
-            projects,
-            acting_principal: None,
+        // Entries that are not users grant nothing, like unknown scopes.
+        let act_as_entries: Vec<String> = strings(claims.get(&self.config.act_as_claim))
+            .into_iter()
+            .filter(|entry| ActAsList::parse(std::slice::from_ref(entry)).is_ok())
+            .collect();
+        let act_as = ActAsList::parse(&act_as_entries)?;
+        Ok(Authenticated {
+            caller: Caller {
+                principal,
+                groups,
+                scopes,
+                projects,
+                acting_principal: None,
+                proof: IdentityProof::Credential,
+            },
+            act_as,
         })
     }
 }

@@ -9,13 +9,16 @@ mod config;
 mod jwt;
 
 use std::{
+    collections::HashMap,
     future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 
-use approvals_domain::{Actor, DomainError, Principal, PrincipalKind};
+use approvals_domain::{
+    Actor, ChangeRequest, DomainError, IdentityProof, Policy, Principal, PrincipalKind,
+};
 use http::HeaderMap;
 use tonic::Status;
 use tower::{Layer, Service};
@@ -30,6 +33,9 @@ use crate::{
 pub const AUTHORIZATION_HEADER: &str = "authorization";
 pub const ON_BEHALF_OF_HEADER: &str = "x-approvals-on-behalf-of";
 pub const ON_BEHALF_OF_GROUPS_HEADER: &str = "x-approvals-on-behalf-of-groups";
+/// The user's own token (a JWT from the configured issuer), forwarded by a service acting on
+/// their behalf: proof of who the user is (RFC 8693's subject token, as a header).
+pub const USER_TOKEN_HEADER: &str = "x-approvals-user-token";
 
 /// A permission a caller holds. Scopes nest: `Write` includes `Read`, `Admin` includes both;
 /// `ActAs` and `Bypass` include nothing else.
@@ -179,6 +185,8 @@ pub struct Caller {
     pub projects: Option<Vec<String>>,
     /// The authenticated service, when it acts on behalf of `principal`.
     pub acting_principal: Option<Principal>,
+    /// How `principal`'s identity was established.
+    pub proof: IdentityProof,
 }
 
 impl Caller {
@@ -192,7 +200,14 @@ impl Caller {
             principal: self.principal.clone(),
             groups: self.groups.clone(),
             acting_principal: self.acting_principal.clone(),
+            proof: self.proof,
         }
+    }
+
+    /// The principal whose credential authenticated the call: the acting service of an
+    /// on-behalf-of call, else the caller itself.
+    pub fn credential_principal(&self) -> &Principal {
+        self.acting_principal.as_ref().unwrap_or(&self.principal)
     }
 
     pub fn may_act_in(&self, project: &str) -> bool {
@@ -201,7 +216,8 @@ impl Caller {
             .is_none_or(|projects| projects.iter().any(|p| p == project))
     }
 
-    /// PERMISSION_DENIED (`PROJECT_NOT_ALLOWED`) unless the credential may act in `project`.
+    /// PERMISSION_DENIED (`PROJECT_NOT_ALLOWED`) unless the credential may act in `project`,
+    /// which the caller named itself (create, list, watch, policy writes).
     pub fn ensure_project(&self, project: &str) -> Result<(), DomainError> {
         // Every call that names a project passes here: label the call's span with it.
         tracing::Span::current().record("project", project);
@@ -213,11 +229,102 @@ impl Caller {
             })
         }
     }
+
+    /// A change request found by id is visible only in the credential's projects; any other
+    /// is NOT_FOUND exactly as an unknown id, so that ids cannot be probed across projects.
+    pub fn ensure_sees(&self, request: &ChangeRequest) -> Result<(), DomainError> {
+        tracing::Span::current().record("project", request.project.as_str());
+        if self.may_act_in(&request.project) {
+            Ok(())
+        } else {
+            Err(DomainError::ChangeRequestNotFound {
+                id: request.id.clone(),
+            })
+        }
+    }
+
+    /// Likewise for a policy found by name.
+    pub fn ensure_sees_policy(&self, policy: &Policy) -> Result<(), DomainError> {
+        tracing::Span::current().record("project", policy.project.as_str());
+        if self.may_act_in(&policy.project) {
+            Ok(())
+        } else {
+            Err(DomainError::PolicyNotFound {
+                name: policy.name.clone(),
+            })
+        }
+    }
+}
+
+/// What a credential proved: its caller, and whom it may act for with `approvals:act_as`.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub caller: Caller,
+    pub act_as: ActAsList,
+}
+
+/// Whom a credential may act for: `user:NAME` entries, or `user:*` for every user. Only users
+/// can be acted for: acting as a service would let a credential be another service (an
+/// executor, an applier).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActAsList {
+    any_user: bool,
+    users: Vec<Principal>,
+}
+
+impl ActAsList {
+    /// From a key's `act_as` or a token's claim; an entry that is not `user:NAME` or `user:*`
+    /// is an error naming it.
+    pub fn parse(entries: &[String]) -> Result<Self, String> {
+        let mut list = Self::default();
+        for entry in entries {
+            let entry = entry.trim();
+            if entry == "user:*" {
+                list.any_user = true;
+                continue;
+            }
+            match Principal::parse(entry) {
+                Ok(p) if p.kind() == PrincipalKind::User => list.users.push(p),
+                _ => {
+                    return Err(format!(
+                        "{entry:?} cannot be acted for: write user:NAME, or user:* for every user"
+                    ));
+                }
+            }
+        }
+        Ok(list)
+    }
+
+    pub fn allows(&self, user: &Principal) -> bool {
+        user.kind() == PrincipalKind::User && (self.any_user || self.users.contains(user))
+    }
+}
+
+/// `["*"]` -> every project (`None`); names -> those projects. Empty, or `*` beside names, is an
+/// error: "every project" must be said explicitly.
+pub fn parse_projects(projects: &[String]) -> Result<Option<Vec<String>>, String> {
+    let projects: Vec<String> = projects.iter().map(|p| p.trim().to_owned()).collect();
+    if projects.is_empty() {
+        return Err("name the projects it may act in, or [\"*\"] for every project".to_owned());
+    }
+    if projects.iter().any(|p| p == "*") {
+        return if projects.len() == 1 {
+            Ok(None)
+        } else {
+            Err("\"*\" (every project) stands alone".to_owned())
+        };
+    }
+    if let Some(empty) = projects.iter().find(|p| p.is_empty()) {
+        return Err(format!("{empty:?} is not a project name"));
+    }
+    Ok(Some(projects))
 }
 
 /// How callers are authenticated.
 pub struct Authenticator {
     mode: Mode,
+    /// Group memberships from `[auth.groups]`: principal -> bare group names.
+    configured_groups: HashMap<Principal, Vec<String>>,
 }
 
 enum Mode {
@@ -236,15 +343,19 @@ pub enum AuthSetupError {
     ApiKeys(String),
     #[error("auth.jwt: {0}")]
     Jwt(String),
+    #[error("auth.groups: {0}")]
+    Groups(String),
 }
 
 impl Authenticator {
     /// Builds the authenticator; with a JWKS URL or file, loads the keys once and keeps them
     /// refreshed by a background task.
     pub async fn new(config: &AuthConfig) -> Result<Self, AuthSetupError> {
+        let configured_groups = group_members(config).map_err(AuthSetupError::Groups)?;
         if !config.is_configured() {
             return Ok(Self {
                 mode: Mode::Development,
+                configured_groups,
             });
         }
         let api_keys = ApiKeys::new(&config.api_keys).map_err(AuthSetupError::ApiKeys)?;
@@ -256,6 +367,7 @@ impl Authenticator {
         };
         Ok(Self {
             mode: Mode::Configured { api_keys, jwt },
+            configured_groups,
         })
     }
 
@@ -265,11 +377,15 @@ impl Authenticator {
 
     /// The caller of a call to `path`, or `None` for the open services; an error for a caller
     /// that is not authenticated or lacks the method's scope.
-    pub fn authorize(&self, path: &str, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+    pub async fn authorize(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Option<Caller>, ApiError> {
         if OPEN_SERVICES.iter().any(|open| path.starts_with(open)) {
             return Ok(None);
         }
-        let caller = self.authenticate(headers)?;
+        let caller = self.authenticate(headers).await?;
         let Some(required) = required_scopes(path) else {
             return Err(ApiError::MethodNotAllowed(path.to_owned()));
         };
@@ -282,19 +398,150 @@ impl Authenticator {
         Ok(Some(caller))
     }
 
-    fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
-        let caller = match &self.mode {
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let authenticated = match &self.mode {
             Mode::Development => development_caller(headers)?,
             Mode::Configured { api_keys, jwt } => {
                 let token = bearer_token(headers)?;
                 match jwt {
-                    Some(jwt) if jwt::looks_like_jwt(token) => jwt.verify(token)?,
+                    Some(jwt) if jwt::looks_like_jwt(token) => jwt.verify(token).await?,
                     _ => api_keys.verify(token)?,
                 }
             }
         };
-        on_behalf_of(caller, headers)
+        let mut caller = self.on_behalf_of(authenticated, headers).await?;
+        self.add_configured_groups(&mut caller);
+        Ok(caller)
     }
+
+    fn add_configured_groups(&self, caller: &mut Caller) {
+        if let Some(groups) = self.configured_groups.get(&caller.principal) {
+            caller.groups.extend(groups.iter().cloned());
+            caller.groups.sort();
+            caller.groups.dedup();
+        }
+    }
+
+    /// With `x-approvals-on-behalf-of` (and/or `x-approvals-user-token`), the call is made as
+    /// that user by a caller holding `approvals:act_as` that may act for them; the caller is
+    /// kept as the acting principal. The user's identity is proven by a forwarded user token
+    /// (verified like any JWT) or only asserted by the caller; their groups come from that
+    /// token and from `[auth.groups]`, never from a header, except in local development.
+    async fn on_behalf_of(
+        &self,
+        authenticated: Authenticated,
+        headers: &HeaderMap,
+    ) -> Result<Caller, ApiError> {
+        let Authenticated { caller, act_as } = authenticated;
+        let named = header(headers, ON_BEHALF_OF_HEADER)?;
+        let user_token = header(headers, USER_TOKEN_HEADER)?;
+        if named.is_none() && user_token.is_none() {
+            if headers.contains_key(ON_BEHALF_OF_GROUPS_HEADER) {
+                return Err(ApiError::invalid(
+                    ON_BEHALF_OF_GROUPS_HEADER,
+                    format!("is only meaningful with {ON_BEHALF_OF_HEADER}"),
+                ));
+            }
+            return Ok(caller);
+        }
+        if !caller.has(Scope::ActAs) {
+            return Err(ApiError::MissingScope {
+                scope: Scope::ActAs.as_str(),
+                method: ON_BEHALF_OF_HEADER.to_owned(),
+            });
+        }
+        let named = named
+            .map(|user| {
+                caller_principal(user)
+                    .map_err(|message| ApiError::invalid(ON_BEHALF_OF_HEADER, message))
+            })
+            .transpose()?;
+        let development = self.is_development();
+        let (principal, groups, proof) = match user_token {
+            Some(token) => {
+                let user = self.verify_user_token(token).await?;
+                if let Some(named) = named.as_ref().filter(|named| **named != user.principal) {
+                    return Err(ApiError::ActAsNotAllowed(format!(
+                        "{USER_TOKEN_HEADER} is a token of {}, not of {named}",
+                        user.principal
+                    )));
+                }
+                (user.principal, user.groups, IdentityProof::UserToken)
+            }
+            None => {
+                let Some(named) = named else {
+                    return Err(ApiError::invalid(ON_BEHALF_OF_HEADER, "is required"));
+                };
+                // Groups the acting service asserts are believed only in local development.
+                let groups = if development {
+                    header(headers, ON_BEHALF_OF_GROUPS_HEADER)?
+                        .map(parse_groups)
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                (named, groups, IdentityProof::Asserted)
+            }
+        };
+        if principal.kind() != PrincipalKind::User {
+            return Err(ApiError::ActAsNotAllowed(format!(
+                "{} cannot act as {principal}: only user: principals can be acted for",
+                caller.principal
+            )));
+        }
+        if !development && !act_as.allows(&principal) {
+            return Err(ApiError::ActAsNotAllowed(format!(
+                "{} may not act for {principal}: it is not in the credential's act_as list",
+                caller.principal
+            )));
+        }
+        Ok(Caller {
+            principal,
+            groups,
+            acting_principal: Some(caller.principal),
+            scopes: caller.scopes,
+            projects: caller.projects,
+            proof,
+        })
+    }
+
+    /// A user's own token, forwarded by the service acting for them: verified as any JWT
+    /// (signature, issuer, audience, time).
+    async fn verify_user_token(&self, token: &str) -> Result<Caller, ApiError> {
+        let Mode::Configured { jwt: Some(jwt), .. } = &self.mode else {
+            return Err(ApiError::CredentialsInvalid(format!(
+                "{USER_TOKEN_HEADER} needs [auth.jwt] to be configured: the server has no keys to verify it"
+            )));
+        };
+        jwt.verify(token)
+            .await
+            .map(|authenticated| authenticated.caller)
+            .map_err(|err| match err {
+                ApiError::CredentialsInvalid(message) => {
+                    ApiError::CredentialsInvalid(format!("{USER_TOKEN_HEADER}: {message}"))
+                }
+                other => other,
+            })
+    }
+}
+
+/// `[auth.groups]` turned around: each member's groups.
+fn group_members(config: &AuthConfig) -> Result<HashMap<Principal, Vec<String>>, String> {
+    let mut members: HashMap<Principal, Vec<String>> = HashMap::new();
+    for (group, principals) in &config.groups {
+        let bare = group.strip_prefix("group:").unwrap_or(group);
+        if bare.is_empty() || bare.chars().any(|c| c.is_whitespace() || c == ',') {
+            return Err(format!("{group:?} is not a group name"));
+        }
+        for member in principals {
+            let principal = caller_principal(member).map_err(|m| format!("{group}: {m}"))?;
+            let groups = members.entry(principal).or_default();
+            groups.push(bare.to_owned());
+            groups.sort();
+            groups.dedup();
+        }
+    }
+    Ok(members)
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -327,7 +574,7 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
 }
 
 /// Local development: the caller names itself and holds every scope.
-fn development_caller(headers: &HeaderMap) -> Result<Caller, ApiError> {
+fn development_caller(headers: &HeaderMap) -> Result<Authenticated, ApiError> {
     let principal = match headers.get(ACTOR_HEADER).map(|v| v.to_str()) {
         None => {
             return Err(ApiError::Unauthenticated(format!(
@@ -355,12 +602,16 @@ fn development_caller(headers: &HeaderMap) -> Result<Caller, ApiError> {
             "{ACTOR_HEADER} {principal:?} is not a caller principal: expected user:NAME or service:NAME"
         ))
     })?;
-    Ok(Caller {
-        principal,
-        groups,
-        scopes: Scope::ALL.to_vec(),
-        projects: None,
-        acting_principal: None,
+    Ok(Authenticated {
+        caller: Caller {
+            principal,
+            groups,
+            scopes: Scope::ALL.to_vec(),
+            projects: None,
+            acting_principal: None,
+            proof: IdentityProof::Development,
+        },
+        act_as: ActAsList::default(),
     })
 }
 
@@ -373,38 +624,6 @@ pub fn caller_principal(text: &str) -> Result<Principal, String> {
             "{text:?} cannot call: a caller is user:NAME or service:NAME"
         )),
     }
-}
-
-/// With `x-approvals-on-behalf-of`, the call is made as that user by a caller holding
-/// `approvals:act_as`; the caller is kept as the acting principal.
-fn on_behalf_of(caller: Caller, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let Some(user) = header(headers, ON_BEHALF_OF_HEADER)? else {
-        if headers.contains_key(ON_BEHALF_OF_GROUPS_HEADER) {
-            return Err(ApiError::invalid(
-                ON_BEHALF_OF_GROUPS_HEADER,
-                format!("is only meaningful with {ON_BEHALF_OF_HEADER}"),
-            ));
-        }
-        return Ok(caller);
-    };
-    if !caller.has(Scope::ActAs) {
-        return Err(ApiError::MissingScope {
-            scope: Scope::ActAs.as_str(),
-            method: ON_BEHALF_OF_HEADER.to_owned(),
-        });
-    }
-    let principal = caller_principal(user)
-        .map_err(|message| ApiError::invalid(ON_BEHALF_OF_HEADER, message))?;
-    let groups = header(headers, ON_BEHALF_OF_GROUPS_HEADER)?
-        .map(parse_groups)
-        .unwrap_or_default();
-    Ok(Caller {
-        principal,
-        groups,
-        acting_principal: Some(caller.principal),
-        scopes: caller.scopes,
-        projects: caller.projects,
-    })
 }
 
 /// The tower layer that authenticates every call (see the module documentation).
@@ -440,9 +659,13 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S, B> Service<http::Request<B>> for AuthService<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
+    B: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -453,26 +676,33 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        match self
-            .authenticator
-            .authorize(request.uri().path(), request.headers())
-        {
-            Ok(caller) => {
-                if let Some(caller) = caller {
-                    request.extensions_mut().insert(Arc::new(caller));
+        // The service that was polled ready serves this call; a clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let authenticator = self.authenticator.clone();
+        Box::pin(async move {
+            match authenticator
+                .authorize(request.uri().path(), request.headers())
+                .await
+            {
+                Ok(caller) => {
+                    if let Some(caller) = caller {
+                        request.extensions_mut().insert(Arc::new(caller));
+                    }
+                    inner.call(request).await
                 }
-                Box::pin(self.inner.call(request))
+                Err(err) => {
+                    let status: Status = err.into();
+                    Ok(status.into_http())
+                }
             }
-            Err(err) => {
-                let status: Status = err.into();
-                Box::pin(std::future::ready(Ok(status.into_http())))
-            }
-        }
+        })
     }
 }
 
 /// Checks the `[auth]` section; the error names the key.
 pub fn validate_config(config: &AuthConfig) -> Result<(), (String, String)> {
+    let mut digests: HashMap<[u8; 32], usize> = HashMap::new();
     for (i, key) in config.api_keys.iter().enumerate() {
         let name = |field: &str| format!("auth.api_keys[{i}].{field}");
         caller_principal(&key.principal).map_err(|m| (name("principal"), m))?;
@@ -484,8 +714,30 @@ pub fn validate_config(config: &AuthConfig) -> Result<(), (String, String)> {
                 return Err((name("scopes"), unknown_scope(scope)));
             }
         }
-        api_keys::parse_digest(&key.sha256).map_err(|m| (name("sha256"), m))?;
+        parse_projects(&key.projects).map_err(|m| (name("projects"), m))?;
+        let act_as = ActAsList::parse(&key.act_as).map_err(|m| (name("act_as"), m))?;
+        let acts = key.scopes.iter().any(|s| s == Scope::ActAs.as_str());
+        if acts && act_as == ActAsList::default() {
+            return Err((
+                name("act_as"),
+                "is required with approvals:act_as: the users the key may act for (user:NAME, or user:* for every user)".to_owned(),
+            ));
+        }
+        if !acts && !key.act_as.is_empty() {
+            return Err((
+                name("act_as"),
+                "needs the approvals:act_as scope".to_owned(),
+            ));
+        }
+        let digest = api_keys::parse_digest(&key.sha256).map_err(|m| (name("sha256"), m))?;
+        if let Some(first) = digests.insert(digest, i) {
+            return Err((
+                name("sha256"),
+                format!("is the digest of auth.api_keys[{first}] too: every key must be distinct"),
+            ));
+        }
     }
+    group_members(config).map_err(|m| ("auth.groups".to_owned(), m))?;
     if let Some(jwt) = &config.jwt {
         if jwt.issuer.trim().is_empty() {
             return Err(("auth.jwt.issuer".into(), "is required".into()));
@@ -514,10 +766,21 @@ pub fn validate_config(config: &AuthConfig) -> Result<(), (String, String)> {
                 "must be \"user:\" or \"service:\"".into(),
             ));
         }
-        if jwt.jwks_refresh_interval.is_zero() {
+        if let Some(url) = &jwt.jwks_url {
+            jwt::check_jwks_url(url).map_err(|m| ("auth.jwt.jwks_url".to_owned(), m))?;
+        }
+        for (key, value) in [
+            ("jwks_refresh_interval", jwt.jwks_refresh_interval),
+            ("jwks_max_age", jwt.jwks_max_age),
+        ] {
+            if value.is_zero() {
+                return Err((format!("auth.jwt.{key}"), "must be positive".into()));
+            }
+        }
+        if jwt.jwks_max_age < jwt.jwks_refresh_interval {
             return Err((
-                "auth.jwt.jwks_refresh_interval".into(),
-                "must be positive".into(),
+                "auth.jwt.jwks_max_age".into(),
+                "must be at least auth.jwt.jwks_refresh_interval".into(),
             ));
         }
     }

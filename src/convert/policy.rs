@@ -9,7 +9,7 @@ use super::{from_struct, timestamp, to_struct};
 use crate::pb;
 
 /// The fields of a policy a caller may set (all but `name` and the output-only ones).
-pub const WRITABLE_PATHS: [&str; 16] = [
+pub const WRITABLE_PATHS: [&str; 17] = [
     "project",
     "environment",
     "action_key",
@@ -26,6 +26,7 @@ pub const WRITABLE_PATHS: [&str; 16] = [
     "appliers",
     "executors",
     "forbid_bypass",
+    "independent_approvals",
 ];
 
 fn apply_mode(mode: ApplyMode) -> pb::ApplyMode {
@@ -73,6 +74,7 @@ fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
     out.appliers = strings(&rules.appliers);
     out.executors = strings(&rules.executors);
     out.forbid_bypass = rules.forbid_bypass;
+    out.independent_approvals = Some(rules.independent_approvals);
 }
 
 pub fn policy(p: &Policy) -> pb::Policy {
@@ -226,6 +228,9 @@ pub fn set_field(policy: &mut Policy, body: &pb::Policy, path: &str, v: &mut Vio
         "appliers" => rules.appliers = principals(&field, &body.appliers, v),
         "executors" => rules.executors = principals(&field, &body.executors, v),
         "forbid_bypass" => rules.forbid_bypass = body.forbid_bypass,
+        "independent_approvals" => {
+            rules.independent_approvals = body.independent_approvals.unwrap_or(true);
+        }
         _ => return false,
     }
     true

@@ -247,7 +247,7 @@ impl ChangeRequests for ChangeRequestsService {
         let started = self
             .store
             .step(&id, |r| {
-                caller.ensure_project(&r.project)?;
+                caller.ensure_sees(r)?;
                 r.check_etag(Some(&req.etag))?;
                 r.start_manual_apply(&actor, &wiring, bypass, key, &replica, lease, now)
                     .map(Step::Event)
@@ -427,7 +427,7 @@ impl ChangeRequests for ChangeRequestsService {
             }
         };
         caller
-            .ensure_project(&change_request.project)
+            .ensure_sees(&change_request)
             .map_err(ApiError::from)?;
         ok(&change_request, &caller)
     }
@@ -575,7 +575,7 @@ impl ChangeRequests for ChangeRequestsService {
         let updated = self
             .store
             .mutate(&id, |r| {
-                caller.ensure_project(&r.project)?;
+                caller.ensure_sees(r)?;
                 r.check_etag(etag.as_deref())?;
                 r.update_with_versions(&actor, patch, now, &mut new_id, &|kind, id| {
                     versions.get(&(kind.to_owned(), id.to_owned())).cloned()
@@ -598,7 +598,7 @@ impl ChangeRequests for ChangeRequestsService {
         let updated = self
             .store
             .mutate(&id, |r| {
-                caller.ensure_project(&r.project)?;
+                caller.ensure_sees(r)?;
                 r.check_etag(Some(&req.etag))?;
                 r.submit(&actor, now)
             })
@@ -639,7 +639,7 @@ impl ChangeRequests for ChangeRequestsService {
         let updated = self
             .store
             .mutate(&id, |r| {
-                caller.ensure_project(&r.project)?;
+                caller.ensure_sees(r)?;
                 r.check_etag(Some(&req.etag))?;
                 r.cancel(&actor, req.reason, now)
             })
@@ -660,7 +660,7 @@ impl ChangeRequests for ChangeRequestsService {
         let updated = self
             .store
             .mutate(&id, |r| {
-                caller.ensure_project(&r.project)?;
+                caller.ensure_sees(r)?;
                 r.add_comment(&actor, new_id(), req.text, now)
             })
             .await
@@ -696,10 +696,11 @@ impl ChangeRequests for ChangeRequestsService {
             // Every request has at least its CREATED event: none means no such request.
             return Err(ApiError::from(approvals_store::StoreError::NotFound(id)).into());
         }
-        if let Some(first) = events.first() {
-            caller
-                .ensure_project(&first.project)
-                .map_err(ApiError::from)?;
+        if let Some(first) = events.first()
+            && !caller.may_act_in(&first.project)
+        {
+            // Another project's request: answered as an unknown id.
+            return Err(ApiError::from(approvals_store::StoreError::NotFound(id)).into());
         }
         let next_page_token = if events.len() as u64 > page_size {
             events.truncate(page_size as usize);
@@ -732,7 +733,7 @@ impl ChangeRequestsService {
         let updated = self
             .store
             .mutate(&id, |r| {
-                caller.ensure_project(&r.project)?;
+                caller.ensure_sees(r)?;
                 r.check_etag(Some(etag))?;
                 r.review(&actor, decision, comment, now)
             })
@@ -767,7 +768,7 @@ impl ChangeRequestsService {
         id: &str,
     ) -> Result<(ChangeRequest, ApplyWiring), ApiError> {
         let request = self.store.get(id).await?;
-        caller.ensure_project(&request.project)?;
+        caller.ensure_sees(&request)?;
         let wiring = self.engine.wiring(&request).await?;
         Ok((request, wiring))
     }

@@ -81,9 +81,7 @@ impl Policies for PoliciesService {
         let name = &request.get_ref().name;
         required_name("name", name)?;
         let found = self.store.get_policy(name).await.map_err(ApiError::from)?;
-        caller
-            .ensure_project(&found.project)
-            .map_err(ApiError::from)?;
+        caller.ensure_sees_policy(&found).map_err(ApiError::from)?;
         Ok(Response::new(policy::policy(&found)))
     }
 
@@ -158,7 +156,7 @@ impl Policies for PoliciesService {
         let updated = self
             .store
             .update_policy(&body.name, |current| {
-                caller.ensure_project(&current.project)?;
+                caller.ensure_sees_policy(current)?;
                 current.check_etag(Some(&etag))?;
                 let mut v = Violations::default();
                 for path in WRITABLE_PATHS.iter().filter(|p| paths.contains(*p)) {
@@ -184,7 +182,7 @@ impl Policies for PoliciesService {
         required_name("name", &req.name)?;
         self.store
             .delete_policy(&req.name, |current| {
-                caller.ensure_project(&current.project)?;
+                caller.ensure_sees_policy(current)?;
                 current.check_etag(Some(&req.etag))
             })
             .await

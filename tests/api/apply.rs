@@ -824,7 +824,7 @@ async fn break_glass_applies_without_quorum() {
         fast(c);
         c.auth = AuthConfig {
             api_keys: vec![bypass, writer, admin],
-            jwt: None,
+            ..AuthConfig::default()
         };
     })
     .await;

@@ -29,7 +29,7 @@ async fn server_with_keys(keys: Vec<approvals::auth::ApiKeyConfig>) -> TestServe
     TestServer::start_with(|c| {
         c.auth = AuthConfig {
             api_keys: keys,
-            jwt: None,
+            ..AuthConfig::default()
         }
     })
     .await
@@ -225,29 +225,52 @@ async fn a_key_limited_to_projects_acts_only_there() {
         .expect_err("other project");
     let message = assert_error(&err, Code::PermissionDenied, "PROJECT_NOT_ALLOWED");
     assert!(message.contains("mobile"), "{message}");
+    // A request of another project is answered exactly as an id that does not exist, so ids
+    // cannot be probed across projects.
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let not_found = wendy
+        .get_change_request(get(&unknown))
+        .await
+        .expect_err("unknown id");
+    for (found, err) in [
+        (
+            &mobile.id,
+            wendy
+                .get_change_request(get(&mobile.id))
+                .await
+                .expect_err("get"),
+        ),
+        (
+            &mobile.id,
+            wendy
+                .approve_change_request(pb::ApproveChangeRequestRequest {
+                    id: mobile.id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("approve"),
+        ),
+        (
+            &mobile.id,
+            wendy
+                .list_change_request_events(pb::ListChangeRequestEventsRequest {
+                    id: mobile.id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("events"),
+        ),
+        (&unknown, not_found),
+    ] {
+        let message = assert_error(&err, Code::NotFound, "CHANGE_REQUEST_NOT_FOUND");
+        assert_eq!(message, format!("change request {found:?} not found"));
+        assert!(!message.contains("mobile"), "{message}");
+    }
     for err in [
-        wendy
-            .get_change_request(get(&mobile.id))
-            .await
-            .expect_err("get"),
-        wendy
-            .approve_change_request(pb::ApproveChangeRequestRequest {
-                id: mobile.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .expect_err("approve"),
         wendy
             .list_change_requests(list("mobile"))
             .await
             .expect_err("list"),
-        wendy
-            .list_change_request_events(pb::ListChangeRequestEventsRequest {
-                id: mobile.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .expect_err("events"),
         wendy
             .watch_change_requests(pb::WatchChangeRequestsRequest {
                 project: "mobile".into(),
@@ -349,19 +372,18 @@ async fn acting_on_behalf_of_a_user_needs_act_as_and_is_recorded() {
 
     let mut as_bob = requests(
         &server,
-        Headers::bearer(&backend_key).on_behalf_of("user:bob", "sre"),
+        Headers::bearer(&backend_key).on_behalf_of("user:bob", ""),
     )
     .await;
-    let approved = as_bob
-        .approve_change_request(pb::ApproveChangeRequestRequest {
+    let commented = as_bob
+        .add_comment(pb::AddCommentRequest {
             id: created.id.clone(),
-            ..Default::default()
+            text: "looks right".into(),
         })
         .await
-        .expect("bob approves through the backend")
+        .expect("bob comments through the backend")
         .into_inner();
-    assert_eq!(approved.reviews[0].reviewer, "user:bob");
-    assert_eq!(approved.reviews[0].reviewer_groups, vec!["sre"]);
+    assert_eq!(commented.comments[0].author, "user:bob");
 
     let events = as_bob
         .list_change_request_events(pb::ListChangeRequestEventsRequest {
@@ -412,20 +434,30 @@ async fn jwts_are_verified_by_signature_issuer_audience_and_time() {
         .into_inner();
     assert_eq!(created.created_by, "user:alice");
 
-    // A service token whose subject is a principal already keeps it.
-    let service = issuer.token("service:deployer", "approvals:read", &[]);
-    let mut deployer = requests(&server, Headers::bearer(&service)).await;
-    let seen = deployer
+    // A subject that is a principal of the configured kind already keeps it.
+    let reader = issuer.token("user:rita", "approvals:read", &[]);
+    let mut rita = requests(&server, Headers::bearer(&reader)).await;
+    let seen = rita
         .get_change_request(get(&created.id))
         .await
         .expect("read scope")
         .into_inner();
     assert_eq!(seen.id, created.id);
-    let err = deployer
+    let err = rita
         .create_change_request(new_request())
         .await
         .expect_err("read only");
     assert_missing_scope(&err, "approvals:write");
+    // A subject of another kind does not get past principal_prefix: a user of the provider
+    // cannot become a service (an executor, an applier) by its choice of subject.
+    let service = issuer.token("service:deployer", "approvals:write", &[]);
+    let mut deployer = requests(&server, Headers::bearer(&service)).await;
+    let err = deployer
+        .get_change_request(get(&created.id))
+        .await
+        .expect_err("another kind of principal");
+    let message = assert_error(&err, Code::Unauthenticated, "CREDENTIALS_INVALID");
+    assert!(message.contains("principal_prefix"), "{message}");
 
     let now = now_secs();
     let claims = |aud: &str, iss: &str, exp: i64| {
@@ -657,4 +689,307 @@ fn readme_auth_example_is_a_valid_config() {
         std::time::Duration::from_secs(300)
     );
     assert_eq!(jwt.scopes_claim, "scope");
+}
+
+/// `approvals config check` on `file`: its exit code and what it printed.
+fn config_check(file: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("approvals.toml");
+    std::fs::write(&path, file).expect("write config");
+    let out = Command::new(BINARY)
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .env_remove("APPROVALS_CONFIG")
+        .output()
+        .expect("run config check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+fn key_entry(extra: &str, digest: &str) -> String {
+    format!(
+        "[[auth.api_keys]]\nprincipal = \"service:web\"\nscopes = [\"approvals:write\"]\nsha256 = \"{digest}\"\n{extra}\n"
+    )
+}
+
+#[test]
+fn every_project_is_said_explicitly_and_keys_are_distinct() {
+    let digest = "ab".repeat(32);
+    for (file, key, says) in [
+        (
+            key_entry("", &digest),
+            "auth.api_keys[0].projects",
+            "[\"*\"]",
+        ),
+        (
+            key_entry("projects = []", &digest),
+            "auth.api_keys[0].projects",
+            "[\"*\"]",
+        ),
+        (
+            key_entry("projects = [\"*\", \"web\"]", &digest),
+            "auth.api_keys[0].projects",
+            "stands alone",
+        ),
+        (
+            format!(
+                "{}{}",
+                key_entry("projects = [\"web\"]", &digest),
+                key_entry("projects = [\"*\"]", &digest)
+            ),
+            "auth.api_keys[1].sha256",
+            "auth.api_keys[0]",
+        ),
+        (
+            key_entry("projects = [\"*\"]", &digest).replace(
+                "[\"approvals:write\"]",
+                "[\"approvals:write\", \"approvals:act_as\"]",
+            ),
+            "auth.api_keys[0].act_as",
+            "user:*",
+        ),
+        (
+            key_entry("projects = [\"*\"]\nact_as = [\"service:deployer\"]", &digest).replace(
+                "[\"approvals:write\"]",
+                "[\"approvals:write\", \"approvals:act_as\"]",
+            ),
+            "auth.api_keys[0].act_as",
+            "service:deployer",
+        ),
+        (
+            "[auth.jwt]\nissuer = \"https://id.example.test/\"\naudience = \"approvals\"\njwks_url = \"http://id.example.test/jwks.json\"\n".to_owned(),
+            "auth.jwt.jwks_url",
+            "https",
+        ),
+    ] {
+        let (code, text) = config_check(&file);
+        assert_eq!(code, Some(2), "{file}\n{text}");
+        assert!(text.contains(key) && text.contains(says), "{file}\n{text}");
+    }
+    let (code, text) = config_check(&key_entry("projects = [\"*\"]", &digest));
+    assert_eq!(code, Some(0), "{text}");
+}
+
+#[tokio::test]
+async fn a_projects_claim_when_configured_is_required() {
+    let issuer = Issuer::new("key-1");
+    let mut jwt = issuer.config();
+    jwt.projects_claim = "projects".into();
+    let server = TestServer::start_with(|c| c.auth.jwt = Some(jwt)).await;
+    let token = |projects: Option<serde_json::Value>| {
+        let now = now_secs();
+        let mut claims = serde_json::json!({
+            "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "scope": "approvals:write",
+            "exp": now + 600,
+        });
+        if let Some(projects) = projects {
+            claims["projects"] = projects;
+        }
+        issuer.sign(claims)
+    };
+    for (case, claim) in [
+        ("no projects claim", None),
+        ("an empty projects claim", Some(serde_json::json!([]))),
+    ] {
+        let mut caller = requests(&server, Headers::bearer(&token(claim))).await;
+        let err = caller
+            .create_change_request(new_request())
+            .await
+            .expect_err(case);
+        let message = assert_error(&err, Code::Unauthenticated, "CREDENTIALS_INVALID");
+        assert!(message.contains("projects"), "{message}");
+    }
+    let mut web_only = requests(
+        &server,
+        Headers::bearer(&token(Some(serde_json::json!(["web"])))),
+    )
+    .await;
+    web_only
+        .create_change_request(new_request())
+        .await
+        .expect("web");
+    let err = web_only
+        .create_change_request(pb::CreateChangeRequestRequest {
+            project: "mobile".into(),
+            ..new_request()
+        })
+        .await
+        .expect_err("not mobile");
+    assert_error(&err, Code::PermissionDenied, "PROJECT_NOT_ALLOWED");
+    let mut everywhere = requests(&server, Headers::bearer(&token(Some("*".into())))).await;
+    everywhere
+        .create_change_request(pb::CreateChangeRequestRequest {
+            project: "mobile".into(),
+            ..new_request()
+        })
+        .await
+        .expect("\"*\" is every project");
+}
+
+#[tokio::test]
+async fn an_unknown_kid_refetches_the_keys_at_most_once_per_interval() {
+    let first = Issuer::new("key-1");
+    let second = Issuer::new("key-2");
+    let jwks = JwksServer::start(&first.jwks).await;
+    let mut config = first.config();
+    config.jwks_file = None;
+    config.jwks_url = Some(jwks.url.clone());
+    config.jwks_refresh_interval = std::time::Duration::from_secs(3600);
+    config.jwks_max_age = std::time::Duration::from_secs(3600);
+    config.jwks_min_refetch_interval = std::time::Duration::from_millis(300);
+    let server = TestServer::start_with(|c| c.auth.jwt = Some(config)).await;
+    assert_eq!(jwks.hits(), 1, "loaded once at start");
+
+    // The provider publishes a new key; a token signed with it is accepted at once, long
+    // before the hourly refresh.
+    jwks.set(&second.jwks);
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    let mut by_second = requests(
+        &server,
+        Headers::bearer(&second.token("bob", "approvals:write", &[])),
+    )
+    .await;
+    by_second
+        .create_change_request(new_request())
+        .await
+        .expect("the unknown kid made the server fetch the keys");
+    assert_eq!(jwks.hits(), 2);
+
+    // Tokens with kids nobody published cannot make it fetch more than once per interval.
+    let stranger = Issuer::new("key-9");
+    let mut unknown = requests(
+        &server,
+        Headers::bearer(&stranger.token("mallory", "approvals:write", &[])),
+    )
+    .await;
+    for _ in 0..5 {
+        let err = unknown
+            .create_change_request(new_request())
+            .await
+            .expect_err("unknown kid");
+        assert_error(&err, Code::Unauthenticated, "CREDENTIALS_INVALID");
+    }
+    assert!(jwks.hits() <= 3, "{} fetches", jwks.hits());
+}
+
+#[tokio::test]
+async fn keys_that_cannot_be_refreshed_expire_after_jwks_max_age() {
+    let issuer = Issuer::new("key-1");
+    let jwks = JwksServer::start(&issuer.jwks).await;
+    let mut config = issuer.config();
+    config.jwks_file = None;
+    config.jwks_url = Some(jwks.url.clone());
+    config.jwks_refresh_interval = std::time::Duration::from_millis(100);
+    config.jwks_max_age = std::time::Duration::from_millis(400);
+    let server = TestServer::start_with(|c| c.auth.jwt = Some(config)).await;
+    let mut alice = requests(
+        &server,
+        Headers::bearer(&issuer.token("alice", "approvals:write", &[])),
+    )
+    .await;
+    alice
+        .create_change_request(new_request())
+        .await
+        .expect("fresh keys");
+    // The provider's document breaks (or it removed the key and cannot be reached): after
+    // jwks_max_age without a good refresh the old key is no longer trusted.
+    jwks.set("not a JWKS");
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    let err = alice
+        .create_change_request(new_request())
+        .await
+        .expect_err("stale keys");
+    let message = assert_error(&err, Code::Unauthenticated, "CREDENTIALS_INVALID");
+    assert!(message.contains("refreshed"), "{message}");
+    // A good refresh trusts the keys again.
+    jwks.set(&issuer.jwks);
+    let mut back = false;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if alice.create_change_request(new_request()).await.is_ok() {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "the refreshed keys were never trusted again");
+}
+
+#[tokio::test]
+async fn a_jwks_url_that_redirects_is_not_followed() {
+    let issuer = Issuer::new("key-1");
+    let target = JwksServer::start(&issuer.jwks).await;
+    let redirect = JwksServer::redirecting(&target.url).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("approvals.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[auth.jwt]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks_url = \"{}\"\n",
+            redirect.url
+        ),
+    )
+    .expect("write");
+    let database = format!("sqlite://{}", dir.path().join("a.db").display());
+    let cwd = dir.path().to_owned();
+    // The JWKS servers run on this test's runtime: wait for the process on another thread.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BINARY)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&file)
+            .arg("--database-url")
+            .arg(database)
+            .current_dir(cwd)
+            .env_remove("APPROVALS_CONFIG")
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("serve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("redirect"), "{stderr}");
+    assert_eq!(redirect.hits(), 1);
+    assert_eq!(target.hits(), 0, "the redirect was not followed");
+}
+
+#[tokio::test]
+async fn the_rate_limit_is_the_credentials_whoever_it_acts_for() {
+    let (key, backend) = api_key(
+        "service:backend",
+        &["approvals:write", "approvals:act_as"],
+        &[],
+        &[],
+    );
+    let server = TestServer::start_with(|c| {
+        c.auth.api_keys = vec![backend];
+        c.limits.rate_limit_per_second = 1;
+        c.limits.rate_limit_burst = 1;
+    })
+    .await;
+    let mut alice = requests(
+        &server,
+        Headers::bearer(&key).on_behalf_of("user:alice", ""),
+    )
+    .await;
+    alice
+        .create_change_request(new_request())
+        .await
+        .expect("the credential's first call");
+    let mut bob = requests(&server, Headers::bearer(&key).on_behalf_of("user:bob", "")).await;
+    let err = bob
+        .create_change_request(new_request())
+        .await
+        .expect_err("another user, the same credential");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let info = err.get_details_error_info().expect("error info");
+    assert_eq!(info.reason, "RATE_LIMITED");
+    assert_eq!(
+        info.metadata.get("principal").map(String::as_str),
+        Some("service:backend")
+    );
 }

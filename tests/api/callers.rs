@@ -83,8 +83,19 @@ pub fn api_key(
         principal: principal.to_owned(),
         groups: owned(groups),
         scopes: owned(scopes),
-        projects: owned(projects),
+        // No projects named: every project, which a key must say explicitly.
+        projects: if projects.is_empty() {
+            vec!["*".to_owned()]
+        } else {
+            owned(projects)
+        },
         sha256: api_keys::digest_hex(&key),
+        // A key that acts for users may act for every user unless a test narrows it.
+        act_as: if scopes.contains(&"approvals:act_as") {
+            vec!["user:*".to_owned()]
+        } else {
+            Vec::new()
+        },
     };
     (key, config)
 }
@@ -180,11 +191,26 @@ pub fn now_secs() -> i64 {
 pub struct JwksServer {
     pub url: String,
     document: std::sync::Arc<std::sync::Mutex<String>>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl JwksServer {
     pub async fn start(document: &str) -> Self {
+        Self::serve(document, None).await
+    }
+
+    /// Answers every request with a redirect to `location`.
+    pub async fn redirecting(location: &str) -> Self {
+        Self::serve("", Some(location.to_owned())).await
+    }
+
+    /// How many requests it has answered.
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn serve(document: &str, redirect: Option<String>) -> Self {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -192,15 +218,23 @@ impl JwksServer {
         let url = format!("http://{}/jwks.json", listener.local_addr().expect("addr"));
         let document = std::sync::Arc::new(std::sync::Mutex::new(document.to_owned()));
         let served = document.clone();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = hits.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
                 let mut request = [0u8; 4096];
                 let _ = socket.read(&mut request).await;
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let body = served.lock().map(|d| d.clone()).unwrap_or_default();
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
+                let response = match &redirect {
+                    Some(location) => format!(
+                        "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    ),
+                    None => format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    ),
+                };
                 let _ = socket.write_all(response.as_bytes()).await;
                 let _ = socket.shutdown().await;
             }
@@ -208,6 +242,7 @@ impl JwksServer {
         Self {
             url,
             document,
+            hits,
             task,
         }
     }

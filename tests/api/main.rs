@@ -8,6 +8,7 @@ mod apply;
 
 mod auth;
 mod errors;
+mod four_eyes;
 mod lifecycle;
 mod list;
 mod policies;
