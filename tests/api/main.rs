@@ -15,6 +15,7 @@ mod policies;
 mod process;
 mod reads;
 mod server;
+mod stalled;
 mod watch;
 
 mod config_check;
