@@ -8,6 +8,7 @@ mod apply;
 
 mod auth;
 mod errors;
+mod inputs;
 mod lifecycle;
 mod list;
 mod policies;

@@ -178,16 +178,19 @@ impl Policy {
     pub fn validate(&self, prefix: &str) -> Result<(), DomainError> {
         let mut v = Violations::default();
         let field = |name: &str| format!("{prefix}{name}");
-        v.required_name(&field("name"), &self.name);
-        if self
-            .name
-            .chars()
-            .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        // One violation for the name: the character rule covers control characters and NUL.
+        if !self.name.trim().is_empty()
+            && self
+                .name
+                .chars()
+                .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
         {
             v.add(
                 field("name"),
                 "may contain only ASCII letters, digits, '-', '_' and '.'",
             );
+        } else {
+            v.required_name(&field("name"), &self.name);
         }
         v.required_name(&field("project"), &self.project);
         v.optional_name(&field("environment"), &self.environment);
@@ -245,13 +248,14 @@ fn validate_rules(v: &mut Violations, prefix: &str, rules: &PolicyRules) {
     {
         v.add(field("default_ttl"), "must be positive");
     }
-    if let Some(schema) = &rules.intent_schema
-        && let Err(err) = jsonschema::validator_for(&Value::Object(schema.clone()))
-    {
-        v.add(
-            field("intent_schema"),
-            format!("is not a valid JSON Schema: {err}"),
-        );
+    if let Some(schema) = &rules.intent_schema {
+        if let Err(err) = jsonschema::validator_for(&Value::Object(schema.clone())) {
+            v.add(
+                field("intent_schema"),
+                format!("is not a valid JSON Schema: {err}"),
+            );
+        }
+        v.json_strings(&field("intent_schema"), schema);
     }
     v.optional_name(&field("applier_endpoint"), &rules.applier_endpoint);
     for (name, list) in [
