@@ -1,9 +1,10 @@
 //! Hardening of caller input (issue 20): U+0000 (NUL) in any string a caller sends is refused
-//! the same way on SQLite and PostgreSQL (whose text type cannot hold it), naming the field,
+//! the same way on SQLite and PostgreSQL (whose text type cannot hold it), and Timestamps and
+//! Durations outside the protobuf well-known types' range are refused, each naming the field,
 //! with nothing written.
 
 use approvals::pb;
-use prost_types::FieldMask;
+use prost_types::{Duration, FieldMask, Timestamp};
 
 use crate::{
     callers::{Headers, Policies, policies},
@@ -11,6 +12,9 @@ use crate::{
 };
 
 const NUL: &str = "a\0b";
+
+/// Year 10000: one second past the largest protobuf Timestamp.
+const PAST_MAX_SECONDS: i64 = 253_402_300_800;
 
 async fn admin(server: &TestServer) -> Policies {
     policies(server, Headers::actor("user:root")).await
@@ -492,4 +496,153 @@ async fn nul_in_a_policy_is_refused_naming_the_field() {
         .into_inner()
         .policies;
     assert_eq!(listed, vec![created], "only the valid policy, unchanged");
+}
+
+fn at(seconds: i64, nanos: i32) -> Option<Timestamp> {
+    Some(Timestamp { seconds, nanos })
+}
+
+#[tokio::test]
+async fn timestamps_outside_the_protobuf_range_are_refused() {
+    let server = TestServer::start().await;
+    let mut alice = server.client("user:alice").await;
+    let cases: Vec<(pb::CreateChangeRequestRequest, &str)> = vec![
+        (
+            pb::CreateChangeRequestRequest {
+                expire_time: at(PAST_MAX_SECONDS, 0),
+                ..new_request()
+            },
+            "expire_time",
+        ),
+        (
+            pb::CreateChangeRequestRequest {
+                expire_time: at(4_000_000_000, 1_000_000_000),
+                ..new_request()
+            },
+            "expire_time",
+        ),
+        (
+            pb::CreateChangeRequestRequest {
+                apply_time: at(PAST_MAX_SECONDS, 0),
+                ..new_request()
+            },
+            "apply_time",
+        ),
+        (
+            pb::CreateChangeRequestRequest {
+                apply_time: at(i64::MAX / 1_000_000, 0),
+                ..new_request()
+            },
+            "apply_time",
+        ),
+        (
+            pb::CreateChangeRequestRequest {
+                expire_time: at(-62_135_596_801, 0),
+                ..new_request()
+            },
+            "expire_time",
+        ),
+    ];
+    for (request, field) in cases {
+        let err = alice.create_change_request(request).await.expect_err(field);
+        assert_invalid(&err, &[field]);
+        assert!(
+            err.message().contains("9999-12-31T23:59:59.999999999Z"),
+            "{}",
+            err.message()
+        );
+    }
+    assert!(list_all(&mut alice).await.is_empty(), "nothing was written");
+
+    // The last representable instant is accepted (kept to the microsecond).
+    let created = create(
+        &mut alice,
+        pb::CreateChangeRequestRequest {
+            expire_time: at(PAST_MAX_SECONDS - 1, 999_999_999),
+            ..new_request()
+        },
+    )
+    .await;
+    assert_eq!(created.expire_time, at(PAST_MAX_SECONDS - 1, 999_999_000));
+
+    let err = alice
+        .update_change_request(pb::UpdateChangeRequestRequest {
+            change_request: Some(pb::ChangeRequest {
+                id: created.id.clone(),
+                expire_time: at(PAST_MAX_SECONDS, 0),
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["expire_time".into()],
+            }),
+        })
+        .await
+        .expect_err("update");
+    assert_invalid(&err, &["change_request.expire_time"]);
+    let err = alice
+        .schedule_change_request(pb::ScheduleChangeRequestRequest {
+            id: created.id.clone(),
+            apply_time: at(PAST_MAX_SECONDS, 0),
+            ..Default::default()
+        })
+        .await
+        .expect_err("schedule");
+    assert_invalid(&err, &["apply_time"]);
+    assert_eq!(get(&mut alice, &created.id).await.etag, created.etag);
+}
+
+#[tokio::test]
+async fn durations_outside_the_protobuf_range_are_refused() {
+    let server = TestServer::start().await;
+    let mut root = admin(&server).await;
+    let ttl = |seconds: i64, nanos: i32| pb::Policy {
+        default_ttl: Some(Duration { seconds, nanos }),
+        ..web_policy("ttl")
+    };
+    for (policy, case) in [
+        (ttl(315_576_000_001, 0), "seconds past 10,000 years"),
+        (ttl(10, 1_000_000_000), "nanos of a second or more"),
+        (ttl(10, -1), "nanos of the other sign"),
+        (ttl(-10, 5), "nanos of the other sign, negative"),
+    ] {
+        let err = root
+            .create_policy(pb::CreatePolicyRequest {
+                policy: Some(policy),
+            })
+            .await
+            .expect_err(case);
+        assert_invalid(&err, &["policy.default_ttl"]);
+        assert!(
+            err.message().contains("315576000000"),
+            "{case}: {}",
+            err.message()
+        );
+    }
+    let created = root
+        .create_policy(pb::CreatePolicyRequest {
+            policy: Some(ttl(315_576_000_000, 999_999_999)),
+        })
+        .await
+        .expect("the largest duration is accepted")
+        .into_inner();
+    let err = root
+        .update_policy(pb::UpdatePolicyRequest {
+            policy: Some(ttl(315_576_000_001, 0)),
+            update_mask: Some(FieldMask {
+                paths: vec!["default_ttl".into()],
+            }),
+        })
+        .await
+        .expect_err("update");
+    assert_invalid(&err, &["policy.default_ttl"]);
+
+    // A request under a 10,000-year ttl expires at the last representable instant, never past
+    // it: every Timestamp the service returns is one a client can decode.
+    let mut alice = server.client("user:alice").await;
+    let request = create(&mut alice, new_request()).await;
+    assert_eq!(
+        request.policy_snapshot.as_ref().map(|p| p.name.as_str()),
+        Some(created.name.as_str())
+    );
+    assert_eq!(request.expire_time, at(PAST_MAX_SECONDS - 1, 999_999_000));
 }

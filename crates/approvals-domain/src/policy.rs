@@ -396,6 +396,8 @@ impl PolicySnapshot {
     }
 
     /// When a request created at `now` expires: the caller's time, capped by `default_ttl`.
+    /// Never past [`Timestamp::MAX`] (a ttl may be 10,000 years): every expiry is a Timestamp
+    /// clients can decode.
     pub fn expire_time(
         &self,
         requested: Option<Timestamp>,
@@ -404,7 +406,7 @@ impl PolicySnapshot {
         let limit = self
             .rules
             .default_ttl_micros
-            .map(|ttl| created.saturating_add_micros(ttl));
+            .map(|ttl| created.saturating_add_micros(ttl).min(Timestamp::MAX));
         match (requested, limit) {
             (Some(requested), Some(limit)) => Some(requested.min(limit)),
             (requested, limit) => requested.or(limit),
@@ -629,6 +631,8 @@ mod tests {
         assert_eq!(snapshot.expire_time(Some(later), NOW), Some(cap));
         let sooner = NOW.saturating_add_micros(2);
         assert_eq!(snapshot.expire_time(Some(sooner), NOW), Some(sooner));
+        snapshot.rules.default_ttl_micros = Some(315_576_000_000_000_000);
+        assert_eq!(snapshot.expire_time(None, NOW), Some(Timestamp::MAX));
     }
 
     #[test]
