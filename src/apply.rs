@@ -209,8 +209,7 @@ impl ApplyEngine {
                     return Ok(());
                 }
                 Err(status) if is_transient(status.code()) => {
-                    let attempts = request.apply_run.as_ref().map_or(0, |r| r.attempts);
-                    let backoff = backoff(self.settings.retry_backoff, attempts);
+                    let first = self.settings.retry_backoff;
                     let error = describe(&status);
                     let max = self.settings.max_attempts;
                     let lease = self.lease_micros();
@@ -221,7 +220,11 @@ impl ApplyEngine {
                             if !r.runs(key, &replica) {
                                 return Ok(Step::Unchanged);
                             }
-                            let retry_at = now.saturating_add_micros(micros(backoff));
+                            // The wait after the n-th failed attempt, counting this one (the
+                            // stored count is the failures before it).
+                            let failed = r.apply_run.as_ref().map_or(0, |run| run.attempts) + 1;
+                            let retry_at =
+                                now.saturating_add_micros(micros(backoff(first, failed)));
                             Ok(
                                 match r.record_transient_failure(error, max, retry_at, lease, now) {
                                     Some(event) => Step::Event(event),
@@ -235,7 +238,9 @@ impl ApplyEngine {
                         return Ok(());
                     }
                     metrics::record_apply_outcome("retried");
-                    tokio::time::sleep(backoff).await;
+                    // The failure just recorded is counted: 1st -> first, 2nd -> 2 x first, ...
+                    let failed = request.apply_run.as_ref().map_or(1, |run| run.attempts);
+                    tokio::time::sleep(backoff(first, failed)).await;
                 }
                 Err(status) => {
                     let outcome = ApplyOutcome::Failed {
@@ -417,8 +422,10 @@ fn describe(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
 
-fn backoff(first: Duration, attempts: u32) -> Duration {
-    let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
+/// The wait after `failed` failed attempts of one apply (`failed` >= 1, counting the one that
+/// just failed): `first`, then doubling per attempt, at most [`MAX_BACKOFF`].
+fn backoff(first: Duration, failed: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failed.saturating_sub(1).min(16));
     first.saturating_mul(factor).min(MAX_BACKOFF)
 }
 

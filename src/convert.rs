@@ -16,9 +16,10 @@ pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds, nanos }
 }
 
+/// A Timestamp from a caller; outside the well-known type's documented range it is refused.
 pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<Timestamp, ApiError> {
     Timestamp::from_seconds_nanos(t.seconds, t.nanos)
-        .ok_or_else(|| ApiError::invalid(field, "is not a valid timestamp"))
+        .ok_or_else(|| ApiError::invalid(field, approvals_domain::TIMESTAMP_RANGE))
 }
 
 pub fn state(s: State) -> pb::State {

@@ -189,12 +189,9 @@ pub fn set_field(policy: &mut Policy, body: &pb::Policy, path: &str, v: &mut Vio
             rules.default_ttl_micros = match &body.default_ttl {
                 None => None,
                 Some(d) => {
-                    let micros = d
-                        .seconds
-                        .checked_mul(1_000_000)
-                        .and_then(|s| s.checked_add(i64::from(d.nanos / 1000)));
+                    let micros = approvals_domain::duration_micros(d.seconds, d.nanos);
                     if micros.is_none() {
-                        v.add(field.as_str(), "is out of range");
+                        v.add(field.as_str(), approvals_domain::DURATION_RANGE);
                     }
                     micros
                 }

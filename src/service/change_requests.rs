@@ -321,6 +321,9 @@ impl ChangeRequests for ChangeRequestsService {
             .result_data
             .as_ref()
             .map(|s| convert::from_struct("result_data", s, &mut v));
+        if let Some(data) = &result_data {
+            v.json_strings("result_data", data);
+        }
         v.into_result().map_err(ApiError::from)?;
         let (_, wiring) = self.with_wiring(&caller, &id).await?;
         let actor = caller.actor();
@@ -374,11 +377,18 @@ impl ChangeRequests for ChangeRequestsService {
             .map(|t| convert::from_timestamp("apply_time", t))
             .transpose()?;
         violations.into_result().map_err(ApiError::from)?;
-        let policies = self
-            .store
-            .project_policies(&req.project)
-            .await
-            .map_err(ApiError::from)?;
+        // A project the domain refuses (empty, or with a NUL that PostgreSQL cannot compare) is
+        // never looked up: the create below names it, with every other bad field.
+        let mut project = Violations::default();
+        project.required_name("project", &req.project);
+        let policies = if project.is_empty() {
+            self.store
+                .project_policies(&req.project)
+                .await
+                .map_err(ApiError::from)?
+        } else {
+            Vec::new()
+        };
         let policy = PolicySnapshot::select(
             &policies,
             &req.project,

@@ -27,12 +27,15 @@ impl PoliciesService {
     }
 }
 
+/// A policy name to look up: required, and without NUL (which PostgreSQL cannot compare; no
+/// stored name has one).
 fn required_name(field: &str, name: &str) -> Result<(), ApiError> {
     if name.trim().is_empty() {
-        Err(ApiError::invalid(field, "is required"))
-    } else {
-        Ok(())
+        return Err(ApiError::invalid(field, "is required"));
     }
+    let mut v = Violations::default();
+    v.no_nul(field, name);
+    v.into_result().map_err(ApiError::from)
 }
 
 /// Every bad field at once: those found converting the message, then the policy's own checks.
@@ -91,6 +94,9 @@ impl Policies for PoliciesService {
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
         let caller = identity::caller(&request)?;
         let req = request.into_inner();
+        let mut v = Violations::default();
+        v.no_nul("project", &req.project);
+        v.into_result().map_err(ApiError::from)?;
         if !req.project.is_empty() {
             caller
                 .ensure_project(&req.project)

@@ -36,6 +36,8 @@ enum Reply {
 #[derive(Clone, Default)]
 struct Applier {
     calls: Arc<Mutex<Vec<pb::ApplyChangesRequest>>>,
+    /// When each call arrived.
+    arrivals: Arc<Mutex<Vec<std::time::Instant>>>,
     script: Arc<Mutex<VecDeque<Reply>>>,
 }
 
@@ -45,6 +47,10 @@ impl ChangeApplier for Applier {
         &self,
         request: Request<pb::ApplyChangesRequest>,
     ) -> Result<Response<pb::ApplyChangesResponse>, Status> {
+        self.arrivals
+            .lock()
+            .expect("arrivals")
+            .push(std::time::Instant::now());
         let request = request.into_inner();
         self.calls.lock().expect("calls").push(request);
         let reply = self
@@ -108,6 +114,10 @@ impl Applier {
 
     fn calls(&self) -> Vec<pb::ApplyChangesRequest> {
         self.calls.lock().expect("calls").clone()
+    }
+
+    fn arrivals(&self) -> Vec<std::time::Instant> {
+        self.arrivals.lock().expect("arrivals").clone()
     }
 }
 
@@ -291,6 +301,47 @@ async fn an_unavailable_applier_is_retried_with_one_key() {
         keys.iter().all(|k| k == &keys[0]),
         "one key throughout: {keys:?}"
     );
+}
+
+/// The wait before each retry doubles from `apply.retry_backoff`: 0.2, 0.4, 0.8 s for 200 ms,
+/// measured between the applier's calls (the tolerance allows for a loaded machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_backoff_doubles_with_each_attempt() {
+    let (applier, endpoint) = Applier::start(vec![
+        Reply::Status(Code::Unavailable),
+        Reply::Status(Code::Unavailable),
+        Reply::Status(Code::Unavailable),
+        Reply::Applied(vec![]),
+    ])
+    .await;
+    let server = TestServer::start_with(|c| {
+        c.apply.retry_backoff = Duration::from_millis(200);
+        c.apply.poll_interval = Duration::from_millis(100);
+        c.apply.deadline = Duration::from_secs(4);
+    })
+    .await;
+    create_policy(&server, policy(pb::ApplyMode::Auto, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(&mut alice, new_request()).await;
+    approve(&mut bob, &created.id).await;
+    let applied = wait_for(&mut alice, &created.id, State::Applied).await;
+    assert_eq!(applied.apply_attempts, 4);
+
+    let arrivals = applier.arrivals();
+    assert_eq!(arrivals.len(), 4, "three retries");
+    let gaps: Vec<f64> = arrivals
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    for (gap, expected) in gaps.iter().zip([0.2, 0.4, 0.8]) {
+        assert!(
+            (0.9 * expected..=0.9 * expected + 0.5).contains(gap),
+            "gaps {gaps:?}: expected about {expected} s"
+        );
+    }
+    assert!(gaps[1] > 1.5 * gaps[0], "the second wait doubles: {gaps:?}");
+    assert!(gaps[2] > 1.5 * gaps[1], "the third wait doubles: {gaps:?}");
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ mod apply;
 mod auth;
 mod errors;
 mod four_eyes;
+mod inputs;
 mod lifecycle;
 mod list;
 mod policies;

@@ -220,6 +220,8 @@ fn validate_changes(v: &mut Violations, changes: &[ChangeInput]) {
                     validation::MAX_PAYLOAD_BYTES
                 ),
             );
+        } else {
+            v.json_strings(&format!("changes[{i}].payload"), &change.payload);
         }
     }
 }

@@ -28,4 +28,4 @@ pub use policy::{
 };
 pub use principal::{Actor, IdentityProof, Principal, PrincipalKind, SYSTEM_PRINCIPAL};
 pub use state::{Action, Decision, State};
-pub use time::Timestamp;
+pub use time::{DURATION_RANGE, TIMESTAMP_RANGE, Timestamp, duration_micros};

@@ -185,16 +185,19 @@ impl Policy {
     pub fn validate(&self, prefix: &str) -> Result<(), DomainError> {
         let mut v = Violations::default();
         let field = |name: &str| format!("{prefix}{name}");
-        v.required_name(&field("name"), &self.name);
-        if self
-            .name
-            .chars()
-            .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        // One violation for the name: the character rule covers control characters and NUL.
+        if !self.name.trim().is_empty()
+            && self
+                .name
+                .chars()
+                .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
         {
             v.add(
                 field("name"),
                 "may contain only ASCII letters, digits, '-', '_' and '.'",
             );
+        } else {
+            v.required_name(&field("name"), &self.name);
         }
         v.required_name(&field("project"), &self.project);
         v.optional_name(&field("environment"), &self.environment);
@@ -252,13 +255,14 @@ fn validate_rules(v: &mut Violations, prefix: &str, rules: &PolicyRules) {
     {
         v.add(field("default_ttl"), "must be positive");
     }
-    if let Some(schema) = &rules.intent_schema
-        && let Err(err) = jsonschema::validator_for(&Value::Object(schema.clone()))
-    {
-        v.add(
-            field("intent_schema"),
-            format!("is not a valid JSON Schema: {err}"),
-        );
+    if let Some(schema) = &rules.intent_schema {
+        if let Err(err) = jsonschema::validator_for(&Value::Object(schema.clone())) {
+            v.add(
+                field("intent_schema"),
+                format!("is not a valid JSON Schema: {err}"),
+            );
+        }
+        v.json_strings(&field("intent_schema"), schema);
     }
     v.optional_name(&field("applier_endpoint"), &rules.applier_endpoint);
     for (name, list) in [
@@ -405,6 +409,8 @@ impl PolicySnapshot {
     }
 
     /// When a request created at `now` expires: the caller's time, capped by `default_ttl`.
+    /// Never past [`Timestamp::MAX`] (a ttl may be 10,000 years): every expiry is a Timestamp
+    /// clients can decode.
     pub fn expire_time(
         &self,
         requested: Option<Timestamp>,
@@ -413,7 +419,7 @@ impl PolicySnapshot {
         let limit = self
             .rules
             .default_ttl_micros
-            .map(|ttl| created.saturating_add_micros(ttl));
+            .map(|ttl| created.saturating_add_micros(ttl).min(Timestamp::MAX));
         match (requested, limit) {
             (Some(requested), Some(limit)) => Some(requested.min(limit)),
             (requested, limit) => requested.or(limit),
@@ -641,6 +647,8 @@ mod tests {
         assert_eq!(snapshot.expire_time(Some(later), NOW), Some(cap));
         let sooner = NOW.saturating_add_micros(2);
         assert_eq!(snapshot.expire_time(Some(sooner), NOW), Some(sooner));
+        snapshot.rules.default_ttl_micros = Some(315_576_000_000_000_000);
+        assert_eq!(snapshot.expire_time(None, NOW), Some(Timestamp::MAX));
     }
 
     #[test]

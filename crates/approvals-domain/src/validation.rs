@@ -1,4 +1,12 @@
 //! Limits and checks on caller input. Every check names the field it refuses.
+//!
+//! One rule holds for every string a caller sends that the service stores or looks up (names,
+//! titles, free text, principals, request ids, and every key and string inside a JSON payload,
+//! schema or result): it must not contain U+0000 (NUL). PostgreSQL's `text` cannot hold NUL
+//! (and its `jsonb` refuses the `\u0000` escape) while SQLite can, so refusing it here, before
+//! any query, gives the same answer on both databases: INVALID_ARGUMENT naming the field.
+
+use serde_json::{Map, Value};
 
 use crate::error::FieldViolation;
 
@@ -44,21 +52,62 @@ impl Violations {
         }
     }
 
+    /// Free text: at most `max_bytes`, no NUL.
     pub fn text(&mut self, field: &str, value: &str, max_bytes: usize) {
         if value.len() > max_bytes {
             self.add(
                 field,
                 format!("must be at most {max_bytes} bytes (got {})", value.len()),
             );
+        } else {
+            self.no_nul(field, value);
         }
     }
 
+    /// A title: at most [`MAX_TITLE_CHARS`], no NUL.
     pub fn title(&mut self, field: &str, value: &str) {
         if value.chars().count() > MAX_TITLE_CHARS {
             self.add(
                 field,
                 format!("must be at most {MAX_TITLE_CHARS} characters"),
             );
+        } else {
+            self.no_nul(field, value);
+        }
+    }
+
+    /// The rule of the module documentation for a string checked by nothing else (a lookup
+    /// key, a filter). Returns whether it held.
+    pub fn no_nul(&mut self, field: &str, value: &str) -> bool {
+        let clean = !value.contains('\0');
+        if !clean {
+            self.add(field, NUL_DESCRIPTION);
+        }
+        clean
+    }
+
+    /// The rule for a JSON document (a payload, an intent schema, result data): no key and no
+    /// string in it contains NUL. The first one found is named by its path below `field`
+    /// (`changes[0].payload.meta.tags[1]`; a key's NUL is written `\u0000` in the path), so a
+    /// document with many never makes the answer large. The path is built only when one is found.
+    pub fn json_strings(&mut self, field: &str, document: &Map<String, Value>) {
+        if let Some((mut reversed, in_key)) = nul_in_object(document) {
+            let mut path = field.to_owned();
+            while let Some(segment) = reversed.pop() {
+                match segment {
+                    Segment::Key(key) => {
+                        path.push('.');
+                        path.push_str(&key.replace('\0', "\\u0000"));
+                    }
+                    Segment::Index(i) => path.push_str(&format!("[{i}]")),
+                }
+            }
+            let description = if in_key {
+                "keys must not contain U+0000 (NUL)"
+            } else {
+                NUL_DESCRIPTION
+            };
+            self.add(path, description);
         }
     }
 
@@ -72,5 +121,94 @@ impl Violations {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+const NUL_DESCRIPTION: &str = "must not contain U+0000 (NUL)";
+
+/// One step of a path into a JSON document.
+enum Segment<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// The path (innermost step first) to the first key or string holding a NUL, and whether it
+/// is a key. Nothing is allocated until one is found.
+fn nul_in_object(map: &Map<String, Value>) -> Option<(Vec<Segment<'_>>, bool)> {
+    map.iter().find_map(|(key, value)| {
+        if key.contains('\0') {
+            return Some((vec![Segment::Key(key)], true));
+        }
+        let (mut path, in_key) = nul_in(value)?;
+        path.push(Segment::Key(key));
+        Some((path, in_key))
+    })
+}
+
+fn nul_in(value: &Value) -> Option<(Vec<Segment<'_>>, bool)> {
+    match value {
+        Value::String(s) => s.contains('\0').then(|| (Vec::new(), false)),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            let (mut path, in_key) = nul_in(item)?;
+            path.push(Segment::Index(i));
+            Some((path, in_key))
+        }),
+        Value::Object(map) => nul_in_object(map),
+        Value::Null | Value::Bool(_) | Value::Number(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(v: Violations) -> Vec<(String, String)> {
+        v.0.into_iter().map(|f| (f.field, f.description)).collect()
+    }
+
+    #[test]
+    fn nul_is_refused_in_every_kind_of_string() {
+        let mut v = Violations::default();
+        v.text("description", "a\0b", MAX_TEXT_BYTES);
+        v.title("title", "a\0b");
+        v.optional_name("environment", "a\0b");
+        assert!(!v.no_nul("name", "\0"));
+        assert!(v.no_nul("name", "fine"));
+        let named: Vec<String> = fields(v).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(named, ["description", "title", "environment", "name"]);
+    }
+
+    #[test]
+    fn json_strings_names_the_first_nul_by_its_path() {
+        let document = |json: serde_json::Value| match json {
+            Value::Object(map) => map,
+            _ => unreachable!("an object"),
+        };
+        let mut v = Violations::default();
+        v.json_strings(
+            "changes[0].payload",
+            &document(serde_json::json!({"a": 1, "b": {"c": [true, "x", "y\0"]}})),
+        );
+        v.json_strings(
+            "result_data",
+            &document(serde_json::json!({"ok": {"k\0": null}})),
+        );
+        v.json_strings(
+            "clean",
+            &document(serde_json::json!({"a": ["b", {"c": "d"}], "e": null})),
+        );
+        assert_eq!(
+            fields(v),
+            [
+                (
+                    "changes[0].payload.b.c[2]".to_owned(),
+                    NUL_DESCRIPTION.to_owned()
+                ),
+                (
+                    "result_data.ok.k\\u0000".to_owned(),
+                    "keys must not contain U+0000 (NUL)".to_owned()
+                ),
+            ]
+        );
     }
 }
