@@ -185,6 +185,29 @@ impl ApplyEngine {
                 return Ok(());
             }
             let wiring = self.wiring(&request).await?;
+            // The endpoint was allowed when its policy was written; the list may have changed
+            // since, and an old snapshot may hold any endpoint. Never connect to a refused one.
+            if let Err(refusal) = self
+                .settings
+                .allowed_endpoints
+                .check(&wiring.applier_endpoint)
+            {
+                tracing::warn!(change_request = %request.id, endpoint = %wiring.applier_endpoint, %refusal, "applier endpoint not allowed; the apply fails without a call");
+                let outcome = ApplyOutcome::Failed {
+                    error: format!(
+                        "applier endpoint {:?} {refusal}; the service did not call it",
+                        wiring.applier_endpoint
+                    ),
+                };
+                let now = now();
+                self.store
+                    .finish_apply(&request.id, &[], now, |r| {
+                        r.finish_apply(key, outcome.clone(), now)
+                    })
+                    .await?;
+                metrics::record_apply_outcome("endpoint_not_allowed");
+                return Ok(());
+            }
             let call = self.call(&wiring.applier_endpoint, &request, key);
             let result = self.renewing_lease(&request.id, key, call).await?;
             let now = now();

@@ -968,6 +968,7 @@ async fn a_crash_mid_apply_is_retried_with_the_same_key() {
         ("APPROVALS_APPLY_LEASE", "1s"),
         ("APPROVALS_APPLY_DEADLINE", "200ms"),
         ("APPROVALS_APPLY_POLL_INTERVAL", "100ms"),
+        ("APPROVALS_APPLY_ALLOWED_ENDPOINTS", "http://127.0.0.1"),
     ];
     let mut first = Process::serve_with(&url, dir.path(), &env);
     let connect = |addr: String| async move {
