@@ -79,26 +79,20 @@ impl ApplyEngine {
         micros(self.settings.lease)
     }
 
-    /// How the request is applied: from the current policy of the snapshot's name, or the
-    /// snapshot itself when there is none (any more).
+    /// How the request is applied: from the current version of the policy its snapshot was
+    /// taken from (same uid, same project as the request), else from the snapshot itself.
     pub async fn wiring(&self, request: &ChangeRequest) -> Result<ApplyWiring, StoreError> {
-        let snapshot = &request.policy;
-        let rules = if snapshot.name.is_empty() {
-            snapshot.rules.clone()
+        let name = &request.policy.name;
+        let current = if name.is_empty() {
+            None
         } else {
-            match self.store.get_policy(&snapshot.name).await {
-                Ok(policy) => policy.rules,
-                Err(StoreError::PolicyNotFound(_)) => snapshot.rules.clone(),
+            match self.store.get_policy(name).await {
+                Ok(policy) => Some(policy),
+                Err(StoreError::PolicyNotFound(_)) => None,
                 Err(err) => return Err(err),
             }
         };
-        Ok(ApplyWiring {
-            policy_name: snapshot.name.clone(),
-            applier_endpoint: rules.applier_endpoint,
-            appliers: rules.appliers,
-            executors: rules.executors,
-            forbid_bypass: rules.forbid_bypass,
-        })
+        Ok(ApplyWiring::of(request, current.as_ref()))
     }
 
     /// Runs the apply of `request` (APPLYING, leased to this replica) in the background, and

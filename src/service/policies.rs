@@ -77,7 +77,12 @@ impl Policies for PoliciesService {
             return Err(ApiError::invalid("policy", "is required").into());
         };
         let mut violations = Violations::default();
-        let new = policy::new_policy(&body, crate::apply::now(), &mut violations);
+        let new = policy::new_policy(
+            &body,
+            crate::apply::new_id(),
+            crate::apply::now(),
+            &mut violations,
+        );
         self.check_applier_endpoint(&new, &mut violations);
         validate_into(&new, violations).map_err(ApiError::from)?;
         caller
