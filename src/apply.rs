@@ -79,26 +79,20 @@ impl ApplyEngine {
         micros(self.settings.lease)
     }
 
-    /// How the request is applied: from the current policy of the snapshot's name, or the
-    /// snapshot itself when there is none (any more).
+    /// How the request is applied: from the current version of the policy its snapshot was
+    /// taken from (same uid, same project as the request), else from the snapshot itself.
     pub async fn wiring(&self, request: &ChangeRequest) -> Result<ApplyWiring, StoreError> {
-        let snapshot = &request.policy;
-        let rules = if snapshot.name.is_empty() {
-            snapshot.rules.clone()
+        let name = &request.policy.name;
+        let current = if name.is_empty() {
+            None
         } else {
-            match self.store.get_policy(&snapshot.name).await {
-                Ok(policy) => policy.rules,
-                Err(StoreError::PolicyNotFound(_)) => snapshot.rules.clone(),
+            match self.store.get_policy(name).await {
+                Ok(policy) => Some(policy),
+                Err(StoreError::PolicyNotFound(_)) => None,
                 Err(err) => return Err(err),
             }
         };
-        Ok(ApplyWiring {
-            policy_name: snapshot.name.clone(),
-            applier_endpoint: rules.applier_endpoint,
-            appliers: rules.appliers,
-            executors: rules.executors,
-            forbid_bypass: rules.forbid_bypass,
-        })
+        Ok(ApplyWiring::of(request, current.as_ref()))
     }
 
     /// Runs the apply of `request` (APPLYING, leased to this replica) in the background, and
@@ -185,6 +179,29 @@ impl ApplyEngine {
                 return Ok(());
             }
             let wiring = self.wiring(&request).await?;
+            // The endpoint was allowed when its policy was written; the list may have changed
+            // since, and an old snapshot may hold any endpoint. Never connect to a refused one.
+            if let Err(refusal) = self
+                .settings
+                .allowed_endpoints
+                .check(&wiring.applier_endpoint)
+            {
+                tracing::warn!(change_request = %request.id, endpoint = %wiring.applier_endpoint, %refusal, "applier endpoint not allowed; the apply fails without a call");
+                let outcome = ApplyOutcome::Failed {
+                    error: format!(
+                        "applier endpoint {:?} {refusal}; the service did not call it",
+                        wiring.applier_endpoint
+                    ),
+                };
+                let now = now();
+                self.store
+                    .finish_apply(&request.id, &[], now, |r| {
+                        r.finish_apply(key, outcome.clone(), now)
+                    })
+                    .await?;
+                metrics::record_apply_outcome("endpoint_not_allowed");
+                return Ok(());
+            }
             let call = self.call(&wiring.applier_endpoint, &request, key);
             let result = self.renewing_lease(&request.id, key, call).await?;
             let now = now();

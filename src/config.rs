@@ -6,7 +6,10 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use approvals_store::DatabaseSettings;
 
-use crate::auth::{AuthConfig, JwtConfig};
+use crate::{
+    applier_endpoints::AllowedEndpoints,
+    auth::{AuthConfig, JwtConfig},
+};
 use serde::{Deserialize, Deserializer};
 
 /// The embedded default: a SQLite file in the working directory.
@@ -139,6 +142,10 @@ pub struct ApplyConfig {
     /// How often each replica looks for due work (schedules, expiry, expired leases).
     #[serde(deserialize_with = "duration")]
     pub poll_interval: Duration,
+    /// The applier endpoints policies may name and the server may call (`scheme://host[:port]`,
+    /// `*.suffix` hosts; see `applier_endpoints`). Empty: none, so no policy may have an
+    /// `applier_endpoint`.
+    pub allowed_endpoints: AllowedEndpoints,
 }
 
 impl Default for ApplyConfig {
@@ -150,6 +157,7 @@ impl Default for ApplyConfig {
             call_timeout: Duration::from_secs(30),
             max_attempts: 10,
             poll_interval: Duration::from_secs(1),
+            allowed_endpoints: AllowedEndpoints::default(),
         }
     }
 }
@@ -317,6 +325,11 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("apply.poll_interval", |c, v| {
         c.apply.poll_interval = parse_duration(v)?;
+        Ok(())
+    }),
+    // A comma-separated list in the environment; a TOML array in the file.
+    ("apply.allowed_endpoints", |c, v| {
+        c.apply.allowed_endpoints = AllowedEndpoints::parse_list(v)?;
         Ok(())
     }),
     ("telemetry.log_format", |c, v| {
@@ -710,6 +723,55 @@ mod tests {
             err.to_string().starts_with("limits.keepalive_timeout"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn allowed_endpoints_from_the_file_or_the_environment() {
+        assert!(
+            Config::default()
+                .apply
+                .allowed_endpoints
+                .entries()
+                .is_empty()
+        );
+        let file = write(
+            "[apply]\nallowed_endpoints = [\"http://127.0.0.1\", \"https://*.svc.cluster.local:8443\"]\n",
+        );
+        let config = Config::load(Some(&file.0), |_| None, &Overrides::default()).expect("loads");
+        assert_eq!(
+            config.apply.allowed_endpoints.entries(),
+            ["http://127.0.0.1", "https://*.svc.cluster.local:8443"]
+        );
+        let config = Config::load(
+            Some(&file.0),
+            |k| {
+                (k == "APPROVALS_APPLY_ALLOWED_ENDPOINTS")
+                    .then(|| "http://flags.internal:8080, http://deploy.internal".into())
+            },
+            &Overrides::default(),
+        )
+        .expect("loads");
+        assert_eq!(
+            config.apply.allowed_endpoints.entries(),
+            ["http://flags.internal:8080", "http://deploy.internal"],
+            "the environment replaces the file's list"
+        );
+        let err = Config::load(
+            None,
+            |k| (k == "APPROVALS_APPLY_ALLOWED_ENDPOINTS").then(|| "http://a.internal/x".into()),
+            &Overrides::default(),
+        )
+        .expect_err("a path");
+        assert!(
+            err.to_string().starts_with(
+                "apply.allowed_endpoints (from APPROVALS_APPLY_ALLOWED_ENDPOINTS): entry [0]"
+            ),
+            "{err}"
+        );
+        let file = write("[apply]\nallowed_endpoints = [\"grpc://x\"]\n");
+        let err =
+            Config::load(Some(&file.0), |_| None, &Overrides::default()).expect_err("a scheme");
+        assert!(err.to_string().contains("allowed_endpoints"), "{err}");
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub fn render(config: &Config) -> String {
     apply.insert("call_timeout".into(), duration(a.call_timeout));
     apply.insert("max_attempts".into(), i64::from(a.max_attempts).into());
     apply.insert("poll_interval".into(), duration(a.poll_interval));
+    apply.insert(
+        "allowed_endpoints".into(),
+        strings(a.allowed_endpoints.entries()),
+    );
     root.insert("apply".into(), apply.into());
 
     let t = &config.telemetry;
@@ -205,10 +209,21 @@ mod tests {
 
     #[test]
     fn the_rendered_configuration_loads_back() {
-        let config = Config::default();
+        let mut config = Config::default();
         let text = render(&config);
         let parsed: Config = toml::from_str(&text).expect("renders valid config");
         assert_eq!(parsed, config);
+        config.apply.allowed_endpoints = crate::applier_endpoints::AllowedEndpoints::parse(&[
+            "http://127.0.0.1",
+            "https://*.internal:8443",
+        ])
+        .expect("entries");
+        let parsed: Config = toml::from_str(&render(&config)).expect("renders valid config");
+        assert_eq!(parsed, config);
+        assert_eq!(
+            parsed.apply.allowed_endpoints.entries(),
+            ["http://127.0.0.1", "https://*.internal:8443"]
+        );
     }
 }
 

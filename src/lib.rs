@@ -1,5 +1,6 @@
 //! The approvals server: a gRPC service for change requests (the "four-eyes" workflow).
 
+pub mod applier_endpoints;
 mod apply;
 pub mod auth;
 pub mod config;

@@ -91,8 +91,11 @@ pub async fn run(
         config.min_approvals,
     );
     let change_requests = WatchRoute::new(service, config.limits.max_message_bytes);
-    let policies = PoliciesServer::new(PoliciesService::new(store))
-        .max_decoding_message_size(config.limits.max_message_bytes);
+    let policies = PoliciesServer::new(PoliciesService::new(
+        store,
+        config.apply.allowed_endpoints.clone(),
+    ))
+    .max_decoding_message_size(config.limits.max_message_bytes);
 
     tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
     // Drain in-flight calls after the shutdown signal, but never for longer than the grace

@@ -80,6 +80,7 @@ fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
 pub fn policy(p: &Policy) -> pb::Policy {
     let mut out = pb::Policy {
         name: p.name.clone(),
+        uid: p.uid.clone(),
         project: p.project.clone(),
         environment: p.environment.clone(),
         action_key: p.action_key.clone(),
@@ -96,6 +97,7 @@ pub fn policy(p: &Policy) -> pb::Policy {
 pub fn snapshot(s: &PolicySnapshot) -> pb::Policy {
     let mut out = pb::Policy {
         name: s.name.clone(),
+        uid: s.uid.clone(),
         project: s.project.clone(),
         environment: s.environment.clone(),
         action_key: s.action_key.clone(),
@@ -105,10 +107,12 @@ pub fn snapshot(s: &PolicySnapshot) -> pb::Policy {
     out
 }
 
-/// A new policy from a create request, with every writable field read.
-pub fn new_policy(body: &pb::Policy, now: Timestamp, v: &mut Violations) -> Policy {
+/// A new policy from a create request, with every writable field read; `uid` is the new
+/// policy's own (the caller's is output only, ignored).
+pub fn new_policy(body: &pb::Policy, uid: String, now: Timestamp, v: &mut Violations) -> Policy {
     let mut policy = Policy {
         name: body.name.clone(),
+        uid,
         project: String::new(),
         environment: String::new(),
         action_key: String::new(),

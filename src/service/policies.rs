@@ -8,6 +8,7 @@ use approvals_store::{PolicyFilter, Store};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    applier_endpoints::AllowedEndpoints,
     convert::policy::{self, WRITABLE_PATHS},
     error::ApiError,
     identity, page_token,
@@ -19,11 +20,27 @@ const MAX_PAGE_SIZE: u64 = 1000;
 
 pub struct PoliciesService {
     store: Store,
+    /// `apply.allowed_endpoints`: the only applier endpoints a policy may name.
+    allowed_endpoints: AllowedEndpoints,
 }
 
 impl PoliciesService {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, allowed_endpoints: AllowedEndpoints) -> Self {
+        Self {
+            store,
+            allowed_endpoints,
+        }
+    }
+
+    /// Refuses an `applier_endpoint` the server may not call (an empty one is no endpoint).
+    fn check_applier_endpoint(&self, policy: &Policy, violations: &mut Violations) {
+        let endpoint = &policy.rules.applier_endpoint;
+        if endpoint.is_empty() {
+            return;
+        }
+        if let Err(refusal) = self.allowed_endpoints.check(endpoint) {
+            violations.add("policy.applier_endpoint", format!("{endpoint:?} {refusal}"));
+        }
     }
 }
 
@@ -63,7 +80,13 @@ impl Policies for PoliciesService {
             return Err(ApiError::invalid("policy", "is required").into());
         };
         let mut violations = Violations::default();
-        let new = policy::new_policy(&body, crate::apply::now(), &mut violations);
+        let new = policy::new_policy(
+            &body,
+            crate::apply::new_id(),
+            crate::apply::now(),
+            &mut violations,
+        );
+        self.check_applier_endpoint(&new, &mut violations);
         validate_into(&new, violations).map_err(ApiError::from)?;
         caller
             .ensure_project(&new.project)
@@ -167,6 +190,11 @@ impl Policies for PoliciesService {
                 let mut v = Violations::default();
                 for path in WRITABLE_PATHS.iter().filter(|p| paths.contains(*p)) {
                     policy::set_field(current, &body, path, &mut v);
+                }
+                // Checked when written: an endpoint stored earlier is checked again before
+                // each applier call.
+                if paths.contains("applier_endpoint") {
+                    self.check_applier_endpoint(current, &mut v);
                 }
                 validate_into(current, v)?;
                 // Moving a policy to another project needs that project too.

@@ -967,6 +967,239 @@ async fn break_glass_applies_without_quorum() {
     assert!(message.contains(&guarded.name), "{message}");
 }
 
+fn apply_request(id: &str) -> pb::ApplyChangeRequestRequest {
+    pb::ApplyChangeRequestRequest {
+        id: id.into(),
+        ..Default::default()
+    }
+}
+
+fn snapshot_uid(request: &pb::ChangeRequest) -> &str {
+    request
+        .policy_snapshot
+        .as_ref()
+        .map(|p| p.uid.as_str())
+        .expect("policy_snapshot")
+}
+
+/// Policy names are global: after project web deletes its `prod-deploy`, project mobile's
+/// admin creates one of that name with his own applier and no bypass ban. web's open requests
+/// stay governed by their snapshot: a bypass is still refused, and applies go to web's applier.
+#[tokio::test]
+async fn a_name_taken_over_by_another_project_does_not_govern_open_requests() {
+    let (web_applier, web_endpoint) = Applier::start(vec![]).await;
+    let (mobile_applier, mobile_endpoint) = Applier::start(vec![]).await;
+    let (web_admin_key, web_admin) = api_key("user:web-admin", &["approvals:admin"], &[], &["web"]);
+    let (mobile_admin_key, mobile_admin) =
+        api_key("user:mobile-admin", &["approvals:admin"], &[], &["mobile"]);
+    let (alice_key, alice) = api_key("user:alice", &["approvals:write"], &[], &["web"]);
+    let (bob_key, bob) = api_key("user:bob", &["approvals:write"], &[], &["web"]);
+    let (oncall_key, oncall) = api_key("user:oncall", &["approvals:bypass"], &[], &["web"]);
+    let server = TestServer::start_with(|c| {
+        fast(c);
+        c.auth = AuthConfig {
+            api_keys: vec![web_admin, mobile_admin, alice, bob, oncall],
+            jwt: None,
+        };
+    })
+    .await;
+    let mut web_admin = policies(&server, Headers::bearer(&web_admin_key)).await;
+    let mut mobile_admin = policies(&server, Headers::bearer(&mobile_admin_key)).await;
+    let mut alice = requests(&server, Headers::bearer(&alice_key)).await;
+    let mut bob = requests(&server, Headers::bearer(&bob_key)).await;
+    let mut oncall = requests(&server, Headers::bearer(&oncall_key)).await;
+
+    let original = web_admin
+        .create_policy(pb::CreatePolicyRequest {
+            policy: Some(pb::Policy {
+                name: "prod-deploy".into(),
+                forbid_bypass: true,
+                ..policy(pb::ApplyMode::Manual, &web_endpoint)
+            }),
+        })
+        .await
+        .expect("web's policy")
+        .into_inner();
+    assert!(!original.uid.is_empty(), "a uid is assigned at creation");
+    let guarded = alice
+        .create_change_request(new_request())
+        .await
+        .expect("create")
+        .into_inner();
+    let approved = alice
+        .create_change_request(new_request())
+        .await
+        .expect("create")
+        .into_inner();
+    assert_eq!(snapshot_uid(&approved), original.uid);
+    bob.approve_change_request(pb::ApproveChangeRequestRequest {
+        id: approved.id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("approve");
+
+    web_admin
+        .delete_policy(pb::DeletePolicyRequest {
+            name: "prod-deploy".into(),
+            etag: String::new(),
+        })
+        .await
+        .expect("delete");
+    let takeover = mobile_admin
+        .create_policy(pb::CreatePolicyRequest {
+            policy: Some(pb::Policy {
+                name: "prod-deploy".into(),
+                project: "mobile".into(),
+                forbid_bypass: false,
+                ..policy(pb::ApplyMode::Manual, &mobile_endpoint)
+            }),
+        })
+        .await
+        .expect("mobile may take the free name")
+        .into_inner();
+    assert_ne!(takeover.uid, original.uid);
+
+    let err = oncall
+        .apply_change_request(pb::ApplyChangeRequestRequest {
+            bypass_justification: "prod is down".into(),
+            ..apply_request(&guarded.id)
+        })
+        .await
+        .expect_err("the snapshot still forbids bypass");
+    let message = assert_error(&err, Code::FailedPrecondition, "BYPASS_FORBIDDEN");
+    assert!(message.contains("prod-deploy"), "{message}");
+
+    let applied = alice
+        .apply_change_request(apply_request(&approved.id))
+        .await
+        .expect("apply")
+        .into_inner();
+    assert_eq!(state(&applied), State::Applied);
+    assert_eq!(
+        web_applier.calls().len(),
+        1,
+        "applied through web's applier"
+    );
+    assert!(
+        mobile_applier.calls().is_empty(),
+        "mobile's applier never sees web's requests"
+    );
+}
+
+/// The same project deleting and re-creating a policy of the same name makes another policy:
+/// requests created before keep the old one's wiring, requests created after get the new one.
+#[tokio::test]
+async fn a_policy_recreated_under_the_same_name_is_another_policy() {
+    let (old_applier, old_endpoint) = Applier::start(vec![]).await;
+    let (new_applier, new_endpoint) = Applier::start(vec![]).await;
+    let server = TestServer::start_with(fast).await;
+    let mut admin =
+        PoliciesClient::with_interceptor(server.channel().await, Caller::named("user:admin"));
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let name = "web-deploy";
+    let first = create_policy(
+        &server,
+        pb::Policy {
+            name: name.into(),
+            ..policy(pb::ApplyMode::Manual, &old_endpoint)
+        },
+    )
+    .await;
+    let before = create(&mut alice, new_request()).await;
+    approve(&mut bob, &before.id).await;
+    admin
+        .delete_policy(pb::DeletePolicyRequest {
+            name: name.into(),
+            etag: String::new(),
+        })
+        .await
+        .expect("delete");
+    let second = create_policy(
+        &server,
+        pb::Policy {
+            name: name.into(),
+            ..policy(pb::ApplyMode::Manual, &new_endpoint)
+        },
+    )
+    .await;
+    assert_ne!(first.uid, second.uid);
+    let after = create(&mut alice, new_request()).await;
+    assert_eq!(
+        (snapshot_uid(&before), snapshot_uid(&after)),
+        (first.uid.as_str(), second.uid.as_str())
+    );
+    approve(&mut bob, &after.id).await;
+
+    for id in [&before.id, &after.id] {
+        let applied = alice
+            .apply_change_request(apply_request(id))
+            .await
+            .expect("apply")
+            .into_inner();
+        assert_eq!(state(&applied), State::Applied);
+    }
+    let sent = |applier: &Applier| -> Vec<String> {
+        applier
+            .calls()
+            .iter()
+            .filter_map(|c| c.change_request.as_ref().map(|r| r.id.clone()))
+            .collect()
+    };
+    assert_eq!(sent(&old_applier), vec![before.id.clone()]);
+    assert_eq!(sent(&new_applier), vec![after.id.clone()]);
+}
+
+/// Fixing the endpoint of the policy an open request was created under helps that request:
+/// its apply goes to the new endpoint, though its snapshot keeps the old one.
+#[tokio::test]
+async fn editing_the_same_policy_s_endpoint_helps_open_requests() {
+    let (old_applier, old_endpoint) = Applier::start(vec![]).await;
+    let (new_applier, new_endpoint) = Applier::start(vec![]).await;
+    let server = TestServer::start_with(fast).await;
+    let mut admin =
+        PoliciesClient::with_interceptor(server.channel().await, Caller::named("user:admin"));
+    let created_policy = create_policy(&server, policy(pb::ApplyMode::Manual, &old_endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(&mut alice, new_request()).await;
+    approve(&mut bob, &created.id).await;
+    let updated = admin
+        .update_policy(pb::UpdatePolicyRequest {
+            policy: Some(pb::Policy {
+                name: created_policy.name.clone(),
+                applier_endpoint: new_endpoint.clone(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["applier_endpoint".into()],
+            }),
+        })
+        .await
+        .expect("fix the endpoint")
+        .into_inner();
+    assert_eq!(updated.uid, created_policy.uid, "an update keeps the uid");
+
+    let applied = alice
+        .apply_change_request(apply_request(&created.id))
+        .await
+        .expect("apply")
+        .into_inner();
+    assert_eq!(state(&applied), State::Applied);
+    assert_eq!(
+        new_applier.calls().len(),
+        1,
+        "applied through the fixed endpoint"
+    );
+    assert!(old_applier.calls().is_empty());
+    assert_eq!(
+        applied.policy_snapshot.map(|p| p.applier_endpoint),
+        Some(old_endpoint),
+        "the snapshot itself never changes"
+    );
+}
+
 /// Two replicas on one database race the same schedules: each request is applied once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_apply_each_schedule_once() {
@@ -1019,6 +1252,7 @@ async fn a_crash_mid_apply_is_retried_with_the_same_key() {
         ("APPROVALS_APPLY_LEASE", "1s"),
         ("APPROVALS_APPLY_DEADLINE", "200ms"),
         ("APPROVALS_APPLY_POLL_INTERVAL", "100ms"),
+        ("APPROVALS_APPLY_ALLOWED_ENDPOINTS", "http://127.0.0.1"),
     ];
     let mut first = Process::serve_with(&url, dir.path(), &env);
     let connect = |addr: String| async move {

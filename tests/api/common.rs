@@ -146,6 +146,10 @@ impl TestServer {
         let mut config = Config::default();
         config.database.url = database_url.clone();
         config.database.max_connections = 8;
+        // Test appliers listen on loopback ports; `configure` may narrow or clear this.
+        config.apply.allowed_endpoints =
+            approvals::applier_endpoints::AllowedEndpoints::parse(&["http://127.0.0.1"])
+                .expect("allowed endpoints");
         configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await

@@ -4,6 +4,7 @@
 mod callers;
 mod common;
 
+mod applier_endpoints;
 mod apply;
 
 mod auth;

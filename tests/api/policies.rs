@@ -95,7 +95,7 @@ async fn policies_crud_with_etags_and_uniqueness() {
                 nanos: 0,
             }),
             apply_mode: pb::ApplyMode::Manual as i32,
-            applier_endpoint: "flags.internal:443".into(),
+            applier_endpoint: "http://127.0.0.1:8443".into(),
             ..policy("web-prod-flags", "prod", "feature_flag.*")
         },
     )

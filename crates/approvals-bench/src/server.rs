@@ -132,6 +132,8 @@ impl ServerProcess {
             .env("APPROVALS_DATABASE_URL", options.database_url)
             // The lifecycle scenario needs two distinct approvals for quorum.
             .env("APPROVALS_MIN_APPROVALS", "2")
+            // The lifecycle scenario's applier listens on a loopback port.
+            .env("APPROVALS_APPLY_ALLOWED_ENDPOINTS", "http://127.0.0.1")
             .env(
                 "APPROVALS_WATCH_MAX_WATCHERS",
                 options.max_watchers.to_string(),

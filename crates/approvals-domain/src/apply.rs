@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::{
-    Action, Actor, ChangeRequest, DomainError, EventDraft, EventKind, Principal, State, Timestamp,
-    policy::ApplyMode,
+    Action, Actor, ChangeRequest, DomainError, EventDraft, EventKind, Policy, Principal, State,
+    Timestamp, policy::ApplyMode,
 };
 
 /// Status of a planned apply.
@@ -46,8 +46,10 @@ pub struct ApplyRun {
     pub scheduled: bool,
 }
 
-/// How the request is applied, read from the current policy of the snapshot's name (or the
-/// snapshot when that policy is gone): so fixing an endpoint helps open requests.
+/// How the request is applied: read from the current version of the policy its snapshot was
+/// taken from (the same policy by uid, still in the request's project), so fixing an endpoint
+/// helps open requests; from the snapshot when that policy is gone, moved to another project,
+/// or its name now belongs to another policy.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ApplyWiring {
     pub policy_name: String,
@@ -55,6 +57,29 @@ pub struct ApplyWiring {
     pub appliers: Vec<Principal>,
     pub executors: Vec<Principal>,
     pub forbid_bypass: bool,
+}
+
+impl ApplyWiring {
+    /// The wiring of `request`, given `current`, the policy that now holds its snapshot's name
+    /// (if any): see [`crate::PolicySnapshot::is_taken_from`].
+    pub fn of(request: &ChangeRequest, current: Option<&Policy>) -> Self {
+        let snapshot = &request.policy;
+        let rules = match current {
+            Some(policy)
+                if snapshot.is_taken_from(policy, &request.project, request.create_time) =>
+            {
+                &policy.rules
+            }
+            _ => &snapshot.rules,
+        };
+        Self {
+            policy_name: snapshot.name.clone(),
+            applier_endpoint: rules.applier_endpoint.clone(),
+            appliers: rules.appliers.clone(),
+            executors: rules.executors.clone(),
+            forbid_bypass: rules.forbid_bypass,
+        }
+    }
 }
 
 /// What an applier reported.

@@ -112,6 +112,11 @@ impl Default for PolicyRules {
 pub struct Policy {
     /// Unique across the service.
     pub name: String,
+    /// Assigned at creation and never changed: tells this policy from one created later under
+    /// the same name (after a delete, possibly in another project). Empty for policies stored
+    /// before uids existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
     pub project: String,
     /// `""`: any environment.
     pub environment: String,
@@ -307,6 +312,10 @@ pub struct PolicySnapshot {
     /// The policy's name; empty for the server default.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
+    /// The policy's uid; empty for the server default, and in snapshots taken before uids
+    /// existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub project: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -324,6 +333,7 @@ impl PolicySnapshot {
     pub fn server_default(min_approvals: u32) -> Self {
         Self {
             name: String::new(),
+            uid: String::new(),
             project: String::new(),
             environment: String::new(),
             action_key: String::new(),
@@ -348,6 +358,7 @@ impl PolicySnapshot {
         rules.rejections_to_reject = rules.rejections_to_reject.max(1);
         Self {
             name: policy.name.clone(),
+            uid: policy.uid.clone(),
             project: policy.project.clone(),
             environment: policy.environment.clone(),
             action_key: policy.action_key.clone(),
@@ -366,6 +377,25 @@ impl PolicySnapshot {
         match select_policy(policies, project, environment, action_key) {
             Some(policy) => Self::of(policy, server_min_approvals),
             None => Self::server_default(server_min_approvals),
+        }
+    }
+
+    /// Whether `current`, the policy now holding this snapshot's name, is a later version of
+    /// the policy the snapshot was taken from, still governing `project` (the request's), so
+    /// that its apply wiring may be used. A policy deleted and created again under the same
+    /// name is another policy, and so is one moved to another project.
+    ///
+    /// `created`: when the request was created. A snapshot taken before uids existed has none;
+    /// its policy is then recognised by name and project, and by having existed when the
+    /// request was created (a policy created later cannot be the one it was taken from).
+    pub fn is_taken_from(&self, current: &Policy, project: &str, created: Timestamp) -> bool {
+        if self.name.is_empty() || current.name != self.name || current.project != project {
+            return false;
+        }
+        if self.uid.is_empty() {
+            current.create_time <= created
+        } else {
+            current.uid == self.uid
         }
     }
 
@@ -507,6 +537,7 @@ mod tests {
     fn policy(name: &str, environment: &str, action_key: &str) -> Policy {
         Policy {
             name: name.into(),
+            uid: format!("uid-{name}"),
             project: "web".into(),
             environment: environment.into(),
             action_key: action_key.into(),

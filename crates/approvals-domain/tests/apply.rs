@@ -2,7 +2,7 @@
 
 use approvals_domain::{
     Actor, ApplyMode, ApplyOutcome, ApplyWiring, ChangeInput, ChangeRequest, Decision, DomainError,
-    EventKind, NewChangeRequest, PolicyRules, PolicySnapshot, Principal, ResourceVersion,
+    EventKind, NewChangeRequest, Policy, PolicyRules, PolicySnapshot, Principal, ResourceVersion,
     ScheduleStatus, State, Timestamp,
 };
 
@@ -37,6 +37,7 @@ fn request(
 ) -> ChangeRequest {
     let policy = PolicySnapshot {
         name: "web".into(),
+        uid: "uid-web".into(),
         project: "web".into(),
         environment: String::new(),
         action_key: "*".into(),
@@ -456,4 +457,89 @@ fn external_completion_by_executors_only() {
         )
         .expect_err("not external");
     assert!(matches!(err, DomainError::CannotApply(_)));
+}
+
+/// The policy `request()`'s snapshot was taken from (uid `uid-web`, project `web`), as it now
+/// stands: another endpoint and a bypass ban.
+fn current_policy() -> Policy {
+    Policy {
+        name: "web".into(),
+        uid: "uid-web".into(),
+        project: "web".into(),
+        environment: String::new(),
+        action_key: "*".into(),
+        rules: PolicyRules {
+            applier_endpoint: "http://fixed:1".into(),
+            forbid_bypass: true,
+            ..PolicyRules::default()
+        },
+        create_time: at(-60),
+        update_time: at(10),
+        revision: 2,
+    }
+}
+
+#[test]
+fn the_wiring_follows_only_the_same_policy_in_the_same_project() {
+    let mut r = request(ApplyMode::Manual, None, None);
+    r.policy.rules.applier_endpoint = "http://snapshot:1".into();
+    let current = current_policy();
+    let endpoint = |current: Option<&Policy>| ApplyWiring::of(&r, current).applier_endpoint;
+
+    // The same policy, edited: its current wiring.
+    let wiring = ApplyWiring::of(&r, Some(&current));
+    assert_eq!(
+        (wiring.applier_endpoint.as_str(), wiring.forbid_bypass),
+        ("http://fixed:1", true)
+    );
+    // Gone: the snapshot.
+    assert_eq!(endpoint(None), "http://snapshot:1");
+    // Another policy under the same name (another uid), in this project or another: the snapshot.
+    let recreated = Policy {
+        uid: "uid-other".into(),
+        ..current.clone()
+    };
+    assert_eq!(endpoint(Some(&recreated)), "http://snapshot:1");
+    let elsewhere = Policy {
+        project: "mobile".into(),
+        ..recreated.clone()
+    };
+    assert_eq!(endpoint(Some(&elsewhere)), "http://snapshot:1");
+    // The same policy moved to another project: no longer this request's.
+    let moved = Policy {
+        project: "mobile".into(),
+        ..current.clone()
+    };
+    assert_eq!(endpoint(Some(&moved)), "http://snapshot:1");
+    // A policy without a uid (stored before uids) is never the source of a snapshot with one.
+    let legacy_policy = Policy {
+        uid: String::new(),
+        ..current.clone()
+    };
+    assert_eq!(endpoint(Some(&legacy_policy)), "http://snapshot:1");
+
+    // A snapshot from before uids: the current policy of its name if in the request's project
+    // and created before the request (a policy created later cannot be its source).
+    r.policy.uid = String::new();
+    let endpoint = |current: Option<&Policy>| ApplyWiring::of(&r, current).applier_endpoint;
+    assert_eq!(endpoint(Some(&current)), "http://fixed:1");
+    assert_eq!(endpoint(Some(&legacy_policy)), "http://fixed:1");
+    assert_eq!(endpoint(Some(&moved)), "http://snapshot:1");
+    let created_later = Policy {
+        create_time: at(5),
+        ..recreated
+    };
+    assert_eq!(endpoint(Some(&created_later)), "http://snapshot:1");
+
+    // The server default (no policy) has no current policy to follow.
+    let mut default = request(ApplyMode::Manual, None, None);
+    default.policy = PolicySnapshot::server_default(1);
+    let nameless = Policy {
+        name: String::new(),
+        ..current_policy()
+    };
+    assert_eq!(
+        ApplyWiring::of(&default, Some(&nameless)).applier_endpoint,
+        ""
+    );
 }

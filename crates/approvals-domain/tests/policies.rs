@@ -28,6 +28,7 @@ fn requirement(group: &str, min_approvals: u32) -> GroupRequirement {
 fn snapshot(rules: PolicyRules) -> PolicySnapshot {
     PolicySnapshot {
         name: "p".into(),
+        uid: "uid-p".into(),
         project: "web".into(),
         environment: String::new(),
         action_key: "*".into(),
@@ -334,6 +335,7 @@ proptest! {
             .enumerate()
             .map(|(i, (env, key))| Policy {
                 name: format!("p{i}"),
+                uid: format!("uid-{i}"),
                 project: "web".into(),
                 environment: (*env).into(),
                 action_key: (*key).into(),

@@ -154,8 +154,11 @@ impl Store {
                 .ok_or_else(|| StoreError::PolicyNotFound(name.to_owned()))?;
             let mut policy = decode_policy(&row)?;
             let previous = policy.revision;
+            let uid = policy.uid.clone();
             edit(&mut policy)?;
+            // The name and uid say which policy this is: no edit changes them.
             policy.name = name.to_owned();
+            policy.uid = uid;
             policy.revision = previous + 1;
             self.ensure_scope_free(&txn, &policy).await?;
             let update = Query::update()
