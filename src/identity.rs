@@ -34,12 +34,14 @@ pub fn actor<T>(request: &Request<T>) -> Result<Actor, ApiError> {
     caller(request).map(|c| c.actor())
 }
 
-/// `sre, dba` -> `["sre", "dba"]`; a `group:` prefix is accepted and dropped.
+/// `sre, dba` -> `["sre", "dba"]`; a `group:` prefix is accepted and dropped. A name with a
+/// control character (a token's claim, say) is no group a policy can name: it is dropped, so
+/// that it is never stored.
 pub fn parse_groups(value: &str) -> Vec<String> {
     let mut groups: Vec<String> = value
         .split(',')
         .map(str::trim)
-        .filter(|g| !g.is_empty())
+        .filter(|g| !g.is_empty() && !g.chars().any(char::is_control))
         .map(|g| g.strip_prefix("group:").unwrap_or(g).to_owned())
         .collect();
     groups.sort();
@@ -54,6 +56,7 @@ mod tests {
     #[test]
     fn groups_are_bare_sorted_and_unique() {
         assert_eq!(parse_groups(" sre, dba ,,group:sre"), vec!["dba", "sre"]);
+        assert_eq!(parse_groups("sre,bad\u{0}group"), vec!["sre"]);
         assert!(parse_groups("").is_empty());
     }
 }
