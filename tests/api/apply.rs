@@ -999,7 +999,7 @@ async fn a_name_taken_over_by_another_project_does_not_govern_open_requests() {
         fast(c);
         c.auth = AuthConfig {
             api_keys: vec![web_admin, mobile_admin, alice, bob, oncall],
-            jwt: None,
+            ..AuthConfig::default()
         };
     })
     .await;
