@@ -17,7 +17,7 @@ use std::{
 };
 
 use approvals_domain::{
-    ApplyOutcome, ApplyWiring, ChangeRequest, ResourceVersion, State, Timestamp,
+    ApplyOutcome, ApplyWiring, ChangeRequest, ResourceVersion, State, Timestamp, validation,
 };
 use approvals_store::{Step, Store, StoreError};
 use tokio::task::JoinHandle;
@@ -436,7 +436,7 @@ fn is_transient(code: Code) -> bool {
 }
 
 fn describe(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    from_applier(format!("{:?}: {}", status.code(), status.message()))
 }
 
 /// The wait after `failed` failed attempts of one apply (`failed` >= 1, counting the one that
@@ -446,22 +446,63 @@ fn backoff(first: Duration, failed: u32) -> Duration {
     first.saturating_mul(factor).min(MAX_BACKOFF)
 }
 
+/// Text an applier sent, made storable as every caller string must be (no U+0000, which
+/// PostgreSQL's text refuses, and at most `MAX_TEXT_BYTES`): an outcome that could not be
+/// recorded would leave the request APPLYING until its lease expired, and the applier would be
+/// called again, every lease period.
+fn from_applier(text: String) -> String {
+    let mut text = if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    };
+    if text.len() > validation::MAX_TEXT_BYTES {
+        let mut end = validation::MAX_TEXT_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// The same for every string (and key) of the applier's result data.
+fn json_from_applier(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => Value::String(from_applier(text)),
+        Value::Array(items) => Value::Array(items.into_iter().map(json_from_applier).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (from_applier(k), json_from_applier(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 fn outcome(response: pb::ApplyChangesResponse) -> ApplyOutcome {
     let error = if response.error.is_empty() {
         "the applier reported a failure".to_owned()
     } else {
-        response.error
+        from_applier(response.error)
     };
     match pb::Outcome::try_from(response.outcome) {
         Ok(pb::Outcome::Applied) => ApplyOutcome::Applied {
-            result_data: response.result_data.as_ref().map(convert::struct_to_json),
+            result_data: response.result_data.as_ref().map(|data| {
+                let json = serde_json::Value::Object(convert::struct_to_json(data));
+                match json_from_applier(json) {
+                    serde_json::Value::Object(map) => map,
+                    _ => serde_json::Map::new(),
+                }
+            }),
             versions: response
                 .resource_versions
                 .into_iter()
                 .map(|v| ResourceVersion {
-                    resource_type: v.resource_type,
-                    resource_id: v.resource_id,
-                    version: v.version,
+                    resource_type: from_applier(v.resource_type),
+                    resource_id: from_applier(v.resource_id),
+                    version: from_applier(v.version),
                 })
                 .collect(),
         },

@@ -233,6 +233,22 @@ async fn auto_apply_failure_is_recorded() {
     assert_eq!(failed.apply_error, "flag service rejected the rollout");
 }
 
+/// What an applier says is stored as every caller string is: a NUL (which PostgreSQL's text
+/// refuses) once made the outcome unrecordable, and the applier was called again every lease.
+#[tokio::test]
+async fn an_appliers_nul_characters_are_stored_replaced() {
+    let (applier, endpoint) = Applier::start(vec![Reply::Failed("bad\0byte")]).await;
+    let server = TestServer::start_with(fast).await;
+    create_policy(&server, policy(pb::ApplyMode::Auto, &endpoint)).await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(&mut alice, new_request()).await;
+    let failed = approve(&mut bob, &created.id).await;
+    assert_eq!(state(&failed), State::ApplyFailed);
+    assert_eq!(failed.apply_error, "bad\u{FFFD}byte");
+    assert_eq!(applier.calls().len(), 1, "called once");
+}
+
 #[tokio::test]
 async fn an_applier_conflict_fails_the_apply_and_marks_every_change() {
     let (applier, endpoint) =
