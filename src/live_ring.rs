@@ -6,12 +6,18 @@
 //! keeps its waker in its own slot, registered without a lock, and reads the ring under a
 //! shared lock; the publisher takes the exclusive lock once per batch of events, then wakes
 //! every slot.
+//!
+//! A reader also keeps its position in its slot, so that the publisher sees who is behind
+//! without the reader being polled: a watch stream whose client stopped reading is never
+//! polled (its HTTP/2 window is full), and lag counted only when it is polled would never be
+//! counted at all. A reader that, at a publish, still had more than `max_behind` earlier items
+//! to read is marked; the watcher checks the mark when it is polled again.
 
 use std::{
     collections::VecDeque,
     sync::{
         Arc, Mutex, PoisonError, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::Context,
 };
@@ -22,9 +28,21 @@ use slab::Slab;
 /// The ring. Items are cloned out to readers (keep them cheap to clone: `Arc`s).
 pub(crate) struct LiveRing<T> {
     items: RwLock<Items<T>>,
-    readers: Mutex<Slab<Arc<AtomicWaker>>>,
+    readers: Mutex<Slab<Arc<Slot>>>,
     closed: AtomicBool,
     capacity: usize,
+    /// A reader with more unread items than this at a publish is marked behind.
+    max_behind: u64,
+}
+
+/// What the ring knows of one reader.
+#[derive(Default)]
+struct Slot {
+    waker: AtomicWaker,
+    /// The reader's position: the next item it will read.
+    next: AtomicU64,
+    /// Set by a publish that found the reader more than `max_behind` items behind.
+    behind: AtomicBool,
 }
 
 struct Items<T> {
@@ -53,8 +71,9 @@ pub(crate) enum Read {
 }
 
 impl<T: Clone> LiveRing<T> {
-    /// A ring that keeps the last `capacity` items (at least one).
-    pub(crate) fn new(capacity: usize) -> Arc<Self> {
+    /// A ring that keeps the last `capacity` items (at least one), marking readers more than
+    /// `max_behind` items behind at a publish.
+    pub(crate) fn new(capacity: usize, max_behind: u64) -> Arc<Self> {
         let capacity = capacity.max(1);
         Arc::new(Self {
             items: RwLock::new(Items {
@@ -64,29 +83,36 @@ impl<T: Clone> LiveRing<T> {
             readers: Mutex::new(Slab::new()),
             closed: AtomicBool::new(false),
             capacity,
+            max_behind,
         })
     }
 
     /// A reader of every item published from now on.
     pub(crate) fn subscribe(self: &Arc<Self>) -> Reader<T> {
-        let waker = Arc::new(AtomicWaker::new());
+        let next = self.end();
+        let slot = Arc::new(Slot {
+            next: AtomicU64::new(next),
+            ..Slot::default()
+        });
         let key = self
             .readers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(waker.clone());
+            .insert(slot.clone());
         Reader {
-            next: self.end(),
+            next,
             ring: self.clone(),
             key,
-            waker,
+            slot,
         }
     }
 
-    /// Appends `items`, dropping the oldest beyond the capacity, and wakes every reader.
+    /// Appends `items`, dropping the oldest beyond the capacity, and wakes every reader,
+    /// marking those that were behind.
     pub(crate) fn publish(&self, items: impl IntoIterator<Item = T>) {
-        {
+        let end_before = {
             let mut ring = self.items.write().unwrap_or_else(PoisonError::into_inner);
+            let end_before = ring.end();
             for item in items {
                 if ring.items.len() == self.capacity {
                     ring.items.pop_front();
@@ -94,14 +120,15 @@ impl<T: Clone> LiveRing<T> {
                 }
                 ring.items.push_back(item);
             }
-        }
-        self.wake_all();
+            end_before
+        };
+        self.wake_all(Some(end_before));
     }
 
     /// Readers read what is left, then see [`Read::Closed`].
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        self.wake_all();
+        self.wake_all(None);
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -115,10 +142,17 @@ impl<T: Clone> LiveRing<T> {
             .end()
     }
 
-    fn wake_all(&self) {
+    /// Wakes every reader; with `end_before` (the end before a publish), marks each reader
+    /// that had more than `max_behind` of those earlier items still to read.
+    fn wake_all(&self, end_before: Option<u64>) {
         let readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
-        for (_, waker) in readers.iter() {
-            waker.wake();
+        for (_, slot) in readers.iter() {
+            if let Some(end) = end_before
+                && end.saturating_sub(slot.next.load(Ordering::Relaxed)) > self.max_behind
+            {
+                slot.behind.store(true, Ordering::Relaxed);
+            }
+            slot.waker.wake();
         }
     }
 }
@@ -127,7 +161,7 @@ impl<T: Clone> LiveRing<T> {
 pub(crate) struct Reader<T> {
     ring: Arc<LiveRing<T>>,
     key: usize,
-    waker: Arc<AtomicWaker>,
+    slot: Arc<Slot>,
     /// Position of the next item to read.
     next: u64,
 }
@@ -135,9 +169,22 @@ pub(crate) struct Reader<T> {
 impl<T: Clone> Reader<T> {
     /// Appends up to `max` unread items to `out`. When there are none, the task of `cx` is
     /// woken by the next publish or close.
+    #[cfg(test)]
     pub(crate) fn read(&mut self, cx: &mut Context<'_>, max: usize, out: &mut Vec<T>) -> Read {
+        self.read_while(cx, max, out, |_| true)
+    }
+
+    /// Like [`Self::read`], taking items only while `more` says yes to the next one; `more`
+    /// sees every item offered, and the first is taken whatever it says.
+    pub(crate) fn read_while(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut Vec<T>,
+        mut more: impl FnMut(&T) -> bool,
+    ) -> Read {
         // Register before looking: a publish after the look then wakes this task.
-        self.waker.register(cx.waker());
+        self.slot.waker.register(cx.waker());
         let closed = self.ring.is_closed();
         let ring = self
             .ring
@@ -149,10 +196,16 @@ impl<T: Clone> Reader<T> {
         }
         let start = usize::try_from(self.next - ring.first).unwrap_or(usize::MAX);
         let before = out.len();
-        out.extend(ring.items.iter().skip(start).take(max).cloned());
+        for item in ring.items.iter().skip(start).take(max) {
+            if !more(item) && out.len() > before {
+                break;
+            }
+            out.push(item.clone());
+        }
         let taken = out.len() - before;
         if taken > 0 {
             self.next += taken as u64;
+            self.slot.next.store(self.next, Ordering::Relaxed);
             Read::Items
         } else if closed {
             Read::Closed
@@ -164,6 +217,13 @@ impl<T: Clone> Reader<T> {
     /// Skips everything published so far (after a [`Read::Lagged`], say).
     pub(crate) fn skip_to_end(&mut self) {
         self.next = self.ring.end();
+        self.slot.next.store(self.next, Ordering::Relaxed);
+        self.slot.behind.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether a publish found this reader behind since the last call (and clears the mark).
+    pub(crate) fn take_behind(&self) -> bool {
+        self.slot.behind.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -194,7 +254,7 @@ mod tests {
 
     #[test]
     fn readers_see_what_was_published_after_they_subscribed_in_order() {
-        let ring = LiveRing::new(8);
+        let ring = LiveRing::new(8, u64::MAX);
         ring.publish([1]);
         let mut reader = ring.subscribe();
         assert_eq!(read(&mut reader, 10), (Read::Empty, vec![]));
@@ -207,7 +267,7 @@ mod tests {
 
     #[test]
     fn a_reader_left_behind_by_the_capacity_is_told_it_lagged() {
-        let ring = LiveRing::new(2);
+        let ring = LiveRing::new(2, u64::MAX);
         let mut reader = ring.subscribe();
         ring.publish([1, 2, 3]);
         assert_eq!(read(&mut reader, 10), (Read::Lagged, vec![]));
@@ -218,7 +278,7 @@ mod tests {
 
     #[test]
     fn close_lets_readers_finish_then_reports_closed() {
-        let ring = LiveRing::new(4);
+        let ring = LiveRing::new(4, u64::MAX);
         let mut reader = ring.subscribe();
         ring.publish([1]);
         ring.close();
@@ -228,7 +288,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_reader_is_woken_by_a_publish() {
-        let ring = LiveRing::new(4);
+        let ring = LiveRing::new(4, u64::MAX);
         let mut reader = ring.subscribe();
         let waiting = tokio::spawn(async move {
             let mut out = Vec::new();
@@ -249,8 +309,43 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_that_does_not_read_between_publishes_is_marked_behind() {
+        let ring = LiveRing::new(16, 2);
+        let mut idle = ring.subscribe();
+        let mut busy = ring.subscribe();
+        // A burst larger than the limit marks nobody: nobody could have read it yet.
+        ring.publish([1, 2, 3, 4]);
+        assert!(!idle.take_behind() && !busy.take_behind());
+        read(&mut busy, 10);
+        ring.publish([5]);
+        assert!(idle.take_behind(), "4 earlier items unread at a publish");
+        assert!(!busy.take_behind());
+        assert!(!idle.take_behind(), "the mark is taken once");
+        // Reading with a budget takes at least one item, then stops when told.
+        let mut taken = Vec::new();
+        let read = idle.read_while(
+            &mut Context::from_waker(Waker::noop()),
+            10,
+            &mut taken,
+            |next| *next < 3,
+        );
+        assert_eq!((read, taken), (Read::Items, vec![1, 2]));
+        let mut taken = Vec::new();
+        let read = idle.read_while(
+            &mut Context::from_waker(Waker::noop()),
+            10,
+            &mut taken,
+            |_| false,
+        );
+        assert_eq!((read, taken), (Read::Items, vec![3]));
+        idle.skip_to_end();
+        ring.publish([6]);
+        assert!(!idle.take_behind());
+    }
+
+    #[test]
     fn dropping_a_reader_frees_its_slot() {
-        let ring = LiveRing::<u32>::new(4);
+        let ring = LiveRing::<u32>::new(4, u64::MAX);
         let reader = ring.subscribe();
         assert_eq!(ring.readers.lock().map(|r| r.len()).unwrap_or(0), 1);
         drop(reader);

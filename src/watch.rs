@@ -38,8 +38,14 @@ use crate::{
     read_cache::RequestCache,
 };
 
-/// Events per message and per log read.
+/// Events per live message, at most.
 const BATCH: usize = 256;
+/// Encoded events per live message, at most (a larger event goes alone). What the server holds
+/// for a stream whose client stops reading is bounded by its HTTP/2 send window plus one
+/// message: this, or one log read while catching up.
+const FRAME_BYTES: usize = 64 * 1024;
+/// Events per log read of a watcher catching up (the hub's own reads take `BATCH`).
+const CATCH_UP_BATCH: u64 = 32;
 /// Requests per snapshot message.
 const SNAPSHOT_CHUNK: usize = 100;
 
@@ -202,7 +208,10 @@ impl Hub {
     pub async fn start(store: Store, settings: WatchConfig) -> Result<Arc<Self>, StoreError> {
         let start = store.settled_head().await?;
         let (head_tx, head) = watch::channel(start);
-        let live = LiveRing::new(settings.buffer);
+        let live = LiveRing::new(
+            settings.buffer,
+            u64::try_from(settings.max_lag).unwrap_or(u64::MAX),
+        );
         let wake = Arc::new(Notify::new());
         let mut tasks = store.spawn_commit_relay(wake.clone());
         let cache = Arc::new(RequestCache::new(settings.cache_entries, start));
@@ -606,7 +615,7 @@ impl Watcher {
             let frame = match &mut self.mode {
                 Mode::CatchingUp { reader, target } => {
                     let target = *target;
-                    let batch = reader.next_batch(BATCH as u64).await?;
+                    let batch = reader.next_batch(CATCH_UP_BATCH).await?;
                     if batch.events.is_empty() && batch.waiting {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
@@ -642,8 +651,20 @@ impl Watcher {
     /// hub closed.
     fn poll_live(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<WatchFrame>, ApiError>> {
         loop {
+            // A publish found this watcher behind: events went by while it was not polled (its
+            // client stopped reading, so its HTTP/2 window stayed full). Lag counts what it has
+            // taken: still more than max_lag behind, it ends here, its resume revision the
+            // first it did not take.
+            if self.was_live && self.live.take_behind() {
+                self.check_lag()?;
+            }
             let mut events = Vec::new();
-            match self.live.read(cx, BATCH, &mut events) {
+            let mut bytes = 0;
+            let read = self.live.read_while(cx, BATCH, &mut events, |next| {
+                bytes += next.encoded().len();
+                bytes <= FRAME_BYTES
+            });
+            match read {
                 Read::Items => {
                     let cursor = &mut self.cursor;
                     let filter = &self.filter;
@@ -693,6 +714,8 @@ impl Watcher {
         let target = self.hub.head();
         self.check_lag()?;
         let reader = self.hub.store.log_reader_settled(self.cursor, target);
+        // Marks from before the switch say nothing of the watcher once it reads the log.
+        self.live.take_behind();
         self.mode = Mode::CatchingUp { reader, target };
         Ok(())
     }

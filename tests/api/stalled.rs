@@ -5,6 +5,8 @@
 use std::time::{Duration, Instant};
 
 use approvals::pb;
+use tonic::Code;
+use tonic_types::StatusExt;
 
 use crate::common::{Caller, TestServer, payload};
 
@@ -152,4 +154,37 @@ async fn a_stalled_watcher_delays_no_writer_and_no_other_watcher() {
     let (late, status) = collect(&mut lazy, 200, Duration::from_secs(60)).await;
     assert!(status.is_none(), "lazy watcher ended: {status:?}");
     assert_eq!(late, revisions);
+}
+
+#[tokio::test]
+async fn a_watcher_that_stops_reading_is_ended_at_max_lag() {
+    let server = TestServer::start_with(|c| c.watch.max_lag = 20).await;
+    let start = head(&server).await + 1;
+    let mut lazy = lazy_watch(&server, start).await;
+    // Let the watch reach the live tail before the writes begin.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (revisions, _) = write_big(&server, 100).await;
+
+    let (late, status) = collect(&mut lazy, 100, Duration::from_secs(60)).await;
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "the stream went on after falling 100 events behind with max_lag 20 ({} delivered)",
+            late.len()
+        )
+    });
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let info = status.get_details_error_info().expect("error info");
+    assert_eq!(info.reason, "WATCHER_TOO_SLOW");
+    let resume: i64 = info
+        .metadata
+        .get("resume_revision")
+        .and_then(|r| r.parse().ok())
+        .expect("resume_revision");
+    // Everything before the resume revision was delivered, in order, and nothing after it.
+    let delivered = revisions.iter().take_while(|r| **r < resume).count();
+    assert_eq!(late, revisions[..delivered]);
+    assert!(
+        delivered < 100,
+        "ended only after delivering everything ({delivered})"
+    );
 }
