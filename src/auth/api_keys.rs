@@ -56,6 +56,7 @@ impl ApiKeys {
                     scopes,
                     projects: (!config.projects.is_empty()).then(|| config.projects.clone()),
                     acting_principal: None,
+                    expire_time: None,
                 },
             });
         }

@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, RwLock};
 
+use approvals_domain::Timestamp;
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
     jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet},
@@ -184,12 +185,18 @@ impl JwtVerifier {
             // Like a key's `projects`: absent or empty means every project.
             Some(strings(claims.get(&self.config.projects_claim))).filter(|p| !p.is_empty())
         };
+        // `exp` is required and was checked to be a number: seconds since the epoch.
+        let expire_time = claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .and_then(|exp| Timestamp::from_seconds_nanos(exp.floor() as i64, 0));
         Ok(Caller {
             principal,
             groups,
             scopes,
             projects,
             acting_principal: None,
+            expire_time,
         })
     }
 }

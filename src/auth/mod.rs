@@ -15,7 +15,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use approvals_domain::{Actor, DomainError, Principal, PrincipalKind};
+use approvals_domain::{Actor, DomainError, Principal, PrincipalKind, Timestamp};
 use http::HeaderMap;
 use tonic::Status;
 use tower::{Layer, Service};
@@ -179,6 +179,9 @@ pub struct Caller {
     pub projects: Option<Vec<String>>,
     /// The authenticated service, when it acts on behalf of `principal`.
     pub acting_principal: Option<Principal>,
+    /// When the credential expires: a JWT's `exp` claim; `None` for API keys and development
+    /// mode, which do not expire. (A JWT is still accepted until `exp` plus `auth.jwt.leeway`.)
+    pub expire_time: Option<Timestamp>,
 }
 
 impl Caller {
@@ -361,6 +364,7 @@ fn development_caller(headers: &HeaderMap) -> Result<Caller, ApiError> {
         scopes: Scope::ALL.to_vec(),
         projects: None,
         acting_principal: None,
+        expire_time: None,
     })
 }
 
@@ -404,6 +408,7 @@ fn on_behalf_of(caller: Caller, headers: &HeaderMap) -> Result<Caller, ApiError>
         acting_principal: Some(caller.principal),
         scopes: caller.scopes,
         projects: caller.projects,
+        expire_time: caller.expire_time,
     })
 }
 
