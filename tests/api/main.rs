@@ -15,6 +15,7 @@ mod process;
 mod reads;
 mod server;
 mod watch;
+mod watch_limits;
 
 mod config_check;
 mod crash;
