@@ -72,6 +72,10 @@ pub struct LimitsConfig {
     /// A connection whose PING is not answered within this is closed.
     #[serde(deserialize_with = "duration")]
     pub keepalive_timeout: Duration,
+    /// HTTP/2 streams (calls, watch streams included) one connection may have open at once,
+    /// announced to the client in SETTINGS_MAX_CONCURRENT_STREAMS: a client opens more only as
+    /// earlier ones end. 0: no limit.
+    pub max_concurrent_streams: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -86,6 +90,9 @@ pub struct WatchConfig {
     pub progress_interval: Duration,
     /// Most concurrent watch streams; more are RESOURCE_EXHAUSTED.
     pub max_watchers: usize,
+    /// Most concurrent watch streams of one authenticated principal (the acting service for an
+    /// on-behalf-of call); more are RESOURCE_EXHAUSTED. 0: no per-principal limit.
+    pub max_watchers_per_principal: usize,
     /// Fallback: how often the log is read when no commit wake-up arrived.
     #[serde(deserialize_with = "duration")]
     pub poll_interval: Duration,
@@ -169,6 +176,7 @@ impl Default for WatchConfig {
             max_lag: 10_000,
             progress_interval: Duration::from_secs(10),
             max_watchers: 50_000,
+            max_watchers_per_principal: 1_000,
             poll_interval: Duration::from_millis(500),
             buffer: 1024,
             cache_entries: 20_000,
@@ -214,6 +222,7 @@ impl Default for LimitsConfig {
             rate_limit_burst: 0,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 1_000,
         }
     }
 }
@@ -291,6 +300,10 @@ const KEYS: &[(&str, Setter)] = &[
         c.watch.max_watchers = parse_number(v)?;
         Ok(())
     }),
+    ("watch.max_watchers_per_principal", |c, v| {
+        c.watch.max_watchers_per_principal = parse_number(v)?;
+        Ok(())
+    }),
     ("watch.poll_interval", |c, v| {
         c.watch.poll_interval = parse_duration(v)?;
         Ok(())
@@ -366,6 +379,10 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("limits.keepalive_timeout", |c, v| {
         c.limits.keepalive_timeout = parse_duration(v)?;
+        Ok(())
+    }),
+    ("limits.max_concurrent_streams", |c, v| {
+        c.limits.max_concurrent_streams = parse_number(v)?;
         Ok(())
     }),
     ("auth.jwt.issuer", |c, v| {
@@ -772,6 +789,39 @@ mod tests {
         let err =
             Config::load(Some(&file.0), |_| None, &Overrides::default()).expect_err("a scheme");
         assert!(err.to_string().contains("allowed_endpoints"), "{err}");
+    }
+
+    #[test]
+    fn watch_and_stream_limits_are_configurable() {
+        let config = Config::default();
+        assert_eq!(config.watch.max_watchers_per_principal, 1000);
+        assert_eq!(config.limits.max_concurrent_streams, 1000);
+        let file = write("[watch]\nmax_watchers_per_principal = 0\n");
+        let config = Config::load(Some(&file.0), |_| None, &Overrides::default()).expect("loads");
+        assert_eq!(config.watch.max_watchers_per_principal, 0);
+        let env: HashMap<&str, &str> = [
+            ("APPROVALS_WATCH_MAX_WATCHERS_PER_PRINCIPAL", "25"),
+            ("APPROVALS_LIMITS_MAX_CONCURRENT_STREAMS", "64"),
+        ]
+        .into();
+        let config = Config::load(
+            Some(&file.0),
+            |k| env.get(k).map(|v| v.to_string()),
+            &Overrides::default(),
+        )
+        .expect("loads");
+        assert_eq!(config.watch.max_watchers_per_principal, 25);
+        assert_eq!(config.limits.max_concurrent_streams, 64);
+        let err = Config::load(
+            None,
+            |k| (k == "APPROVALS_LIMITS_MAX_CONCURRENT_STREAMS").then(|| "-1".into()),
+            &Overrides::default(),
+        )
+        .expect_err("negative");
+        assert!(
+            err.to_string().starts_with("limits.max_concurrent_streams"),
+            "{err}"
+        );
     }
 
     #[test]

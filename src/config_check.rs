@@ -50,6 +50,10 @@ pub fn render(config: &Config) -> String {
         "rate_limit_burst".into(),
         i64::from(l.rate_limit_burst).into(),
     );
+    limits.insert(
+        "max_concurrent_streams".into(),
+        i64::from(l.max_concurrent_streams).into(),
+    );
     root.insert("limits".into(), limits.into());
 
     let w = &config.watch;
@@ -58,6 +62,10 @@ pub fn render(config: &Config) -> String {
     watch.insert("max_lag".into(), w.max_lag.into());
     watch.insert("progress_interval".into(), duration(w.progress_interval));
     watch.insert("max_watchers".into(), count(w.max_watchers));
+    watch.insert(
+        "max_watchers_per_principal".into(),
+        count(w.max_watchers_per_principal),
+    );
     watch.insert("poll_interval".into(), duration(w.poll_interval));
     watch.insert("buffer".into(), count(w.buffer));
     watch.insert("cache_entries".into(), count(w.cache_entries));

@@ -28,6 +28,12 @@ pub enum ApiError {
     WatcherTooSlow { max_lag: i64, resume: i64 },
     #[error("too many watch streams ({max}); retry later")]
     TooManyWatchers { max: usize },
+    #[error(
+        "too many watch streams for {principal}: at most {max} per principal (watch.max_watchers_per_principal); end one or retry later"
+    )]
+    TooManyWatchersForPrincipal { principal: String, max: usize },
+    #[error("{}", credentials_expired_message(*resume))]
+    CredentialsExpired { resume: Option<i64> },
     #[error("the server is shutting down; resume with start_revision {resume}")]
     ShuttingDown { resume: i64 },
     #[error("{0}")]
@@ -40,6 +46,15 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     ActAsNotAllowed(String),
+}
+
+fn credentials_expired_message(resume: Option<i64>) -> String {
+    match resume {
+        Some(resume) => format!(
+            "the credentials of this watch stream expired; watch again with fresh credentials and start_revision {resume}"
+        ),
+        None => "the credentials of this watch stream expired before its snapshot was complete; watch again with fresh credentials and include_initial".to_owned(),
+    }
 }
 
 impl From<DomainError> for ApiError {
@@ -110,6 +125,24 @@ impl From<ApiError> for Status {
                 "TOO_MANY_WATCHERS",
                 &[("max_watchers", max.to_string())],
             ),
+            ApiError::TooManyWatchersForPrincipal { principal, max } => status(
+                Code::ResourceExhausted,
+                message,
+                "TOO_MANY_WATCHERS",
+                &[
+                    ("max_watchers_per_principal", max.to_string()),
+                    ("principal", principal),
+                ],
+            ),
+            ApiError::CredentialsExpired { resume } => match resume {
+                Some(resume) => status(
+                    Code::Unauthenticated,
+                    message,
+                    "CREDENTIALS_EXPIRED",
+                    &[("resume_revision", resume.to_string())],
+                ),
+                None => status(Code::Unauthenticated, message, "CREDENTIALS_EXPIRED", &[]),
+            },
             ApiError::ShuttingDown { resume } => status(
                 Code::Unavailable,
                 message,

@@ -81,7 +81,12 @@ pub async fn run(
     // grpcurl 1.8.x speaks the older v1alpha reflection protocol.
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let hub = Hub::start(store.clone(), config.watch.clone()).await?;
+    let credential_leeway = config
+        .auth
+        .jwt
+        .as_ref()
+        .map_or(Duration::ZERO, |jwt| jwt.leeway);
+    let hub = Hub::start(store.clone(), config.watch.clone(), credential_leeway).await?;
     let engine = ApplyEngine::new(store.clone(), config.apply.clone());
     let worker = engine.spawn_worker();
     let service = ChangeRequestsService::new(
@@ -117,6 +122,9 @@ pub async fn run(
             Some(config.limits.keepalive_interval).filter(|interval| !interval.is_zero()),
         )
         .http2_keepalive_timeout(Some(config.limits.keepalive_timeout))
+        // Streams per connection, watch streams included: without a limit one connection could
+        // open watch streams up to the server-wide limit by itself. 0: no limit.
+        .max_concurrent_streams(Some(config.limits.max_concurrent_streams).filter(|max| *max > 0))
         .layer(crate::telemetry::RpcLayer)
         .layer(AuthLayer::new(authenticator))
         .layer(crate::limits::LimitLayer::new(&config.limits))

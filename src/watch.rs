@@ -7,11 +7,17 @@
 //! the head again. No event is ever dropped: a watcher that has been live and falls more than
 //! `watch.max_lag` events (counted in revisions) behind is ended with RESOURCE_EXHAUSTED and the
 //! revision to resume from.
+//!
+//! What one caller can hold is bounded: `watch.max_watchers_per_principal` streams per
+//! authenticated principal (beside `watch.max_watchers` in all), a snapshot read a page at a
+//! time as the client takes it, and a stream authenticated with an expiring credential (a JWT)
+//! ends when the credential does, with the revision to resume from.
 
 use std::{
+    collections::HashMap,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -19,7 +25,7 @@ use std::{
 use bytes::Bytes;
 use prost::Message as _;
 
-use approvals_domain::{Event, State};
+use approvals_domain::{ChangeRequest, Event, State, Timestamp};
 use approvals_store::{ListFilter, LogReader, Store, StoreError};
 use futures::Stream;
 use tokio::{
@@ -30,6 +36,7 @@ use tokio::{
 use tonic::Status;
 
 use crate::{
+    auth::Caller,
     config::WatchConfig,
     convert,
     error::ApiError,
@@ -48,6 +55,10 @@ const FRAME_BYTES: usize = 64 * 1024;
 const CATCH_UP_BATCH: u64 = 32;
 /// Requests per snapshot message.
 const SNAPSHOT_CHUNK: usize = 100;
+/// Requests per snapshot read (up to twice this when many changed since the snapshot's
+/// revision, see `Store::requests_at_page`): a stream holds one page of its snapshot in memory,
+/// and reads the next when the client has taken this one.
+const SNAPSHOT_PAGE: u64 = 200;
 
 /// An event as published to live watchers: the domain event (for filtering), its message, and
 /// the message encoded once for every watcher (see [`WatchFrame`]).
@@ -193,6 +204,10 @@ pub struct Hub {
     settings: WatchConfig,
     tasks: Vec<JoinHandle<()>>,
     cache: Arc<RequestCache>,
+    /// Open streams per principal, while `watch.max_watchers_per_principal` is set.
+    principals: Arc<Mutex<HashMap<String, usize>>>,
+    /// How long past its expire_time a credential is still accepted (`auth.jwt.leeway`).
+    credential_leeway: Duration,
 }
 
 impl Drop for Hub {
@@ -204,8 +219,14 @@ impl Drop for Hub {
 }
 
 impl Hub {
-    /// Finds a settled starting point in the log and starts following it.
-    pub async fn start(store: Store, settings: WatchConfig) -> Result<Arc<Self>, StoreError> {
+    /// Finds a settled starting point in the log and starts following it. A stream whose
+    /// caller's credential expires ends `credential_leeway` after its expire_time, when the
+    /// authentication layer would no longer accept the credential either.
+    pub async fn start(
+        store: Store,
+        settings: WatchConfig,
+        credential_leeway: Duration,
+    ) -> Result<Arc<Self>, StoreError> {
         let start = store.settled_head().await?;
         let (head_tx, head) = watch::channel(start);
         let live = LiveRing::new(
@@ -232,6 +253,29 @@ impl Hub {
             settings,
             tasks,
             cache,
+            principals: Arc::default(),
+            credential_leeway,
+        }))
+    }
+
+    /// Counts one more stream for `principal`, unless it holds its limit already.
+    fn count_watcher(&self, principal: &str) -> Result<Option<PrincipalPermit>, ApiError> {
+        let max = self.settings.max_watchers_per_principal;
+        if max == 0 {
+            return Ok(None);
+        }
+        let mut counts = self.principals.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(principal.to_owned()).or_default();
+        if *count >= max {
+            return Err(ApiError::TooManyWatchersForPrincipal {
+                principal: principal.to_owned(),
+                max,
+            });
+        }
+        *count += 1;
+        Ok(Some(PrincipalPermit {
+            counts: self.principals.clone(),
+            principal: principal.to_owned(),
         }))
     }
 
@@ -316,6 +360,24 @@ async fn follow(
     }
 }
 
+/// One of a principal's open streams; released when the stream ends.
+struct PrincipalPermit {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    principal: String,
+}
+
+impl Drop for PrincipalPermit {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.principal) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.principal);
+            }
+        }
+    }
+}
+
 /// Which events a watcher receives.
 #[derive(Debug, Clone)]
 pub struct EventFilter {
@@ -385,6 +447,18 @@ pub enum Start {
     Initial,
 }
 
+/// A snapshot being sent: the requests matching at `revision`, read a page at a time.
+struct Snapshot {
+    revision: i64,
+    filter: ListFilter,
+    /// The rest of the page read last.
+    page: std::vec::IntoIter<ChangeRequest>,
+    /// Where the next page starts (below this id; from the newest when `None`).
+    before: Option<String>,
+    /// The last page has been read.
+    read_all: bool,
+}
+
 enum Mode {
     /// Taking events from the hub's ring.
     Live,
@@ -401,7 +475,11 @@ struct Watcher {
     mode: Mode,
     /// Once at the live tail, the lag limit applies.
     was_live: bool,
-    snapshot: Option<(std::vec::IntoIter<pb::ChangeRequest>, i64)>,
+    snapshot: Option<Snapshot>,
+    /// When the caller's credential stops being accepted: the stream ends then.
+    expires: Option<Instant>,
+    /// Fires at `expires`, so an idle stream ends on time too.
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
     last_sent: Instant,
     /// Fires at or before the next progress notification is due; when it fires early (messages
     /// were sent since it was set) it is set again from `last_sent`. Kept across messages, so a
@@ -409,6 +487,7 @@ struct Watcher {
     progress: Pin<Box<tokio::time::Sleep>>,
     done: bool,
     _permit: OwnedSemaphorePermit,
+    _principal_permit: Option<PrincipalPermit>,
     _counted: crate::metrics::OpenWatcher,
 }
 
@@ -419,12 +498,20 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchFrame, Status>> + S
 pub type WatchMessages =
     Pin<Box<dyn Stream<Item = Result<pb::WatchChangeRequestsResponse, Status>> + Send>>;
 
-/// Opens a watch stream.
-pub async fn open(
+/// Opens a watch stream for `caller`: counted against `watch.max_watchers` and, by the
+/// authenticated principal (the acting service of an on-behalf-of call, which holds the
+/// stream), against `watch.max_watchers_per_principal`; ended when its credential expires.
+pub fn open(
     hub: Arc<Hub>,
     filter: EventFilter,
     start: Start,
+    caller: &Caller,
 ) -> Result<WatchStream, ApiError> {
+    let holder = caller
+        .acting_principal
+        .as_ref()
+        .unwrap_or(&caller.principal);
+    let principal_permit = hub.count_watcher(holder.as_str())?;
     let permit =
         hub.permits
             .clone()
@@ -461,24 +548,30 @@ pub async fn open(
             }
         }
         Start::Initial => {
-            let requests = hub
-                .store
-                .requests_at(&filter.as_list_filter(), head)
-                .await?;
-            let messages: Vec<pb::ChangeRequest> = requests
-                .iter()
-                .map(|r| convert::change_request(r, None))
-                .collect();
-            snapshot = Some((messages.into_iter(), head));
+            // Read page by page as it is sent (see `next_snapshot_message`).
+            snapshot = Some(Snapshot {
+                revision: head,
+                filter: filter.as_list_filter(),
+                page: Vec::new().into_iter(),
+                before: None,
+                read_all: false,
+            });
             (head, Mode::Live)
         }
     };
-    let was_live = matches!(mode, Mode::Live);
+    // After a snapshot the watcher catches up from its revision at its own pace, like one that
+    // starts from a revision: the lag limit applies once it is live.
+    let was_live = matches!(mode, Mode::Live) && snapshot.is_none();
     let now = Instant::now();
+    let expires = caller
+        .expire_time
+        .and_then(|expire_time| instant_of(expire_time, hub.credential_leeway, now));
     let watcher = Watcher {
         progress: Box::pin(tokio::time::sleep_until(
             now + hub.settings.progress_interval,
         )),
+        expiry: expires.map(|at| Box::pin(tokio::time::sleep_until(at))),
+        expires,
         hub,
         filter,
         cursor,
@@ -489,9 +582,29 @@ pub async fn open(
         last_sent: now,
         done: false,
         _permit: permit,
+        _principal_permit: principal_permit,
         _counted: crate::metrics::OpenWatcher::new(),
     };
     Ok(Box::pin(Steps::Idle(Box::new(watcher))))
+}
+
+/// Whether `expires` (if any) has passed.
+fn expired(expires: Option<Instant>) -> bool {
+    expires.is_some_and(|at| Instant::now() >= at)
+}
+
+/// The monotonic instant at which `expire_time` plus `leeway` passes, `now` being the present;
+/// `None` when it lies too far ahead to matter.
+fn instant_of(expire_time: Timestamp, leeway: Duration, now: Instant) -> Option<Instant> {
+    let wall_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    let leeway = i64::try_from(leeway.as_micros()).unwrap_or(i64::MAX);
+    let remaining = expire_time
+        .as_micros()
+        .saturating_add(leeway)
+        .saturating_sub(wall_now);
+    now.checked_add(Duration::from_micros(u64::try_from(remaining).unwrap_or(0)))
 }
 
 /// A watch stream. At the live tail (nearly all of a watcher's life) a delivery is polled in
@@ -589,19 +702,8 @@ impl Watcher {
     }
 
     async fn next_message(&mut self) -> Result<WatchFrame, ApiError> {
-        if let Some((requests, revision)) = &mut self.snapshot {
-            let chunk: Vec<pb::ChangeRequest> = requests.by_ref().take(SNAPSHOT_CHUNK).collect();
-            let complete = requests.len() == 0;
-            let revision = *revision;
-            if complete {
-                self.snapshot = None;
-            }
-            return Ok(WatchFrame::Message(pb::WatchChangeRequestsResponse {
-                revision: if complete { revision } else { 0 },
-                snapshot: chunk,
-                snapshot_complete: complete,
-                ..Default::default()
-            }));
+        if self.snapshot.is_some() {
+            return self.next_snapshot_message().await;
         }
         loop {
             if self.hub.live.is_closed() {
@@ -609,6 +711,7 @@ impl Watcher {
                     resume: self.cursor + 1,
                 });
             }
+            self.check_expiry()?;
             if matches!(self.mode, Mode::CatchingUp { .. }) {
                 self.check_lag()?;
             }
@@ -646,11 +749,90 @@ impl Watcher {
         }
     }
 
+    /// The next message of the snapshot, reading the next page when the last one has been
+    /// sent; after the last message (`snapshot_complete`), the events after its revision.
+    async fn next_snapshot_message(&mut self) -> Result<WatchFrame, ApiError> {
+        let Some(snapshot) = &mut self.snapshot else {
+            return Err(StoreError::Internal("no snapshot to send".to_owned()).into());
+        };
+        loop {
+            // Nothing more once the credential has expired, not even the rest of a page.
+            if expired(self.expires) {
+                return Err(ApiError::CredentialsExpired { resume: None });
+            }
+            if snapshot.page.len() > 0 || snapshot.read_all {
+                break;
+            }
+            let page = self
+                .hub
+                .store
+                .requests_at_page(
+                    &snapshot.filter,
+                    snapshot.revision,
+                    snapshot.before.as_deref(),
+                    SNAPSHOT_PAGE,
+                )
+                .await?;
+            snapshot.read_all = page.next_before.is_none();
+            snapshot.before = page.next_before;
+            snapshot.page = page.change_requests.into_iter();
+        }
+        let chunk: Vec<pb::ChangeRequest> = snapshot
+            .page
+            .by_ref()
+            .take(SNAPSHOT_CHUNK)
+            .map(|request| convert::change_request(&request, None))
+            .collect();
+        let complete = snapshot.page.len() == 0 && snapshot.read_all;
+        let revision = snapshot.revision;
+        if complete {
+            self.snapshot = None;
+            self.after_snapshot();
+        }
+        Ok(WatchFrame::Message(pb::WatchChangeRequestsResponse {
+            revision: if complete { revision } else { 0 },
+            snapshot: chunk,
+            snapshot_complete: complete,
+            ..Default::default()
+        }))
+    }
+
+    /// The snapshot is sent: the events after its revision follow, from the log up to the
+    /// head (the snapshot took as long as the client took to read it), then from the ring.
+    fn after_snapshot(&mut self) {
+        self.live.skip_to_end();
+        let target = self.hub.head();
+        if target > self.cursor {
+            let reader = self.hub.store.log_reader_settled(self.cursor, target);
+            self.mode = Mode::CatchingUp { reader, target };
+        } else {
+            self.was_live = true;
+        }
+    }
+
+    /// Ends the stream once the caller's credential has expired: with the revision to resume
+    /// from, unless a snapshot was cut short (then there is none to give).
+    fn check_expiry(&self) -> Result<(), ApiError> {
+        if expired(self.expires) {
+            return Err(self.expired());
+        }
+        Ok(())
+    }
+
+    fn expired(&self) -> ApiError {
+        ApiError::CredentialsExpired {
+            resume: self.snapshot.is_none().then_some(self.cursor + 1),
+        }
+    }
+
     /// At the live tail: the next frame of matching events from the ring, a progress message
     /// when one is due, or `None` when the mode changed (the watcher fell off the ring) or the
     /// hub closed.
     fn poll_live(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<WatchFrame>, ApiError>> {
         loop {
+            if let Err(expired) = self.check_expiry() {
+                return Poll::Ready(Err(expired));
+            }
             // A publish found this watcher behind: events went by while it was not polled (its
             // client stopped reading, so its HTTP/2 window stayed full). Lag counts what it has
             // taken: still more than max_lag behind, it ends here, its resume revision the
@@ -685,6 +867,11 @@ impl Watcher {
                 }
                 Read::Closed => return Poll::Ready(Ok(None)),
                 Read::Empty => {
+                    if let Some(expiry) = &mut self.expiry
+                        && expiry.as_mut().poll(cx).is_ready()
+                    {
+                        return Poll::Ready(Err(self.expired()));
+                    }
                     ready!(self.progress.as_mut().poll(cx));
                     let interval = self.hub.settings.progress_interval;
                     let due = self.last_sent + interval;

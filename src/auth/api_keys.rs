@@ -71,6 +71,7 @@ impl ApiKeys {
                         projects,
                         acting_principal: None,
                         proof: IdentityProof::Credential,
+                        expire_time: None,
                     },
                     act_as,
                 },

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use approvals_domain::IdentityProof;
+use approvals_domain::{IdentityProof, Timestamp};
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
     jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet},
@@ -300,6 +300,11 @@ impl JwtVerifier {
                 )
             })?
         };
+        // `exp` is required and was checked to be a number: seconds since the epoch.
+        let expire_time = claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .and_then(|exp| Timestamp::from_seconds_nanos(exp.floor() as i64, 0));
         // Entries that are not users grant nothing, like unknown scopes.
         let act_as_entries: Vec<String> = strings(claims.get(&self.config.act_as_claim))
             .into_iter()
@@ -314,6 +319,7 @@ impl JwtVerifier {
                 projects,
                 acting_principal: None,
                 proof: IdentityProof::Credential,
+                expire_time,
             },
             act_as,
         })

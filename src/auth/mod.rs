@@ -17,7 +17,7 @@ use std::{
 };
 
 use approvals_domain::{
-    Actor, ChangeRequest, DomainError, IdentityProof, Policy, Principal, PrincipalKind,
+    Actor, ChangeRequest, DomainError, IdentityProof, Policy, Principal, PrincipalKind, Timestamp,
 };
 use http::HeaderMap;
 use tonic::Status;
@@ -187,6 +187,9 @@ pub struct Caller {
     pub acting_principal: Option<Principal>,
     /// How `principal`'s identity was established.
     pub proof: IdentityProof,
+    /// When the credential expires: a JWT's `exp` claim; `None` for API keys and development
+    /// mode, which do not expire. (A JWT is still accepted until `exp` plus `auth.jwt.leeway`.)
+    pub expire_time: Option<Timestamp>,
 }
 
 impl Caller {
@@ -457,9 +460,15 @@ impl Authenticator {
             })
             .transpose()?;
         let development = self.is_development();
+        let mut expire_time = caller.expire_time;
         let (principal, groups, proof) = match user_token {
             Some(token) => {
                 let user = self.verify_user_token(token).await?;
+                // The call (a watch stream, say) lasts no longer than either credential.
+                expire_time = match (expire_time, user.expire_time) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 if let Some(named) = named.as_ref().filter(|named| **named != user.principal) {
                     return Err(ApiError::ActAsNotAllowed(format!(
                         "{USER_TOKEN_HEADER} is a token of {}, not of {named}",
@@ -502,6 +511,7 @@ impl Authenticator {
             scopes: caller.scopes,
             projects: caller.projects,
             proof,
+            expire_time,
         })
     }
 
@@ -610,6 +620,7 @@ fn development_caller(headers: &HeaderMap) -> Result<Authenticated, ApiError> {
             projects: None,
             acting_principal: None,
             proof: IdentityProof::Development,
+            expire_time: None,
         },
         act_as: ActAsList::default(),
     })

@@ -19,6 +19,7 @@ mod reads;
 mod server;
 mod stalled;
 mod watch;
+mod watch_limits;
 
 mod config_check;
 mod crash;

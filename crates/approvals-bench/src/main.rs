@@ -432,6 +432,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
                 binary: &binary,
                 database_url: &url,
                 max_watchers: max_watchers.max(50_000),
+                streams_per_connection: cli.watchers_per_connection,
                 db_connections: cli.server_db_connections,
                 log: &log,
             })

@@ -112,6 +112,9 @@ pub struct ServerOptions<'a> {
     pub binary: &'a Path,
     pub database_url: &'a str,
     pub max_watchers: usize,
+    /// Watch streams the bench opens on one connection (`limits.max_concurrent_streams` is
+    /// set to at least this).
+    pub streams_per_connection: usize,
     pub db_connections: Option<u32>,
     pub log: &'a Path,
 }
@@ -137,6 +140,13 @@ impl ServerProcess {
             .env(
                 "APPROVALS_WATCH_MAX_WATCHERS",
                 options.max_watchers.to_string(),
+            )
+            // Every bench watcher is the one principal `user:watcher`: no per-principal cap.
+            .env("APPROVALS_WATCH_MAX_WATCHERS_PER_PRINCIPAL", "0")
+            // The watchers of a connection open at once, however many it carries.
+            .env(
+                "APPROVALS_LIMITS_MAX_CONCURRENT_STREAMS",
+                options.streams_per_connection.max(1000).to_string(),
             )
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

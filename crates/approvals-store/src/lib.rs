@@ -20,6 +20,6 @@ pub use error::StoreError;
 pub use log::{LogBatch, LogReader};
 pub use policies::PolicyFilter;
 pub use store::{
-    Backend, Created, DatabaseSettings, IdempotencyKey, ListFilter, ListPage, Store,
+    Backend, Created, DatabaseSettings, IdempotencyKey, ListFilter, ListPage, SnapshotPage, Store,
     TOTAL_SIZE_EXACT_LIMIT, touches_resource,
 };

@@ -14,7 +14,7 @@ use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
     DbErr, QueryResult, SqlErr, SqliteTransactionMode, Statement, TransactionOptions,
     TransactionTrait,
-    sea_query::{Alias, Expr, ExprTrait, LockType, Order, Query, SelectStatement},
+    sea_query::{Alias, Expr, ExprTrait, Func, LockType, Order, Query, SelectStatement},
     sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous},
 };
 use sea_orm_migration::MigratorTrait;
@@ -130,6 +130,15 @@ pub fn touches_resource(
             resource_type.is_none_or(|t| c.resource_type == t)
                 && resource_id.is_none_or(|i| c.resource_id == i)
         })
+}
+
+/// A page of a snapshot at a revision (see [`Store::requests_at_page`]).
+#[derive(Debug)]
+pub struct SnapshotPage {
+    /// The page's requests as they stood at the revision, newest id first.
+    pub change_requests: Vec<ChangeRequest>,
+    /// The id to read the next page below; `None` after the last page.
+    pub next_before: Option<String>,
 }
 
 #[derive(Debug)]
@@ -840,69 +849,125 @@ impl Store {
         Ok(estimate)
     }
 
-    /// Every request matching `filter` as it stood at `revision`, which must be settled (every
-    /// event at or below it committed or rolled back). Requests changed since come from the
-    /// event log's snapshot at or below `revision`; requests created after it are left out.
-    pub async fn requests_at(
+    /// One page of the requests matching `filter` as they stood at `revision`, which must be
+    /// settled (every event at or below it committed or rolled back), ids below `before` (every
+    /// id when `None`), newest id first: at most `limit` that match now and `limit` changed
+    /// since `revision`, so at most twice `limit`. Reading the pages from
+    /// `None` to the last (`next_before` is `None`) gives every such request exactly once, each
+    /// page read when it is asked for, so memory holds a page whatever the number of matches.
+    ///
+    /// A page covers one range of ids. In it, a request whose row is still at or below
+    /// `revision` stands as it did then, and matches now as it did; one changed since comes
+    /// from the event log's snapshot at or below `revision` (leaving out requests created after
+    /// it), matched in memory, since it may match then and not now. The changed ones are read
+    /// from the log's tail after the rows, so a row read as changed is among them, and a row
+    /// read unchanged and changed since is taken from the row (it was read as it stood).
+    pub async fn requests_at_page(
         &self,
         filter: &ListFilter,
         revision: i64,
-    ) -> Result<Vec<ChangeRequest>, StoreError> {
-        const PAGE: u64 = 500;
-        let mut found = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        let mut after: Option<String> = None;
-        loop {
-            let (page, _) = self.list_rows(filter, after.as_deref(), PAGE, None).await?;
-            let full = page.len() as u64 == PAGE;
-            for request in page {
-                after = Some(request.id.clone());
-                if request.revision <= revision {
-                    seen.insert(request.id.clone());
-                    found.push(request);
-                }
-            }
-            if !full {
-                break;
-            }
-        }
-        // After the scan: a request changed after `revision` at any time up to now is here.
+        before: Option<&str>,
+        limit: u64,
+    ) -> Result<SnapshotPage, StoreError> {
+        let limit = Ord::max(limit, 1);
+        // The rows that match now, as ListChangeRequests finds them (with its indexes).
+        let (current, _) = self.list_rows(filter, before, limit, None).await?;
+        // The page's range is [floor, before): bounded below when there may be more.
+        let mut floor = (current.len() as u64 == limit)
+            .then(|| current.last().map(|r| r.id.clone()))
+            .flatten();
+        // Requests of the project changed after `revision`, in that range: the log's tail.
         let mut changed = Query::select();
         changed
-            .column(cr::ID)
-            .from(CHANGE_REQUESTS)
-            .and_where(Expr::col(cr::PROJECT).eq(filter.project.as_str()))
-            .and_where(Expr::col(cr::REVISION).gt(revision));
-        if let Some(environment) = &filter.environment {
-            changed.and_where(Expr::col(cr::ENVIRONMENT).eq(environment.as_str()));
-        }
-        if let Some(action_key) = &filter.action_key {
-            changed.and_where(Expr::col(cr::ACTION_KEY).eq(action_key.as_str()));
-        }
+            .distinct()
+            .column(ev::CHANGE_REQUEST_ID)
+            .from(EVENTS)
+            .and_where(Expr::col(ev::REVISION).gt(revision))
+            .and_where(Expr::col(ev::PROJECT).eq(filter.project.as_str()));
         if let Some(id) = &filter.id {
-            changed.and_where(Expr::col(cr::ID).eq(id.as_str()));
+            changed.and_where(Expr::col(ev::CHANGE_REQUEST_ID).eq(id.as_str()));
         }
-        for row in self.db.query_all(&changed).await? {
-            let id: String = row.try_get("", cr::ID)?;
-            if seen.contains(&id) {
+        if let Some(before) = before {
+            changed.and_where(Expr::col(ev::CHANGE_REQUEST_ID).lt(before));
+        }
+        if let Some(floor) = &floor {
+            changed.and_where(Expr::col(ev::CHANGE_REQUEST_ID).gte(floor.as_str()));
+        }
+        changed
+            .order_by(ev::CHANGE_REQUEST_ID, Order::Desc)
+            .limit(limit);
+        let changed_ids = self
+            .db
+            .query_all(&changed)
+            .await?
+            .iter()
+            .map(|row| row.try_get::<String>("", ev::CHANGE_REQUEST_ID))
+            .collect::<Result<Vec<_>, _>>()?;
+        if changed_ids.len() as u64 == limit {
+            // As many changed as a page holds: the range ends at the last of them (each is
+            // at or above the floor already).
+            floor = changed_ids.last().cloned();
+        }
+        let in_range = |id: &str| floor.as_deref().is_none_or(|floor| id >= floor);
+
+        let mut found = Vec::new();
+        let mut settled = std::collections::HashSet::new();
+        let mut lookup = BTreeSet::new();
+        for request in current {
+            if !in_range(&request.id) {
                 continue;
             }
-            let at = Query::select()
-                .columns(EVENT_COLUMNS)
-                .from(EVENTS)
-                .and_where(Expr::col(ev::CHANGE_REQUEST_ID).eq(id.as_str()))
-                .and_where(Expr::col(ev::REVISION).lte(revision))
-                .order_by(ev::REVISION, Order::Desc)
-                .limit(1)
-                .to_owned();
-            if let Some(row) = self.db.query_one(&at).await?
-                && let Some(request) = decode_event(&row, true)?.change_request
-                && filter.matches(&request)
-            {
+            if request.revision <= revision {
+                settled.insert(request.id.clone());
                 found.push(request);
+            } else {
+                lookup.insert(request.id);
             }
         }
-        Ok(found)
+        lookup.extend(
+            changed_ids
+                .into_iter()
+                .filter(|id| in_range(id) && !settled.contains(id)),
+        );
+        if !lookup.is_empty() {
+            // The latest event at or below `revision` of each: the request as it stood.
+            let latest = Query::select()
+                .column(ev::CHANGE_REQUEST_ID)
+                .expr_as(Func::max(Expr::col(ev::REVISION)), Alias::new("at"))
+                .from(EVENTS)
+                .and_where(
+                    Expr::col(ev::CHANGE_REQUEST_ID).is_in(lookup.iter().map(String::as_str)),
+                )
+                .and_where(Expr::col(ev::REVISION).lte(revision))
+                .group_by_col(ev::CHANGE_REQUEST_ID)
+                .to_owned();
+            let revisions = self
+                .db
+                .query_all(&latest)
+                .await?
+                .iter()
+                .map(|row| row.try_get::<i64>("", "at"))
+                .collect::<Result<Vec<_>, _>>()?;
+            if !revisions.is_empty() {
+                let events = Query::select()
+                    .columns(EVENT_COLUMNS)
+                    .from(EVENTS)
+                    .and_where(Expr::col(ev::REVISION).is_in(revisions))
+                    .to_owned();
+                for row in self.db.query_all(&events).await? {
+                    if let Some(request) = decode_event(&row, true)?.change_request
+                        && filter.matches(&request)
+                    {
+                        found.push(request);
+                    }
+                }
+            }
+        }
+        found.sort_by(|a, b| b.id.cmp(&a.id));
+        Ok(SnapshotPage {
+            change_requests: found,
+            next_before: floor,
+        })
     }
 
     /// Events of one request after `after_revision`, oldest first.
