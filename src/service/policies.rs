@@ -35,7 +35,8 @@ impl PoliciesService {
     /// Refuses an `applier_endpoint` the server may not call (an empty one is no endpoint).
     fn check_applier_endpoint(&self, policy: &Policy, violations: &mut Violations) {
         let endpoint = &policy.rules.applier_endpoint;
-        if endpoint.is_empty() {
+        // An empty one is no endpoint; one with a control character the domain refuses.
+        if endpoint.is_empty() || endpoint.chars().any(char::is_control) {
             return;
         }
         if let Err(refusal) = self.allowed_endpoints.check(endpoint) {

@@ -382,7 +382,7 @@ async fn a_jwt_watch_ends_when_the_token_expires_and_resumes_with_a_fresh_one() 
     // A token that expires in about two seconds.
     let now = callers::now_secs();
     let short = issuer.sign(serde_json::json!({
-        "iss": callers::ISSUER, "aud": callers::AUDIENCE, "sub": "service:feed",
+        "iss": callers::ISSUER, "aud": callers::AUDIENCE, "sub": "user:feed",
         "scope": "approvals:read", "iat": now, "nbf": now - 5, "exp": now + 3,
     }));
     let mut feed = callers::requests(&server, Headers::bearer(&short)).await;
@@ -438,7 +438,7 @@ async fn a_jwt_watch_ends_when_the_token_expires_and_resumes_with_a_fresh_one() 
         .await
         .expect("create")
         .into_inner();
-    let fresh = issuer.token("service:feed", "approvals:read", &[]);
+    let fresh = issuer.token("user:feed", "approvals:read", &[]);
     let mut feed = callers::requests(&server, Headers::bearer(&fresh)).await;
     let mut resumed = feed
         .watch_change_requests(pb::WatchChangeRequestsRequest {
@@ -485,7 +485,7 @@ async fn a_snapshot_cut_short_by_expiry_has_no_resume_revision() {
 
     let now = callers::now_secs();
     let short = issuer.sign(serde_json::json!({
-        "iss": callers::ISSUER, "aud": callers::AUDIENCE, "sub": "service:feed",
+        "iss": callers::ISSUER, "aud": callers::AUDIENCE, "sub": "user:feed",
         "scope": "approvals:read", "iat": now, "nbf": now - 5, "exp": now + 2,
     }));
     // A slow reader: it takes one message, then pauses past the token's expiry.
