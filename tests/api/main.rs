@@ -21,5 +21,6 @@ mod crash;
 mod deploy;
 mod limits;
 mod outage;
+mod payloads;
 mod pg_cluster;
 mod telemetry;

@@ -2,8 +2,12 @@
 
 use crate::error::FieldViolation;
 
-/// Largest payload of one change, measured as its JSON encoding.
+/// Largest payload of one change, measured as its JSON encoding and, at the API, as its
+/// `google.protobuf.Struct` encoding (checked before the Struct is converted). The API holds a
+/// CompleteChangeRequest's `result_data` and a policy's `intent_schema` to it too.
 pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+/// Longest key (in characters) of a caller's Struct: a payload, `result_data`, `intent_schema`.
+pub const MAX_PAYLOAD_KEY_CHARS: usize = 256;
 /// Most changes one request may bundle.
 pub const MAX_CHANGES: usize = 100;
 /// Longest identifier-like field (project, environment, action_key, resource type and id, action).
