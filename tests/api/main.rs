@@ -19,6 +19,7 @@ mod watch;
 mod config_check;
 mod crash;
 mod deploy;
+mod documents;
 mod limits;
 mod outage;
 mod payloads;
