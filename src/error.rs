@@ -334,6 +334,29 @@ impl From<ApiError> for Status {
                         "BYPASS_FORBIDDEN",
                         &[("policy", policy)],
                     ),
+                    // FAILED_PRECONDITION, not RESOURCE_EXHAUSTED: retrying cannot help (and
+                    // clients retry RESOURCE_EXHAUSTED, as this service's own apply does).
+                    DomainError::TooManyComments { limit } => status(
+                        Code::FailedPrecondition,
+                        message,
+                        "TOO_MANY_COMMENTS",
+                        &[("max_comments", limit.to_string())],
+                    ),
+                    DomainError::TooManyReviews { limit } => status(
+                        Code::FailedPrecondition,
+                        message,
+                        "TOO_MANY_REVIEWS",
+                        &[("max_reviews", limit.to_string())],
+                    ),
+                    DomainError::DocumentTooLarge { size, limit } => status(
+                        Code::FailedPrecondition,
+                        message,
+                        "DOCUMENT_TOO_LARGE",
+                        &[
+                            ("max_document_bytes", limit.to_string()),
+                            ("document_bytes", size.to_string()),
+                        ],
+                    ),
                 },
             },
         };

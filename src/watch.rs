@@ -47,9 +47,9 @@ use crate::{
 
 /// Events per live message, at most.
 const BATCH: usize = 256;
-/// Encoded events per live message, at most (a larger event goes alone). What the server holds
-/// for a stream whose client stops reading is bounded by its HTTP/2 send window plus one
-/// message: this, or one log read while catching up.
+/// Encoded events per message, at most (a larger event goes alone). What the server holds for
+/// a stream whose client stops reading is bounded by its HTTP/2 send window plus one message,
+/// and while catching up the rest of one log read.
 const FRAME_BYTES: usize = 64 * 1024;
 /// Events per log read of a watcher catching up (the hub's own reads take `BATCH`).
 const CATCH_UP_BATCH: u64 = 32;
@@ -471,6 +471,10 @@ struct Watcher {
     filter: EventFilter,
     /// Every event at or below it has been processed (delivered if it matched).
     cursor: i64,
+    /// Matching events of the last log read not sent yet (see `take_pending`), and the
+    /// revision that read reached.
+    pending: std::collections::VecDeque<pb::Event>,
+    pending_to: i64,
     live: Reader<Arc<LiveEvent>>,
     mode: Mode,
     /// Once at the live tail, the lag limit applies.
@@ -575,6 +579,8 @@ pub fn open(
         hub,
         filter,
         cursor,
+        pending: std::collections::VecDeque::new(),
+        pending_to: cursor,
         live,
         mode,
         was_live,
@@ -718,28 +724,28 @@ impl Watcher {
             let frame = match &mut self.mode {
                 Mode::CatchingUp { reader, target } => {
                     let target = *target;
-                    let batch = reader.next_batch(CATCH_UP_BATCH).await?;
-                    if batch.events.is_empty() && batch.waiting {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    let mut matching = Vec::new();
-                    for event in &batch.events {
-                        self.cursor = event.revision;
-                        if self.filter.matches(event) {
-                            matching.push(convert::event(event));
+                    let mut finished = false;
+                    if self.pending.is_empty() {
+                        let batch = reader.next_batch(CATCH_UP_BATCH).await?;
+                        if batch.events.is_empty() && batch.waiting {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
                         }
+                        for event in &batch.events {
+                            if self.filter.matches(event) {
+                                self.pending.push_back(convert::event(event));
+                            }
+                        }
+                        if let Some(last) = batch.events.last() {
+                            self.pending_to = last.revision;
+                        }
+                        finished = batch.events.is_empty() && !batch.waiting;
                     }
-                    if self.cursor >= target || (batch.events.is_empty() && !batch.waiting) {
+                    let frame = self.take_pending();
+                    if self.pending.is_empty() && (self.cursor >= target || finished) {
                         self.mode = Mode::Live;
                         self.was_live = true;
                     }
-                    matching.last().map(|last| last.revision).map(|revision| {
-                        WatchFrame::Message(pb::WatchChangeRequestsResponse {
-                            revision,
-                            events: matching,
-                            ..Default::default()
-                        })
-                    })
+                    frame
                 }
                 Mode::Live => std::future::poll_fn(|cx| self.poll_live(cx)).await?,
             };
@@ -747,6 +753,33 @@ impl Watcher {
                 return Ok(frame);
             }
         }
+    }
+
+    /// A message of the log events read but not sent yet, at most `FRAME_BYTES` of them (a
+    /// larger one alone), so that a client's message limit and what the server holds for a
+    /// stalled stream stay bounded whatever the events hold. The cursor moves past what it
+    /// sends, and past the whole read once nothing of it is left.
+    fn take_pending(&mut self) -> Option<WatchFrame> {
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        while let Some(next) = self.pending.front() {
+            bytes += next.encoded_len();
+            if !events.is_empty() && bytes > FRAME_BYTES {
+                break;
+            }
+            events.extend(self.pending.pop_front());
+        }
+        self.cursor = match (self.pending.front(), events.last()) {
+            (Some(_), Some(last)) => last.revision,
+            _ => Ord::max(self.cursor, self.pending_to),
+        };
+        events.last().map(|last| last.revision).map(|revision| {
+            WatchFrame::Message(pb::WatchChangeRequestsResponse {
+                revision,
+                events,
+                ..Default::default()
+            })
+        })
     }
 
     /// The next message of the snapshot, reading the next page when the last one has been

@@ -5,8 +5,8 @@ use futures::StreamExt;
 use std::sync::Arc;
 
 use approvals_domain::{
-    ApplyWiring, ChangeRequest, ChangeRequestPatch, Decision, NewChangeRequest, PolicySnapshot,
-    Principal, State,
+    ApplyWiring, ChangeRequest, ChangeRequestPatch, Decision, DomainError, NewChangeRequest,
+    PolicySnapshot, Principal, State,
     validation::{self, Violations},
 };
 use approvals_store::{IdempotencyKey, ListFilter, Step, Store};
@@ -138,6 +138,14 @@ fn parse_id(field: &str, id: &str) -> Result<String, ApiError> {
         .map_err(|_| {
             ApiError::invalid(field, format!("{id:?} is not a change request id (a UUID)"))
         })
+}
+
+/// Refuses a command from a caller after which the request, as served, would be larger than
+/// [`validation::MAX_DOCUMENT_BYTES`]. The domain holds the stored JSON to the same limit; the
+/// message can be the larger of the two (a payload's small numbers take 2 bytes of JSON and 11
+/// of protobuf), and it is what has to fit a client's 4 MiB.
+fn fits_a_message(request: &ChangeRequest) -> Result<(), DomainError> {
+    validation::check_document_size(convert::change_request(request, None).encoded_len())
 }
 
 fn optional(value: &str) -> Option<String> {
@@ -412,6 +420,7 @@ impl ChangeRequests for ChangeRequestsService {
         let (change_request, event) =
             ChangeRequest::create(new_id(), new, &actor, policy, now, &mut new_id)
                 .map_err(ApiError::from)?;
+        fits_a_message(&change_request).map_err(ApiError::from)?;
         let created = self
             .store
             .create(change_request, event, key)
@@ -587,9 +596,12 @@ impl ChangeRequests for ChangeRequestsService {
             .mutate(&id, |r| {
                 caller.ensure_sees(r)?;
                 r.check_etag(etag.as_deref())?;
-                r.update_with_versions(&actor, patch, now, &mut new_id, &|kind, id| {
-                    versions.get(&(kind.to_owned(), id.to_owned())).cloned()
-                })
+                let event =
+                    r.update_with_versions(&actor, patch, now, &mut new_id, &|kind, id| {
+                        versions.get(&(kind.to_owned(), id.to_owned())).cloned()
+                    })?;
+                fits_a_message(r)?;
+                Ok(event)
             })
             .await
             .map_err(ApiError::from)?;
@@ -671,7 +683,9 @@ impl ChangeRequests for ChangeRequestsService {
             .store
             .mutate(&id, |r| {
                 caller.ensure_sees(r)?;
-                r.add_comment(&actor, new_id(), req.text, now)
+                let event = r.add_comment(&actor, new_id(), req.text, now)?;
+                fits_a_message(r)?;
+                Ok(event)
             })
             .await
             .map_err(ApiError::from)?;
@@ -745,7 +759,9 @@ impl ChangeRequestsService {
             .mutate(&id, |r| {
                 caller.ensure_sees(r)?;
                 r.check_etag(Some(etag))?;
-                r.review(&actor, decision, comment, now)
+                let event = r.review(&actor, decision, comment, now)?;
+                fits_a_message(r)?;
+                Ok(event)
             })
             .await
             .map_err(ApiError::from)?;

@@ -355,8 +355,16 @@ impl ChangeRequest {
             bypass_justification: None,
             apply_run: None,
         };
+        request.ensure_document_fits()?;
         let event = request.event(EventKind::Created, actor, state, now, String::new());
         Ok((request, event))
+    }
+
+    /// Refuses a document over [`validation::MAX_DOCUMENT_BYTES`] of JSON (as stored). Checked
+    /// after the commands a caller grows a request with (create, update, review, comment); the
+    /// service's own transitions add little and are never refused for it.
+    pub fn ensure_document_fits(&self) -> Result<(), DomainError> {
+        validation::check_document_size(validation::json_len(self))
     }
 
     /// The opaque etag of the current version (AIP-154).
@@ -579,9 +587,13 @@ impl ChangeRequest {
         {
             return Err(refusal);
         }
-        self.reviews
-            .retain(|r| r.dismissed || r.reviewer != actor.principal);
-        self.reviews.push(Review {
+        let mut reviews: Vec<Review> = self
+            .reviews
+            .iter()
+            .filter(|r| r.dismissed || r.reviewer != actor.principal)
+            .cloned()
+            .collect();
+        reviews.push(Review {
             reviewer: actor.principal.clone(),
             decision,
             comment: comment.clone(),
@@ -591,6 +603,16 @@ impl ChangeRequest {
             acting_principal: actor.acting_principal.clone(),
             proof: actor.proof,
         });
+        if reviews.len() > validation::MAX_REVIEWS {
+            return Err(DomainError::TooManyReviews {
+                limit: validation::MAX_REVIEWS,
+            });
+        }
+        let previous = std::mem::replace(&mut self.reviews, reviews);
+        if let Err(err) = self.ensure_document_fits() {
+            self.reviews = previous;
+            return Err(err);
+        }
         let to = if self.counting(Decision::Reject) >= self.policy.rules.rejections_to_reject.max(1)
         {
             State::Rejected
@@ -622,7 +644,9 @@ impl ChangeRequest {
         Ok(self.moved(EventKind::Cancelled, actor, State::Cancelled, now, reason))
     }
 
-    /// Adds a comment; allowed in every state.
+    /// Adds a comment; allowed in every state, up to [`validation::MAX_COMMENTS`] and
+    /// [`validation::MAX_DOCUMENT_BYTES`]. Comments are append-only: the store keeps them once,
+    /// in the request, and each event's snapshot records how many there were.
     pub fn add_comment(
         &mut self,
         actor: &Actor,
@@ -637,12 +661,21 @@ impl ChangeRequest {
         v.text("text", &text, validation::MAX_TEXT_BYTES);
         v.into_result()?;
         self.ensure_allowed(Action::Comment)?;
+        if self.comments.len() >= validation::MAX_COMMENTS {
+            return Err(DomainError::TooManyComments {
+                limit: validation::MAX_COMMENTS,
+            });
+        }
         self.comments.push(Comment {
             id: comment_id,
             author: actor.principal.clone(),
             text: text.clone(),
             create_time: now,
         });
+        if let Err(err) = self.ensure_document_fits() {
+            self.comments.pop();
+            return Err(err);
+        }
         let state = self.state;
         Ok(self.moved(EventKind::Commented, actor, state, now, text))
     }
@@ -663,6 +696,8 @@ impl ChangeRequest {
     /// base_version is older gets (or keeps) a conflict, one that matches loses it. A request
     /// with a conflict (IN_REVIEW, APPROVED, SCHEDULED or APPLY_FAILED) may be edited to
     /// resolve it: it returns to IN_REVIEW, its reviews are dismissed and its schedule dropped.
+    /// An edit that would make the document too large is refused after it was applied to
+    /// `self`, which the caller then discards (the store writes nothing on an error).
     pub fn update_with_versions(
         &mut self,
         actor: &Actor,
@@ -822,6 +857,7 @@ impl ChangeRequest {
         } else {
             String::new()
         };
+        self.ensure_document_fits()?;
         Ok(self.moved(EventKind::Updated, actor, to, now, detail))
     }
 }

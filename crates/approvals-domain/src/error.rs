@@ -72,6 +72,16 @@ pub enum DomainError {
     CannotApply(String),
     #[error("policy {policy:?} forbids break-glass applies")]
     BypassForbidden { policy: String },
+    #[error("the change request has {limit} comments, the most it may hold")]
+    TooManyComments { limit: usize },
+    #[error(
+        "the change request has {limit} reviews (dismissed ones included), the most it may hold"
+    )]
+    TooManyReviews { limit: usize },
+    #[error(
+        "the change request would be {size} bytes encoded; the limit is {limit} bytes (shorten it, or start a new change request)"
+    )]
+    DocumentTooLarge { size: usize, limit: usize },
 }
 
 impl DomainError {

@@ -386,6 +386,113 @@ fn comments_are_allowed_in_every_state_but_not_empty() {
     );
 }
 
+#[test]
+fn comments_are_capped_and_a_refused_one_leaves_the_request_as_it_was() {
+    let mut request = create(1, false);
+    for i in 0..validation::MAX_COMMENTS {
+        request
+            .add_comment(&actor("user:bob"), format!("c{i}"), "ok".into(), NOW)
+            .expect("comment");
+    }
+    let before = request.clone();
+    let err = request
+        .add_comment(&actor("user:bob"), "late".into(), "ok".into(), NOW)
+        .expect_err("over the cap");
+    assert_eq!(
+        err,
+        DomainError::TooManyComments {
+            limit: validation::MAX_COMMENTS
+        }
+    );
+    assert_eq!(request, before);
+}
+
+#[test]
+fn the_document_cap_refuses_a_comment_or_review_that_would_not_fit() {
+    let mut request = create(5, false);
+    let text = "x".repeat(validation::MAX_TEXT_BYTES);
+    let mut i = 0;
+    let err = loop {
+        match request.add_comment(&actor("user:bob"), format!("c{i}"), text.clone(), NOW) {
+            Ok(_) => i += 1,
+            Err(err) => break err,
+        }
+    };
+    assert!(matches!(
+        err,
+        DomainError::DocumentTooLarge { size, limit }
+            if limit == validation::MAX_DOCUMENT_BYTES && size > limit
+    ));
+    assert_eq!(request.comments.len(), i);
+    assert!(validation::json_len(&request) <= validation::MAX_DOCUMENT_BYTES);
+    let before = request.clone();
+    let err = request
+        .review(&actor("user:carol"), Decision::Approve, text, NOW)
+        .expect_err("too large");
+    assert!(matches!(err, DomainError::DocumentTooLarge { .. }));
+    assert_eq!(request, before);
+    request
+        .review(&actor("user:carol"), Decision::Approve, String::new(), NOW)
+        .expect("a short review fits");
+}
+
+#[test]
+fn reviews_are_capped_counting_dismissed_ones() {
+    let mut request = create(100, false);
+    let alice = actor("user:alice");
+    let mut round = 0;
+    while request.reviews.len() < validation::MAX_REVIEWS {
+        request
+            .review(
+                &actor(&format!("user:r{}", request.reviews.len() % 7)),
+                Decision::Approve,
+                String::new(),
+                NOW,
+            )
+            .expect("review");
+        if request.reviews.iter().filter(|r| !r.dismissed).count() == 7 {
+            round += 1;
+            request
+                .update(
+                    &alice,
+                    ChangeRequestPatch {
+                        title: Some(format!("take {round}")),
+                        ..Default::default()
+                    },
+                    NOW,
+                    &mut ids(),
+                )
+                .expect("edit dismisses");
+        }
+    }
+    // Replacing one's own current review adds none; a new one is refused.
+    let current = request
+        .reviews
+        .iter()
+        .rev()
+        .find(|r| !r.dismissed)
+        .map(|r| r.reviewer.to_string())
+        .expect("a current review");
+    request
+        .review(&actor(&current), Decision::Approve, "again".into(), NOW)
+        .expect("a replacement");
+    assert_eq!(request.reviews.len(), validation::MAX_REVIEWS);
+    let stranger = (0..7)
+        .map(|n| format!("user:r{n}"))
+        .find(|name| request.decision_of(&actor(name).principal).is_none())
+        .unwrap_or_else(|| "user:newcomer".into());
+    let before = request.clone();
+    assert_eq!(
+        request
+            .review(&actor(&stranger), Decision::Approve, String::new(), NOW)
+            .expect_err("over the cap"),
+        DomainError::TooManyReviews {
+            limit: validation::MAX_REVIEWS
+        }
+    );
+    assert_eq!(request, before);
+}
+
 proptest! {
     /// Whatever the order of reviews by whichever reviewers, the request is approved exactly
     /// when the distinct current approvers reach quorum before any rejection, and every event

@@ -4,7 +4,9 @@
 //! A change request is stored as a JSON document of the domain aggregate (`body`) beside the
 //! columns lists filter on. Every mutation runs in one transaction that locks the request's row,
 //! applies a domain command, writes the new document and appends one event, with its snapshot,
-//! to the event log. The event's revision comes from an identity column (no counter row).
+//! to the event log. The event's revision comes from an identity column (no counter row). A
+//! snapshot leaves out the request's comments, which are append-only and kept once, in the
+//! request's document; readers of the log put them back (see `ev::COMMENT_COUNT`).
 
 mod applying;
 mod error;

@@ -31,7 +31,7 @@ use sea_orm::{
 use crate::{
     error::StoreError,
     schema::{EVENTS, ev},
-    store::{Backend, EVENT_COLUMNS, Store, decode_event},
+    store::{Backend, EVENT_COLUMNS, Store, decode_event, with_comments},
 };
 
 /// A PostgreSQL snapshot's xmin: transactions below it have finished.
@@ -60,7 +60,7 @@ pub struct LogReader {
 #[derive(Debug, Default)]
 pub struct LogBatch {
     /// Events after the previous position, in increasing revision order, each with the change
-    /// request as it stood right after it.
+    /// request as it stood right after it (its comments read back from the request row).
     pub events: Vec<Event>,
     /// A gap is not settled yet: read again soon.
     pub waiting: bool,
@@ -102,10 +102,14 @@ impl LogReader {
             full: rows.len() as u64 >= limit,
             ..Default::default()
         };
+        // The position moves only once the whole batch is read, comments included: a failed
+        // read returns nothing and is simply read again.
+        let mut after = self.after;
+        let mut accepted = Vec::new();
         for row in &rows {
             let revision: i64 = row.try_get("", ev::REVISION)?;
             // The first missing revision that is not known to be settled, if any.
-            let gap = Ord::max(self.after + 1, self.settled_until + 1);
+            let gap = Ord::max(after + 1, self.settled_until + 1);
             if revision > gap && postgres {
                 let text: String = row.try_get("", "snap")?;
                 let xmin = snapshot_xmin(&text)
@@ -126,9 +130,11 @@ impl LogReader {
                 }
             }
             self.pending = None;
-            batch.events.push(decode_event(row, true)?);
-            self.after = revision;
+            accepted.push(decode_event(row, true)?);
+            after = revision;
         }
+        batch.events = with_comments(self.store.connection(), accepted).await?;
+        self.after = after;
         Ok(batch)
     }
 }

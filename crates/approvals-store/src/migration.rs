@@ -15,7 +15,12 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial), Box::new(Policies), Box::new(Applying)]
+        vec![
+            Box::new(Initial),
+            Box::new(Policies),
+            Box::new(Applying),
+            Box::new(EventCommentCounts),
+        ]
     }
 }
 
@@ -302,5 +307,30 @@ impl MigrationTrait for Applying {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// Comments kept once, in the request row, instead of in every event's snapshot: a request's
+/// snapshots grew with the square of its comments. Additive: existing rows keep their
+/// snapshots whole (NULL count).
+struct EventCommentCounts;
+
+impl MigrationName for EventCommentCounts {
+    fn name(&self) -> &str {
+        "m0004_event_comment_counts"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for EventCommentCounts {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(EVENTS)
+                    .add_column(ColumnDef::new(ev::COMMENT_COUNT).big_integer().null())
+                    .to_owned(),
+            )
+            .await
     }
 }

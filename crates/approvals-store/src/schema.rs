@@ -54,6 +54,10 @@ pub mod ev {
     pub const EVENT_TIME: &str = "event_time";
     pub const DETAIL: &str = "detail";
     pub const SNAPSHOT: &str = "snapshot";
+    /// How many comments the request had right after the event. The snapshot leaves them out:
+    /// comments are append-only and the request row holds them all, so the snapshot's are the
+    /// first `comment_count` of those. NULL in rows written before: their snapshot has them.
+    pub const COMMENT_COUNT: &str = "comment_count";
 }
 
 pub const POLICIES: &str = "policies";

@@ -8,7 +8,7 @@ use std::{
 };
 
 use approvals_domain::{
-    ChangeRequest, DomainError, Event, EventDraft, EventKind, Principal, State, Timestamp,
+    ChangeRequest, Comment, DomainError, Event, EventDraft, EventKind, Principal, State, Timestamp,
 };
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
@@ -666,7 +666,7 @@ impl Store {
     async fn append_event(
         &self,
         txn: &DatabaseTransaction,
-        request: &ChangeRequest,
+        request: &mut ChangeRequest,
         event: &EventDraft,
     ) -> Result<i64, StoreError> {
         let insert = Query::insert()
@@ -954,8 +954,15 @@ impl Store {
                     .from(EVENTS)
                     .and_where(Expr::col(ev::REVISION).is_in(revisions))
                     .to_owned();
-                for row in self.db.query_all(&events).await? {
-                    if let Some(request) = decode_event(&row, true)?.change_request
+                let rows = self
+                    .db
+                    .query_all(&events)
+                    .await?
+                    .iter()
+                    .map(|row| decode_event(row, true))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for event in with_comments(&self.db, rows).await? {
+                    if let Some(request) = event.change_request
                         && filter.matches(&request)
                     {
                         found.push(request);
@@ -987,9 +994,11 @@ impl Store {
             .limit(limit)
             .to_owned();
         let rows = self.db.query_all(&query).await?;
-        rows.iter()
+        let rows = rows
+            .iter()
             .map(|row| decode_event(row, with_snapshot))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        with_comments(&self.db, rows).await
     }
 
     /// The highest revision in the log (0 when empty).
@@ -1008,7 +1017,7 @@ impl Store {
     }
 }
 
-pub(crate) const EVENT_COLUMNS: [&str; 12] = [
+pub(crate) const EVENT_COLUMNS: [&str; 13] = [
     ev::REVISION,
     ev::CHANGE_REQUEST_ID,
     ev::PROJECT,
@@ -1021,6 +1030,7 @@ pub(crate) const EVENT_COLUMNS: [&str; 12] = [
     ev::EVENT_TIME,
     ev::DETAIL,
     ev::SNAPSHOT,
+    ev::COMMENT_COUNT,
 ];
 
 /// `SELECT COUNT(*) AS n` of the rows `matching` selects.
@@ -1032,10 +1042,17 @@ fn count_of(matching: &SelectStatement) -> SelectStatement {
 }
 
 /// The values of an event row, in the order of `EVENT_COLUMNS[1..]` (all but the revision).
+/// The snapshot is the request without its comments, and the number of comments beside it (see
+/// [`ev::COMMENT_COUNT`]); `request` is as it was when this returns.
 fn event_values(
-    request: &ChangeRequest,
+    request: &mut ChangeRequest,
     event: &EventDraft,
 ) -> Result<Vec<sea_orm::Value>, StoreError> {
+    let comments = std::mem::take(&mut request.comments);
+    let snapshot = serde_json::to_string(&*request);
+    request.comments = comments;
+    let comment_count = i64::try_from(request.comments.len())
+        .map_err(|_| StoreError::Internal("too many comments to count".into()))?;
     Ok(vec![
         request.id.clone().into(),
         request.project.clone().into(),
@@ -1051,7 +1068,8 @@ fn event_values(
         event.to_state.as_str().into(),
         event.time.as_micros().into(),
         event.detail.clone().into(),
-        serde_json::to_string(request)?.into(),
+        snapshot?.into(),
+        comment_count.into(),
     ])
 }
 
@@ -1193,7 +1211,14 @@ pub(crate) fn decode_request_row(row: &QueryResult) -> Result<ChangeRequest, Sto
     decode_request(row)
 }
 
-pub(crate) fn decode_event(row: &QueryResult, with_snapshot: bool) -> Result<Event, StoreError> {
+/// An event row as read, before its snapshot got its comments back (see [`with_comments`]).
+pub(crate) struct EventRow {
+    event: Event,
+    /// The snapshot left out the request's first `n` comments (None: it holds its comments).
+    comments_apart: Option<usize>,
+}
+
+pub(crate) fn decode_event(row: &QueryResult, with_snapshot: bool) -> Result<EventRow, StoreError> {
     let revision: i64 = row.try_get("", ev::REVISION)?;
     let kind: String = row.try_get("", ev::KIND)?;
     let from: String = row.try_get("", ev::FROM_STATE)?;
@@ -1202,15 +1227,19 @@ pub(crate) fn decode_event(row: &QueryResult, with_snapshot: bool) -> Result<Eve
     let acting: Option<String> = row.try_get("", ev::ACTING_PRINCIPAL)?;
     let corrupt =
         |what: &str| StoreError::Internal(format!("event {revision} has an unknown {what}"));
-    let change_request = if with_snapshot {
+    let (change_request, comments_apart) = if with_snapshot {
         let snapshot: String = row.try_get("", ev::SNAPSHOT)?;
         let mut request: ChangeRequest = serde_json::from_str(&snapshot)?;
         request.revision = revision;
-        Some(request)
+        let count: Option<i64> = row.try_get("", ev::COMMENT_COUNT)?;
+        let count = count
+            .map(|n| usize::try_from(n).map_err(|_| corrupt("comment count")))
+            .transpose()?;
+        (Some(request), count)
     } else {
-        None
+        (None, None)
     };
-    Ok(Event {
+    let event = Event {
         revision,
         change_request_id: row.try_get("", ev::CHANGE_REQUEST_ID)?,
         project: row.try_get("", ev::PROJECT)?,
@@ -1225,7 +1254,69 @@ pub(crate) fn decode_event(row: &QueryResult, with_snapshot: bool) -> Result<Eve
         time: Timestamp::from_micros(row.try_get("", ev::EVENT_TIME)?),
         detail: row.try_get("", ev::DETAIL)?,
         change_request,
+    };
+    Ok(EventRow {
+        event,
+        comments_apart,
     })
+}
+
+/// The comments of a stored request, read without the rest of it.
+#[derive(serde::Deserialize)]
+struct CommentsOnly {
+    #[serde(default)]
+    comments: Vec<Comment>,
+}
+
+/// The events of `rows`, each snapshot with its comments: the first `comment_count` comments of
+/// the request as it is now (one read of the request rows that need it). Exact, because
+/// comments are only ever appended, in order, in the same transaction as their event, and a
+/// request row is never deleted: the row read here, at least as new as the events, holds every
+/// comment each of them had, first.
+pub(crate) async fn with_comments(
+    db: &impl ConnectionTrait,
+    rows: Vec<EventRow>,
+) -> Result<Vec<Event>, StoreError> {
+    let wanted: BTreeSet<String> = rows
+        .iter()
+        .filter(|row| row.event.change_request.is_some() && row.comments_apart.unwrap_or(0) > 0)
+        .map(|row| row.event.change_request_id.clone())
+        .collect();
+    let mut comments: HashMap<String, Vec<Comment>> = HashMap::new();
+    if !wanted.is_empty() {
+        let query = Query::select()
+            .columns([cr::ID, cr::BODY])
+            .from(CHANGE_REQUESTS)
+            .and_where(Expr::col(cr::ID).is_in(wanted))
+            .to_owned();
+        for row in db.query_all(&query).await? {
+            let id: String = row.try_get("", cr::ID)?;
+            let body: String = row.try_get("", cr::BODY)?;
+            let only: CommentsOnly = serde_json::from_str(&body)?;
+            comments.insert(id, only.comments);
+        }
+    }
+    rows.into_iter()
+        .map(|row| {
+            let mut event = row.event;
+            if let (Some(count), Some(request)) =
+                (row.comments_apart, event.change_request.as_mut())
+                && count > 0
+            {
+                let prefix = comments
+                    .get(&event.change_request_id)
+                    .and_then(|all| all.get(..count))
+                    .ok_or_else(|| {
+                        StoreError::Internal(format!(
+                            "event {} counts {count} comments that change request {} does not hold",
+                            event.revision, event.change_request_id
+                        ))
+                    })?;
+                request.comments = prefix.to_vec();
+            }
+            Ok(event)
+        })
+        .collect()
 }
 
 /// The URL without its password, for messages.
