@@ -208,6 +208,9 @@ pub struct Hub {
     principals: Arc<Mutex<HashMap<String, usize>>>,
     /// How long past its expire_time a credential is still accepted (`auth.jwt.leeway`).
     credential_leeway: Duration,
+    /// The last committed head read for a watch, and when that read began (see
+    /// `committed_head`).
+    committed: tokio::sync::Mutex<Option<(Instant, i64)>>,
 }
 
 impl Drop for Hub {
@@ -255,7 +258,26 @@ impl Hub {
             cache,
             principals: Arc::default(),
             credential_leeway,
+            committed: tokio::sync::Mutex::new(None),
         }))
+    }
+
+    /// "Now" for a watch opened at this moment: a settled revision at least as high as every
+    /// write acknowledged to anyone before the call, read from the database (the hub's own head
+    /// can trail a commit by a few milliseconds). Watches opened together share one read, as
+    /// long as it began after they asked.
+    async fn committed_head(&self) -> Result<i64, StoreError> {
+        let asked = Instant::now();
+        let mut last = self.committed.lock().await;
+        if let Some((began, head)) = *last
+            && began >= asked
+        {
+            return Ok(Ord::max(head, self.head()));
+        }
+        let began = Instant::now();
+        let head = self.store.settled_head().await?;
+        *last = Some((began, head));
+        Ok(Ord::max(head, self.head()))
     }
 
     /// Counts one more stream for `principal`, unless it holds its limit already.
@@ -505,7 +527,7 @@ pub type WatchMessages =
 /// Opens a watch stream for `caller`: counted against `watch.max_watchers` and, by the
 /// authenticated principal (the acting service of an on-behalf-of call, which holds the
 /// stream), against `watch.max_watchers_per_principal`; ended when its credential expires.
-pub fn open(
+pub async fn open(
     hub: Arc<Hub>,
     filter: EventFilter,
     start: Start,
@@ -523,9 +545,12 @@ pub fn open(
             .map_err(|_| ApiError::TooManyWatchers {
                 max: hub.settings.max_watchers,
             })?;
-    // Subscribe before reading the head: every event after the head is then in `live`.
+    // Subscribe before reading the head: every event after the head is then in `live`. The
+    // head is the database's committed one, so that a write acknowledged before this call is
+    // never delivered as new, a snapshot holds it, and the oldest revision a watch may start
+    // from is the same one REVISION_TOO_OLD reported (with no writes in between).
     let live = hub.live.subscribe();
-    let head = hub.head();
+    let head = hub.committed_head().await?;
     let mut snapshot = None;
     let (cursor, mode) = match start {
         Start::Now => (head, Mode::Live),

@@ -114,7 +114,7 @@ impl ChangeRequestsService {
         } else {
             Start::Now
         };
-        let stream = watch::open(self.hub.clone(), filter, start, &caller)?;
+        let stream = watch::open(self.hub.clone(), filter, start, &caller).await?;
         Ok(Response::new(stream))
     }
 

@@ -13,6 +13,7 @@ mod four_eyes;
 mod inputs;
 mod lifecycle;
 mod list;
+mod now;
 mod policies;
 mod process;
 mod reads;
