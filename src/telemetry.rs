@@ -211,31 +211,121 @@ where
             let _entered = span.enter();
             self.inner.call(request)
         };
+        // A stream's status comes in its trailers, after its last message.
+        let streaming = crate::auth::is_streaming(&path);
         Box::pin(
             async move {
                 let response = call.await;
-                let code = match &response {
-                    // A trailers-only answer (every error) carries grpc-status in the headers; a
-                    // successful unary answer carries it in the trailers, as 0.
-                    Ok(response) => response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i32>().ok())
-                        .map_or(tonic::Code::Ok, tonic::Code::from_i32),
-                    Err(_) => tonic::Code::Internal,
+                let finish = Finish {
+                    span: tracing::Span::current(),
+                    path,
+                    started,
                 };
-                let name = code_name(code);
-                let span = tracing::Span::current();
-                span.record("rpc.grpc.status_code", code as i32);
-                if code != tonic::Code::Ok {
-                    span.record("otel.status_code", "ERROR");
+                match response {
+                    Ok(response) => {
+                        // A trailers-only answer (every error) carries grpc-status in the
+                        // headers; a successful unary answer carries it in the trailers, as 0.
+                        let in_headers = status_in(response.headers());
+                        match in_headers {
+                            None if streaming => {
+                                let (parts, body) = response.into_parts();
+                                Ok(http::Response::from_parts(
+                                    parts,
+                                    tonic::body::Body::new(Recorded {
+                                        body,
+                                        finish: Some(finish),
+                                    }),
+                                ))
+                            }
+                            _ => {
+                                finish.record(in_headers.unwrap_or(tonic::Code::Ok));
+                                Ok(response)
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        finish.record(tonic::Code::Internal);
+                        Err(err)
+                    }
                 }
-                crate::metrics::record_rpc(&path, name, started.elapsed());
-                response
             }
             .instrument(span),
         )
+    }
+}
+
+/// The `grpc-status` of a header or trailer map, if it has one.
+fn status_in(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+}
+
+/// What is recorded once a call's status is known: the span's status and the RPC metrics.
+struct Finish {
+    span: tracing::Span,
+    path: String,
+    started: Instant,
+}
+
+impl Finish {
+    fn record(self, code: tonic::Code) {
+        self.span.record("rpc.grpc.status_code", code as i32);
+        if code != tonic::Code::Ok {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        crate::metrics::record_rpc(&self.path, code_name(code), self.started.elapsed());
+    }
+}
+
+/// A streaming response's body, recording the status its trailers carry (or CANCELLED when the
+/// client goes away first). Before, a watch that ended with an error was recorded as OK: its
+/// headers carry no status.
+struct Recorded {
+    body: tonic::body::Body,
+    finish: Option<Finish>,
+}
+
+impl http_body::Body for Recorded {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
+        let code = match &polled {
+            Some(Ok(frame)) => frame
+                .trailers_ref()
+                .map(|t| status_in(t).unwrap_or(tonic::Code::Ok)),
+            Some(Err(status)) => Some(status.code()),
+            None => Some(tonic::Code::Ok),
+        };
+        if let Some(code) = code
+            && let Some(finish) = self.finish.take()
+        {
+            finish.record(code);
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            finish.record(tonic::Code::Cancelled);
+        }
     }
 }
 

@@ -147,6 +147,13 @@ const METHOD_SCOPES: &[(&str, Scope)] = &[
     ("/approvals.v1.Policies/DeletePolicy", Scope::Admin),
 ];
 
+/// The server-streaming methods: their status comes in the trailers after the last message.
+const STREAMING_METHODS: &[&str] = &["/approvals.v1.ChangeRequests/WatchChangeRequests"];
+
+pub fn is_streaming(path: &str) -> bool {
+    STREAMING_METHODS.contains(&path)
+}
+
 /// Services served without authentication: health checks and reflection.
 const OPEN_SERVICES: &[&str] = &[
     "/grpc.health.v1.Health/",
@@ -849,5 +856,19 @@ mod tests {
             }
         }
         assert!(required_scopes("/approvals.v1.ChangeRequests/DropEverything").is_none());
+        // Every server-streaming method is known as one (its status is in its trailers).
+        for (proto, service) in protos.iter().zip(["ChangeRequests", "Policies"]) {
+            for line in proto.lines() {
+                if let Some(rest) = line.trim().strip_prefix("rpc ") {
+                    let method = rest.split('(').next().unwrap_or_default().trim();
+                    let path = format!("/approvals.v1.{service}/{method}");
+                    assert_eq!(
+                        is_streaming(&path),
+                        rest.contains("returns (stream"),
+                        "{path}"
+                    );
+                }
+            }
+        }
     }
 }

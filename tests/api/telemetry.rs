@@ -176,6 +176,20 @@ async fn spans_and_metrics_arrive_over_otlp() {
         "user:alice".parse().expect("ascii"),
     );
     client.get_change_request(get).await.expect("get");
+    // A watch open at shutdown ends with UNAVAILABLE in its trailers, after its headers.
+    let mut watch = tonic::Request::new(pb::WatchChangeRequestsRequest {
+        project: "web".into(),
+        ..Default::default()
+    });
+    watch.metadata_mut().insert(
+        approvals::ACTOR_HEADER,
+        "user:watcher".parse().expect("ascii"),
+    );
+    let mut stream = client
+        .watch_change_requests(watch)
+        .await
+        .expect("watch")
+        .into_inner();
 
     // Metrics arrive on their interval, spans in batches; SIGTERM flushes whatever is left.
     let wanted = [
@@ -209,6 +223,17 @@ async fn spans_and_metrics_arrive_over_otlp() {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("the watch ends at shutdown")
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the watch ended without its status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
     let _ = child.wait();
     collector_task.abort();
 
@@ -239,4 +264,15 @@ async fn spans_and_metrics_arrive_over_otlp() {
             .any(|s| s.name == "create" && s.trace_id == expected_trace),
         "a store span inside the RPC: {spans:?}"
     );
+    // The watch's span has the status of its trailers (it was recorded as OK from its headers).
+    let watch = spans
+        .iter()
+        .find(|s| s.name == "approvals.v1.ChangeRequests/WatchChangeRequests")
+        .unwrap_or_else(|| panic!("no span for WatchChangeRequests in {spans:?}"));
+    let status = watch
+        .attributes
+        .iter()
+        .find(|(k, _)| k == "rpc.grpc.status_code")
+        .map(|(_, v)| v.as_str());
+    assert_eq!(status, Some("14"), "UNAVAILABLE: {watch:?}");
 }
