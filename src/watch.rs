@@ -557,11 +557,7 @@ pub async fn open(
     start: Start,
     caller: &Caller,
 ) -> Result<WatchStream, ApiError> {
-    let holder = caller
-        .acting_principal
-        .as_ref()
-        .unwrap_or(&caller.principal);
-    let principal_permit = hub.count_watcher(holder.as_str())?;
+    let principal_permit = hub.count_watcher(caller.credential_principal().as_str())?;
     let permit =
         hub.permits
             .clone()

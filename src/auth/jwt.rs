@@ -305,12 +305,7 @@ impl JwtVerifier {
             .get("exp")
             .and_then(Value::as_f64)
             .and_then(|exp| Timestamp::from_seconds_nanos(exp.floor() as i64, 0));
-        // Entries that are not users grant nothing, like unknown scopes.
-        let act_as_entries: Vec<String> = strings(claims.get(&self.config.act_as_claim))
-            .into_iter()
-            .filter(|entry| ActAsList::parse(std::slice::from_ref(entry)).is_ok())
-            .collect();
-        let act_as = ActAsList::parse(&act_as_entries)?;
+        let act_as = ActAsList::granted(&strings(claims.get(&self.config.act_as_claim)));
         Ok(Authenticated {
             caller: Caller {
                 principal,

@@ -283,26 +283,41 @@ pub struct ActAsList {
 }
 
 impl ActAsList {
-    /// From a key's `act_as` or a token's claim; an entry that is not `user:NAME` or `user:*`
-    /// is an error naming it.
+    /// From a key's `act_as`: an entry that is not `user:NAME` or `user:*` is an error naming
+    /// it.
     pub fn parse(entries: &[String]) -> Result<Self, String> {
         let mut list = Self::default();
         for entry in entries {
-            let entry = entry.trim();
-            if entry == "user:*" {
-                list.any_user = true;
-                continue;
-            }
-            match Principal::parse(entry) {
-                Ok(p) if p.kind() == PrincipalKind::User => list.users.push(p),
-                _ => {
-                    return Err(format!(
-                        "{entry:?} cannot be acted for: write user:NAME, or user:* for every user"
-                    ));
-                }
-            }
+            list.add(entry)?;
         }
         Ok(list)
+    }
+
+    /// From a token's claim: entries that are not `user:NAME` or `user:*` grant nothing, as
+    /// unknown scopes grant nothing.
+    pub fn granted(entries: &[String]) -> Self {
+        let mut list = Self::default();
+        for entry in entries {
+            let _ = list.add(entry);
+        }
+        list
+    }
+
+    fn add(&mut self, entry: &str) -> Result<(), String> {
+        let entry = entry.trim();
+        if entry == "user:*" {
+            self.any_user = true;
+            return Ok(());
+        }
+        match Principal::parse(entry) {
+            Ok(p) if p.kind() == PrincipalKind::User => {
+                self.users.push(p);
+                Ok(())
+            }
+            _ => Err(format!(
+                "{entry:?} cannot be acted for: write user:NAME, or user:* for every user"
+            )),
+        }
     }
 
     pub fn allows(&self, user: &Principal) -> bool {

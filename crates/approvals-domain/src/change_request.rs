@@ -60,7 +60,7 @@ impl Review {
         party(&self.reviewer, self.acting_principal.as_ref(), self.proof)
     }
 
-    fn is_live_approval(&self) -> bool {
+    pub(crate) fn is_live_approval(&self) -> bool {
         !self.dismissed && self.decision == Decision::Approve
     }
 }

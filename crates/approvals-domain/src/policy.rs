@@ -496,9 +496,7 @@ impl PolicySnapshot {
 
 /// Approvals that count: not dismissed.
 fn counting(reviews: &[Review]) -> impl Iterator<Item = &Review> {
-    reviews
-        .iter()
-        .filter(|r| !r.dismissed && r.decision == crate::Decision::Approve)
+    reviews.iter().filter(|r| r.is_live_approval())
 }
 
 /// `/rollout/steps/0` -> `.rollout.steps[0]`.
