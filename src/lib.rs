@@ -1,37 +1,26 @@
 //! The approvals server: a gRPC service for change requests (the "four-eyes" workflow).
+//!
+//! Rooms, from the bottom up (each imports only from rooms below it):
+//! - [`pb`] the generated protobuf code, [`error`] the one mapping of errors to `Status`,
+//!   [`config`] the configuration, [`telemetry`] logs, traces and metrics;
+//! - [`convert`] domain <-> protobuf, [`auth`] who is calling and what it may do;
+//! - [`watch`] the event-log hub and watch streams, [`apply`] the apply engine;
+//! - [`api`] the gRPC handlers;
+//! - [`transport`] the server's assembly: the tower stack, HTTP/2 and the routes.
 
-pub mod applier_endpoints;
-mod apply;
+pub mod api;
+pub mod apply;
 pub mod auth;
 pub mod config;
-pub mod config_check;
-mod connection;
-mod convert;
-mod error;
-mod identity;
-pub mod limits;
-mod live_ring;
-pub mod metrics;
-mod page_token;
-mod read_cache;
-pub mod server;
-mod service;
+pub mod convert;
+pub mod error;
+pub mod pb;
 pub mod telemetry;
-mod watch;
-mod watch_route;
-
-/// Code generated from `proto/approvals/v1`.
-pub mod pb {
-    #![allow(clippy::all, clippy::pedantic)]
-    tonic::include_proto!("approvals.v1");
-
-    /// The encoded descriptor set of `approvals.v1`, served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("approvals_descriptor");
-}
+pub mod transport;
+pub mod watch;
 
 pub use auth::{
-    AUTHORIZATION_HEADER, ON_BEHALF_OF_GROUPS_HEADER, ON_BEHALF_OF_HEADER, USER_TOKEN_HEADER,
+    ACTOR_HEADER, AUTHORIZATION_HEADER, GROUPS_HEADER, ON_BEHALF_OF_GROUPS_HEADER,
+    ON_BEHALF_OF_HEADER, USER_TOKEN_HEADER,
 };
 pub use error::ERROR_DOMAIN;
-pub use identity::{ACTOR_HEADER, GROUPS_HEADER};

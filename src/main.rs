@@ -2,7 +2,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use approvals::{
     config::{Config, Overrides},
-    server,
+    transport as server,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -171,7 +171,7 @@ async fn main() -> ExitCode {
         Some(Command::Config(ConfigCommand::Check(args))) => {
             return match load(&args) {
                 Ok(config) => {
-                    print!("{}", approvals::config_check::render(&config));
+                    print!("{}", approvals::config::check::render(&config));
                     ExitCode::SUCCESS
                 }
                 Err(message) => {

@@ -7,10 +7,11 @@ use subtle::{Choice, ConstantTimeEq};
 
 use approvals_domain::IdentityProof;
 
+use super::identity::parse_groups;
 use super::{
     ActAsList, ApiKeyConfig, Authenticated, Caller, Scope, caller_principal, parse_projects,
 };
-use crate::{error::ApiError, identity::parse_groups};
+use crate::error::ApiError;
 
 /// Every generated key starts with this, so a leaked key is recognisable (secret scanners).
 pub const KEY_PREFIX: &str = "apv1_";

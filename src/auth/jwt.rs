@@ -15,8 +15,9 @@ use jsonwebtoken::{
 };
 use serde_json::Value;
 
+use super::identity::parse_groups;
 use super::{ActAsList, Authenticated, Caller, JwtConfig, Scope, caller_principal, parse_projects};
-use crate::{error::ApiError, identity::parse_groups};
+use crate::error::ApiError;
 
 /// The algorithms accepted; anything else (HS*, none) is refused whatever the token says.
 const ALGORITHMS: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];

@@ -5,7 +5,7 @@
 //! [`crate::identity`].
 
 pub mod api_keys;
-mod config;
+mod identity;
 mod jwt;
 
 use std::{
@@ -23,12 +23,10 @@ use http::HeaderMap;
 use tonic::Status;
 use tower::{Layer, Service};
 
-pub use self::config::{ApiKeyConfig, AuthConfig, JwtConfig};
+pub use self::identity::{ACTOR_HEADER, GROUPS_HEADER, actor, caller, parse_groups};
 use self::{api_keys::ApiKeys, jwt::JwtVerifier};
-use crate::{
-    error::ApiError,
-    identity::{ACTOR_HEADER, GROUPS_HEADER, parse_groups},
-};
+pub use crate::config::auth::{ApiKeyConfig, AuthConfig, JwtConfig};
+use crate::error::ApiError;
 
 pub const AUTHORIZATION_HEADER: &str = "authorization";
 pub const ON_BEHALF_OF_HEADER: &str = "x-approvals-on-behalf-of";

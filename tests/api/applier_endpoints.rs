@@ -11,8 +11,8 @@ use std::{
 };
 
 use approvals::{
-    applier_endpoints::AllowedEndpoints,
     config::Config,
+    config::allowed_endpoints::AllowedEndpoints,
     pb::{self, State, policies_client::PoliciesClient},
 };
 use prost_types::FieldMask;

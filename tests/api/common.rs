@@ -148,7 +148,7 @@ impl TestServer {
         config.database.max_connections = 8;
         // Test appliers listen on loopback ports; `configure` may narrow or clear this.
         config.apply.allowed_endpoints =
-            approvals::applier_endpoints::AllowedEndpoints::parse(&["http://127.0.0.1"])
+            approvals::config::allowed_endpoints::AllowedEndpoints::parse(&["http://127.0.0.1"])
                 .expect("allowed endpoints");
         configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -160,7 +160,7 @@ impl TestServer {
             let stopped = async {
                 let _ = stop.await;
             };
-            if let Err(err) = approvals::server::run(config, listener, stopped).await {
+            if let Err(err) = approvals::transport::run(config, listener, stopped).await {
                 panic!("server failed: {err}");
             }
         });

@@ -77,7 +77,7 @@ fn kubernetes_manifests_keep_their_invariants() {
     let container = &pod["containers"][0];
     assert_eq!(
         container["livenessProbe"]["grpc"]["service"].as_str(),
-        Some(approvals::server::LIVENESS_SERVICE),
+        Some(approvals::transport::LIVENESS_SERVICE),
         "liveness checks the health name that ignores the database"
     );
     assert_eq!(

@@ -77,7 +77,7 @@ async fn database_outage_fails_fast_turns_unready_and_recovers() {
         Some(ServingStatus::NotServing as i32)
     );
     assert_eq!(
-        health(&server, approvals::server::LIVENESS_SERVICE).await,
+        health(&server, approvals::transport::LIVENESS_SERVICE).await,
         Some(ServingStatus::Serving as i32),
         "liveness never follows the database"
     );

@@ -6,8 +6,12 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use approvals_store::DatabaseSettings;
 
-use crate::{
-    applier_endpoints::AllowedEndpoints,
+pub mod allowed_endpoints;
+pub mod auth;
+pub mod check;
+
+use self::{
+    allowed_endpoints::AllowedEndpoints,
     auth::{AuthConfig, JwtConfig},
 };
 use serde::{Deserialize, Deserializer};

@@ -125,7 +125,7 @@ where
                 &[("principal", limited.as_str().to_owned())],
                 wait,
             );
-            crate::metrics::record_limited("rate");
+            crate::telemetry::metrics::record_limited("rate");
             return Box::pin(std::future::ready(Ok(status.into_http())));
         }
         let permit = match &self.limits.in_flight {
@@ -144,7 +144,7 @@ where
                         )],
                         Duration::from_millis(100),
                     );
-                    crate::metrics::record_limited("concurrency");
+                    crate::telemetry::metrics::record_limited("concurrency");
                     return Box::pin(std::future::ready(Ok(status.into_http())));
                 }
             },

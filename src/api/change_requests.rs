@@ -15,11 +15,11 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    api::page_token,
     apply::{ApplyEngine, new_id, now},
-    auth::{Caller, Scope},
+    auth::{self as identity, Caller, Scope},
     convert,
     error::ApiError,
-    identity, page_token,
     pb::{self, change_requests_server::ChangeRequests},
     watch::{self, EventFilter, Hub, Start},
 };

@@ -25,8 +25,9 @@ use tonic::{Code, transport::Channel};
 
 use crate::{
     config::ApplyConfig,
-    convert, metrics,
+    convert,
     pb::{self, change_applier_client::ChangeApplierClient},
+    telemetry::metrics,
 };
 
 /// Longest wait between two attempts.

@@ -221,11 +221,12 @@ mod tests {
         let text = render(&config);
         let parsed: Config = toml::from_str(&text).expect("renders valid config");
         assert_eq!(parsed, config);
-        config.apply.allowed_endpoints = crate::applier_endpoints::AllowedEndpoints::parse(&[
-            "http://127.0.0.1",
-            "https://*.internal:8443",
-        ])
-        .expect("entries");
+        config.apply.allowed_endpoints =
+            crate::config::allowed_endpoints::AllowedEndpoints::parse(&[
+                "http://127.0.0.1",
+                "https://*.internal:8443",
+            ])
+            .expect("entries");
         let parsed: Config = toml::from_str(&render(&config)).expect("renders valid config");
         assert_eq!(parsed, config);
         assert_eq!(

@@ -7,14 +7,19 @@ use tokio::net::TcpListener;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    api::{change_requests::ChangeRequestsService, policies::PoliciesService},
     apply::ApplyEngine,
     auth::{AuthLayer, AuthSetupError, Authenticator},
     config::Config,
     pb::{self, policies_server::PoliciesServer},
-    service::{change_requests::ChangeRequestsService, policies::PoliciesService},
     watch::Hub,
-    watch_route::WatchRoute,
 };
+
+mod connection;
+pub mod limits;
+mod watch_route;
+
+use self::watch_route::WatchRoute;
 
 /// The health service name Kubernetes liveness probes check: SERVING while the process runs,
 /// whatever the database does, so a database outage makes pods unready, never restarts them.
@@ -63,7 +68,7 @@ pub async fn run(
         );
     }
     let store = open_store(&config).await?;
-    crate::metrics::observe_pool(store.clone(), config.database.max_connections);
+    crate::telemetry::metrics::observe_pool(store.clone(), config.database.max_connections);
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
@@ -127,13 +132,13 @@ pub async fn run(
         .max_concurrent_streams(Some(config.limits.max_concurrent_streams).filter(|max| *max > 0))
         .layer(crate::telemetry::RpcLayer)
         .layer(AuthLayer::new(authenticator))
-        .layer(crate::limits::LimitLayer::new(&config.limits))
+        .layer(limits::LimitLayer::new(&config.limits))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(change_requests)
         .add_service(policies)
-        .serve_with_incoming_shutdown(crate::connection::incoming(listener), signal);
+        .serve_with_incoming_shutdown(connection::incoming(listener), signal);
     let grace = config.limits.shutdown_grace;
     let result = tokio::select! {
         result = serve => result,

@@ -8,6 +8,8 @@
 //! where known) continuing the W3C trace context of the incoming metadata, and records the RPC
 //! metrics.
 
+pub mod metrics;
+
 use std::{
     future::Future,
     pin::Pin,
@@ -276,7 +278,7 @@ impl Finish {
         if code != tonic::Code::Ok {
             self.span.record("otel.status_code", "ERROR");
         }
-        crate::metrics::record_rpc(&self.path, code_name(code), self.started.elapsed());
+        metrics::record_rpc(&self.path, code_name(code), self.started.elapsed());
     }
 }
 

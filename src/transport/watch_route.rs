@@ -16,8 +16,8 @@ use http_body::Frame;
 use tonic::{Status, metadata::MetadataMap, server::NamedService};
 
 use crate::{
+    api::change_requests::ChangeRequestsService,
     pb::{self, change_requests_server::ChangeRequestsServer},
-    service::change_requests::ChangeRequestsService,
     watch::WatchStream,
 };
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use approvals_domain::Actor;
 use tonic::Request;
 
-use crate::{auth::Caller, error::ApiError};
+use super::Caller;
+use crate::error::ApiError;
 
 pub const ACTOR_HEADER: &str = "x-approvals-actor";
 pub const GROUPS_HEADER: &str = "x-approvals-groups";

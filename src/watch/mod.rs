@@ -35,14 +35,14 @@ use tokio::{
 };
 use tonic::Status;
 
-use crate::{
-    auth::Caller,
-    config::WatchConfig,
-    convert,
-    error::ApiError,
-    live_ring::{LiveRing, Read, Reader},
-    pb,
+use crate::{auth::Caller, config::WatchConfig, convert, error::ApiError, pb};
+
+pub mod read_cache;
+mod ring;
+
+use self::{
     read_cache::RequestCache,
+    ring::{LiveRing, Read, Reader},
 };
 
 /// Events per live message, at most.
@@ -370,7 +370,7 @@ async fn follow(
                     .events
                     .into_iter()
                     .map(|event| {
-                        crate::metrics::record_transition(event.kind.as_str());
+                        crate::telemetry::metrics::record_transition(event.kind.as_str());
                         Arc::new(LiveEvent::new(event))
                     })
                     .collect();
@@ -538,7 +538,7 @@ struct Watcher {
     done: bool,
     _permit: OwnedSemaphorePermit,
     _principal_permit: Option<PrincipalPermit>,
-    _counted: crate::metrics::OpenWatcher,
+    _counted: crate::telemetry::metrics::OpenWatcher,
 }
 
 /// A watch stream as the watch route sends it (see `watch_route`).
@@ -634,7 +634,7 @@ pub async fn open(
         done: false,
         _permit: permit,
         _principal_permit: principal_permit,
-        _counted: crate::metrics::OpenWatcher::new(),
+        _counted: crate::telemetry::metrics::OpenWatcher::new(),
     };
     Ok(Box::pin(Steps::Idle(Box::new(watcher))))
 }
@@ -743,7 +743,7 @@ impl Watcher {
     fn sent(&mut self, result: Result<WatchFrame, ApiError>) -> Option<Result<WatchFrame, Status>> {
         match &result {
             Ok(_) if matches!(self.mode, Mode::Live) => {
-                crate::metrics::record_watch_lag(self.hub.head() - self.cursor);
+                crate::telemetry::metrics::record_watch_lag(self.hub.head() - self.cursor);
             }
             Ok(_) => {}
             Err(_) => self.done = true,

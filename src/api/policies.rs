@@ -8,10 +8,11 @@ use approvals_store::{PolicyFilter, Store};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    applier_endpoints::AllowedEndpoints,
+    api::page_token,
+    auth as identity,
+    config::allowed_endpoints::AllowedEndpoints,
     convert::policy::{self, WRITABLE_PATHS},
     error::ApiError,
-    identity, page_token,
     pb::{self, policies_server::Policies},
 };
 

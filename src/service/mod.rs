@@ -1,2 +1,0 @@
-pub mod change_requests;
-pub mod policies;
