@@ -7,6 +7,7 @@
 pub mod api_keys;
 mod identity;
 mod jwt;
+pub mod methods;
 
 use std::{
     collections::HashMap,
@@ -77,104 +78,6 @@ impl Scope {
                 (Scope::Write, Scope::Read) | (Scope::Admin, Scope::Read | Scope::Write)
             )
     }
-}
-
-/// The scope each method needs: every RPC of our services is listed (CONTRACT.md "Who may call
-/// what"); a method missing here is denied.
-const METHOD_SCOPES: &[(&str, Scope)] = &[
-    ("/approvals.v1.ChangeRequests/GetChangeRequest", Scope::Read),
-    (
-        "/approvals.v1.ChangeRequests/ListChangeRequests",
-        Scope::Read,
-    ),
-    (
-        "/approvals.v1.ChangeRequests/ListChangeRequestEvents",
-        Scope::Read,
-    ),
-    (
-        "/approvals.v1.ChangeRequests/WatchChangeRequests",
-        Scope::Read,
-    ),
-    (
-        "/approvals.v1.ChangeRequests/CreateChangeRequest",
-        Scope::Write,
-    ),
-    (
-        "/approvals.v1.ChangeRequests/UpdateChangeRequest",
-        Scope::Write,
-    ),
-    (
-        "/approvals.v1.ChangeRequests/SubmitChangeRequest",
-        Scope::Write,
-    ),
-    (
-        "/approvals.v1.ChangeRequests/ApproveChangeRequest",
-        Scope::Write,
-    ),
-    (
-        "/approvals.v1.ChangeRequests/RejectChangeRequest",
-        Scope::Write,
-    ),
-    (
-        "/approvals.v1.ChangeRequests/CancelChangeRequest",
-        Scope::Write,
-    ),
-    ("/approvals.v1.ChangeRequests/AddComment", Scope::Write),
-    // A bypass (with `approvals:bypass` alone) is decided by the apply handler, which sees the
-    // justification; the layer lets such callers through (see `required_scopes`).
-    (
-        "/approvals.v1.ChangeRequests/ApplyChangeRequest",
-        Scope::Write,
-    ),
-    (
-        "/approvals.v1.ChangeRequests/ScheduleChangeRequest",
-        Scope::Write,
-    ),
-    (
-        "/approvals.v1.ChangeRequests/UnscheduleChangeRequest",
-        Scope::Write,
-    ),
-    (
-        "/approvals.v1.ChangeRequests/CompleteChangeRequest",
-        Scope::Write,
-    ),
-    ("/approvals.v1.Policies/GetPolicy", Scope::Read),
-    ("/approvals.v1.Policies/ListPolicies", Scope::Read),
-    ("/approvals.v1.Policies/CreatePolicy", Scope::Admin),
-    ("/approvals.v1.Policies/UpdatePolicy", Scope::Admin),
-    ("/approvals.v1.Policies/DeletePolicy", Scope::Admin),
-];
-
-/// The server-streaming methods: their status comes in the trailers after the last message.
-const STREAMING_METHODS: &[&str] = &["/approvals.v1.ChangeRequests/WatchChangeRequests"];
-
-pub fn is_streaming(path: &str) -> bool {
-    STREAMING_METHODS.contains(&path)
-}
-
-/// Services served without authentication: health checks and reflection.
-const OPEN_SERVICES: &[&str] = &[
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1.ServerReflection/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-];
-
-/// The scopes that let a caller through the layer for `path`: any one of them suffices.
-fn required_scopes(path: &str) -> Option<&'static [Scope]> {
-    const APPLY: &str = "/approvals.v1.ChangeRequests/ApplyChangeRequest";
-    if path == APPLY {
-        return Some(&[Scope::Write, Scope::Bypass]);
-    }
-    METHOD_SCOPES
-        .iter()
-        .find(|(method, _)| *method == path)
-        .map(|(_, scope)| match scope {
-            Scope::Read => &[Scope::Read][..],
-            Scope::Write => &[Scope::Write][..],
-            Scope::Admin => &[Scope::Admin][..],
-            Scope::ActAs => &[Scope::ActAs][..],
-            Scope::Bypass => &[Scope::Bypass][..],
-        })
 }
 
 /// Who is calling, as authenticated: put into the request extensions by the layer.
@@ -405,16 +308,16 @@ impl Authenticator {
         path: &str,
         headers: &HeaderMap,
     ) -> Result<Option<Caller>, ApiError> {
-        if OPEN_SERVICES.iter().any(|open| path.starts_with(open)) {
+        if methods::is_open(path) {
             return Ok(None);
         }
         let caller = self.authenticate(headers).await?;
-        let Some(required) = required_scopes(path) else {
+        let Some(method) = methods::method(path) else {
             return Err(ApiError::MethodNotAllowed(path.to_owned()));
         };
-        if !required.iter().any(|scope| caller.has(*scope)) {
+        if !method.scopes.iter().any(|scope| caller.has(*scope)) {
             return Err(ApiError::MissingScope {
-                scope: required[0].as_str(),
+                scope: method.scopes[0].as_str(),
                 method: path.to_owned(),
             });
         }
@@ -850,38 +753,6 @@ mod tests {
         }
         for scope in Scope::ALL {
             assert_eq!(Scope::parse(scope.as_str()), Some(scope));
-        }
-    }
-
-    #[test]
-    fn every_method_is_in_the_table_and_unknown_ones_are_not() {
-        let protos = [
-            include_str!("../../proto/approvals/v1/change_requests.proto"),
-            include_str!("../../proto/approvals/v1/policies.proto"),
-        ];
-        for (proto, service) in protos.iter().zip(["ChangeRequests", "Policies"]) {
-            for line in proto.lines() {
-                if let Some(rest) = line.trim().strip_prefix("rpc ") {
-                    let method = rest.split('(').next().unwrap_or_default().trim();
-                    let path = format!("/approvals.v1.{service}/{method}");
-                    assert!(required_scopes(&path).is_some(), "{path} has no scope");
-                }
-            }
-        }
-        assert!(required_scopes("/approvals.v1.ChangeRequests/DropEverything").is_none());
-        // Every server-streaming method is known as one (its status is in its trailers).
-        for (proto, service) in protos.iter().zip(["ChangeRequests", "Policies"]) {
-            for line in proto.lines() {
-                if let Some(rest) = line.trim().strip_prefix("rpc ") {
-                    let method = rest.split('(').next().unwrap_or_default().trim();
-                    let path = format!("/approvals.v1.{service}/{method}");
-                    assert_eq!(
-                        is_streaming(&path),
-                        rest.contains("returns (stream"),
-                        "{path}"
-                    );
-                }
-            }
         }
     }
 }

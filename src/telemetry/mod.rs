@@ -154,20 +154,33 @@ impl Extractor for Headers<'_> {
 }
 
 /// A span per call and the RPC metrics; outermost, so it sees every answer.
-#[derive(Clone, Default)]
-pub struct RpcLayer;
+#[derive(Clone)]
+pub struct RpcLayer {
+    /// Which paths stream (their status is in the trailers): the method table's answer.
+    is_streaming: fn(&str) -> bool,
+}
+
+impl RpcLayer {
+    pub fn new(is_streaming: fn(&str) -> bool) -> Self {
+        Self { is_streaming }
+    }
+}
 
 impl<S> Layer<S> for RpcLayer {
     type Service = RpcService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcService { inner }
+        RpcService {
+            inner,
+            is_streaming: self.is_streaming,
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct RpcService<S> {
     inner: S,
+    is_streaming: fn(&str) -> bool,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -214,7 +227,7 @@ where
             self.inner.call(request)
         };
         // A stream's status comes in its trailers, after its last message.
-        let streaming = crate::auth::is_streaming(&path);
+        let streaming = (self.is_streaming)(&path);
         Box::pin(
             async move {
                 let response = call.await;

@@ -21,18 +21,19 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 
-use crate::{auth::Caller, config::LimitsConfig, error::ERROR_DOMAIN};
+use crate::{
+    auth::{Caller, methods},
+    config::LimitsConfig,
+    error::ERROR_DOMAIN,
+};
 
-/// Paths of the methods the limits apply to: our API's unary methods.
-const LIMITED_PREFIX: &str = "/approvals.v1.";
-/// Our streaming methods: bounded by their own settings instead.
-const STREAMING_METHODS: [&str; 1] = ["/approvals.v1.ChangeRequests/WatchChangeRequests"];
 /// Above this many tracked principals, full (idle) buckets are forgotten.
 const MAX_TRACKED_PRINCIPALS: usize = 10_000;
 
-/// Whether the limits apply to a call of `path`.
+/// Whether the limits apply to a call of `path`: our API's unary methods (streaming ones are
+/// bounded by their own settings).
 pub fn is_limited(path: &str) -> bool {
-    path.starts_with(LIMITED_PREFIX) && !STREAMING_METHODS.contains(&path)
+    methods::is_unary(path)
 }
 
 #[derive(Clone)]
@@ -264,7 +265,7 @@ mod tests {
             tower::service_fn(move |request: http::Request<()>| {
                 let release = release.clone();
                 async move {
-                    if request.uri().path().ends_with("/Slow") {
+                    if request.uri().path().ends_with("/ApplyChangeRequest") {
                         release.notified().await;
                     }
                     Ok::<_, std::convert::Infallible>(http::Response::new(
@@ -279,10 +280,13 @@ mod tests {
         });
         let mut service = layer.layer(inner);
         let mut first = service.clone();
-        let slow =
-            tokio::spawn(
-                async move { call(&mut first, "/approvals.v1.ChangeRequests/Slow").await },
-            );
+        let slow = tokio::spawn(async move {
+            call(
+                &mut first,
+                "/approvals.v1.ChangeRequests/ApplyChangeRequest",
+            )
+            .await
+        });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let refused = call(
             &mut service,
@@ -294,7 +298,14 @@ mod tests {
             Some((Code::ResourceExhausted as i32).to_string().as_str())
         );
         // A stream and a health check are not counted.
-        assert_eq!(call(&mut service, STREAMING_METHODS[0]).await, None);
+        assert_eq!(
+            call(
+                &mut service,
+                "/approvals.v1.ChangeRequests/WatchChangeRequests"
+            )
+            .await,
+            None
+        );
         assert_eq!(
             call(&mut service, "/grpc.health.v1.Health/Check").await,
             None

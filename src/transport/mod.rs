@@ -130,7 +130,9 @@ pub async fn run(
         // Streams per connection, watch streams included: without a limit one connection could
         // open watch streams up to the server-wide limit by itself. 0: no limit.
         .max_concurrent_streams(Some(config.limits.max_concurrent_streams).filter(|max| *max > 0))
-        .layer(crate::telemetry::RpcLayer)
+        .layer(crate::telemetry::RpcLayer::new(
+            crate::auth::methods::is_streaming,
+        ))
         .layer(AuthLayer::new(authenticator))
         .layer(limits::LimitLayer::new(&config.limits))
         .add_service(health_service)
