@@ -11,6 +11,7 @@
 pub mod api;
 pub mod apply;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod error;

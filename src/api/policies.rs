@@ -1,16 +1,15 @@
 //! `approvals.v1.Policies`: CRUD of approval policies. The layer checks the scopes (read to
 //! read, admin to write); each handler checks the caller's projects.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use approvals_domain::{DomainError, Policy, validation::Violations};
-use approvals_store::{PolicyFilter, Store};
-use tonic::{Request, Response, Status};
+use approvals_store::PolicyFilter;
+use tonic::Request;
 
+use super::{Answer, Context, answer, called, page_token};
 use crate::{
-    api::page_token,
-    auth as identity,
-    config::allowed_endpoints::AllowedEndpoints,
+    auth::Caller,
     convert::policy::{self, WRITABLE_PATHS},
     error::ApiError,
     pb::{self, policies_server::Policies},
@@ -20,17 +19,12 @@ const DEFAULT_PAGE_SIZE: u64 = 50;
 const MAX_PAGE_SIZE: u64 = 1000;
 
 pub struct PoliciesService {
-    store: Store,
-    /// `apply.allowed_endpoints`: the only applier endpoints a policy may name.
-    allowed_endpoints: AllowedEndpoints,
+    context: Arc<Context>,
 }
 
 impl PoliciesService {
-    pub fn new(store: Store, allowed_endpoints: AllowedEndpoints) -> Self {
-        Self {
-            store,
-            allowed_endpoints,
-        }
+    pub fn new(context: Arc<Context>) -> Self {
+        Self { context }
     }
 
     /// Refuses an `applier_endpoint` the server may not call (an empty one is no endpoint).
@@ -40,7 +34,7 @@ impl PoliciesService {
         if endpoint.is_empty() || endpoint.chars().any(char::is_control) {
             return;
         }
-        if let Err(refusal) = self.allowed_endpoints.check(endpoint) {
+        if let Err(refusal) = self.context.allowed_endpoints.check(endpoint) {
             violations.add("policy.applier_endpoint", format!("{endpoint:?} {refusal}"));
         }
     }
@@ -54,7 +48,7 @@ fn required_name(field: &str, name: &str) -> Result<(), ApiError> {
     }
     let mut v = Violations::default();
     v.no_nul(field, name);
-    v.into_result().map_err(ApiError::from)
+    Ok(v.into_result()?)
 }
 
 /// Every bad field at once: those found converting the message, then the policy's own checks.
@@ -71,61 +65,42 @@ fn validate_into(policy: &Policy, mut violations: Violations) -> Result<(), Doma
     violations.into_result()
 }
 
-#[tonic::async_trait]
-impl Policies for PoliciesService {
-    async fn create_policy(
+impl PoliciesService {
+    async fn create(
         &self,
-        request: Request<pb::CreatePolicyRequest>,
-    ) -> Result<Response<pb::Policy>, Status> {
-        let caller = identity::caller(&request)?;
-        let Some(body) = request.into_inner().policy else {
-            return Err(ApiError::invalid("policy", "is required").into());
+        caller: &Caller,
+        req: pb::CreatePolicyRequest,
+    ) -> Result<pb::Policy, ApiError> {
+        let Some(body) = req.policy else {
+            return Err(ApiError::invalid("policy", "is required"));
         };
+        let clock = &self.context.clock;
         let mut violations = Violations::default();
-        let new = policy::new_policy(
-            &body,
-            crate::apply::new_id(),
-            crate::apply::now(),
-            &mut violations,
-        );
+        let new = policy::new_policy(&body, clock.new_id(), clock.now(), &mut violations);
         self.check_applier_endpoint(&new, &mut violations);
-        validate_into(&new, violations).map_err(ApiError::from)?;
-        caller
-            .ensure_project(&new.project)
-            .map_err(ApiError::from)?;
-        let created = self
-            .store
-            .create_policy(new)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(policy::policy(&created)))
+        validate_into(&new, violations)?;
+        caller.ensure_project(&new.project)?;
+        let created = self.context.store.create_policy(new).await?;
+        Ok(policy::policy(&created))
     }
 
-    async fn get_policy(
-        &self,
-        request: Request<pb::GetPolicyRequest>,
-    ) -> Result<Response<pb::Policy>, Status> {
-        let caller = identity::caller(&request)?;
-        let name = &request.get_ref().name;
+    async fn get(&self, caller: &Caller, name: &str) -> Result<pb::Policy, ApiError> {
         required_name("name", name)?;
-        let found = self.store.get_policy(name).await.map_err(ApiError::from)?;
-        caller.ensure_sees_policy(&found).map_err(ApiError::from)?;
-        Ok(Response::new(policy::policy(&found)))
+        let found = self.context.store.get_policy(name).await?;
+        caller.ensure_sees_policy(&found)?;
+        Ok(policy::policy(&found))
     }
 
-    async fn list_policies(
+    async fn list(
         &self,
-        request: Request<pb::ListPoliciesRequest>,
-    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
-        let caller = identity::caller(&request)?;
-        let req = request.into_inner();
+        caller: &Caller,
+        req: pb::ListPoliciesRequest,
+    ) -> Result<pb::ListPoliciesResponse, ApiError> {
         let mut v = Violations::default();
         v.no_nul("project", &req.project);
-        v.into_result().map_err(ApiError::from)?;
+        v.into_result()?;
         if !req.project.is_empty() {
-            caller
-                .ensure_project(&req.project)
-                .map_err(ApiError::from)?;
+            caller.ensure_project(&req.project)?;
         }
         let page_size = page_token::page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
         let digest = page_token::query_digest(&["policies", &req.project]);
@@ -135,56 +110,38 @@ impl Policies for PoliciesService {
             projects: caller.projects.clone(),
         };
         let (policies, next) = self
+            .context
             .store
             .list_policies(&filter, after.as_deref(), page_size)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(pb::ListPoliciesResponse {
+            .await?;
+        Ok(pb::ListPoliciesResponse {
             policies: policies.iter().map(policy::policy).collect(),
             next_page_token: next
                 .map(|name| page_token::encode(&name, &digest))
                 .unwrap_or_default(),
-        }))
+        })
     }
 
-    async fn update_policy(
+    async fn update(
         &self,
-        request: Request<pb::UpdatePolicyRequest>,
-    ) -> Result<Response<pb::Policy>, Status> {
-        let caller = identity::caller(&request)?;
-        let req = request.into_inner();
+        caller: &Caller,
+        req: pb::UpdatePolicyRequest,
+    ) -> Result<pb::Policy, ApiError> {
         let Some(body) = req.policy else {
-            return Err(ApiError::invalid("policy", "is required").into());
+            return Err(ApiError::invalid("policy", "is required"));
         };
         required_name("policy.name", &body.name)?;
         let Some(mask) = req.update_mask else {
-            return Err(
-                ApiError::invalid("update_mask", "is required: name the fields to update").into(),
-            );
+            return Err(ApiError::invalid(
+                "update_mask",
+                "is required: name the fields to update",
+            ));
         };
-        let mut paths: Vec<&str> = Vec::new();
-        let mut violations = Violations::default();
-        for (i, path) in mask.paths.iter().enumerate() {
-            match path.as_str() {
-                "*" => paths.extend(WRITABLE_PATHS),
-                p if WRITABLE_PATHS.contains(&p) => paths.push(p),
-                other => violations.add(
-                    format!("update_mask.paths[{i}]"),
-                    format!(
-                        "{other:?} cannot be updated; updatable: {}, or *",
-                        WRITABLE_PATHS.join(", ")
-                    ),
-                ),
-            }
-        }
-        if paths.is_empty() && violations.is_empty() {
-            violations.add("update_mask", "names no field to update");
-        }
-        violations.into_result().map_err(ApiError::from)?;
-        let paths: HashSet<&str> = paths.into_iter().collect();
-        let now = crate::apply::now();
+        let paths = mask_paths(&mask.paths)?;
+        let now = self.context.clock.now();
         let etag = body.etag.clone();
         let updated = self
+            .context
             .store
             .update_policy(&body.name, |current| {
                 caller.ensure_sees_policy(current)?;
@@ -204,25 +161,76 @@ impl Policies for PoliciesService {
                 current.update_time = now;
                 Ok::<(), DomainError>(())
             })
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(policy::policy(&updated)))
+            .await?;
+        Ok(policy::policy(&updated))
     }
 
-    async fn delete_policy(
-        &self,
-        request: Request<pb::DeletePolicyRequest>,
-    ) -> Result<Response<()>, Status> {
-        let caller = identity::caller(&request)?;
-        let req = request.into_inner();
+    async fn delete(&self, caller: &Caller, req: pb::DeletePolicyRequest) -> Result<(), ApiError> {
         required_name("name", &req.name)?;
-        self.store
+        self.context
+            .store
             .delete_policy(&req.name, |current| {
                 caller.ensure_sees_policy(current)?;
                 current.check_etag(Some(&req.etag))
             })
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(()))
+            .await?;
+        Ok(())
+    }
+}
+
+/// An update mask's paths: each writable, or `*` for all of them.
+fn mask_paths(mask: &[String]) -> Result<HashSet<&'static str>, ApiError> {
+    let mut paths: Vec<&'static str> = Vec::new();
+    let mut violations = Violations::default();
+    for (i, path) in mask.iter().enumerate() {
+        match path.as_str() {
+            "*" => paths.extend(WRITABLE_PATHS),
+            p => match WRITABLE_PATHS.iter().find(|w| **w == p) {
+                Some(writable) => paths.push(writable),
+                None => violations.add(
+                    format!("update_mask.paths[{i}]"),
+                    format!(
+                        "{p:?} cannot be updated; updatable: {}, or *",
+                        WRITABLE_PATHS.join(", ")
+                    ),
+                ),
+            },
+        }
+    }
+    if paths.is_empty() && violations.is_empty() {
+        violations.add("update_mask", "names no field to update");
+    }
+    violations.into_result()?;
+    Ok(paths.into_iter().collect())
+}
+
+#[tonic::async_trait]
+impl Policies for PoliciesService {
+    async fn create_policy(&self, request: Request<pb::CreatePolicyRequest>) -> Answer<pb::Policy> {
+        let (caller, req) = called(request)?;
+        answer(self.create(&caller, req).await)
+    }
+
+    async fn get_policy(&self, request: Request<pb::GetPolicyRequest>) -> Answer<pb::Policy> {
+        let (caller, req) = called(request)?;
+        answer(self.get(&caller, &req.name).await)
+    }
+
+    async fn list_policies(
+        &self,
+        request: Request<pb::ListPoliciesRequest>,
+    ) -> Answer<pb::ListPoliciesResponse> {
+        let (caller, req) = called(request)?;
+        answer(self.list(&caller, req).await)
+    }
+
+    async fn update_policy(&self, request: Request<pb::UpdatePolicyRequest>) -> Answer<pb::Policy> {
+        let (caller, req) = called(request)?;
+        answer(self.update(&caller, req).await)
+    }
+
+    async fn delete_policy(&self, request: Request<pb::DeletePolicyRequest>) -> Answer<()> {
+        let (caller, req) = called(request)?;
+        answer(self.delete(&caller, req).await)
     }
 }

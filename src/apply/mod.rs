@@ -13,17 +13,18 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use approvals_domain::{
-    ApplyOutcome, ApplyWiring, ChangeRequest, ResourceVersion, State, Timestamp, validation,
+    ApplyOutcome, ApplyWiring, ChangeRequest, ResourceVersion, State, validation,
 };
 use approvals_store::{Step, Store, StoreError};
 use tokio::task::JoinHandle;
 use tonic::{Code, transport::Channel};
 
 use crate::{
+    clock::SharedClock,
     config::ApplyConfig,
     convert,
     pb::{self, change_applier_client::ChangeApplierClient},
@@ -33,27 +34,16 @@ use crate::{
 /// Longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-pub fn now() -> Timestamp {
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    Timestamp::from_micros(micros)
-}
-
 fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 /// A new UUIDv7: the ids of requests, changes and comments, and apply runs' idempotency keys.
 /// Time-ordered, so ids sort newest last and index well.
-pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
-}
-
 pub struct ApplyEngine {
     store: Store,
     settings: ApplyConfig,
+    clock: SharedClock,
     /// This process: the owner named in the leases it holds.
     replica: String,
     channels: Mutex<HashMap<String, Channel>>,
@@ -62,10 +52,11 @@ pub struct ApplyEngine {
 }
 
 impl ApplyEngine {
-    pub fn new(store: Store, settings: ApplyConfig) -> Arc<Self> {
+    pub fn new(store: Store, settings: ApplyConfig, clock: SharedClock) -> Arc<Self> {
         Arc::new(Self {
             store,
             settings,
+            clock,
             replica: format!("replica-{}", uuid::Uuid::now_v7()),
             channels: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
@@ -194,7 +185,7 @@ impl ApplyEngine {
                         wiring.applier_endpoint
                     ),
                 };
-                let now = now();
+                let now = self.clock.now();
                 self.store
                     .finish_apply(&request.id, &[], now, |r| {
                         r.finish_apply(key, outcome.clone(), now)
@@ -205,7 +196,7 @@ impl ApplyEngine {
             }
             let call = self.call(&wiring.applier_endpoint, &request, key);
             let result = self.renewing_lease(&request.id, key, call).await?;
-            let now = now();
+            let now = self.clock.now();
             match result {
                 Ok(response) => {
                     let outcome = outcome(response);
@@ -292,7 +283,7 @@ impl ApplyEngine {
             tokio::select! {
                 result = &mut call => return Ok(result),
                 () = tokio::time::sleep(every) => {
-                    let now = now();
+                    let now = self.clock.now();
                     let lease = self.lease_micros();
                     let replica = self.replica.clone();
                     self.store
@@ -352,9 +343,9 @@ impl ApplyEngine {
         request: &ChangeRequest,
     ) -> Result<ChangeRequest, StoreError> {
         let wiring = self.wiring(request).await?;
-        let key = new_id();
+        let key = self.clock.new_id();
         let lease = self.lease_micros();
-        let now = now();
+        let now = self.clock.now();
         self.store
             .step(&request.id, |r| {
                 Ok(
@@ -384,7 +375,7 @@ impl ApplyEngine {
 
     /// One pass over due work.
     pub async fn sweep(self: &Arc<Self>) -> Result<(), StoreError> {
-        let now = now();
+        let now = self.clock.now();
         let running: HashSet<String> = self
             .running
             .lock()

@@ -105,6 +105,18 @@ impl Caller {
         self.scopes.iter().any(|held| held.grants(required))
     }
 
+    /// Refuses a call of `method` (its name, for the message) without `scope`.
+    pub fn require(&self, scope: Scope, method: &str) -> Result<(), ApiError> {
+        if self.has(scope) {
+            Ok(())
+        } else {
+            Err(ApiError::MissingScope {
+                scope: scope.as_str(),
+                method: method.to_owned(),
+            })
+        }
+    }
+
     /// The domain's view of the caller.
     pub fn actor(&self) -> Actor {
         Actor {

@@ -1,15 +1,19 @@
 //! Wiring: the store, the gRPC services, health, reflection, limits, graceful shutdown.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use approvals_store::Store;
 use tokio::net::TcpListener;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    api::{change_requests::ChangeRequestsService, policies::PoliciesService},
+    api::{
+        Context, change_requests::ChangeRequestsService, policies::PoliciesService,
+        read_cache::RequestCache,
+    },
     apply::ApplyEngine,
     auth::{AuthLayer, AuthSetupError, Authenticator},
+    clock::SharedClock,
     config::Config,
     pb::{self, policies_server::PoliciesServer},
     watch::Hub,
@@ -56,7 +60,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let authenticator = std::sync::Arc::new(Authenticator::new(&config.auth).await?);
+    run_with_clock(config, listener, shutdown, crate::clock::system()).await
+}
+
+/// [`run`], reading the time and taking new ids from `clock`.
+pub async fn run_with_clock(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    clock: SharedClock,
+) -> Result<(), ServeError> {
+    let authenticator = Arc::new(Authenticator::new(&config.auth).await?);
     if authenticator.is_development() {
         if let Ok(addr) = listener.local_addr()
             && !addr.ip().is_loopback()
@@ -91,26 +105,36 @@ pub async fn run(
         .jwt
         .as_ref()
         .map_or(Duration::ZERO, |jwt| jwt.leeway);
-    let hub = Hub::start(store.clone(), config.watch.clone(), credential_leeway).await?;
-    let engine = ApplyEngine::new(store.clone(), config.apply.clone());
-    let worker = engine.spawn_worker();
-    let service = ChangeRequestsService::new(
+    let cache = Arc::new(RequestCache::new(config.watch.cache_entries, 0));
+    let hub = Hub::start(
         store.clone(),
-        hub.clone(),
-        engine.clone(),
-        config.min_approvals,
-    );
-    let change_requests = WatchRoute::new(service, config.limits.max_message_bytes);
-    let policies = PoliciesServer::new(PoliciesService::new(
+        config.watch.clone(),
+        credential_leeway,
+        cache.clone(),
+    )
+    .await?;
+    let engine = ApplyEngine::new(store.clone(), config.apply.clone(), clock.clone());
+    let worker = engine.spawn_worker();
+    let context = Arc::new(Context {
         store,
-        config.apply.allowed_endpoints.clone(),
-    ))
-    .max_decoding_message_size(config.limits.max_message_bytes);
+        hub: hub.clone(),
+        engine,
+        cache,
+        clock,
+        min_approvals: config.min_approvals,
+        allowed_endpoints: config.apply.allowed_endpoints.clone(),
+    });
+    let change_requests = WatchRoute::new(
+        ChangeRequestsService::new(context.clone()),
+        config.limits.max_message_bytes,
+    );
+    let policies = PoliciesServer::new(PoliciesService::new(context))
+        .max_decoding_message_size(config.limits.max_message_bytes);
 
     tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
     // Drain in-flight calls after the shutdown signal, but never for longer than the grace
     // period: an idle client that keeps its connection open must not hold the process.
-    let draining = std::sync::Arc::new(tokio::sync::Notify::new());
+    let draining = Arc::new(tokio::sync::Notify::new());
     let signal = {
         let draining = draining.clone();
         let hub = hub.clone();

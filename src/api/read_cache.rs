@@ -1,8 +1,9 @@
 //! The replica's read cache of change requests, for `GetChangeRequest`.
 //!
-//! Kept current by the event log, the same feed the watch streams follow: the hub reader hands
-//! it every settled event, in revision order, before publishing the event, and the cache drops
-//! the request that event changed. A request is cached only when a read from the database proves
+//! Owned by the handlers' [`Context`](super::Context) and kept current by the event log, the
+//! same feed the watch streams follow: the hub's reader hands it, as a
+//! [`LogFollower`](crate::watch::LogFollower), every settled event in revision order before
+//! publishing the event, and the cache drops the request that event changed. A request is cached only when a read from the database proves
 //! to be no older than the log the cache has applied (see [`RequestCache::offer`]).
 //!
 //! Consistency, as documented in the README ("Reads"):
@@ -137,6 +138,12 @@ impl RequestCache {
             inner.recent.push_back((revision, id.to_owned()));
             inner.applied = revision;
         }
+    }
+}
+
+impl crate::watch::LogFollower for RequestCache {
+    fn apply(&self, events: &mut dyn Iterator<Item = (i64, &str)>) {
+        RequestCache::apply(self, events);
     }
 }
 

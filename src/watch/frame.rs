@@ -1,0 +1,207 @@
+//! Watch messages as they go on the wire: each live event encoded once for every watcher.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message as _;
+
+use approvals_domain::Event;
+
+use crate::{convert, pb};
+
+/// An event as published to live watchers: the domain event (for filtering), its message, and
+/// the message encoded once for every watcher (see [`WatchFrame`]).
+pub struct LiveEvent {
+    pub(super) event: Event,
+    pub(super) message: pb::Event,
+    /// The gRPC message of a frame that carries this event alone: the 5-byte gRPC prefix, then
+    /// `WatchChangeRequestsResponse { revision, events: [event] }`. It ends with the encoded
+    /// event, which frames of several events copy from.
+    pub(super) framed: Bytes,
+    /// Length of the encoded event at the end of `framed`.
+    pub(super) event_len: usize,
+}
+
+impl LiveEvent {
+    pub(super) fn new(event: Event) -> Self {
+        let message = convert::event(&event);
+        let encoded = message.encode_to_vec();
+        Self {
+            framed: frame_live(event.revision, [encoded.as_slice()]),
+            event_len: encoded.len(),
+            event,
+            message,
+        }
+    }
+
+    pub(super) fn encoded(&self) -> &[u8] {
+        &self.framed[self.framed.len() - self.event_len..]
+    }
+}
+
+/// One message of a watch stream, as the stream produces it. Events from the live ring are
+/// shared, already encoded: with 10,000 watchers an event used to be cloned and encoded
+/// 10,000 times, and a frame of one event is sent as the very bytes the ring holds. On the wire
+/// a frame is exactly the `WatchChangeRequestsResponse` it stands for (`into_message` gives
+/// that message; a test holds the bytes equal).
+#[derive(Clone)]
+pub enum WatchFrame {
+    Message(pb::WatchChangeRequestsResponse),
+    Live {
+        revision: i64,
+        events: Vec<Arc<LiveEvent>>,
+    },
+}
+
+impl std::fmt::Debug for WatchFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Message(message) => message.fmt(f),
+            Self::Live { revision, events } => f
+                .debug_struct("WatchFrame::Live")
+                .field("revision", revision)
+                .field("events", &events.len())
+                .finish(),
+        }
+    }
+}
+
+impl WatchFrame {
+    pub fn into_message(self) -> pb::WatchChangeRequestsResponse {
+        match self {
+            Self::Message(message) => message,
+            Self::Live { revision, events } => pb::WatchChangeRequestsResponse {
+                revision,
+                events: events.iter().map(|e| e.message.clone()).collect(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The frame as one length-prefixed gRPC message (uncompressed), as it goes on the wire.
+    pub fn grpc_message(&self) -> Bytes {
+        match self {
+            Self::Live { revision, events } => match events.as_slice() {
+                [only] if only.event.revision == *revision => only.framed.clone(),
+                _ => frame_live(*revision, events.iter().map(|event| event.encoded())),
+            },
+            Self::Message(message) => {
+                let body_len = message.encoded_len();
+                let mut buf = bytes::BytesMut::with_capacity(GRPC_PREFIX + body_len);
+                put_grpc_prefix(body_len, &mut buf);
+                message.encode_raw(&mut buf);
+                buf.freeze()
+            }
+        }
+    }
+}
+
+/// Bytes before each gRPC message: a compression flag (0) and the length (u32, big-endian).
+const GRPC_PREFIX: usize = 5;
+/// Field numbers of `WatchChangeRequestsResponse` that a live frame writes, in number order,
+/// as prost writes them.
+const REVISION_FIELD: u32 = 1;
+const EVENTS_FIELD: u32 = 2;
+
+fn put_grpc_prefix(body_len: usize, buf: &mut bytes::BytesMut) {
+    use bytes::BufMut;
+    buf.put_u8(0);
+    // A single event is far below 4 GiB: the store refuses payloads past the message limit.
+    buf.put_u32(u32::try_from(body_len).unwrap_or(u32::MAX));
+}
+
+/// The gRPC message of a live frame: `WatchChangeRequestsResponse { revision, events }` with
+/// the events already encoded, fields in number order as prost writes them.
+fn frame_live<'a>(revision: i64, events: impl IntoIterator<Item = &'a [u8]> + Clone) -> Bytes {
+    let revision_len = if revision != 0 {
+        prost::encoding::int64::encoded_len(REVISION_FIELD, &revision)
+    } else {
+        0
+    };
+    let body_len = revision_len
+        + events
+            .clone()
+            .into_iter()
+            .map(|event| {
+                prost::encoding::key_len(EVENTS_FIELD)
+                    + prost::encoding::encoded_len_varint(event.len() as u64)
+                    + event.len()
+            })
+            .sum::<usize>();
+    let mut buf = bytes::BytesMut::with_capacity(GRPC_PREFIX + body_len);
+    put_grpc_prefix(body_len, &mut buf);
+    if revision != 0 {
+        prost::encoding::int64::encode(REVISION_FIELD, &revision, &mut buf);
+    }
+    for event in events {
+        prost::encoding::encode_key(
+            EVENTS_FIELD,
+            prost::encoding::WireType::LengthDelimited,
+            &mut buf,
+        );
+        prost::encoding::encode_varint(event.len() as u64, &mut buf);
+        buf.extend_from_slice(event);
+    }
+    buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use approvals_domain::{EventKind, Principal, State, Timestamp};
+
+    use super::*;
+
+    pub(super) fn live(revision: i64, detail: &str) -> Arc<LiveEvent> {
+        Arc::new(LiveEvent::new(Event {
+            revision,
+            change_request_id: format!("cr-{revision}"),
+            project: "web".into(),
+            environment: "prod".into(),
+            kind: EventKind::Commented,
+            actor: Principal::parse("user:alice").expect("principal"),
+            acting_principal: None,
+            from_state: State::InReview,
+            to_state: State::InReview,
+            time: Timestamp::from_micros(1_700_000_000_000_000),
+            detail: detail.into(),
+            change_request: None,
+        }))
+    }
+
+    #[test]
+    pub(super) fn a_live_frame_is_byte_for_byte_the_message_it_stands_for() {
+        for events in [
+            vec![],
+            vec![live(7, "hi")],
+            vec![live(8, ""), live(300, "long")],
+        ] {
+            let revision = events.last().map_or(0, |e| e.event.revision);
+            let frame = WatchFrame::Live { revision, events };
+            let message = frame.clone().into_message();
+            let body = message.encode_to_vec();
+            let mut expected = vec![0];
+            expected.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
+            expected.extend_from_slice(&body);
+            assert_eq!(frame.grpc_message().as_ref(), expected.as_slice());
+        }
+    }
+
+    #[test]
+    pub(super) fn any_frame_is_its_message_prefixed() {
+        let frame = WatchFrame::Message(pb::WatchChangeRequestsResponse {
+            revision: 12,
+            progress: true,
+            ..Default::default()
+        });
+        let bytes = frame.grpc_message();
+        assert_eq!(bytes[0], 0, "uncompressed");
+        assert_eq!(
+            u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize,
+            bytes.len() - 5
+        );
+        assert_eq!(
+            pb::WatchChangeRequestsResponse::decode(&bytes[5..]).expect("decodes"),
+            frame.into_message()
+        );
+    }
+}
