@@ -755,6 +755,34 @@ async fn open_requests_expire() {
     );
 }
 
+/// The server's clock, not the wall clock, decides expiry: a request due to expire in a day
+/// expires as soon as the clock says a day has passed, with no test waiting a day (or a second).
+#[tokio::test]
+async fn requests_expire_by_the_servers_clock() {
+    let clock = ManualClock::now();
+    let server = TestServer::start_with_clock(clock.clone(), fast).await;
+    let mut alice = server.client("user:alice").await;
+    let day = Duration::from_secs(24 * 3600);
+    let created = create(
+        &mut alice,
+        pb::CreateChangeRequestRequest {
+            expire_time: Some(clock.timestamp_in(day)),
+            ..new_request()
+        },
+    )
+    .await;
+    // A second of fast polls: not expired while the clock stands still.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state(&get(&mut alice, &created.id).await), State::InReview);
+    clock.advance(day + Duration::from_secs(1));
+    let expired = wait_for(&mut alice, &created.id, State::Expired).await;
+    assert_eq!(
+        expired.update_time.map(|t| t.seconds),
+        Some(clock.timestamp_in(Duration::ZERO).seconds),
+        "the expiry is stamped with the server's clock"
+    );
+}
+
 fn versioned(resource_id: &str, base: &str) -> pb::Change {
     pb::Change {
         base_version: base.into(),

@@ -133,6 +133,15 @@ impl TestServer {
         Self::start_on(database, database_url, configure).await
     }
 
+    /// Starts a server that reads the time from `clock` (a [`ManualClock`], say).
+    pub async fn start_with_clock(
+        clock: approvals::clock::SharedClock,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
+        let (database, database_url) = TestDatabase::create().await;
+        Self::start_on_clock(database, database_url, configure, clock).await
+    }
+
     /// Starts a second server (a replica) on the database of `other`.
     pub async fn replica_of(other: &TestServer, configure: impl FnOnce(&mut Config)) -> Self {
         Self::start_on(TestDatabase::Shared, other.database_url.clone(), configure).await
@@ -142,6 +151,21 @@ impl TestServer {
         database: TestDatabase,
         database_url: String,
         configure: impl FnOnce(&mut Config),
+    ) -> Self {
+        Self::start_on_clock(
+            database,
+            database_url,
+            configure,
+            approvals::clock::system(),
+        )
+        .await
+    }
+
+    async fn start_on_clock(
+        database: TestDatabase,
+        database_url: String,
+        configure: impl FnOnce(&mut Config),
+        clock: approvals::clock::SharedClock,
     ) -> Self {
         let mut config = Config::default();
         config.database.url = database_url.clone();
@@ -160,7 +184,9 @@ impl TestServer {
             let stopped = async {
                 let _ = stop.await;
             };
-            if let Err(err) = approvals::transport::run(config, listener, stopped).await {
+            if let Err(err) =
+                approvals::transport::run_with_clock(config, listener, stopped, clock).await
+            {
                 panic!("server failed: {err}");
             }
         });
@@ -496,5 +522,46 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A clock a test moves by hand: the server sees time pass without the test waiting for it.
+pub struct ManualClock {
+    micros: std::sync::atomic::AtomicI64,
+}
+
+impl ManualClock {
+    /// A clock standing at the real time now.
+    pub fn now() -> std::sync::Arc<Self> {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        std::sync::Arc::new(Self {
+            micros: std::sync::atomic::AtomicI64::new(micros),
+        })
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.micros
+            .fetch_add(by.as_micros() as i64, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The clock's time plus `ahead`, as a protobuf Timestamp.
+    pub fn timestamp_in(&self, ahead: Duration) -> prost_types::Timestamp {
+        let micros =
+            self.micros.load(std::sync::atomic::Ordering::SeqCst) + ahead.as_micros() as i64;
+        prost_types::Timestamp {
+            seconds: micros.div_euclid(1_000_000),
+            nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
+        }
+    }
+}
+
+impl approvals::clock::Clock for ManualClock {
+    fn now(&self) -> approvals_domain::Timestamp {
+        approvals_domain::Timestamp::from_micros(
+            self.micros.load(std::sync::atomic::Ordering::SeqCst),
+        )
     }
 }
