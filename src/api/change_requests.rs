@@ -9,26 +9,26 @@ use approvals_domain::{
     PolicySnapshot, State, Timestamp,
     validation::{self, Violations},
 };
-use approvals_store::{Step, StoreError};
+use approvals_store::Step;
 use futures::StreamExt;
 use prost::Message;
 use tonic::{Request, Response};
 
 use super::{
-    Answer, Context, answer, called, page_token,
-    requests::{self, Application, Completion, Creation, Edit, EventsQuery, ListQuery, WatchQuery},
+    Answer, Context, answer, called,
+    requests::{self, Application, Completion, Creation, Edit},
 };
 use crate::{
     auth::{Caller, Scope},
     convert,
     error::ApiError,
     pb::{self, change_requests_server::ChangeRequests},
-    watch::{self, WatchStream},
+    watch,
 };
 
 #[derive(Clone)]
 pub struct ChangeRequestsService {
-    context: Arc<Context>,
+    pub(super) context: Arc<Context>,
 }
 
 /// A domain command on one locked request: given the request, the actor and the time.
@@ -41,21 +41,6 @@ type Command<'a> = Box<
 impl ChangeRequestsService {
     pub fn new(context: Arc<Context>) -> Self {
         Self { context }
-    }
-
-    /// WatchChangeRequests: checks the request and opens the stream (the transport writes its
-    /// frames, see `transport::watch_route`).
-    pub async fn open_watch(
-        &self,
-        request: Request<pb::WatchChangeRequestsRequest>,
-    ) -> Result<Response<WatchStream>, ApiError> {
-        let (caller, req) = called(request)?;
-        let query = WatchQuery::try_from(&req)?;
-        // A watcher sees only the projects its credentials allow; the filter holds it to one.
-        caller.ensure_project(&query.filter.project)?;
-        let stream =
-            watch::open(self.context.hub.clone(), query.filter, query.start, &caller).await?;
-        Ok(Response::new(stream))
     }
 
     /// Runs `command` on the request `id` in one transaction, for a caller that may see it,
@@ -223,54 +208,6 @@ impl ChangeRequestsService {
         Ok(view(&created.change_request, caller))
     }
 
-    async fn get(&self, caller: &Caller, id: &str) -> Result<pb::ChangeRequest, ApiError> {
-        let id = requests::id("id", id)?;
-        let cache = &self.context.cache;
-        let store = &self.context.store;
-        let change_request = match cache.get(&id, store.written_head()) {
-            Some(cached) => cached,
-            None => {
-                let mark = cache.mark();
-                let read = store.get(&id).await?;
-                cache.offer(mark, &read);
-                Arc::new(read)
-            }
-        };
-        caller.ensure_sees(&change_request)?;
-        Ok(view(&change_request, caller))
-    }
-
-    async fn list(
-        &self,
-        caller: &Caller,
-        req: &pb::ListChangeRequestsRequest,
-    ) -> Result<pb::ListChangeRequestsResponse, ApiError> {
-        let query = ListQuery::try_from(req)?;
-        caller.ensure_project(&query.filter.project)?;
-        let store = &self.context.store;
-        let after = query.after.as_deref();
-        let page = if query.pending_for_me {
-            let pending = |r: &ChangeRequest| pending_for(r, caller);
-            store
-                .list_matching(&query.filter, pending, after, query.page_size)
-                .await?
-        } else {
-            store.list(&query.filter, after, query.page_size).await?
-        };
-        Ok(pb::ListChangeRequestsResponse {
-            change_requests: page
-                .change_requests
-                .iter()
-                .map(|r| view(r, caller))
-                .collect(),
-            next_page_token: page
-                .next_after
-                .map(|after| page_token::encode(&after, &query.digest))
-                .unwrap_or_default(),
-            total_size: i32::try_from(page.total_size).unwrap_or(i32::MAX),
-        })
-    }
-
     async fn edit(
         &self,
         caller: &Caller,
@@ -289,45 +226,6 @@ impl ChangeRequestsService {
         // An update without an etag is allowed (last writer wins); `command` checks one given.
         let updated = self.command(caller, &id, etag.as_deref(), edit).await?;
         Ok(view(&updated, caller))
-    }
-
-    async fn events(
-        &self,
-        caller: &Caller,
-        req: &pb::ListChangeRequestEventsRequest,
-    ) -> Result<pb::ListChangeRequestEventsResponse, ApiError> {
-        let query = EventsQuery::try_from(req)?;
-        let mut events = self
-            .context
-            .store
-            .events(
-                &query.id,
-                query.after,
-                query.page_size + 1,
-                req.include_change_request,
-            )
-            .await?;
-        // Every request has at least its CREATED event: none means no such request. Another
-        // project's request is answered as an unknown id.
-        let visible = events
-            .first()
-            .map(|first| caller.may_act_in(&first.project));
-        if visible == Some(false) || (visible.is_none() && query.after == 0) {
-            return Err(StoreError::NotFound(query.id).into());
-        }
-        let next_page_token = if events.len() as u64 > query.page_size {
-            events.truncate(query.page_size as usize);
-            events
-                .last()
-                .map(|e| page_token::encode(&e.revision.to_string(), &query.digest))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(pb::ListChangeRequestEventsResponse {
-            events: events.iter().map(convert::event).collect(),
-            next_page_token,
-        })
     }
 }
 
@@ -349,22 +247,13 @@ fn answer_seen(
 
 /// The request with the fields computed for the caller: reviewing and cancelling need
 /// `approvals:write` besides what the request's rules allow.
-fn view(request: &ChangeRequest, caller: &Caller) -> pb::ChangeRequest {
+pub(super) fn view(request: &ChangeRequest, caller: &Caller) -> pb::ChangeRequest {
     let mut out = convert::change_request(request, Some(&caller.actor()));
     if !caller.has(Scope::Write) {
         out.can_approve = false;
         out.can_cancel = false;
     }
     out
-}
-
-/// `pending_for_me`: in review, approvable by the caller now, and not yet reviewed by them.
-fn pending_for(request: &ChangeRequest, caller: &Caller) -> bool {
-    let flags = request.viewer_flags(&caller.actor());
-    request.state == State::InReview
-        && caller.has(Scope::Write)
-        && flags.can_approve
-        && flags.user_decision.is_none()
 }
 
 #[tonic::async_trait]

@@ -6,6 +6,7 @@ pub mod change_requests;
 mod page_token;
 pub mod policies;
 pub mod read_cache;
+mod reads;
 mod requests;
 
 use std::sync::Arc;

@@ -42,7 +42,22 @@ fn optional_timestamp(
     time.map(|t| convert::from_timestamp(field, t)).transpose()
 }
 
+/// The [`FilterFields`] of a List or Watch request (two messages with the same fields).
+macro_rules! filter_fields {
+    ($req:expr) => {
+        FilterFields {
+            project: &$req.project,
+            environment: &$req.environment,
+            action_key: &$req.action_key,
+            resource_type: &$req.resource_type,
+            resource_id: &$req.resource_id,
+            states: &$req.states,
+        }
+    };
+}
+
 /// The filter fields List and Watch share: a project (required), optional names, states.
+/// (`filter_fields!(req)` takes them from either message.)
 struct FilterFields<'a> {
     project: &'a str,
     environment: &'a str,
@@ -103,14 +118,7 @@ impl TryFrom<&pb::ListChangeRequestsRequest> for ListQuery {
     type Error = ApiError;
 
     fn try_from(req: &pb::ListChangeRequestsRequest) -> Result<Self, ApiError> {
-        let fields = FilterFields {
-            project: &req.project,
-            environment: &req.environment,
-            action_key: &req.action_key,
-            resource_type: &req.resource_type,
-            resource_id: &req.resource_id,
-            states: &req.states,
-        };
+        let fields = filter_fields!(req);
         let mut violations = Violations::default();
         fields.check(&mut violations);
         if !req.requester.is_empty()
@@ -161,14 +169,7 @@ impl TryFrom<&pb::WatchChangeRequestsRequest> for WatchQuery {
     type Error = ApiError;
 
     fn try_from(req: &pb::WatchChangeRequestsRequest) -> Result<Self, ApiError> {
-        let fields = FilterFields {
-            project: &req.project,
-            environment: &req.environment,
-            action_key: &req.action_key,
-            resource_type: &req.resource_type,
-            resource_id: &req.resource_id,
-            states: &req.states,
-        };
+        let fields = filter_fields!(req);
         let mut violations = Violations::default();
         fields.check(&mut violations);
         if req.start_revision < 0 {
