@@ -6,7 +6,7 @@ use std::{
     process::Command,
 };
 
-use crate::common::{BINARY, Process, TestDatabase};
+use crate::common::{BINARY, Process, TestDatabase, skip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_then_serve_then_stop_on_sigterm() {
@@ -131,12 +131,10 @@ fn grpcurl() -> Option<PathBuf> {
 #[tokio::test]
 async fn readme_walkthrough_runs_as_written() {
     let Some(grpcurl) = grpcurl() else {
-        assert!(
-            std::env::var("APPROVALS_REQUIRE_GRPCURL").is_err(),
-            "APPROVALS_REQUIRE_GRPCURL is set but grpcurl was not found"
-        );
-        eprintln!(
-            "SKIPPED readme_walkthrough_runs_as_written: grpcurl not installed (../shared/tools/install-grpcurl.sh installs it)"
+        skip(
+            "readme_walkthrough_runs_as_written",
+            "grpcurl not found in GRPCURL, PATH or ~/.local/bin \
+             (../shared/tools/install-grpcurl.sh installs it)",
         );
         return;
     };
