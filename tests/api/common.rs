@@ -31,6 +31,62 @@ use tonic_types::StatusExt;
 
 pub const TEST_DATABASE_ENV: &str = "APPROVALS_TEST_DATABASE_URL";
 
+/// `APPROVALS_TEST_POSTGRES=later`: this run is on SQLite and a later run of the same suite with
+/// `APPROVALS_TEST_DATABASE_URL` covers the PostgreSQL-only tests (`.ci/run`'s first pass).
+pub const TEST_POSTGRES_LATER_ENV: &str = "APPROVALS_TEST_POSTGRES";
+
+/// Whether this is CI (`CI=true` or `CI=1`, as CI systems and `.ci/run` set it).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|ci| ci == "1" || ci.eq_ignore_ascii_case("true"))
+}
+
+/// A test that cannot run here because `why` (what is missing, and how to provide it). In CI
+/// that fails the test: a suite that passes there has run everything. Elsewhere it prints
+/// `SKIPPED <test>: <why>` past the test harness's output capture, so a plain `cargo test`
+/// shows it; the caller then returns.
+#[track_caller]
+pub fn skip(test: &str, why: &str) {
+    assert!(
+        !in_ci(),
+        "{test} cannot run: {why}; with CI=true a missing dependency fails the test"
+    );
+    say_skipped(test, why);
+}
+
+/// Writes to the process's stderr directly: `eprintln!` in a test is captured and shown only
+/// when the test fails, which is what made skips silent.
+fn say_skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+/// The PostgreSQL server a PostgreSQL-only test runs on (`APPROVALS_TEST_DATABASE_URL`), or
+/// `None` after [`skip`], or after only a notice when `APPROVALS_TEST_POSTGRES=later` says a
+/// later pass runs the test on PostgreSQL.
+#[track_caller]
+pub fn postgres_or_skip(test: &str) -> Option<String> {
+    match std::env::var(TEST_DATABASE_ENV) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var(TEST_POSTGRES_LATER_ENV).is_ok_and(|v| v == "later") => {
+            say_skipped(
+                test,
+                &format!("runs in the PostgreSQL pass ({TEST_POSTGRES_LATER_ENV}=later)"),
+            );
+            None
+        }
+        _ => {
+            skip(
+                test,
+                &format!(
+                    "needs PostgreSQL: set {TEST_DATABASE_ENV}=postgres://postgres@127.0.0.1:5432/postgres \
+                     (any server this user may create databases on)"
+                ),
+            );
+            None
+        }
+    }
+}
+
 /// Where a test server keeps its data; removed on drop.
 pub enum TestDatabase {
     Sqlite(tempfile::TempDir),

@@ -113,11 +113,7 @@ async fn sigkill_under_concurrent_writes_loses_nothing_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_concurrent_writes_loses_nothing_on_postgres() {
-    if std::env::var(TEST_DATABASE_ENV).is_err() {
-        eprintln!(
-            "SKIPPED sigkill_under_concurrent_writes_loses_nothing_on_postgres: \
-             set {TEST_DATABASE_ENV} to run it on PostgreSQL"
-        );
+    if postgres_or_skip("sigkill_under_concurrent_writes_loses_nothing_on_postgres").is_none() {
         return;
     }
     let (database, url) = TestDatabase::create().await;

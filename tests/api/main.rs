@@ -4,6 +4,7 @@
 mod callers;
 mod common;
 
+mod api_reference;
 mod applier_endpoints;
 mod apply;
 

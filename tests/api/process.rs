@@ -6,7 +6,7 @@ use std::{
     process::Command,
 };
 
-use crate::common::{BINARY, Process, TestDatabase};
+use crate::common::{BINARY, Process, TestDatabase, skip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_then_serve_then_stop_on_sigterm() {
@@ -53,7 +53,9 @@ async fn migrate_then_serve_then_stop_on_sigterm() {
 
     let exit = server.terminate();
     assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
-    let logged: Vec<String> = server.output.try_iter().collect();
+    // Until the reader thread has forwarded the last line (stdout closed when the server
+    // exited): under load it may still be behind when the exit is seen.
+    let logged: Vec<String> = server.output.iter().collect();
     assert!(
         logged.iter().any(|l| l.contains("shutdown requested")),
         "{logged:?}"
@@ -131,12 +133,10 @@ fn grpcurl() -> Option<PathBuf> {
 #[tokio::test]
 async fn readme_walkthrough_runs_as_written() {
     let Some(grpcurl) = grpcurl() else {
-        assert!(
-            std::env::var("APPROVALS_REQUIRE_GRPCURL").is_err(),
-            "APPROVALS_REQUIRE_GRPCURL is set but grpcurl was not found"
-        );
-        eprintln!(
-            "SKIPPED readme_walkthrough_runs_as_written: grpcurl not installed (../shared/tools/install-grpcurl.sh installs it)"
+        skip(
+            "readme_walkthrough_runs_as_written",
+            "grpcurl not found in GRPCURL, PATH or ~/.local/bin \
+             (../shared/tools/install-grpcurl.sh installs it)",
         );
         return;
     };
