@@ -133,4 +133,46 @@ mod tests {
         assert!(!is_unary("/grpc.health.v1.Health/Check"));
         assert!(is_open("/grpc.health.v1.Health/Check"));
     }
+
+    /// The `Scope:` line each RPC's proto comment carries (what the API reference shows)
+    /// names the scopes of the table, so the documentation cannot drift from the check.
+    #[test]
+    fn each_rpcs_documented_scope_is_the_tables() {
+        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET)
+            .expect("descriptor set");
+        let mut checked = 0;
+        for file in &set.file {
+            for (si, service) in file.service.iter().enumerate() {
+                for (mi, rpc) in service.method.iter().enumerate() {
+                    let path = format!("/{}.{}/{}", file.package(), service.name(), rpc.name());
+                    let Some(method) = method(&path) else {
+                        continue;
+                    };
+                    // A method's location path in its file: service (6) si, method (2) mi.
+                    let wanted = [6, si as i32, 2, mi as i32];
+                    let comment = file
+                        .source_code_info
+                        .iter()
+                        .flat_map(|info| &info.location)
+                        .find(|l| l.path == wanted)
+                        .map(|l| l.leading_comments().to_owned())
+                        .unwrap_or_default();
+                    let line = comment
+                        .lines()
+                        .find_map(|l| l.trim().strip_prefix("Scope:"))
+                        .unwrap_or_else(|| panic!("{path}: its comment has no Scope: line"));
+                    let documented: Vec<&str> = line
+                        .split('`')
+                        .skip(1)
+                        .step_by(2)
+                        .filter(|name| name.starts_with("approvals:"))
+                        .collect();
+                    let table: Vec<&str> = method.scopes.iter().map(|s| s.as_str()).collect();
+                    assert_eq!(documented, table, "{path}: the comment says {line:?}");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, METHODS.len());
+    }
 }
