@@ -363,3 +363,33 @@ impl From<ApiError> for Status {
         Status::with_error_details(code, message, details)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every reason this file can answer with is documented in the protos' comments (which the
+    /// API reference, docs/api.md, is generated from): a new reason without documentation, or
+    /// a typo in one, fails here.
+    #[test]
+    fn every_reason_is_documented_in_the_protos() {
+        let protos = [
+            include_str!("../proto/approvals/v1/change_requests.proto"),
+            include_str!("../proto/approvals/v1/policies.proto"),
+        ]
+        .concat();
+        let source = include_str!("error.rs");
+        let code = &source[..source.find("#[cfg(test)]").unwrap_or(source.len())];
+        let reasons: Vec<&str> = code
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| s.len() > 3 && s.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .collect();
+        assert!(reasons.len() > 20, "found only {reasons:?}");
+        for reason in reasons {
+            assert!(
+                protos.contains(&format!("`{reason}`")),
+                "{reason} is not in the protos' list of error reasons"
+            );
+        }
+    }
+}
