@@ -14,6 +14,7 @@ mod log;
 mod migration;
 mod pending;
 mod policies;
+mod redact;
 mod schema;
 mod store;
 
@@ -21,6 +22,7 @@ pub use applying::Step;
 pub use error::StoreError;
 pub use log::{LogBatch, LogReader};
 pub use policies::PolicyFilter;
+pub use redact::redact_url;
 pub use store::{
     Backend, Created, DatabaseSettings, IdempotencyKey, ListFilter, ListPage, SnapshotPage, Store,
     TOTAL_SIZE_EXACT_LIMIT, touches_resource,

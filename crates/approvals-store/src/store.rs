@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, MutexGuard, Notify, watch};
 use crate::{
     error::StoreError,
     migration::Migrator,
+    redact::redact_url,
     schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res},
 };
 
@@ -179,7 +180,7 @@ impl Store {
         } else {
             return Err(StoreError::Unavailable(format!(
                 "unsupported database url {:?}: expected sqlite://PATH or postgres://...",
-                redact(&settings.url)
+                redact_url(&settings.url)
             )));
         };
         let mut options = ConnectOptions::new(settings.url.clone());
@@ -215,7 +216,7 @@ impl Store {
         let db = Database::connect(options).await.map_err(|err| {
             StoreError::Unavailable(format!(
                 "cannot connect to {}: {err}",
-                redact(&settings.url)
+                redact_url(&settings.url)
             ))
         })?;
         Ok(Self {
@@ -1317,30 +1318,4 @@ pub(crate) async fn with_comments(
             Ok(event)
         })
         .collect()
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact("sqlite://approvals.db"), "sqlite://approvals.db");
-    }
 }
