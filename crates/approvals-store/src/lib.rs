@@ -19,11 +19,13 @@ mod schema;
 mod store;
 
 pub use applying::Step;
+/// Moved to the domain, with the filter; kept here until the server imports it from there.
+pub use approvals_domain::touches_resource;
 pub use error::StoreError;
 pub use log::{LogBatch, LogReader};
 pub use policies::PolicyFilter;
 pub use redact::redact_url;
 pub use store::{
     Backend, Created, DatabaseSettings, IdempotencyKey, ListFilter, ListPage, SnapshotPage, Store,
-    TOTAL_SIZE_EXACT_LIMIT, touches_resource,
+    TOTAL_SIZE_EXACT_LIMIT,
 };

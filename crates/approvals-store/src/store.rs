@@ -8,7 +8,8 @@ use std::{
 };
 
 use approvals_domain::{
-    ChangeRequest, Comment, DomainError, Event, EventDraft, EventKind, Principal, State, Timestamp,
+    ChangeRequest, Comment, DomainError, Event, EventDraft, EventKind, Principal, RequestFilter,
+    State, Timestamp,
 };
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
@@ -74,64 +75,9 @@ pub struct Created {
     pub existed: bool,
 }
 
-/// Filters of `ListChangeRequests`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ListFilter {
-    pub project: String,
-    pub environment: Option<String>,
-    pub action_key: Option<String>,
-    pub resource_type: Option<String>,
-    pub resource_id: Option<String>,
-    pub requester: Option<String>,
-    pub states: Vec<State>,
-    /// One change request.
-    pub id: Option<String>,
-}
-
-impl ListFilter {
-    /// Whether `request` (as it stands) matches every filter.
-    pub fn matches(&self, request: &ChangeRequest) -> bool {
-        request.project == self.project
-            && self
-                .environment
-                .as_ref()
-                .is_none_or(|e| &request.environment == e)
-            && self
-                .action_key
-                .as_ref()
-                .is_none_or(|a| &request.action_key == a)
-            && self
-                .requester
-                .as_ref()
-                .is_none_or(|p| request.created_by.as_str() == p)
-            && self.id.as_ref().is_none_or(|id| &request.id == id)
-            && (self.states.is_empty() || self.states.contains(&request.state))
-            && self.matches_resources(request)
-    }
-
-    /// Whether any change of `request` touches the resource named by the filter (if any).
-    pub fn matches_resources(&self, request: &ChangeRequest) -> bool {
-        touches_resource(
-            self.resource_type.as_deref(),
-            self.resource_id.as_deref(),
-            request,
-        )
-    }
-}
-
-/// Whether any change of `request` touches a resource of this type and id; an unset one
-/// matches any, both unset match every request.
-pub fn touches_resource(
-    resource_type: Option<&str>,
-    resource_id: Option<&str>,
-    request: &ChangeRequest,
-) -> bool {
-    (resource_type.is_none() && resource_id.is_none())
-        || request.changes.iter().any(|c| {
-            resource_type.is_none_or(|t| c.resource_type == t)
-                && resource_id.is_none_or(|i| c.resource_id == i)
-        })
-}
+/// Filters of `ListChangeRequests`: the domain's [`RequestFilter`], under its old name until
+/// the server uses that one.
+pub type ListFilter = RequestFilter;
 
 /// A page of a snapshot at a revision (see [`Store::requests_at_page`]).
 #[derive(Debug)]
@@ -720,7 +666,7 @@ impl Store {
     /// `TOTAL_SIZE_EXACT_LIMIT + 1` (one round trip for the page and its total).
     async fn list_rows(
         &self,
-        filter: &ListFilter,
+        filter: &RequestFilter,
         after: Option<&str>,
         limit: u64,
         count: Option<&SelectStatement>,
@@ -750,7 +696,7 @@ impl Store {
     #[tracing::instrument(level = "info", skip_all, err(level = "debug"))]
     pub async fn list(
         &self,
-        filter: &ListFilter,
+        filter: &RequestFilter,
         after: Option<&str>,
         page_size: u64,
     ) -> Result<ListPage, StoreError> {
@@ -865,7 +811,7 @@ impl Store {
     /// read unchanged and changed since is taken from the row (it was read as it stood).
     pub async fn requests_at_page(
         &self,
-        filter: &ListFilter,
+        filter: &RequestFilter,
         revision: i64,
         before: Option<&str>,
         limit: u64,
@@ -1160,7 +1106,7 @@ pub(crate) fn select_request(id: &str) -> SelectStatement {
         .to_owned()
 }
 
-pub(crate) fn apply_filter(query: &mut SelectStatement, filter: &ListFilter) {
+pub(crate) fn apply_filter(query: &mut SelectStatement, filter: &RequestFilter) {
     query.and_where(Expr::col(cr::PROJECT).eq(filter.project.as_str()));
     if let Some(environment) = &filter.environment {
         query.and_where(Expr::col(cr::ENVIRONMENT).eq(environment.as_str()));
