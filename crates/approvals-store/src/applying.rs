@@ -11,9 +11,10 @@ use sea_orm::{
 };
 
 use crate::{
+    codec::{decode_request, resource_keys},
+    connect::{Backend, Store},
     error::StoreError,
     schema::{CHANGE_REQUESTS, RESOURCE_VERSIONS, RESOURCES, cr, res, rv},
-    store::{Backend, Store, decode_request_row, resource_keys},
 };
 
 /// What a step did to a request.
@@ -81,7 +82,7 @@ impl Store {
             let rows = txn.query_all(&query).await?;
             let mut changed = Vec::new();
             for row in &rows {
-                let mut request = decode_request_row(row)?;
+                let mut request = decode_request(row)?;
                 let before = resource_keys(&request);
                 match step(&mut request) {
                     Step::Unchanged => continue,

@@ -9,23 +9,27 @@
 //! request's document; readers of the log put them back (see `ev::COMMENT_COUNT`).
 
 mod applying;
+mod codec;
+mod connect;
 mod error;
+mod list;
 mod log;
 mod migration;
 mod pending;
 mod policies;
 mod redact;
+mod relay;
+mod requests;
 mod schema;
-mod store;
+mod write;
 
 pub use applying::Step;
 /// Moved to the domain, with the filter; kept here until the server imports it from there.
 pub use approvals_domain::touches_resource;
+pub use connect::{Backend, DatabaseSettings, Store};
 pub use error::StoreError;
+pub use list::{ListFilter, ListPage, SnapshotPage, TOTAL_SIZE_EXACT_LIMIT};
 pub use log::{LogBatch, LogReader};
 pub use policies::PolicyFilter;
 pub use redact::redact_url;
-pub use store::{
-    Backend, Created, DatabaseSettings, IdempotencyKey, ListFilter, ListPage, SnapshotPage, Store,
-    TOTAL_SIZE_EXACT_LIMIT,
-};
+pub use requests::{Created, IdempotencyKey};

@@ -9,9 +9,10 @@ use sea_orm::{
 
 use crate::{
     ListPage, Store, TOTAL_SIZE_EXACT_LIMIT,
+    codec::decode_request,
     error::StoreError,
+    list::apply_filter,
     schema::{CHANGE_REQUESTS, cr},
-    store::{apply_filter, decode_request},
 };
 
 /// Rows read from the database per round trip while scanning.

@@ -12,7 +12,7 @@ use crate::{
     Backend, Store,
     error::StoreError,
     schema::{POLICIES, pol},
-    store::rollback,
+    write::rollback,
 };
 
 /// Filters of `ListPolicies`.
