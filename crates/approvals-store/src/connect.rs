@@ -14,7 +14,7 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait;
 use tokio::sync::{Mutex, watch};
 
-use crate::{error::StoreError, migration::Migrator, redact::redact_url, write::rollback};
+use crate::{error::StoreError, migration::Migrator, redact::redact_url};
 
 /// Key of the PostgreSQL advisory lock that serialises migrations across replicas.
 const MIGRATION_LOCK_KEY: i64 = 0x6170_7072_6f76_616c; // "approval"
@@ -132,22 +132,20 @@ impl Store {
     /// Applies pending migrations. On PostgreSQL under an advisory lock, so replicas starting
     /// together apply them once; on SQLite in one immediate (write-locked) transaction.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let (_writer, txn) = self.begin_write().await?;
-        if self.backend == Backend::Postgres {
-            txn.execute_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "SELECT pg_advisory_xact_lock($1)",
-                [MIGRATION_LOCK_KEY.into()],
-            ))
-            .await?;
-        }
-        match Migrator::up(&txn, None).await {
-            Ok(()) => Ok(txn.commit().await?),
-            Err(err) => {
-                rollback(txn).await;
-                Err(err.into())
+        self.write(async |w| {
+            if w.backend() == Backend::Postgres {
+                w.txn
+                    .execute_raw(Statement::from_sql_and_values(
+                        DbBackend::Postgres,
+                        "SELECT pg_advisory_xact_lock($1)",
+                        [MIGRATION_LOCK_KEY.into()],
+                    ))
+                    .await?;
             }
-        }
+            Migrator::up(&w.txn, None).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// The pool's open connections and how many of them are idle, for metrics.

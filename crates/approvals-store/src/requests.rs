@@ -7,13 +7,13 @@ use sea_orm::{
 };
 
 use crate::{
+    applying::Step,
     codec::{
         EVENT_COLUMNS, decode_request, event_values, request_values, resource_keys, select_request,
     },
     connect::{Backend, Store},
     error::StoreError,
     schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res},
-    write::rollback,
 };
 
 /// An idempotency key (AIP-155) and a digest of the request body it was used with.
@@ -150,9 +150,8 @@ impl Store {
         event: &EventDraft,
         key: Option<&IdempotencyKey>,
     ) -> Result<(), DbErrOr> {
-        let (writer, txn) = self.begin_write().await?;
-        let result = async {
-            let revision = self.append_event(&txn, request, event).await?;
+        self.write(async |w| {
+            let revision = w.append_event(request, event).await?;
             request.revision = revision;
             let (columns, mut values) = request_values(request, key)?;
             values.push(revision.into());
@@ -161,19 +160,11 @@ impl Store {
                 .columns(columns.iter().copied().chain([cr::REVISION]))
                 .values_panic(values.into_iter().map(Expr::val))
                 .to_owned();
-            txn.execute(&insert).await?;
-            self.insert_resources(&txn, request).await?;
+            w.txn.execute(&insert).await?;
+            w.insert_resources(request).await?;
             Ok::<_, DbErrOr>(())
-        }
-        .await;
-        match result {
-            Ok(()) => Ok(self.commit(txn).await?),
-            Err(err) => {
-                rollback(txn).await;
-                drop(writer);
-                Err(err)
-            }
-        }
+        })
+        .await
     }
 
     async fn find_by_request_id(
@@ -219,17 +210,8 @@ impl Store {
     where
         F: FnOnce(&mut ChangeRequest) -> Result<EventDraft, DomainError> + Send,
     {
-        let (_writer, txn) = self.begin_write().await?;
-        let result = async {
-            let mut request = self.lock_request(&txn, id).await?;
-            let before = resource_keys(&request);
-            let event = command(&mut request)?;
-            self.write_request(&txn, &mut request, Some(&event), &before)
-                .await?;
-            Ok(request)
-        }
-        .await;
-        self.finish(txn, result).await
+        self.step(id, |request| command(request).map(Step::Event))
+            .await
     }
 }
 

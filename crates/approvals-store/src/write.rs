@@ -1,13 +1,16 @@
-//! Write transactions, and the statements they run on a request: lock it, write it back,
-//! append its event.
+//! Write transactions: [`Store::write`] runs every write of the store, and [`WriteTxn`] holds
+//! the statements a transaction runs on a request (lock it, write it back, append its event).
 
-use std::collections::BTreeSet;
+use std::{
+    collections::BTreeSet,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use approvals_domain::{ChangeRequest, EventDraft, Timestamp};
 use sea_orm::{
     ConnectionTrait, DatabaseTransaction, SqliteTransactionMode, TransactionOptions,
     TransactionTrait,
-    sea_query::{Expr, ExprTrait, LockType, Query},
+    sea_query::{Expr, ExprTrait, LockType, Query, SelectStatement},
 };
 use tokio::sync::MutexGuard;
 
@@ -18,17 +21,36 @@ use crate::{
     schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res},
 };
 
-impl Store {
-    pub(crate) async fn commit(&self, txn: DatabaseTransaction) -> Result<(), StoreError> {
-        txn.commit().await?;
-        self.note_committed();
-        Ok(())
-    }
+/// One write transaction in progress (see [`Store::write`]).
+pub(crate) struct WriteTxn<'s> {
+    store: &'s Store,
+    pub(crate) txn: DatabaseTransaction,
+    /// An event was appended to the log: the commit wakes the log reader.
+    appended: AtomicBool,
+    /// SQLite: this writer's turn, held until the transaction ends.
+    _turn: Option<MutexGuard<'s, ()>>,
+}
 
-    pub(crate) async fn begin_write(
-        &self,
-    ) -> Result<(Option<MutexGuard<'_, ()>>, DatabaseTransaction), StoreError> {
-        let guard = match self.backend {
+impl Store {
+    /// Runs `body` in one write transaction, and commits it when `body` succeeds or rolls it
+    /// back when it fails: every write of the store goes through here.
+    ///
+    /// - SQLite: writers take their turn in order (the store's queue), then `BEGIN IMMEDIATE`,
+    ///   so the transaction holds the database's write lock from its first statement and never
+    ///   fails on a lock upgrade halfway.
+    /// - PostgreSQL: a plain transaction; `body` locks the rows it changes
+    ///   ([`WriteTxn::lock`]: `SELECT ... FOR UPDATE`).
+    ///
+    /// A commit after an event was appended ([`WriteTxn::append_event`]) wakes this process's
+    /// log reader (and, through the relay, the other replicas'); a write that appended none
+    /// (bookkeeping, policies, migrations) leaves them be: there is nothing new to read. Nothing
+    /// is retried here: a caller that can be aborted (a deadlock) runs `write` again.
+    pub(crate) async fn write<T, E, F>(&self, body: F) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&WriteTxn<'_>) -> Result<T, E>,
+        E: From<StoreError>,
+    {
+        let turn = match self.backend {
             Backend::Sqlite => Some(self.sqlite_writer.lock().await),
             Backend::Postgres => None,
         };
@@ -38,41 +60,62 @@ impl Store {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..Default::default()
             })
-            .await?;
-        Ok((guard, txn))
-    }
-
-    /// Commits on success, rolls back on error.
-    pub(crate) async fn finish<T>(
-        &self,
-        txn: DatabaseTransaction,
-        result: Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        match result {
+            .await
+            .map_err(StoreError::from)?;
+        let write = WriteTxn {
+            store: self,
+            txn,
+            appended: AtomicBool::new(false),
+            _turn: turn,
+        };
+        match body(&write).await {
             Ok(value) => {
-                self.commit(txn).await?;
+                write.commit().await?;
                 Ok(value)
             }
             Err(err) => {
-                rollback(txn).await;
+                write.rollback().await;
                 Err(err)
             }
         }
     }
+}
 
-    /// Reads one request inside `txn`, locking its row (PostgreSQL; SQLite's write
-    /// transaction already excludes other writers).
-    pub(crate) async fn lock_request(
-        &self,
-        txn: &DatabaseTransaction,
-        id: &str,
-    ) -> Result<ChangeRequest, StoreError> {
-        let mut query = select_request(id);
-        if self.backend == Backend::Postgres {
+impl WriteTxn<'_> {
+    async fn commit(self) -> Result<(), StoreError> {
+        let appended = self.appended.load(Ordering::Relaxed);
+        self.txn.commit().await?;
+        if appended {
+            self.store.note_committed();
+        }
+        // The writer's turn ends here, after the commit.
+        Ok(())
+    }
+
+    async fn rollback(self) {
+        if let Err(err) = self.txn.rollback().await {
+            tracing::warn!(error = %err, "rollback failed");
+        }
+    }
+
+    pub(crate) fn backend(&self) -> Backend {
+        self.store.backend
+    }
+
+    /// `query` locking the rows it reads until the transaction ends (PostgreSQL `FOR UPDATE`;
+    /// SQLite's write transaction already excludes other writers).
+    pub(crate) fn lock(&self, mut query: SelectStatement) -> SelectStatement {
+        if self.backend() == Backend::Postgres {
             query.lock(LockType::Update);
         }
-        let row = txn
-            .query_one(&query)
+        query
+    }
+
+    /// Reads one request, locking its row (see [`WriteTxn::lock`]).
+    pub(crate) async fn lock_request(&self, id: &str) -> Result<ChangeRequest, StoreError> {
+        let row = self
+            .txn
+            .query_one(&self.lock(select_request(id)))
             .await?
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
         decode_request(&row)
@@ -82,14 +125,13 @@ impl Store {
     /// service's own bookkeeping (leases, attempts), which keeps the revision.
     pub(crate) async fn write_request(
         &self,
-        txn: &DatabaseTransaction,
         request: &mut ChangeRequest,
         event: Option<&EventDraft>,
         resources_before: &BTreeSet<(String, String)>,
     ) -> Result<(), StoreError> {
         let previous_revision = request.revision;
         if let Some(event) = event {
-            request.revision = self.append_event(txn, request, event).await?;
+            request.revision = self.append_event(request, event).await?;
         }
         let update = Query::update()
             .table(CHANGE_REQUESTS)
@@ -108,7 +150,7 @@ impl Store {
             .and_where(Expr::col(cr::ID).eq(request.id.as_str()))
             .and_where(Expr::col(cr::REVISION).eq(previous_revision))
             .to_owned();
-        let updated = txn.execute(&update).await?;
+        let updated = self.txn.execute(&update).await?;
         if updated.rows_affected() != 1 {
             // Unreachable while the row lock holds; refuse rather than lose an update.
             return Err(StoreError::Internal(format!(
@@ -121,15 +163,15 @@ impl Store {
                 .from_table(RESOURCES)
                 .and_where(Expr::col(res::CHANGE_REQUEST_ID).eq(request.id.as_str()))
                 .to_owned();
-            txn.execute(&delete).await?;
-            self.insert_resources(txn, request).await?;
+            self.txn.execute(&delete).await?;
+            self.insert_resources(request).await?;
         }
         Ok(())
     }
 
+    /// Appends `event` of `request` to the log; returns its revision.
     pub(crate) async fn append_event(
         &self,
-        txn: &DatabaseTransaction,
         request: &mut ChangeRequest,
         event: &EventDraft,
     ) -> Result<i64, StoreError> {
@@ -140,20 +182,19 @@ impl Store {
             .values_panic(event_values(request, event)?.into_iter().map(Expr::val))
             .returning_col(ev::REVISION)
             .to_owned();
-        let row = txn
+        let row = self
+            .txn
             .query_one(&insert)
             .await?
             .ok_or_else(|| StoreError::Internal("event insert returned no revision".into()))?;
         let revision = row.try_get("", ev::REVISION)?;
-        self.note_written(revision);
+        self.store.note_written(revision);
+        self.appended.store(true, Ordering::Relaxed);
         Ok(revision)
     }
 
-    pub(crate) async fn insert_resources(
-        &self,
-        txn: &DatabaseTransaction,
-        request: &ChangeRequest,
-    ) -> Result<(), StoreError> {
+    /// The rows of the resources `request`'s changes touch.
+    pub(crate) async fn insert_resources(&self, request: &ChangeRequest) -> Result<(), StoreError> {
         let keys = resource_keys(request);
         if keys.is_empty() {
             return Ok(());
@@ -173,13 +214,7 @@ impl Store {
                 resource_id.into(),
             ]);
         }
-        txn.execute(&insert).await?;
+        self.txn.execute(&insert).await?;
         Ok(())
-    }
-}
-
-pub(crate) async fn rollback(txn: DatabaseTransaction) {
-    if let Err(err) = txn.rollback().await {
-        tracing::warn!(error = %err, "rollback failed");
     }
 }
