@@ -14,7 +14,7 @@ use sea_orm::{
 use crate::{
     error::StoreError,
     requests::IdempotencyKey,
-    schema::{CHANGE_REQUESTS, cr, ev},
+    schema::{CHANGE_REQUESTS, cr, ev, res},
 };
 
 pub(crate) const EVENT_COLUMNS: [&str; 13] = [
@@ -65,28 +65,30 @@ pub(crate) fn event_values(
     ])
 }
 
-/// The columns and values of a new request's row, all but the revision (which the event
-/// assigns; the stored body's revision is never read, the column's is).
+/// The columns of a new request's row, all but the revision (which the event assigns; the
+/// stored body's revision is never read, the column's is).
+pub(crate) const REQUEST_COLUMNS: [&str; 13] = [
+    cr::ID,
+    cr::PROJECT,
+    cr::ENVIRONMENT,
+    cr::ACTION_KEY,
+    cr::STATE,
+    cr::CREATED_BY,
+    cr::CREATE_TIME,
+    cr::UPDATE_TIME,
+    cr::EXPIRE_TIME,
+    cr::DUE_TIME,
+    cr::REQUEST_ID,
+    cr::REQUEST_FINGERPRINT,
+    cr::BODY,
+];
+
+/// The values of a new request's row, in the order of `REQUEST_COLUMNS`.
 pub(crate) fn request_values(
     request: &ChangeRequest,
     key: Option<&IdempotencyKey>,
-) -> Result<([&'static str; 13], Vec<sea_orm::Value>), StoreError> {
-    let columns = [
-        cr::ID,
-        cr::PROJECT,
-        cr::ENVIRONMENT,
-        cr::ACTION_KEY,
-        cr::STATE,
-        cr::CREATED_BY,
-        cr::CREATE_TIME,
-        cr::UPDATE_TIME,
-        cr::EXPIRE_TIME,
-        cr::DUE_TIME,
-        cr::REQUEST_ID,
-        cr::REQUEST_FINGERPRINT,
-        cr::BODY,
-    ];
-    let values = vec![
+) -> Result<Vec<sea_orm::Value>, StoreError> {
+    Ok(vec![
         request.id.clone().into(),
         request.project.clone().into(),
         request.environment.clone().into(),
@@ -100,8 +102,7 @@ pub(crate) fn request_values(
         key.map(|k| k.request_id.clone()).into(),
         key.map(|k| k.fingerprint.clone()).into(),
         serde_json::to_string(request)?.into(),
-    ];
-    Ok((columns, values))
+    ])
 }
 
 pub(crate) fn select_request(id: &str) -> SelectStatement {
@@ -110,6 +111,30 @@ pub(crate) fn select_request(id: &str) -> SelectStatement {
         .from(CHANGE_REQUESTS)
         .and_where(Expr::col(cr::ID).eq(id))
         .to_owned()
+}
+
+/// The columns of a resource row (see [`resource_values`]).
+pub(crate) const RESOURCE_COLUMNS: [&str; 4] = [
+    res::CHANGE_REQUEST_ID,
+    res::PROJECT,
+    res::RESOURCE_TYPE,
+    res::RESOURCE_ID,
+];
+
+/// The rows of the resources `request`'s changes touch (each once), in the order of
+/// `RESOURCE_COLUMNS`.
+pub(crate) fn resource_values(request: &ChangeRequest) -> Vec<[sea_orm::Value; 4]> {
+    resource_keys(request)
+        .into_iter()
+        .map(|(resource_type, resource_id)| {
+            [
+                request.id.clone().into(),
+                request.project.clone().into(),
+                resource_type.into(),
+                resource_id.into(),
+            ]
+        })
+        .collect()
 }
 
 pub(crate) fn resource_keys(request: &ChangeRequest) -> BTreeSet<(String, String)> {

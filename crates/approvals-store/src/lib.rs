@@ -7,6 +7,13 @@
 //! to the event log. The event's revision comes from an identity column (no counter row). A
 //! snapshot leaves out the request's comments, which are append-only and kept once, in the
 //! request's document; readers of the log put them back (see `ev::COMMENT_COUNT`).
+//!
+//! Where things are: `connect` (the pool, settings, migrations), `write` (the one write
+//! transaction every write runs in), `requests` (create, get, mutate), `rows` (the rows of a
+//! new request), `codec` (rows <-> domain values), `list` (lists, their totals, snapshot
+//! pages), `pending` (lists only the domain can filter), `log` (the event log and its reader),
+//! `relay` (commits across replicas), `applying` (the apply feature's writes), `policies`,
+//! `seed` (bulk writes for benchmarks), `redact` (URLs for messages).
 
 mod applying;
 mod codec;
@@ -20,7 +27,9 @@ mod policies;
 mod redact;
 mod relay;
 mod requests;
+mod rows;
 mod schema;
+pub mod seed;
 mod write;
 
 pub use applying::Step;

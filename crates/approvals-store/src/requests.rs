@@ -2,18 +2,17 @@
 
 use approvals_domain::{ChangeRequest, DomainError, EventDraft, Principal};
 use sea_orm::{
-    ConnectionTrait, DbBackend, DbErr, SqlErr, Statement,
+    ConnectionTrait, SqlErr,
     sea_query::{Expr, ExprTrait, Query},
 };
 
 use crate::{
     applying::Step,
-    codec::{
-        EVENT_COLUMNS, decode_request, event_values, request_values, resource_keys, select_request,
-    },
+    codec::{decode_request, select_request},
     connect::{Backend, Store},
-    error::StoreError,
-    schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res},
+    error::{DbErrOr, StoreError},
+    rows::{self, NewRequest},
+    schema::{CHANGE_REQUESTS, cr},
 };
 
 /// An idempotency key (AIP-155) and a digest of the request body it was used with.
@@ -72,73 +71,21 @@ impl Store {
         }
     }
 
-    /// PostgreSQL: the event, the request and its resources in one statement, so a create is
-    /// one round trip (it was six: begin, xid, three inserts, commit). Being one statement, it
-    /// is atomic without a transaction block.
+    /// PostgreSQL: the event, the request and its resources in one statement (see
+    /// [`rows::insert_in_one_statement`]).
     async fn create_in_one_statement(
         &self,
         request: &mut ChangeRequest,
         event: &EventDraft,
         key: Option<&IdempotencyKey>,
     ) -> Result<(), DbErrOr> {
-        let mut values: Vec<sea_orm::Value> = Vec::new();
-        let mut placeholders = |row: Vec<sea_orm::Value>| {
-            let start = values.len();
-            let list: Vec<String> = (1..=row.len()).map(|i| format!("${}", start + i)).collect();
-            values.extend(row);
-            list.join(", ")
+        let new = NewRequest {
+            request,
+            event,
+            key,
         };
-        let event_columns = EVENT_COLUMNS[1..].join(", ");
-        let event_row = placeholders(event_values(request, event)?);
-        let (request_columns, request_row) = request_values(request, key)?;
-        let request_row = placeholders(request_row);
-        // The log reader relies on a writer having its xid before it takes a revision (see
-        // log.rs): the materialised `xid` row is produced before the event row's identity
-        // value is drawn.
-        let mut sql = format!(
-            "WITH xid AS MATERIALIZED (SELECT pg_current_xact_id()), \
-             event AS (INSERT INTO {EVENTS} ({event_columns}) SELECT {event_row} FROM xid \
-             RETURNING {revision}), \
-             request AS (INSERT INTO {CHANGE_REQUESTS} ({request_columns}, {revision}) \
-             SELECT {request_row}, event.{revision} FROM event)",
-            revision = ev::REVISION,
-            request_columns = request_columns.join(", "),
-        );
-        let keys = resource_keys(request);
-        if !keys.is_empty() {
-            let rows: Vec<String> = keys
-                .into_iter()
-                .map(|(resource_type, resource_id)| {
-                    format!(
-                        "({})",
-                        placeholders(vec![
-                            request.id.clone().into(),
-                            request.project.clone().into(),
-                            resource_type.into(),
-                            resource_id.into(),
-                        ])
-                    )
-                })
-                .collect();
-            sql.push_str(&format!(
-                ", resources AS (INSERT INTO {RESOURCES} ({}, {}, {}, {}) VALUES {})",
-                res::CHANGE_REQUEST_ID,
-                res::PROJECT,
-                res::RESOURCE_TYPE,
-                res::RESOURCE_ID,
-                rows.join(", ")
-            ));
-        }
-        sql.push_str(&format!(" SELECT {} FROM event", ev::REVISION));
-        let statement = Statement::from_sql_and_values(DbBackend::Postgres, sql, values);
-        let row = self
-            .db
-            .query_one_raw(statement)
-            .await?
-            .ok_or_else(|| StoreError::Internal("create returned no revision".into()))?;
-        let revision: i64 = row.try_get("", ev::REVISION)?;
+        let revision = rows::insert_in_one_statement(&self.db, new).await?;
         self.note_written(revision);
-        request.revision = revision;
         self.note_committed();
         Ok(())
     }
@@ -151,18 +98,14 @@ impl Store {
         key: Option<&IdempotencyKey>,
     ) -> Result<(), DbErrOr> {
         self.write(async |w| {
-            let revision = w.append_event(request, event).await?;
-            request.revision = revision;
-            let (columns, mut values) = request_values(request, key)?;
-            values.push(revision.into());
-            let insert = Query::insert()
-                .into_table(CHANGE_REQUESTS)
-                .columns(columns.iter().copied().chain([cr::REVISION]))
-                .values_panic(values.into_iter().map(Expr::val))
-                .to_owned();
-            w.txn.execute(&insert).await?;
-            w.insert_resources(request).await?;
-            Ok::<_, DbErrOr>(())
+            let mut new = [NewRequest {
+                request,
+                event,
+                key,
+            }];
+            let revision = rows::insert(&w.txn, &mut new).await?;
+            w.note_appended(revision);
+            Ok(())
         })
         .await
     }
@@ -212,38 +155,5 @@ impl Store {
     {
         self.step(id, |request| command(request).map(Step::Event))
             .await
-    }
-}
-
-/// Either a database error (kept whole, to tell unique violations apart) or a store error.
-enum DbErrOr {
-    Db(DbErr),
-    Store(StoreError),
-}
-
-impl From<DbErr> for DbErrOr {
-    fn from(err: DbErr) -> Self {
-        Self::Db(err)
-    }
-}
-
-impl From<StoreError> for DbErrOr {
-    fn from(err: StoreError) -> Self {
-        Self::Store(err)
-    }
-}
-
-impl From<serde_json::Error> for DbErrOr {
-    fn from(err: serde_json::Error) -> Self {
-        Self::Store(err.into())
-    }
-}
-
-impl From<DbErrOr> for StoreError {
-    fn from(err: DbErrOr) -> Self {
-        match err {
-            DbErrOr::Db(db) => db.into(),
-            DbErrOr::Store(store) => store,
-        }
     }
 }

@@ -15,7 +15,10 @@ use sea_orm::{
 use tokio::sync::MutexGuard;
 
 use crate::{
-    codec::{EVENT_COLUMNS, decode_request, event_values, resource_keys, select_request},
+    codec::{
+        EVENT_COLUMNS, RESOURCE_COLUMNS, decode_request, event_values, resource_keys,
+        resource_values, select_request,
+    },
     connect::{Backend, Store},
     error::StoreError,
     schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res},
@@ -188,31 +191,27 @@ impl WriteTxn<'_> {
             .await?
             .ok_or_else(|| StoreError::Internal("event insert returned no revision".into()))?;
         let revision = row.try_get("", ev::REVISION)?;
+        self.note_appended(revision);
+        Ok(revision)
+    }
+
+    /// Records that this transaction appended events up to `revision`: the store's written
+    /// head moves now, and the commit will wake the log reader.
+    pub(crate) fn note_appended(&self, revision: i64) {
         self.store.note_written(revision);
         self.appended.store(true, Ordering::Relaxed);
-        Ok(revision)
     }
 
     /// The rows of the resources `request`'s changes touch.
     pub(crate) async fn insert_resources(&self, request: &ChangeRequest) -> Result<(), StoreError> {
-        let keys = resource_keys(request);
-        if keys.is_empty() {
+        let rows = resource_values(request);
+        if rows.is_empty() {
             return Ok(());
         }
         let mut insert = Query::insert();
-        insert.into_table(RESOURCES).columns([
-            res::CHANGE_REQUEST_ID,
-            res::PROJECT,
-            res::RESOURCE_TYPE,
-            res::RESOURCE_ID,
-        ]);
-        for (resource_type, resource_id) in keys {
-            insert.values_panic([
-                request.id.clone().into(),
-                request.project.clone().into(),
-                resource_type.into(),
-                resource_id.into(),
-            ]);
+        insert.into_table(RESOURCES).columns(RESOURCE_COLUMNS);
+        for values in rows {
+            insert.values_panic(values.map(Expr::val));
         }
         self.txn.execute(&insert).await?;
         Ok(())

@@ -208,3 +208,46 @@ async fn a_database_url_in_an_error_shows_no_secret() {
         "{message}"
     );
 }
+
+/// Seeded requests read back like created ones: the same document, the same list columns and
+/// resource rows, a CREATED event with its snapshot.
+#[tokio::test]
+async fn seeded_requests_read_back_as_created_ones() {
+    let (store, file) = store().await;
+    let db = sea_orm::Database::connect(format!("sqlite://{}", file.0.display()))
+        .await
+        .expect("connect");
+    let mut created: Vec<(ChangeRequest, EventDraft)> = (1..=3)
+        .map(|n| new_request(&id(n), &format!("flag-{n}")))
+        .collect();
+    approvals_store::seed::insert_created(&db, &mut created)
+        .await
+        .expect("seed");
+    let head = store.head_revision().await.expect("head");
+    assert_eq!(head, 3);
+    for (request, event) in &created {
+        let stored = store.get(&request.id).await.expect("get");
+        assert_eq!(&stored, request);
+        let events = store
+            .events(&request.id, 0, 10, true)
+            .await
+            .expect("events");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].revision, request.revision);
+        assert_eq!(events[0].kind, event.kind);
+        assert_eq!(events[0].change_request.as_ref(), Some(request));
+    }
+    let filter = approvals_domain::RequestFilter {
+        project: "web".into(),
+        resource_id: Some("flag-2".into()),
+        requester: Some("user:alice".into()),
+        ..Default::default()
+    };
+    let page = store.list(&filter, None, 10).await.expect("list");
+    assert_eq!(page.total_size, 1);
+    assert_eq!(page.change_requests, vec![created[1].0.clone()]);
+    // A request created by the store after them is next in the log.
+    let (request, event) = new_request(&id(4), "flag-4");
+    let fourth = store.create(request, event, None).await.expect("create");
+    assert_eq!(fourth.change_request.revision, head + 1);
+}
