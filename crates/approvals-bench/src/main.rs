@@ -495,15 +495,11 @@ async fn scenarios(
         .await
         .map_err(|s| format!("create the template request: {s}"))?
         .into_inner();
-    // A small pool for the template; the direct ceiling opens its own, as wide as the
+    // Read with a one-connection store; the direct ceiling opens its own pool, as wide as the
     // concurrency, and closes it afterwards, so the server's pool and the bench's never hold
     // more than PostgreSQL's max_connections (100 by default) between them.
-    let database = match database_url {
-        Some(url) => Some(open_database(url, 2).await?),
-        None => None,
-    };
-    let template = match &database {
-        Some(db) => Some(Template::read(db, &template_request.id).await?),
+    let template = match database_url {
+        Some(url) => Some(Template::read(url, &template_request.id).await?),
         None => None,
     };
 
@@ -550,9 +546,7 @@ async fn scenarios(
                     } else {
                         Some(writer.lock().await)
                     };
-                    seed::insert_one(&db, &template, &spec)
-                        .await
-                        .map_err(|e| e.to_string())
+                    seed::insert_one(&db, &template, &spec).await
                 }
             })
             .await;
@@ -566,9 +560,7 @@ async fn scenarios(
                     let (db, template) = (db.clone(), template.clone());
                     async move {
                         let spec = ceiling_row(worker, format!("flag-one-{sequence}"));
-                        seed::insert_one_statement(&db, &template, &spec)
-                            .await
-                            .map_err(|e| e.to_string())
+                        seed::insert_one_statement(&db, &template, &spec).await
                     }
                 })
                 .await;

@@ -1,43 +1,28 @@
-//! Rows shaped exactly like the service's own, written with plain SQL.
+//! Rows shaped exactly like the service's own, written through the store's own codec.
 //!
-//! The shape is not re-implemented here: the bench creates one request through the API and
-//! copies the three rows the service wrote for it (`change_requests`, its CREATED event in
-//! `change_request_events`, its `change_request_resources` row), changing only the columns and
-//! JSON fields that make a row distinct (id, project, environment, requester, resource id, change
-//! id, revision). The writes follow the service's create transaction: the event first (its
-//! identity column gives the revision), then the request whose body carries that revision, then
-//! the resource row. Used twice: to seed the list table in bulk (many rows per statement), and for
-//! the direct-insert ceiling (one request per transaction, as the service does).
+//! The shape is not re-implemented here: the bench creates one request through the API, reads
+//! it back through the store (the request and its CREATED event, as domain values), and writes
+//! copies with `approvals_store::seed`, which encodes them as the store's create does (the same
+//! columns, document and statements: the event first, its identity column giving the revision,
+//! then the request's row, then its resource row). A copy differs only in what makes it
+//! distinct (id, project, environment, requester, resource id, change id). Used twice: to seed
+//! the list table in bulk (many rows per statement), and for the direct-insert ceiling (one
+//! request per transaction, or per statement on PostgreSQL, as the service writes a create).
 
-use std::collections::HashMap;
+use std::time::Duration;
 
+use approvals_domain::{ChangeRequest, EventDraft, Principal};
+use approvals_store::{DatabaseSettings, Store, seed};
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbErr, QueryResult, SqliteTransactionMode,
-    TransactionOptions, TransactionTrait,
-    sea_query::{Expr, ExprTrait, Query},
+    ConnectionTrait, DatabaseConnection, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
 };
-use serde_json::Value;
 
-const CHANGE_REQUESTS: &str = "change_requests";
-const RESOURCES: &str = "change_request_resources";
-const EVENTS: &str = "change_request_events";
-
-/// The rows the service wrote for one created request, to copy.
+/// The request the service created, and its CREATED event, to copy.
 #[derive(Clone)]
 pub struct Template {
-    body: Value,
-    snapshot: Value,
-    action_key: String,
-    state: String,
-    create_time: i64,
-    update_time: i64,
-    expire_time: Option<i64>,
-    kind: String,
-    from_state: String,
-    to_state: String,
-    event_time: i64,
-    detail: String,
-    resource_type: String,
+    request: ChangeRequest,
+    event: EventDraft,
 }
 
 /// What differs between two seeded requests.
@@ -49,201 +34,76 @@ pub struct RowSpec {
     pub resource_id: String,
 }
 
-fn get<T: sea_orm::TryGetable>(row: &QueryResult, column: &str) -> Result<T, String> {
-    row.try_get("", column)
-        .map_err(|e| format!("template column {column}: {e}"))
-}
-
 impl Template {
-    /// Reads the rows of request `id`, which the service has just created.
-    pub async fn read(db: &DatabaseConnection, id: &str) -> Result<Self, String> {
-        let request = Query::select()
-            .columns([
-                "body",
-                "action_key",
-                "state",
-                "create_time",
-                "update_time",
-                "expire_time",
-            ])
-            .from(CHANGE_REQUESTS)
-            .and_where(Expr::col("id").eq(id))
-            .to_owned();
-        let request = db
-            .query_one(&request)
+    /// Reads request `id`, which the service has just created, through the store.
+    pub async fn read(url: &str, id: &str) -> Result<Self, String> {
+        let store = Store::connect(&DatabaseSettings {
+            url: url.to_owned(),
+            max_connections: 1,
+            acquire_timeout: Duration::from_secs(30),
+            statement_timeout: Duration::from_secs(30),
+        })
+        .await
+        .map_err(|e| format!("open the store: {e}"))?;
+        let request = store
+            .get(id)
             .await
-            .map_err(|e| e.to_string())?
-            .ok_or("template request not found")?;
-        let event = Query::select()
-            .columns([
-                "kind",
-                "actor",
-                "from_state",
-                "to_state",
-                "event_time",
-                "detail",
-                "snapshot",
-            ])
-            .from(EVENTS)
-            .and_where(Expr::col("change_request_id").eq(id))
-            .to_owned();
-        let event = db
-            .query_one(&event)
+            .map_err(|e| format!("read the template request: {e}"))?;
+        let event = store
+            .events(id, 0, 1, false)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("read the template event: {e}"))?
+            .into_iter()
+            .next()
             .ok_or("template event not found")?;
-        let resource = Query::select()
-            .columns(["resource_type"])
-            .from(RESOURCES)
-            .and_where(Expr::col("change_request_id").eq(id))
-            .to_owned();
-        let resource = db
-            .query_one(&resource)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("template resource not found")?;
-        let body: String = get(&request, "body")?;
-        let snapshot: String = get(&event, "snapshot")?;
         Ok(Self {
-            body: serde_json::from_str(&body).map_err(|e| e.to_string())?,
-            snapshot: serde_json::from_str(&snapshot).map_err(|e| e.to_string())?,
-            action_key: get(&request, "action_key")?,
-            state: get(&request, "state")?,
-            create_time: get(&request, "create_time")?,
-            update_time: get(&request, "update_time")?,
-            expire_time: get(&request, "expire_time")?,
-            kind: get(&event, "kind")?,
-            from_state: get(&event, "from_state")?,
-            to_state: get(&event, "to_state")?,
-            event_time: get(&event, "event_time")?,
-            detail: get(&event, "detail")?,
-            resource_type: get(&resource, "resource_type")?,
+            request,
+            event: EventDraft {
+                kind: event.kind,
+                actor: event.actor,
+                acting_principal: event.acting_principal,
+                from_state: event.from_state,
+                to_state: event.to_state,
+                time: event.time,
+                detail: event.detail,
+            },
         })
     }
 
-    /// The request document for `spec`, as the service would store it at `revision`.
-    fn document(&self, base: &Value, spec: &RowSpec, revision: i64) -> Value {
-        let mut doc = base.clone();
-        doc["id"] = spec.id.clone().into();
-        doc["project"] = spec.project.clone().into();
-        doc["environment"] = spec.environment.clone().into();
-        doc["created_by"] = spec.created_by.clone().into();
-        doc["revision"] = revision.into();
-        if let Some(change) = doc["changes"].get_mut(0) {
-            change["resource_id"] = spec.resource_id.clone().into();
-            change["created_by"] = spec.created_by.clone().into();
-            change["id"] = uuid::Uuid::now_v7().to_string().into();
+    /// The request and event of `spec`: the template's, with `spec`'s values.
+    fn created(&self, spec: &RowSpec) -> Result<(ChangeRequest, EventDraft), String> {
+        let created_by = Principal::parse(&spec.created_by)?;
+        let mut request = self.request.clone();
+        request.id = spec.id.clone();
+        request.project = spec.project.clone();
+        request.environment = spec.environment.clone();
+        request.created_by = created_by.clone();
+        if let Some(change) = request.changes.first_mut() {
+            change.resource_id = spec.resource_id.clone();
+            change.created_by = created_by.clone();
+            change.id = uuid::Uuid::now_v7().to_string();
         }
-        doc
+        let event = EventDraft {
+            actor: created_by,
+            ..self.event.clone()
+        };
+        Ok((request, event))
     }
 }
 
-/// Writes `specs` as created requests, in the service's order (events, requests, resources),
-/// with one multi-row statement per table.
+/// Writes `specs` as created requests, with one multi-row statement per table.
 pub async fn insert_rows<C: ConnectionTrait>(
     db: &C,
     template: &Template,
     specs: &[RowSpec],
-) -> Result<(), DbErr> {
-    if specs.is_empty() {
-        return Ok(());
-    }
-    let mut events = Query::insert();
-    events.into_table(EVENTS).columns([
-        "change_request_id",
-        "project",
-        "environment",
-        "kind",
-        "actor",
-        "acting_principal",
-        "from_state",
-        "to_state",
-        "event_time",
-        "detail",
-        "snapshot",
-    ]);
-    for spec in specs {
-        events.values_panic(event_values(template, spec).into_iter().map(Expr::val));
-    }
-    events.returning(Query::returning().columns(["revision", "change_request_id"]));
-    let mut revisions = HashMap::with_capacity(specs.len());
-    for row in db.query_all(&events).await? {
-        let revision: i64 = row.try_get("", "revision")?;
-        let id: String = row.try_get("", "change_request_id")?;
-        revisions.insert(id, revision);
-    }
-
-    let mut requests = Query::insert();
-    requests.into_table(CHANGE_REQUESTS).columns([
-        "id",
-        "project",
-        "environment",
-        "action_key",
-        "state",
-        "created_by",
-        "create_time",
-        "update_time",
-        "expire_time",
-        "revision",
-        "request_id",
-        "request_fingerprint",
-        "body",
-    ]);
-    let mut resources = Query::insert();
-    resources.into_table(RESOURCES).columns([
-        "change_request_id",
-        "project",
-        "resource_type",
-        "resource_id",
-    ]);
-    for spec in specs {
-        let revision = revisions.get(&spec.id).copied().unwrap_or_default();
-        let body = template.document(&template.body, spec, revision);
-        requests.values_panic([
-            spec.id.clone().into(),
-            spec.project.clone().into(),
-            spec.environment.clone().into(),
-            template.action_key.clone().into(),
-            template.state.clone().into(),
-            spec.created_by.clone().into(),
-            template.create_time.into(),
-            template.update_time.into(),
-            template.expire_time.into(),
-            revision.into(),
-            Option::<String>::None.into(),
-            Option::<String>::None.into(),
-            body.to_string().into(),
-        ]);
-        resources.values_panic([
-            spec.id.clone().into(),
-            spec.project.clone().into(),
-            template.resource_type.clone().into(),
-            spec.resource_id.clone().into(),
-        ]);
-    }
-    db.execute(&requests).await?;
-    db.execute(&resources).await?;
-    Ok(())
-}
-
-/// The values of `spec`'s CREATED event row, in the column order of `insert_rows`.
-fn event_values(template: &Template, spec: &RowSpec) -> Vec<sea_orm::Value> {
-    // The snapshot is taken before the store sets the revision: keep the template's.
-    let revision = template.snapshot["revision"].as_i64().unwrap_or_default();
-    let snapshot = template.document(&template.snapshot, spec, revision);
-    vec![
-        spec.id.clone().into(),
-        spec.project.clone().into(),
-        spec.environment.clone().into(),
-        template.kind.clone().into(),
-        spec.created_by.clone().into(),
-        Option::<String>::None.into(),
-        template.from_state.clone().into(),
-        template.to_state.clone().into(),
-        template.event_time.into(),
-        template.detail.clone().into(),
-        snapshot.to_string().into(),
-    ]
+) -> Result<(), String> {
+    let mut created = specs
+        .iter()
+        .map(|spec| template.created(spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    seed::insert_created(db, &mut created)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// One request in one transaction (immediate on SQLite, as the service's writer is): three
@@ -252,15 +112,16 @@ pub async fn insert_one(
     db: &DatabaseConnection,
     template: &Template,
     spec: &RowSpec,
-) -> Result<(), DbErr> {
+) -> Result<(), String> {
     let txn = db
         .begin_with_options(TransactionOptions {
             sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
             ..Default::default()
         })
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
     insert_rows(&txn, template, std::slice::from_ref(spec)).await?;
-    txn.commit().await
+    txn.commit().await.map_err(|e| e.to_string())
 }
 
 /// A cheap, well-mixed hash (splitmix64), so seeded columns are spread without an RNG.
@@ -300,42 +161,9 @@ pub async fn insert_one_statement(
     db: &DatabaseConnection,
     template: &Template,
     spec: &RowSpec,
-) -> Result<(), DbErr> {
-    // The stored body's revision is never read (the column's is).
-    let body = template.document(&template.body, spec, 0);
-    // $1..$11: the event
-    let mut values = event_values(template, spec);
-    values.extend::<[sea_orm::Value; 10]>([
-        // $12..$19: the request
-        template.action_key.clone().into(),
-        template.state.clone().into(),
-        template.create_time.into(),
-        template.update_time.into(),
-        template.expire_time.into(),
-        Option::<String>::None.into(),
-        Option::<String>::None.into(),
-        body.to_string().into(),
-        // $20, $21: the resource
-        template.resource_type.clone().into(),
-        spec.resource_id.clone().into(),
-    ]);
-    let sql = format!(
-        "WITH event AS (INSERT INTO {EVENTS} (change_request_id, project, environment, kind, \
-         actor, acting_principal, from_state, to_state, event_time, detail, snapshot) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING revision), \
-         request AS (INSERT INTO {CHANGE_REQUESTS} (id, project, environment, action_key, state, \
-         created_by, create_time, update_time, expire_time, revision, request_id, \
-         request_fingerprint, body) SELECT $1, $2, $3, $12, $13, $5, $14, $15, $16, \
-         event.revision, $17, $18, $19 FROM event), \
-         resource AS (INSERT INTO {RESOURCES} (change_request_id, project, resource_type, \
-         resource_id) VALUES ($1, $2, $20, $21)) \
-         SELECT revision FROM event"
-    );
-    db.query_one_raw(sea_orm::Statement::from_sql_and_values(
-        sea_orm::DbBackend::Postgres,
-        sql,
-        values,
-    ))
-    .await?;
-    Ok(())
+) -> Result<(), String> {
+    let (mut request, event) = template.created(spec)?;
+    seed::insert_created_in_one_statement(db, &mut request, &event)
+        .await
+        .map_err(|e| e.to_string())
 }

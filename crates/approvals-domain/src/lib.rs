@@ -7,6 +7,7 @@ mod apply;
 mod change_request;
 mod error;
 mod event;
+mod filter;
 mod policy;
 mod principal;
 mod state;
@@ -22,6 +23,7 @@ pub use change_request::{
 };
 pub use error::{DomainError, FieldViolation};
 pub use event::{Event, EventDraft, EventKind};
+pub use filter::{RequestFilter, touches_resource};
 pub use policy::{
     ApplyMode, GroupRequirement, Policy, PolicyRules, PolicySnapshot, ReviewRules, Specificity,
     parse_policy_principal, select_policy,

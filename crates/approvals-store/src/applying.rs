@@ -11,9 +11,11 @@ use sea_orm::{
 };
 
 use crate::{
+    codec::{decode_request, resource_keys},
+    connect::{Backend, Store},
     error::StoreError,
     schema::{CHANGE_REQUESTS, RESOURCE_VERSIONS, RESOURCES, cr, res, rv},
-    store::{Backend, Store, decode_request_row, resource_keys},
+    write::WriteTxn,
 };
 
 /// What a step did to a request.
@@ -27,31 +29,36 @@ pub enum Step {
     Event(EventDraft),
 }
 
+impl WriteTxn<'_> {
+    /// Writes what a step did to a locked request (`before`: its resources when read).
+    async fn write_step(
+        &self,
+        request: &mut ChangeRequest,
+        step: Step,
+        before: &BTreeSet<(String, String)>,
+    ) -> Result<(), StoreError> {
+        match step {
+            Step::Unchanged => Ok(()),
+            Step::Quiet => self.write_request(request, None, before).await,
+            Step::Event(event) => self.write_request(request, Some(&event), before).await,
+        }
+    }
+}
+
 impl Store {
     /// Runs `step` on one locked request in one transaction.
     pub async fn step<F>(&self, id: &str, step: F) -> Result<ChangeRequest, StoreError>
     where
         F: FnOnce(&mut ChangeRequest) -> Result<Step, DomainError> + Send,
     {
-        let (_writer, txn) = self.begin_write().await?;
-        let result = async {
-            let mut request = self.lock_request(&txn, id).await?;
+        self.write(async |w| {
+            let mut request = w.lock_request(id).await?;
             let before = resource_keys(&request);
-            match step(&mut request)? {
-                Step::Unchanged => {}
-                Step::Quiet => {
-                    self.write_request(&txn, &mut request, None, &before)
-                        .await?
-                }
-                Step::Event(event) => {
-                    self.write_request(&txn, &mut request, Some(&event), &before)
-                        .await?
-                }
-            }
+            let step = step(&mut request)?;
+            w.write_step(&mut request, step, &before).await?;
             Ok(request)
-        }
-        .await;
-        self.finish(txn, result).await
+        })
+        .await
     }
 
     /// Claims requests whose `due_time` has come (at most `limit`) and runs `step` on each, in
@@ -66,8 +73,7 @@ impl Store {
     where
         F: FnMut(&mut ChangeRequest) -> Step + Send,
     {
-        let (_writer, txn) = self.begin_write().await?;
-        let result = async {
+        self.write(async |w| {
             let mut query = Query::select();
             query
                 .columns([cr::ID, cr::REVISION, cr::BODY])
@@ -75,31 +81,23 @@ impl Store {
                 .and_where(Expr::col(cr::DUE_TIME).lte(now.as_micros()))
                 .order_by(cr::DUE_TIME, Order::Asc)
                 .limit(limit);
-            if self.backend() == Backend::Postgres {
+            if w.backend() == Backend::Postgres {
                 query.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
             }
-            let rows = txn.query_all(&query).await?;
+            let rows = w.txn.query_all(&query).await?;
             let mut changed = Vec::new();
             for row in &rows {
-                let mut request = decode_request_row(row)?;
+                let mut request = decode_request(row)?;
                 let before = resource_keys(&request);
                 match step(&mut request) {
                     Step::Unchanged => continue,
-                    Step::Quiet => {
-                        self.write_request(&txn, &mut request, None, &before)
-                            .await?
-                    }
-                    Step::Event(event) => {
-                        self.write_request(&txn, &mut request, Some(&event), &before)
-                            .await?
-                    }
+                    step => w.write_step(&mut request, step, &before).await?,
                 }
                 changed.push(request);
             }
             Ok(changed)
-        }
-        .await;
-        self.finish(txn, result).await
+        })
+        .await
     }
 
     /// The latest version an applier reported for each resource the request changes.
@@ -171,15 +169,13 @@ impl Store {
     where
         F: Fn(&mut ChangeRequest) -> Option<EventDraft> + Send + Sync,
     {
-        let (_writer, txn) = self.begin_write().await?;
-        let result = async {
-            let mut request = self.lock_request(&txn, id).await?;
+        self.write(async |w| {
+            let mut request = w.lock_request(id).await?;
             let before = resource_keys(&request);
             let Some(event) = step(&mut request) else {
                 return Ok(request);
             };
-            self.write_request(&txn, &mut request, Some(&event), &before)
-                .await?;
+            w.write_request(&mut request, Some(&event), &before).await?;
             if request.state != approvals_domain::State::Applied || versions.is_empty() {
                 return Ok(request);
             }
@@ -216,7 +212,7 @@ impl Store {
                     now.as_micros().into(),
                 ]);
             }
-            txn.execute(&upsert).await?;
+            w.txn.execute(&upsert).await?;
 
             let mut touching = Cond::any();
             for version in versions {
@@ -235,22 +231,20 @@ impl Store {
                 .cond_where(touching)
                 .to_owned();
             let mut ids: BTreeSet<String> = BTreeSet::new();
-            for row in txn.query_all(&others).await? {
+            for row in w.txn.query_all(&others).await? {
                 ids.insert(row.try_get("", res::CHANGE_REQUEST_ID)?);
             }
             for other_id in ids {
-                let mut other = self.lock_request(&txn, &other_id).await?;
+                let mut other = w.lock_request(&other_id).await?;
                 let before = resource_keys(&other);
                 if let Some(event) =
                     other.mark_conflicts(&request.environment, versions, &request.id, now)
                 {
-                    self.write_request(&txn, &mut other, Some(&event), &before)
-                        .await?;
+                    w.write_request(&mut other, Some(&event), &before).await?;
                 }
             }
             Ok(request)
-        }
-        .await;
-        self.finish(txn, result).await
+        })
+        .await
     }
 }

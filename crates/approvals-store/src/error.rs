@@ -75,3 +75,36 @@ impl From<serde_json::Error> for StoreError {
         Self::Internal(format!("stored document does not decode: {err}"))
     }
 }
+
+/// Either a database error (kept whole, to tell unique violations apart) or a store error.
+pub(crate) enum DbErrOr {
+    Db(DbErr),
+    Store(StoreError),
+}
+
+impl From<DbErr> for DbErrOr {
+    fn from(err: DbErr) -> Self {
+        Self::Db(err)
+    }
+}
+
+impl From<StoreError> for DbErrOr {
+    fn from(err: StoreError) -> Self {
+        Self::Store(err)
+    }
+}
+
+impl From<serde_json::Error> for DbErrOr {
+    fn from(err: serde_json::Error) -> Self {
+        Self::Store(err.into())
+    }
+}
+
+impl From<DbErrOr> for StoreError {
+    fn from(err: DbErrOr) -> Self {
+        match err {
+            DbErrOr::Db(db) => db.into(),
+            DbErrOr::Store(store) => store,
+        }
+    }
+}

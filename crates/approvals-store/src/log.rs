@@ -25,13 +25,14 @@
 use approvals_domain::Event;
 use sea_orm::{
     ConnectionTrait, DbBackend, Statement,
-    sea_query::{Expr, ExprTrait, Order, Query},
+    sea_query::{Alias, Expr, ExprTrait, Order, Query},
 };
 
 use crate::{
+    codec::{EVENT_COLUMNS, decode_event, with_comments},
+    connect::{Backend, Store},
     error::StoreError,
     schema::{EVENTS, ev},
-    store::{Backend, EVENT_COLUMNS, Store, decode_event, with_comments},
 };
 
 /// A PostgreSQL snapshot's xmin: transactions below it have finished.
@@ -196,6 +197,47 @@ impl Store {
             }
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
+    }
+}
+
+impl Store {
+    /// Events of one request after `after_revision`, oldest first.
+    pub async fn events(
+        &self,
+        change_request_id: &str,
+        after_revision: i64,
+        limit: u64,
+        with_snapshot: bool,
+    ) -> Result<Vec<Event>, StoreError> {
+        let query = Query::select()
+            .columns(EVENT_COLUMNS)
+            .from(EVENTS)
+            .and_where(Expr::col(ev::CHANGE_REQUEST_ID).eq(change_request_id))
+            .and_where(Expr::col(ev::REVISION).gt(after_revision))
+            .order_by(ev::REVISION, Order::Asc)
+            .limit(limit)
+            .to_owned();
+        let rows = self.db.query_all(&query).await?;
+        let rows = rows
+            .iter()
+            .map(|row| decode_event(row, with_snapshot))
+            .collect::<Result<Vec<_>, _>>()?;
+        with_comments(&self.db, rows).await
+    }
+
+    /// The highest revision in the log (0 when empty).
+    pub async fn head_revision(&self) -> Result<i64, StoreError> {
+        let query = Query::select()
+            .expr_as(
+                Expr::cust(format!("COALESCE(MAX({}), 0)", ev::REVISION)),
+                Alias::new("head"),
+            )
+            .from(EVENTS)
+            .to_owned();
+        Ok(match self.db.query_one(&query).await? {
+            Some(row) => row.try_get("", "head")?,
+            None => 0,
+        })
     }
 }
 

@@ -1,17 +1,18 @@
 //! Lists whose filter only the domain can evaluate (`pending_for_me`: requests the caller could
 //! approve now), scanned in id order over the rows the SQL filter narrows them to.
 
-use approvals_domain::ChangeRequest;
+use approvals_domain::{ChangeRequest, RequestFilter};
 use sea_orm::{
     ConnectionTrait,
     sea_query::{Expr, ExprTrait, Order, Query},
 };
 
 use crate::{
-    ListFilter, ListPage, Store, TOTAL_SIZE_EXACT_LIMIT,
+    ListPage, Store, TOTAL_SIZE_EXACT_LIMIT,
+    codec::decode_request,
     error::StoreError,
+    list::apply_filter,
     schema::{CHANGE_REQUESTS, cr},
-    store::{apply_filter, decode_request},
 };
 
 /// Rows read from the database per round trip while scanning.
@@ -32,7 +33,7 @@ impl Store {
     /// [`TOTAL_SIZE_EXACT_LIMIT`] rows, plus the SQL count (an upper bound) of the rest.
     pub async fn list_matching(
         &self,
-        filter: &ListFilter,
+        filter: &RequestFilter,
         keep: impl Fn(&ChangeRequest) -> bool + Send + Sync,
         after: Option<&str>,
         page_size: u64,
@@ -81,7 +82,7 @@ impl Store {
     /// them, until `visit` returns false.
     async fn scan(
         &self,
-        filter: &ListFilter,
+        filter: &RequestFilter,
         after: Option<&str>,
         mut visit: impl FnMut(ChangeRequest) -> bool + Send,
     ) -> Result<Scanned, StoreError> {

@@ -4,15 +4,15 @@
 
 use approvals_domain::{DomainError, Policy};
 use sea_orm::{
-    ConnectionTrait, DatabaseTransaction, QueryResult, SqlErr,
-    sea_query::{Expr, ExprTrait, LockType, Order, Query, SelectStatement},
+    ConnectionTrait, QueryResult, SqlErr,
+    sea_query::{Expr, ExprTrait, Order, Query, SelectStatement},
 };
 
 use crate::{
-    Backend, Store,
+    Store,
     error::StoreError,
     schema::{POLICIES, pol},
-    store::rollback,
+    write::WriteTxn,
 };
 
 /// Filters of `ListPolicies`.
@@ -45,12 +45,15 @@ impl Store {
     /// Stores a new policy. Its name, and its (project, environment, action_key), must be new.
     pub async fn create_policy(&self, mut policy: Policy) -> Result<Policy, StoreError> {
         policy.revision = 1;
-        let (_writer, txn) = self.begin_write().await?;
-        let result = async {
-            if txn.query_one(&select_policy(&policy.name)).await?.is_some() {
+        self.write(async |w| {
+            if w.txn
+                .query_one(&select_policy(&policy.name))
+                .await?
+                .is_some()
+            {
                 return Err(StoreError::PolicyNameTaken(policy.name.clone()));
             }
-            self.ensure_scope_free(&txn, &policy).await?;
+            ensure_scope_free(w, &policy).await?;
             let insert = Query::insert()
                 .into_table(POLICIES)
                 .columns([
@@ -74,14 +77,13 @@ impl Store {
                     serde_json::to_string(&policy)?.into(),
                 ])
                 .to_owned();
-            txn.execute(&insert).await.map_err(|err| {
+            w.txn.execute(&insert).await.map_err(|err| {
                 // A concurrent create won the race for the name or the scope.
                 conflict_or(err, StoreError::PolicyNameTaken(policy.name.clone()))
             })?;
             Ok(())
-        }
-        .await;
-        finish(txn, result).await?;
+        })
+        .await?;
         Ok(policy)
     }
 
@@ -142,14 +144,10 @@ impl Store {
     where
         F: FnOnce(&mut Policy) -> Result<(), DomainError> + Send,
     {
-        let (_writer, txn) = self.begin_write().await?;
-        let result = async {
-            let mut query = select_policy(name);
-            if self.backend == Backend::Postgres {
-                query.lock(LockType::Update);
-            }
-            let row = txn
-                .query_one(&query)
+        self.write(async |w| {
+            let row = w
+                .txn
+                .query_one(&w.lock(select_policy(name)))
                 .await?
                 .ok_or_else(|| StoreError::PolicyNotFound(name.to_owned()))?;
             let mut policy = decode_policy(&row)?;
@@ -160,7 +158,7 @@ impl Store {
             policy.name = name.to_owned();
             policy.uid = uid;
             policy.revision = previous + 1;
-            self.ensure_scope_free(&txn, &policy).await?;
+            ensure_scope_free(w, &policy).await?;
             let update = Query::update()
                 .table(POLICIES)
                 .value(pol::PROJECT, policy.project.as_str())
@@ -172,7 +170,8 @@ impl Store {
                 .and_where(Expr::col(pol::NAME).eq(name))
                 .and_where(Expr::col(pol::REVISION).eq(previous))
                 .to_owned();
-            let updated = txn
+            let updated = w
+                .txn
                 .execute(&update)
                 .await
                 .map_err(|err| conflict_or(err, scope_taken(String::new(), &policy)))?;
@@ -182,9 +181,8 @@ impl Store {
                 )));
             }
             Ok(policy)
-        }
-        .await;
-        finish(txn, result).await
+        })
+        .await
     }
 
     /// Deletes the named policy; `check` may refuse (a stale etag) after reading it.
@@ -192,14 +190,10 @@ impl Store {
     where
         F: FnOnce(&Policy) -> Result<(), DomainError> + Send,
     {
-        let (_writer, txn) = self.begin_write().await?;
-        let result = async {
-            let mut query = select_policy(name);
-            if self.backend == Backend::Postgres {
-                query.lock(LockType::Update);
-            }
-            let row = txn
-                .query_one(&query)
+        self.write(async |w| {
+            let row = w
+                .txn
+                .query_one(&w.lock(select_policy(name)))
                 .await?
                 .ok_or_else(|| StoreError::PolicyNotFound(name.to_owned()))?;
             check(&decode_policy(&row)?)?;
@@ -207,31 +201,26 @@ impl Store {
                 .from_table(POLICIES)
                 .and_where(Expr::col(pol::NAME).eq(name))
                 .to_owned();
-            txn.execute(&delete).await?;
+            w.txn.execute(&delete).await?;
             Ok(())
-        }
-        .await;
-        finish(txn, result).await
+        })
+        .await
     }
+}
 
-    /// Refuses a policy whose (project, environment, action_key) another policy holds.
-    async fn ensure_scope_free(
-        &self,
-        txn: &DatabaseTransaction,
-        policy: &Policy,
-    ) -> Result<(), StoreError> {
-        let query = Query::select()
-            .column(pol::NAME)
-            .from(POLICIES)
-            .and_where(Expr::col(pol::PROJECT).eq(policy.project.as_str()))
-            .and_where(Expr::col(pol::ENVIRONMENT).eq(policy.environment.as_str()))
-            .and_where(Expr::col(pol::ACTION_KEY).eq(policy.action_key.as_str()))
-            .and_where(Expr::col(pol::NAME).ne(policy.name.as_str()))
-            .to_owned();
-        match txn.query_one(&query).await? {
-            Some(row) => Err(scope_taken(row.try_get("", pol::NAME)?, policy)),
-            None => Ok(()),
-        }
+/// Refuses a policy whose (project, environment, action_key) another policy holds.
+async fn ensure_scope_free(w: &WriteTxn<'_>, policy: &Policy) -> Result<(), StoreError> {
+    let query = Query::select()
+        .column(pol::NAME)
+        .from(POLICIES)
+        .and_where(Expr::col(pol::PROJECT).eq(policy.project.as_str()))
+        .and_where(Expr::col(pol::ENVIRONMENT).eq(policy.environment.as_str()))
+        .and_where(Expr::col(pol::ACTION_KEY).eq(policy.action_key.as_str()))
+        .and_where(Expr::col(pol::NAME).ne(policy.name.as_str()))
+        .to_owned();
+    match w.txn.query_one(&query).await? {
+        Some(row) => Err(scope_taken(row.try_get("", pol::NAME)?, policy)),
+        None => Ok(()),
     }
 }
 
@@ -250,21 +239,5 @@ fn conflict_or(err: sea_orm::DbErr, conflict: StoreError) -> StoreError {
         conflict
     } else {
         err.into()
-    }
-}
-
-async fn finish<T>(
-    txn: DatabaseTransaction,
-    result: Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    match result {
-        Ok(value) => {
-            txn.commit().await?;
-            Ok(value)
-        }
-        Err(err) => {
-            rollback(txn).await;
-            Err(err)
-        }
     }
 }

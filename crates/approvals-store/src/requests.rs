@@ -1,0 +1,159 @@
+//! One change request: create (idempotent by request_id), get, mutate.
+
+use approvals_domain::{ChangeRequest, DomainError, EventDraft, Principal};
+use sea_orm::{
+    ConnectionTrait, SqlErr,
+    sea_query::{Expr, ExprTrait, Query},
+};
+
+use crate::{
+    applying::Step,
+    codec::{decode_request, select_request},
+    connect::{Backend, Store},
+    error::{DbErrOr, StoreError},
+    rows::{self, NewRequest},
+    schema::{CHANGE_REQUESTS, cr},
+};
+
+/// An idempotency key (AIP-155) and a digest of the request body it was used with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub request_id: String,
+    pub fingerprint: String,
+}
+
+/// The result of a create: the request, and whether it existed already (a retried request_id).
+#[derive(Debug)]
+pub struct Created {
+    pub change_request: ChangeRequest,
+    pub existed: bool,
+}
+
+impl Store {
+    /// Stores a new request and its CREATED event. With an idempotency key, a key this caller
+    /// used before returns the request it created then (or `RequestIdReused` when the body
+    /// differs), even when two such creates race.
+    #[tracing::instrument(level = "info", skip_all, fields(change_request_id = %request.id, project = %request.project), err(level = "debug"))]
+    pub async fn create(
+        &self,
+        mut request: ChangeRequest,
+        event: EventDraft,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Created, StoreError> {
+        if let Some(key) = &key
+            && let Some(existing) = self.find_by_request_id(&request.created_by, key).await?
+        {
+            return Ok(existing);
+        }
+        let result = if self.backend == Backend::Postgres {
+            self.create_in_one_statement(&mut request, &event, key.as_ref())
+                .await
+        } else {
+            self.create_in_transaction(&mut request, &event, key.as_ref())
+                .await
+        };
+        match result {
+            Ok(()) => Ok(Created {
+                change_request: request,
+                existed: false,
+            }),
+            Err(err) => match (err, &key) {
+                (DbErrOr::Db(db), Some(key))
+                    if matches!(db.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) =>
+                {
+                    // Another create with the same request_id won the race.
+                    self.find_by_request_id(&request.created_by, key)
+                        .await?
+                        .ok_or_else(|| StoreError::Internal("request_id vanished".into()))
+                }
+                (err, _) => Err(err.into()),
+            },
+        }
+    }
+
+    /// PostgreSQL: the event, the request and its resources in one statement (see
+    /// [`rows::insert_in_one_statement`]).
+    async fn create_in_one_statement(
+        &self,
+        request: &mut ChangeRequest,
+        event: &EventDraft,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<(), DbErrOr> {
+        let new = NewRequest {
+            request,
+            event,
+            key,
+        };
+        let revision = rows::insert_in_one_statement(&self.db, new).await?;
+        self.note_written(revision);
+        self.note_committed();
+        Ok(())
+    }
+
+    /// SQLite: the same rows in one write transaction.
+    async fn create_in_transaction(
+        &self,
+        request: &mut ChangeRequest,
+        event: &EventDraft,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<(), DbErrOr> {
+        self.write(async |w| {
+            let mut new = [NewRequest {
+                request,
+                event,
+                key,
+            }];
+            let revision = rows::insert(&w.txn, &mut new).await?;
+            w.note_appended(revision);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn find_by_request_id(
+        &self,
+        created_by: &Principal,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Created>, StoreError> {
+        let query = Query::select()
+            .columns([cr::REVISION, cr::BODY, cr::REQUEST_FINGERPRINT, cr::ID])
+            .from(CHANGE_REQUESTS)
+            .and_where(Expr::col(cr::CREATED_BY).eq(created_by.as_str()))
+            .and_where(Expr::col(cr::REQUEST_ID).eq(key.request_id.as_str()))
+            .to_owned();
+        let Some(row) = self.db.query_one(&query).await? else {
+            return Ok(None);
+        };
+        let fingerprint: Option<String> = row.try_get("", cr::REQUEST_FINGERPRINT)?;
+        if fingerprint.as_deref() != Some(key.fingerprint.as_str()) {
+            return Err(StoreError::RequestIdReused {
+                request_id: key.request_id.clone(),
+                change_request_id: row.try_get("", cr::ID)?,
+            });
+        }
+        Ok(Some(Created {
+            change_request: decode_request(&row)?,
+            existed: true,
+        }))
+    }
+
+    #[tracing::instrument(level = "info", skip(self), fields(change_request_id = %id), err(level = "debug"))]
+    pub async fn get(&self, id: &str) -> Result<ChangeRequest, StoreError> {
+        let query = select_request(id);
+        match self.db.query_one(&query).await? {
+            Some(row) => decode_request(&row),
+            None => Err(StoreError::NotFound(id.to_owned())),
+        }
+    }
+
+    /// Runs a domain command on one request in one transaction: lock the row, apply the
+    /// command, store the new document and append its event. A refused command writes nothing.
+    #[tracing::instrument(level = "info", skip(self, command), fields(change_request_id = %id), err(level = "debug"))]
+    pub async fn mutate<F>(&self, id: &str, command: F) -> Result<ChangeRequest, StoreError>
+    where
+        F: FnOnce(&mut ChangeRequest) -> Result<EventDraft, DomainError> + Send,
+    {
+        self.step(id, |request| command(request).map(Step::Event))
+            .await
+    }
+}

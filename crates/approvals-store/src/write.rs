@@ -1,0 +1,219 @@
+//! Write transactions: [`Store::write`] runs every write of the store, and [`WriteTxn`] holds
+//! the statements a transaction runs on a request (lock it, write it back, append its event).
+
+use std::{
+    collections::BTreeSet,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use approvals_domain::{ChangeRequest, EventDraft, Timestamp};
+use sea_orm::{
+    ConnectionTrait, DatabaseTransaction, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
+    sea_query::{Expr, ExprTrait, LockType, Query, SelectStatement},
+};
+use tokio::sync::MutexGuard;
+
+use crate::{
+    codec::{
+        EVENT_COLUMNS, RESOURCE_COLUMNS, decode_request, event_values, resource_keys,
+        resource_values, select_request,
+    },
+    connect::{Backend, Store},
+    error::StoreError,
+    schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res},
+};
+
+/// One write transaction in progress (see [`Store::write`]).
+pub(crate) struct WriteTxn<'s> {
+    store: &'s Store,
+    pub(crate) txn: DatabaseTransaction,
+    /// An event was appended to the log: the commit wakes the log reader.
+    appended: AtomicBool,
+    /// SQLite: this writer's turn, held until the transaction ends.
+    _turn: Option<MutexGuard<'s, ()>>,
+}
+
+impl Store {
+    /// Runs `body` in one write transaction, and commits it when `body` succeeds or rolls it
+    /// back when it fails: every write of the store goes through here.
+    ///
+    /// - SQLite: writers take their turn in order (the store's queue), then `BEGIN IMMEDIATE`,
+    ///   so the transaction holds the database's write lock from its first statement and never
+    ///   fails on a lock upgrade halfway.
+    /// - PostgreSQL: a plain transaction; `body` locks the rows it changes
+    ///   ([`WriteTxn::lock`]: `SELECT ... FOR UPDATE`).
+    ///
+    /// A commit after an event was appended ([`WriteTxn::append_event`]) wakes this process's
+    /// log reader (and, through the relay, the other replicas'); a write that appended none
+    /// (bookkeeping, policies, migrations) leaves them be: there is nothing new to read. Nothing
+    /// is retried here: a caller that can be aborted (a deadlock) runs `write` again.
+    pub(crate) async fn write<T, E, F>(&self, body: F) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&WriteTxn<'_>) -> Result<T, E>,
+        E: From<StoreError>,
+    {
+        let turn = match self.backend {
+            Backend::Sqlite => Some(self.sqlite_writer.lock().await),
+            Backend::Postgres => None,
+        };
+        let txn = self
+            .db
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await
+            .map_err(StoreError::from)?;
+        let write = WriteTxn {
+            store: self,
+            txn,
+            appended: AtomicBool::new(false),
+            _turn: turn,
+        };
+        match body(&write).await {
+            Ok(value) => {
+                write.commit().await?;
+                Ok(value)
+            }
+            Err(err) => {
+                write.rollback().await;
+                Err(err)
+            }
+        }
+    }
+}
+
+impl WriteTxn<'_> {
+    async fn commit(self) -> Result<(), StoreError> {
+        let appended = self.appended.load(Ordering::Relaxed);
+        self.txn.commit().await?;
+        if appended {
+            self.store.note_committed();
+        }
+        // The writer's turn ends here, after the commit.
+        Ok(())
+    }
+
+    async fn rollback(self) {
+        if let Err(err) = self.txn.rollback().await {
+            tracing::warn!(error = %err, "rollback failed");
+        }
+    }
+
+    pub(crate) fn backend(&self) -> Backend {
+        self.store.backend
+    }
+
+    /// `query` locking the rows it reads until the transaction ends (PostgreSQL `FOR UPDATE`;
+    /// SQLite's write transaction already excludes other writers).
+    pub(crate) fn lock(&self, mut query: SelectStatement) -> SelectStatement {
+        if self.backend() == Backend::Postgres {
+            query.lock(LockType::Update);
+        }
+        query
+    }
+
+    /// Reads one request, locking its row (see [`WriteTxn::lock`]).
+    pub(crate) async fn lock_request(&self, id: &str) -> Result<ChangeRequest, StoreError> {
+        let row = self
+            .txn
+            .query_one(&self.lock(select_request(id)))
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        decode_request(&row)
+    }
+
+    /// Writes a locked request back: with an event (a new revision), or without one for the
+    /// service's own bookkeeping (leases, attempts), which keeps the revision.
+    pub(crate) async fn write_request(
+        &self,
+        request: &mut ChangeRequest,
+        event: Option<&EventDraft>,
+        resources_before: &BTreeSet<(String, String)>,
+    ) -> Result<(), StoreError> {
+        let previous_revision = request.revision;
+        if let Some(event) = event {
+            request.revision = self.append_event(request, event).await?;
+        }
+        let update = Query::update()
+            .table(CHANGE_REQUESTS)
+            .value(cr::STATE, request.state.as_str())
+            .value(cr::UPDATE_TIME, request.update_time.as_micros())
+            .value(
+                cr::EXPIRE_TIME,
+                request.expire_time.map(Timestamp::as_micros),
+            )
+            .value(
+                cr::DUE_TIME,
+                request.next_due_time().map(Timestamp::as_micros),
+            )
+            .value(cr::REVISION, request.revision)
+            .value(cr::BODY, serde_json::to_string(&request)?)
+            .and_where(Expr::col(cr::ID).eq(request.id.as_str()))
+            .and_where(Expr::col(cr::REVISION).eq(previous_revision))
+            .to_owned();
+        let updated = self.txn.execute(&update).await?;
+        if updated.rows_affected() != 1 {
+            // Unreachable while the row lock holds; refuse rather than lose an update.
+            return Err(StoreError::Internal(format!(
+                "change request {} changed during the transaction",
+                request.id
+            )));
+        }
+        if &resource_keys(request) != resources_before {
+            let delete = Query::delete()
+                .from_table(RESOURCES)
+                .and_where(Expr::col(res::CHANGE_REQUEST_ID).eq(request.id.as_str()))
+                .to_owned();
+            self.txn.execute(&delete).await?;
+            self.insert_resources(request).await?;
+        }
+        Ok(())
+    }
+
+    /// Appends `event` of `request` to the log; returns its revision.
+    pub(crate) async fn append_event(
+        &self,
+        request: &mut ChangeRequest,
+        event: &EventDraft,
+    ) -> Result<i64, StoreError> {
+        let insert = Query::insert()
+            .into_table(EVENTS)
+            // Every column but the revision, which the identity column assigns.
+            .columns(EVENT_COLUMNS[1..].iter().copied())
+            .values_panic(event_values(request, event)?.into_iter().map(Expr::val))
+            .returning_col(ev::REVISION)
+            .to_owned();
+        let row = self
+            .txn
+            .query_one(&insert)
+            .await?
+            .ok_or_else(|| StoreError::Internal("event insert returned no revision".into()))?;
+        let revision = row.try_get("", ev::REVISION)?;
+        self.note_appended(revision);
+        Ok(revision)
+    }
+
+    /// Records that this transaction appended events up to `revision`: the store's written
+    /// head moves now, and the commit will wake the log reader.
+    pub(crate) fn note_appended(&self, revision: i64) {
+        self.store.note_written(revision);
+        self.appended.store(true, Ordering::Relaxed);
+    }
+
+    /// The rows of the resources `request`'s changes touch.
+    pub(crate) async fn insert_resources(&self, request: &ChangeRequest) -> Result<(), StoreError> {
+        let rows = resource_values(request);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = Query::insert();
+        insert.into_table(RESOURCES).columns(RESOURCE_COLUMNS);
+        for values in rows {
+            insert.values_panic(values.map(Expr::val));
+        }
+        self.txn.execute(&insert).await?;
+        Ok(())
+    }
+}
