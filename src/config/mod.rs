@@ -507,6 +507,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        const POSITIVE: &str = "must be more than 0s";
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             key: key.to_owned(),
             source_name: "the merged configuration".to_owned(),
@@ -516,7 +517,7 @@ impl Config {
         if !self.limits.keepalive_interval.is_zero() && self.limits.keepalive_timeout.is_zero() {
             return Err(invalid(
                 "limits.keepalive_timeout",
-                "must be more than 0s while keepalive_interval is set".into(),
+                "must be more than 0s while limits.keepalive_interval is set".into(),
             ));
         }
         crate::auth::validate_config(&self.auth).map_err(|(key, m)| invalid(&key, m))?;
@@ -548,17 +549,17 @@ impl Config {
         if self.watch.max_lag < 1 {
             return Err(invalid("watch.max_lag", "must be at least 1".into()));
         }
-        if self.watch.progress_interval.is_zero() || self.watch.poll_interval.is_zero() {
-            return Err(invalid(
-                "watch.progress_interval",
-                "intervals must be positive".into(),
-            ));
+        if self.watch.progress_interval.is_zero() {
+            return Err(invalid("watch.progress_interval", POSITIVE.into()));
         }
-        if self.watch.buffer < 16 || self.watch.max_watchers < 1 {
-            return Err(invalid(
-                "watch.buffer",
-                "buffer must be at least 16 and max_watchers at least 1".into(),
-            ));
+        if self.watch.poll_interval.is_zero() {
+            return Err(invalid("watch.poll_interval", POSITIVE.into()));
+        }
+        if self.watch.buffer < 16 {
+            return Err(invalid("watch.buffer", "must be at least 16".into()));
+        }
+        if self.watch.max_watchers < 1 {
+            return Err(invalid("watch.max_watchers", "must be at least 1".into()));
         }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return Err(invalid(
@@ -584,14 +585,14 @@ impl Config {
                 ),
             ));
         }
-        if self.apply.lease.is_zero()
-            || self.apply.poll_interval.is_zero()
-            || self.apply.call_timeout.is_zero()
-        {
-            return Err(invalid(
-                "apply.lease",
-                "apply durations must be positive".into(),
-            ));
+        if self.apply.lease.is_zero() {
+            return Err(invalid("apply.lease", POSITIVE.into()));
+        }
+        if self.apply.poll_interval.is_zero() {
+            return Err(invalid("apply.poll_interval", POSITIVE.into()));
+        }
+        if self.apply.call_timeout.is_zero() {
+            return Err(invalid("apply.call_timeout", POSITIVE.into()));
         }
         if self.apply.max_attempts < 1 {
             return Err(invalid("apply.max_attempts", "must be at least 1".into()));

@@ -61,3 +61,28 @@ fn an_invalid_configuration_names_the_key_and_exits_2() {
         "{stderr}"
     );
 }
+
+/// Each range check names the key that is out of range, not a neighbour it is checked with.
+#[test]
+fn a_value_out_of_range_is_named_by_its_own_key() {
+    for (file, key) in [
+        ("[watch]\npoll_interval = \"0s\"\n", "watch.poll_interval"),
+        (
+            "[watch]\nprogress_interval = \"0s\"\n",
+            "watch.progress_interval",
+        ),
+        ("[watch]\nmax_watchers = 0\n", "watch.max_watchers"),
+        ("[watch]\nbuffer = 8\n", "watch.buffer"),
+        ("[apply]\npoll_interval = \"0s\"\n", "apply.poll_interval"),
+        ("[apply]\ncall_timeout = \"0s\"\n", "apply.call_timeout"),
+        ("[apply]\nlease = \"0s\"\n", "apply.lease"),
+    ] {
+        let out = check(file, &[]);
+        assert_eq!(out.status.code(), Some(2), "{file}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("invalid configuration: {key} (from ")),
+            "{file}: {stderr}"
+        );
+    }
+}
