@@ -22,7 +22,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::duration;
+use super::fields;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -83,10 +83,10 @@ pub struct JwtConfig {
     /// A JWKS document over HTTP(S) (re-fetched every `jwks_refresh_interval`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub jwks_refresh_interval: Duration,
     /// Clock skew tolerated on `exp` and `nbf`.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub leeway: Duration,
     /// Prefix that makes a principal of `sub` (unless `sub` is `user:…` or `service:…` already).
     pub principal_prefix: String,
@@ -104,11 +104,11 @@ pub struct JwtConfig {
     pub act_as_claim: String,
     /// Keys not refreshed successfully for this long are dropped (tokens are then refused until
     /// a refresh succeeds), so a key the provider removed is not trusted forever.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub jwks_max_age: Duration,
     /// A token signed with an unknown `kid` makes the server fetch the keys again at once, at
     /// most once per this interval.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub jwks_min_refetch_interval: Duration,
 }
 

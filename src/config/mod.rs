@@ -9,6 +9,7 @@ use approvals_store::DatabaseSettings;
 pub mod allowed_endpoints;
 pub mod auth;
 pub mod check;
+mod fields;
 mod load;
 
 pub use self::load::{ConfigError, Flags, env_name, key_paths};
@@ -24,8 +25,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address to listen on.
+    #[serde(deserialize_with = "fields::address")]
     pub listen: String,
     /// Distinct approvals needed for quorum when no policy says otherwise.
+    #[serde(deserialize_with = "fields::at_least::<1, _, _>")]
     pub min_approvals: u32,
     pub database: DatabaseConfig,
     pub limits: LimitsConfig,
@@ -40,14 +43,16 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
+    #[serde(deserialize_with = "fields::not_empty")]
     pub url: String,
+    #[serde(deserialize_with = "fields::at_least::<1, _, _>")]
     pub max_connections: u32,
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub acquire_timeout: Duration,
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub statement_timeout: Duration,
     /// How often the background probe checks the database for the health service.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub health_interval: Duration,
 }
 
@@ -55,12 +60,13 @@ pub struct DatabaseConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Deadline of a unary call (a shorter `grpc-timeout` from the client wins).
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub request_timeout: Duration,
     /// Largest request message accepted, in bytes.
+    #[serde(deserialize_with = "fields::at_least::<1024, _, _>")]
     pub max_message_bytes: usize,
     /// After SIGTERM, how long in-flight calls may take to finish before the server exits.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub shutdown_grace: Duration,
     /// Unary calls handled at once; more are RESOURCE_EXHAUSTED at once. 0: no limit.
     pub max_concurrent_requests: usize,
@@ -71,10 +77,10 @@ pub struct LimitsConfig {
     pub rate_limit_burst: u32,
     /// HTTP/2 PING on every connection this often, so idle watch streams survive proxies and
     /// NATs that drop quiet connections, and dead clients are noticed. 0s: no pings.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub keepalive_interval: Duration,
     /// A connection whose PING is not answered within this is closed.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub keepalive_timeout: Duration,
     /// HTTP/2 streams (calls, watch streams included) one connection may have open at once,
     /// announced to the client in SETTINGS_MAX_CONCURRENT_STREAMS: a client opens more only as
@@ -86,22 +92,26 @@ pub struct LimitsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct WatchConfig {
     /// How far behind the head (in revisions) a watch may start; older is OUT_OF_RANGE.
+    #[serde(deserialize_with = "fields::at_least::<1, _, _>")]
     pub history: i64,
     /// A watcher at the live tail this many events behind is ended (RESOURCE_EXHAUSTED).
+    #[serde(deserialize_with = "fields::at_least::<1, _, _>")]
     pub max_lag: i64,
     /// An idle stream gets a progress message this often.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration::positive")]
     pub progress_interval: Duration,
     /// Most concurrent watch streams; more are RESOURCE_EXHAUSTED.
+    #[serde(deserialize_with = "fields::at_least::<1, _, _>")]
     pub max_watchers: usize,
     /// Most concurrent watch streams of one authenticated principal (the acting service for an
     /// on-behalf-of call); more are RESOURCE_EXHAUSTED. 0: no per-principal limit.
     pub max_watchers_per_principal: usize,
     /// Fallback: how often the log is read when no commit wake-up arrived.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration::positive")]
     pub poll_interval: Duration,
     /// Events kept in memory for watchers at the live tail; a watcher further behind reads the
     /// log instead (it is ended only past `max_lag`).
+    #[serde(deserialize_with = "fields::at_least::<16, _, _>")]
     pub buffer: usize,
     /// Change requests kept in memory for GetChangeRequest, kept current by the event log;
     /// 0: every get reads the database. See the README, "Reads".
@@ -113,11 +123,13 @@ pub struct WatchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// `text` or `json` (`--log-format` wins).
+    #[serde(deserialize_with = "fields::log_format")]
     pub log_format: String,
     /// OTLP/gRPC collector, e.g. `http://collector:4317`; empty: no export unless
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
     pub otlp_endpoint: String,
     /// `service.name` of spans and metrics (`OTEL_SERVICE_NAME` wins).
+    #[serde(deserialize_with = "fields::not_empty")]
     pub service_name: String,
 }
 
@@ -136,22 +148,23 @@ impl Default for TelemetryConfig {
 pub struct ApplyConfig {
     /// How long ApproveChangeRequest (AUTO) and ApplyChangeRequest wait for the apply before
     /// returning the request APPLYING (it finishes in the background). Below the unary timeout.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub deadline: Duration,
     /// How long a replica holds an apply it works on; renewed while it works. A replica that
     /// finds an expired lease (its owner died) retries the apply with the same key.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration::positive")]
     pub lease: Duration,
     /// First wait after a transient applier failure; doubles, at most 60 s.
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration")]
     pub retry_backoff: Duration,
     /// Timeout of one applier call (counts as DEADLINE_EXCEEDED, transient).
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration::positive")]
     pub call_timeout: Duration,
     /// Attempts before an apply gives up with APPLY_FAILED.
+    #[serde(deserialize_with = "fields::at_least::<1, _, _>")]
     pub max_attempts: u32,
     /// How often each replica looks for due work (schedules, expiry, expired leases).
-    #[serde(with = "duration")]
+    #[serde(with = "fields::duration::positive")]
     pub poll_interval: Duration,
     /// The applier endpoints policies may name and the server may call (`scheme://host[:port]`,
     /// `*.suffix` hosts; see `applier_endpoints`). Empty: none, so no policy may have an
@@ -231,32 +244,11 @@ impl Default for LimitsConfig {
     }
 }
 
-/// Durations are strings like `"500ms"` or `"2s"` (humantime's syntax, surrounding blanks
-/// ignored), written back the same way by `config check`.
-pub(crate) mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&humantime::format_duration(*value))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(text.trim()).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{text:?} is not a duration like \"500ms\" or \"2s\": {e}"
-            ))
-        })
-    }
-}
-
 impl Config {
-    /// The checks of types and ranges this module can make on its own; `[auth]`'s meaning is
-    /// checked by `auth::validate_config` (`transport::check_config` runs both).
+    /// The rules between keys (a key's own bounds are checked as it is read, see `fields.rs`);
+    /// `[auth]`'s meaning is checked by `auth::validate_config` (`transport::check_config`
+    /// runs both).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        const POSITIVE: &str = "must be more than 0s";
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             key: key.to_owned(),
             source_name: "the merged configuration".to_owned(),
@@ -279,51 +271,6 @@ impl Config {
                 ),
             ));
         }
-        if self.min_approvals < 1 {
-            return Err(invalid("min_approvals", "must be at least 1".into()));
-        }
-        if self.database.max_connections < 1 {
-            return Err(invalid(
-                "database.max_connections",
-                "must be at least 1".into(),
-            ));
-        }
-        if self.database.url.trim().is_empty() {
-            return Err(invalid("database.url", "must not be empty".into()));
-        }
-        if self.watch.history < 1 {
-            return Err(invalid("watch.history", "must be at least 1".into()));
-        }
-        if self.watch.max_lag < 1 {
-            return Err(invalid("watch.max_lag", "must be at least 1".into()));
-        }
-        if self.watch.progress_interval.is_zero() {
-            return Err(invalid("watch.progress_interval", POSITIVE.into()));
-        }
-        if self.watch.poll_interval.is_zero() {
-            return Err(invalid("watch.poll_interval", POSITIVE.into()));
-        }
-        if self.watch.buffer < 16 {
-            return Err(invalid("watch.buffer", "must be at least 16".into()));
-        }
-        if self.watch.max_watchers < 1 {
-            return Err(invalid("watch.max_watchers", "must be at least 1".into()));
-        }
-        if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
-            return Err(invalid(
-                "telemetry.log_format",
-                format!(
-                    "{:?} is not a log format: expected \"text\" or \"json\"",
-                    self.telemetry.log_format
-                ),
-            ));
-        }
-        if self.telemetry.service_name.trim().is_empty() {
-            return Err(invalid(
-                "telemetry.service_name",
-                "must not be empty".into(),
-            ));
-        }
         if self.apply.deadline >= self.limits.request_timeout {
             return Err(invalid(
                 "apply.deadline",
@@ -333,31 +280,11 @@ impl Config {
                 ),
             ));
         }
-        if self.apply.lease.is_zero() {
-            return Err(invalid("apply.lease", POSITIVE.into()));
-        }
-        if self.apply.poll_interval.is_zero() {
-            return Err(invalid("apply.poll_interval", POSITIVE.into()));
-        }
-        if self.apply.call_timeout.is_zero() {
-            return Err(invalid("apply.call_timeout", POSITIVE.into()));
-        }
-        if self.apply.max_attempts < 1 {
-            return Err(invalid("apply.max_attempts", "must be at least 1".into()));
-        }
-        if self.limits.max_message_bytes < 1024 {
-            return Err(invalid(
-                "limits.max_message_bytes",
-                "must be at least 1024".into(),
-            ));
-        }
         Ok(())
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, String> {
-        self.listen
-            .parse()
-            .map_err(|_| format!("{:?} is not an address like 127.0.0.1:50051", self.listen))
+        fields::parse_address(&self.listen)
     }
 
     pub fn database_settings(&self) -> DatabaseSettings {
