@@ -1,7 +1,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use approvals::{
-    config::{Config, Overrides},
+    config::{Config, ConfigError, Flags},
     transport as server,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -122,21 +122,46 @@ enum LogFormat {
     Json,
 }
 
-fn load(args: &ServeArgs) -> Result<Config, String> {
-    let flags = Overrides {
-        listen: args.listen.clone(),
-        database_url: args.database_url.clone(),
-        min_approvals: args.min_approvals,
-        watch_history: args.watch_history,
-        watch_max_lag: args.watch_max_lag,
-        watch_progress_interval: args.watch_progress_interval.clone(),
-    };
-    Config::load(
+impl LogFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
+impl ServeArgs {
+    /// The flags layer of the configuration: each flag sets one key.
+    fn flags(&self) -> Flags {
+        Flags::default()
+            .set("listen", "--listen", self.listen.clone())
+            .set("database.url", "--database-url", self.database_url.clone())
+            .set("min_approvals", "--min-approvals", self.min_approvals)
+            .set("watch.history", "--watch-history", self.watch_history)
+            .set("watch.max_lag", "--watch-max-lag", self.watch_max_lag)
+            .set(
+                "watch.progress_interval",
+                "--watch-progress-interval",
+                self.watch_progress_interval.clone(),
+            )
+            .set(
+                "telemetry.log_format",
+                "--log-format",
+                self.log_format.map(LogFormat::as_str),
+            )
+    }
+}
+
+/// Defaults, file, environment and flags, checked as the server checks them.
+fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+    let config = Config::load(
         args.config.as_deref(),
         |name| std::env::var(name).ok(),
-        &flags,
-    )
-    .map_err(|e| e.to_string())
+        &args.flags(),
+    )?;
+    server::check_config(&config)?;
+    Ok(config)
 }
 
 async fn shutdown_signal() {
@@ -191,12 +216,8 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let json = match args.log_format {
-        Some(format) => matches!(format, LogFormat::Json),
-        None => config.telemetry.log_format == "json",
-    };
     let _telemetry = approvals::telemetry::init(&approvals::telemetry::TelemetrySettings {
-        json,
+        json: config.telemetry.log_format == "json",
         otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()),
         service_name: config.telemetry.service_name.clone(),
     });

@@ -26,7 +26,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scheme {
@@ -173,16 +173,6 @@ impl AllowedEndpoints {
         Ok(list)
     }
 
-    /// Parses a comma-separated list (`APPROVALS_APPLY_ALLOWED_ENDPOINTS`); blanks are skipped.
-    pub fn parse_list(text: &str) -> Result<Self, String> {
-        let entries: Vec<&str> = text
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .collect();
-        Self::parse(&entries)
-    }
-
     /// The entries as written.
     pub fn entries(&self) -> &[String] {
         &self.texts
@@ -206,6 +196,13 @@ impl<'de> Deserialize<'de> for AllowedEndpoints {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let entries = Vec::<String>::deserialize(deserializer)?;
         Self::parse(&entries).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The entries as written.
+impl Serialize for AllowedEndpoints {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.texts.serialize(serializer)
     }
 }
 
@@ -527,17 +524,5 @@ mod tests {
             let err = AllowedEndpoints::parse(&["http://ok.internal", entry]).expect_err(entry);
             assert!(err.starts_with("entry [1] "), "{entry}: {err}");
         }
-    }
-
-    #[test]
-    fn a_comma_separated_list_parses() {
-        let l = AllowedEndpoints::parse_list(" http://127.0.0.1 , https://*.internal:443,, ")
-            .expect("valid");
-        assert_eq!(l.entries(), ["http://127.0.0.1", "https://*.internal:443"]);
-        assert!(allowed(&l, "https://flags.internal"));
-        assert_eq!(
-            AllowedEndpoints::parse_list("").expect("empty"),
-            AllowedEndpoints::default()
-        );
     }
 }

@@ -20,20 +20,22 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::duration;
+use super::fields;
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// API keys, presented as `authorization: Bearer <key>`.
+    /// API keys, presented as `authorization: Bearer <key>`. Only in the file.
     pub api_keys: Vec<ApiKeyConfig>,
     /// JSON Web Tokens from an identity provider, presented the same way.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtConfig>,
     /// Group memberships from the server's own configuration: a bare group name -> its members
     /// (`user:NAME`, `service:NAME`). Added to the groups a caller's credential carries, and the
     /// only groups an on-behalf-of user has besides those of a forwarded user token.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub groups: BTreeMap<String, Vec<String>>,
 }
 
@@ -45,7 +47,7 @@ impl AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
     /// `user:NAME` or `service:NAME`.
@@ -64,11 +66,11 @@ pub struct ApiKeyConfig {
     pub sha256: String,
     /// With `approvals:act_as`: the users the key may act for, `user:NAME` or `user:*` (every
     /// user). Required with that scope; only `user:` principals can be acted for.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub act_as: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct JwtConfig {
     /// Required `iss`.
@@ -76,13 +78,15 @@ pub struct JwtConfig {
     /// Required `aud` (one of the token's audiences).
     pub audience: String,
     /// A JWKS document on disk (re-read every `jwks_refresh_interval`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks_file: Option<String>,
     /// A JWKS document over HTTP(S) (re-fetched every `jwks_refresh_interval`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "fields::duration")]
     pub jwks_refresh_interval: Duration,
     /// Clock skew tolerated on `exp` and `nbf`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "fields::duration")]
     pub leeway: Duration,
     /// Prefix that makes a principal of `sub` (unless `sub` is `user:…` or `service:…` already).
     pub principal_prefix: String,
@@ -100,11 +104,11 @@ pub struct JwtConfig {
     pub act_as_claim: String,
     /// Keys not refreshed successfully for this long are dropped (tokens are then refused until
     /// a refresh succeeds), so a key the provider removed is not trusted forever.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "fields::duration")]
     pub jwks_max_age: Duration,
     /// A token signed with an unknown `kid` makes the server fetch the keys again at once, at
     /// most once per this interval.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "fields::duration")]
     pub jwks_min_refetch_interval: Duration,
 }
 

@@ -19,10 +19,12 @@ use crate::{
     watch::Hub,
 };
 
+mod check;
 mod connection;
 pub mod limits;
 mod watch_route;
 
+pub use self::check::check_config;
 use self::watch_route::WatchRoute;
 
 /// The health service name Kubernetes liveness probes check: SERVING while the process runs,

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use approvals::{
     auth::AuthConfig,
-    config::{Config, Overrides},
+    config::{Config, Flags},
     pb,
 };
 use tonic::Code;
@@ -576,7 +576,8 @@ fn generated_keys_configure_the_server() {
     let file = dir.path().join("approvals.toml");
     std::fs::write(&file, format!("listen = \"0.0.0.0:50051\"\n{entry}")).expect("write");
     // With a key configured, a non-loopback address is accepted.
-    let config = Config::load(Some(&file), |_| None, &Overrides::default()).expect("loads");
+    let config = Config::load(Some(&file), |_| None, &Flags::default()).expect("loads");
+    approvals::transport::check_config(&config).expect("loads");
     assert_eq!(config.auth.api_keys.len(), 1);
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -681,7 +682,8 @@ fn readme_auth_example_is_a_valid_config() {
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("approvals.toml");
     std::fs::write(&file, block).expect("write");
-    let config = Config::load(Some(&file), |_| None, &Overrides::default()).expect("valid");
+    let config = Config::load(Some(&file), |_| None, &Flags::default()).expect("valid");
+    approvals::transport::check_config(&config).expect("valid");
     assert_eq!(config.auth.api_keys.len(), 2);
     let jwt = config.auth.jwt.expect("jwt");
     assert_eq!(

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use approvals::config::{Config, Overrides};
+use approvals::config::{Config, Flags};
 use serde_yaml::Value;
 
 fn deploy() -> PathBuf {
@@ -58,8 +58,9 @@ fn load_config(text: &str, env: &[(&str, &str)]) -> Result<Config, String> {
                 .find(|(n, _)| *n == name)
                 .map(|(_, v)| (*v).to_owned())
         },
-        &Overrides::default(),
+        &Flags::default(),
     )
+    .and_then(|config| approvals::transport::check_config(&config).map(|()| config))
     .map_err(|e| e.to_string())
 }
 
