@@ -1,12 +1,14 @@
 //! The one tower stack in front of every service, built here and nowhere else. Outermost first:
 //!
 //! 1. telemetry: a span per call and the RPC metrics; outermost, so it sees every answer;
-//! 2. authentication: the caller into the request's extensions, or the status that refuses it;
+//! 2. authentication ([`Authenticator::admit`]): the caller into the request's extensions, or the
+//!    status that refuses it;
 //! 3. the unary limits ([`Limits`]): the per-principal rate limit (governor), then tower's
 //!    `ConcurrencyLimit` behind `LoadShed`.
 //!
-//! The limits are a [`Middleware`]: an async function of the request and the rest of the stack
-//! ([`Next`]); tower's layers do the work wherever one fits.
+//! Authentication and the limits are each a [`Middleware`]: an async function of the request and
+//! the rest of the stack ([`Next`]); what they do lives in their own modules, and tower's layers
+//! do the work wherever one fits.
 
 use std::{
     future::Future,
@@ -23,7 +25,7 @@ use tower::{
 
 use super::limits::Limits;
 use crate::{
-    auth::{AuthLayer, Authenticator, methods},
+    auth::{Authenticator, methods},
     config::LimitsConfig,
     telemetry,
 };
@@ -37,7 +39,7 @@ type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>
 type Handler = dyn Fn(Request, Next) -> BoxFuture + Send + Sync;
 
 /// The stack's type: each layer inside the one before it.
-pub(crate) type Layers = Stack<Middleware, Stack<AuthLayer, Stack<telemetry::RpcLayer, Identity>>>;
+pub(crate) type Layers = Stack<Middleware, Stack<Middleware, Stack<telemetry::RpcLayer, Identity>>>;
 
 /// Telemetry, authentication and the limits, in that order (module docs).
 pub(crate) fn layers(
@@ -47,7 +49,15 @@ pub(crate) fn layers(
     let limits = Limits::new(limits);
     ServiceBuilder::new()
         .layer(telemetry::RpcLayer::new(methods::is_streaming))
-        .layer(AuthLayer::new(authenticator))
+        .layer(Middleware::new(move |mut request, next| {
+            let authenticator = authenticator.clone();
+            async move {
+                match authenticator.admit(&mut request).await {
+                    Ok(()) => next.oneshot(request).await,
+                    Err(status) => Ok(status.into_http()),
+                }
+            }
+        }))
         .layer(Middleware::new(move |request, next| {
             limits.clone().call(request, next)
         }))
