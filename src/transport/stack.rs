@@ -1,14 +1,15 @@
 //! The one tower stack in front of every service, built here and nowhere else. Outermost first:
 //!
-//! 1. telemetry: a span per call and the RPC metrics; outermost, so it sees every answer;
+//! 1. telemetry: a span per call and the RPC metrics ([`crate::telemetry::Rpc`]); outermost, so
+//!    it sees every answer, refusals included, and a stream's status in its trailers;
 //! 2. authentication ([`Authenticator::admit`]): the caller into the request's extensions, or the
 //!    status that refuses it;
 //! 3. the unary limits ([`Limits`]): the per-principal rate limit (governor), then tower's
 //!    `ConcurrencyLimit` behind `LoadShed`.
 //!
-//! Authentication and the limits are each a [`Middleware`]: an async function of the request and
-//! the rest of the stack ([`Next`]); what they do lives in their own modules, and tower's layers
-//! do the work wherever one fits.
+//! Each is a [`Middleware`]: an async function of the request and the rest of the stack
+//! ([`Next`]). It is the crate's one hand-written `Layer`/`Service` pair; what the three do lives
+//! in their own modules, and tower's layers do the work wherever one fits.
 
 use std::{
     future::Future,
@@ -22,6 +23,7 @@ use tower::{
     layer::util::{Identity, Stack},
     util::BoxCloneService,
 };
+use tracing::Instrument;
 
 use super::limits::Limits;
 use crate::{
@@ -38,8 +40,8 @@ pub(crate) type Next = BoxCloneService<Request, Response, BoxError>;
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 type Handler = dyn Fn(Request, Next) -> BoxFuture + Send + Sync;
 
-/// The stack's type: each layer inside the one before it.
-pub(crate) type Layers = Stack<Middleware, Stack<Middleware, Stack<telemetry::RpcLayer, Identity>>>;
+/// The stack's type: three [`Middleware`]s, each inside the one before it.
+pub(crate) type Layers = Stack<Middleware, Stack<Middleware, Stack<Middleware, Identity>>>;
 
 /// Telemetry, authentication and the limits, in that order (module docs).
 pub(crate) fn layers(
@@ -48,7 +50,11 @@ pub(crate) fn layers(
 ) -> ServiceBuilder<Layers> {
     let limits = Limits::new(limits);
     ServiceBuilder::new()
-        .layer(telemetry::RpcLayer::new(methods::is_streaming))
+        .layer(Middleware::new(|request, next| {
+            let rpc = telemetry::Rpc::start(&request, methods::is_streaming(request.uri().path()));
+            let span = rpc.span().clone();
+            async move { rpc.finish(next.oneshot(request).await) }.instrument(span)
+        }))
         .layer(Middleware::new(move |mut request, next| {
             let authenticator = authenticator.clone();
             async move {
