@@ -1,8 +1,8 @@
 //! Authentication and scopes, for every call but health and reflection: the transport's stack
-//! asks [`Authenticator::admit`]. It authenticates the caller (API key, JWT, or in local development the
-//! `x-approvals-actor` metadata), applies on-behalf-of, checks the method's scope in ONE table,
-//! and puts the [`Caller`] into the request's extensions, where handlers find it through
-//! [`crate::identity`].
+//! asks [`Authenticator::admit`]. It authenticates the caller (API key, JWT, or in local
+//! development the `x-approvals-actor` metadata), applies on-behalf-of, checks the method's
+//! scope in ONE table, and puts the [`Caller`] into the request's extensions, where handlers
+//! find it through [`caller`].
 
 pub mod api_keys;
 mod identity;

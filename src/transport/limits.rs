@@ -11,9 +11,7 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
     num::NonZeroU32,
-    pin::Pin,
     sync::{Arc, Mutex, TryLockError},
     time::Duration,
 };
@@ -32,7 +30,7 @@ use tower::{
     load_shed::error::Overloaded,
 };
 
-use super::stack::{Next, Request, Response};
+use super::stack::{BoxFuture, Next, Request, Response};
 use crate::{
     auth::{Caller, methods},
     config::LimitsConfig,
@@ -87,11 +85,11 @@ impl Limits {
             crate::telemetry::metrics::record_limited("rate");
             return Ok(status.into_http());
         }
-        // A permit is taken when the limit is polled ready and given back when the answer is
-        // ready; with none left, `LoadShed` fails the call at once instead of waiting.
         let Some(concurrency) = &self.concurrency else {
             return next.oneshot(request).await;
         };
+        // A permit is taken when the limit is polled ready and given back when the answer is
+        // ready; with none left, `LoadShed` fails the call at once instead of waiting.
         let limited = ServiceBuilder::new()
             .load_shed()
             .layer(concurrency.clone())
@@ -99,8 +97,7 @@ impl Limits {
             .oneshot(request);
         // Boxed where its type is known: rustc cannot prove the bare future `Send` inside this
         // async fn (its error type's lifetime turns higher-ranked there).
-        let limited: Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>> =
-            Box::pin(limited);
+        let limited: BoxFuture = Box::pin(limited);
         match limited.await {
             Err(err) if err.is::<Overloaded>() => {
                 crate::telemetry::metrics::record_limited("concurrency");

@@ -37,7 +37,7 @@ pub(crate) type Response = http::Response<tonic::body::Body>;
 /// The rest of the stack, as a middleware sees it: `next.oneshot(request)` passes the call on.
 pub(crate) type Next = BoxCloneService<Request, Response, BoxError>;
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
 type Handler = dyn Fn(Request, Next) -> BoxFuture + Send + Sync;
 
 /// The stack's type: three [`Middleware`]s, each inside the one before it.
