@@ -1,28 +1,21 @@
-//! Authentication and scopes: a tower layer in front of every service except health and
-//! reflection. It authenticates the caller (API key, JWT, or in local development the
-//! `x-approvals-actor` metadata), applies on-behalf-of, checks the method's scope in ONE table,
-//! and puts the [`Caller`] into the request's extensions, where handlers find it through
-//! [`crate::identity`].
+//! Authentication and scopes, for every call but health and reflection: the transport's stack
+//! asks [`Authenticator::admit`]. It authenticates the caller (API key, JWT, or in local
+//! development the `x-approvals-actor` metadata), applies on-behalf-of, checks the method's
+//! scope in ONE table, and puts the [`Caller`] into the request's extensions, where handlers
+//! find it through [`caller`].
 
 pub mod api_keys;
 mod identity;
 mod jwt;
 pub mod methods;
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::{collections::HashMap, sync::Arc};
 
 use approvals_domain::{
     Actor, ChangeRequest, DomainError, IdentityProof, Policy, Principal, PrincipalKind, Timestamp,
 };
 use http::HeaderMap;
 use tonic::Status;
-use tower::{Layer, Service};
 
 pub use self::identity::{ACTOR_HEADER, GROUPS_HEADER, actor, caller, parse_groups};
 use self::{api_keys::ApiKeys, jwt::JwtVerifier};
@@ -313,6 +306,18 @@ impl Authenticator {
         matches!(self.mode, Mode::Development)
     }
 
+    /// What the transport's stack asks of every call (see the module documentation): puts its
+    /// [`Caller`] into the request's extensions, or says which status refuses it.
+    pub async fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
+        let caller = self
+            .authorize(request.uri().path(), request.headers())
+            .await?;
+        if let Some(caller) = caller {
+            request.extensions_mut().insert(Arc::new(caller));
+        }
+        Ok(())
+    }
+
     /// The caller of a call to `path`, or `None` for the open services; an error for a caller
     /// that is not authenticated or lacks the method's scope.
     pub async fn authorize(
@@ -569,80 +574,6 @@ pub fn caller_principal(text: &str) -> Result<Principal, String> {
         _ => Err(format!(
             "{text:?} cannot call: a caller is user:NAME or service:NAME"
         )),
-    }
-}
-
-/// The tower layer that authenticates every call (see the module documentation).
-#[derive(Clone)]
-pub struct AuthLayer {
-    authenticator: Arc<Authenticator>,
-}
-
-impl AuthLayer {
-    pub fn new(authenticator: Arc<Authenticator>) -> Self {
-        Self { authenticator }
-    }
-}
-
-impl<S> Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            authenticator: self.authenticator.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct AuthService<S> {
-    inner: S,
-    authenticator: Arc<Authenticator>,
-}
-
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
-
-impl<S, B> Service<http::Request<B>> for AuthService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        // The service that was polled ready serves this call; a clone takes its place.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let authenticator = self.authenticator.clone();
-        Box::pin(async move {
-            match authenticator
-                .authorize(request.uri().path(), request.headers())
-                .await
-            {
-                Ok(caller) => {
-                    if let Some(caller) = caller {
-                        request.extensions_mut().insert(Arc::new(caller));
-                    }
-                    inner.call(request).await
-                }
-                Err(err) => {
-                    let status: Status = err.into();
-                    Ok(status.into_http())
-                }
-            }
-        })
     }
 }
 

@@ -4,14 +4,13 @@
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_METRIC_EXPORT_INTERVAL`, ...); otherwise nothing is
 //! exported and the instruments are no-ops.
 //!
-//! [`RpcLayer`] gives every call a span (method, status code, project and change request id
-//! where known) continuing the W3C trace context of the incoming metadata, and records the RPC
-//! metrics.
+//! [`Rpc`] gives every call a span (method, status code, project and change request id where
+//! known) continuing the W3C trace context of the incoming metadata, and records the RPC
+//! metrics; the transport's stack runs it around every call.
 
 pub mod metrics;
 
 use std::{
-    future::Future,
     pin::Pin,
     task::{Context, Poll},
     time::Instant,
@@ -22,8 +21,11 @@ use opentelemetry_sdk::{
     Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator,
     trace::SdkTracerProvider,
 };
-use tower::{Layer, Service};
-use tracing::{Instrument, field::Empty};
+use tower_http::classify::{
+    ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcEosErrorsAsFailures,
+    GrpcErrorsAsFailures, GrpcFailureClass,
+};
+use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
@@ -153,53 +155,25 @@ impl Extractor for Headers<'_> {
     }
 }
 
-/// A span per call and the RPC metrics; outermost, so it sees every answer.
-#[derive(Clone)]
-pub struct RpcLayer {
-    /// Which paths stream (their status is in the trailers): the method table's answer.
-    is_streaming: fn(&str) -> bool,
+/// One call's span and its RPC metrics, from the request to its status: the telemetry of the
+/// transport's stack. A trailers-only answer (every error) carries `grpc-status` in its
+/// headers; a stream's comes in its trailers, after its last message.
+///
+/// tower-http's classifier reads the status ([`GrpcErrorsAsFailures`], [`ClassifyEos`] for the
+/// trailers), but its `TraceLayer` does not fit: its callbacks split the end of a call between
+/// `on_response`, `on_eos` and `on_failure` with no one place that has the code and the whole
+/// duration for the metrics, and a stream whose client goes away never reaches any of them (here
+/// it is recorded as CANCELLED).
+pub struct Rpc {
+    finish: Finish,
+    /// Whether the method streams: then a status not in the headers is awaited in the trailers.
+    streaming: bool,
 }
 
-impl RpcLayer {
-    pub fn new(is_streaming: fn(&str) -> bool) -> Self {
-        Self { is_streaming }
-    }
-}
-
-impl<S> Layer<S> for RpcLayer {
-    type Service = RpcService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RpcService {
-            inner,
-            is_streaming: self.is_streaming,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct RpcService<S> {
-    inner: S,
-    is_streaming: fn(&str) -> bool,
-}
-
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
-
-impl<S, B> Service<http::Request<B>> for RpcService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+impl Rpc {
+    /// Opens the call's span (method, and status, project and change request id to come),
+    /// continuing the W3C trace context of the request's metadata.
+    pub fn start<B>(request: &http::Request<B>, streaming: bool) -> Self {
         let path = request.uri().path().to_owned();
         let (service, method) = path
             .trim_start_matches('/')
@@ -221,61 +195,62 @@ where
             propagator.extract(&Headers(request.headers()))
         });
         let _ = span.set_parent(parent);
-        let started = Instant::now();
-        let call = {
-            let _entered = span.enter();
-            self.inner.call(request)
-        };
-        // A stream's status comes in its trailers, after its last message.
-        let streaming = (self.is_streaming)(&path);
-        Box::pin(
-            async move {
-                let response = call.await;
-                let finish = Finish {
-                    span: tracing::Span::current(),
-                    path,
-                    started,
-                };
-                match response {
-                    Ok(response) => {
-                        // A trailers-only answer (every error) carries grpc-status in the
-                        // headers; a successful unary answer carries it in the trailers, as 0.
-                        let in_headers = status_in(response.headers());
-                        match in_headers {
-                            None if streaming => {
-                                let (parts, body) = response.into_parts();
-                                Ok(http::Response::from_parts(
-                                    parts,
-                                    tonic::body::Body::new(Recorded {
-                                        body,
-                                        finish: Some(finish),
-                                    }),
-                                ))
-                            }
-                            _ => {
-                                finish.record(in_headers.unwrap_or(tonic::Code::Ok));
-                                Ok(response)
-                            }
-                        }
-                    }
-                    Err(err) => {
-                        finish.record(tonic::Code::Internal);
-                        Err(err)
-                    }
-                }
+        Self {
+            finish: Finish {
+                span,
+                path,
+                started: Instant::now(),
+            },
+            streaming,
+        }
+    }
+
+    /// The span the call runs in.
+    pub fn span(&self) -> &tracing::Span {
+        &self.finish.span
+    }
+
+    /// Records the call's status: now, or when a stream's trailers arrive.
+    pub fn finish<E>(
+        self,
+        answer: Result<http::Response<tonic::body::Body>, E>,
+    ) -> Result<http::Response<tonic::body::Body>, E> {
+        let response = match answer {
+            Ok(response) => response,
+            Err(err) => {
+                self.finish.record(tonic::Code::Internal);
+                return Err(err);
             }
-            .instrument(span),
-        )
+        };
+        match GrpcErrorsAsFailures::new().classify_response(&response) {
+            ClassifiedResponse::RequiresEos(eos) if self.streaming => {
+                let (parts, body) = response.into_parts();
+                let body = tonic::body::Body::new(Recorded {
+                    body,
+                    pending: Some((eos, self.finish)),
+                });
+                Ok(http::Response::from_parts(parts, body))
+            }
+            // A successful unary answer carries its status, 0, in the trailers.
+            ClassifiedResponse::RequiresEos(_) => {
+                self.finish.record(tonic::Code::Ok);
+                Ok(response)
+            }
+            ClassifiedResponse::Ready(class) => {
+                self.finish.record(code(class));
+                Ok(response)
+            }
+        }
     }
 }
 
-/// The `grpc-status` of a header or trailer map, if it has one.
-fn status_in(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map(tonic::Code::from_i32)
+/// The code a classification stands for.
+fn code(class: Result<(), GrpcFailureClass>) -> tonic::Code {
+    match class {
+        Ok(()) => tonic::Code::Ok,
+        Err(GrpcFailureClass::Code(code)) => tonic::Code::from_i32(code.get()),
+        Err(GrpcFailureClass::Error(_)) => tonic::Code::Internal,
+    }
 }
 
 /// What is recorded once a call's status is known: the span's status and the RPC metrics.
@@ -300,7 +275,8 @@ impl Finish {
 /// headers carry no status.
 struct Recorded {
     body: tonic::body::Body,
-    finish: Option<Finish>,
+    /// Until the status is known.
+    pending: Option<(GrpcEosErrorsAsFailures, Finish)>,
 }
 
 impl http_body::Body for Recorded {
@@ -312,17 +288,21 @@ impl http_body::Body for Recorded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let polled = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
-        let code = match &polled {
-            Some(Ok(frame)) => frame
-                .trailers_ref()
-                .map(|t| status_in(t).unwrap_or(tonic::Code::Ok)),
-            Some(Err(status)) => Some(status.code()),
-            None => Some(tonic::Code::Ok),
+        let trailers = match &polled {
+            Some(Ok(frame)) => frame.trailers_ref().map(Some),
+            // The classifier would keep only the error's text: its code is right here.
+            Some(Err(status)) => {
+                if let Some((_, finish)) = self.pending.take() {
+                    finish.record(status.code());
+                }
+                None
+            }
+            None => Some(None),
         };
-        if let Some(code) = code
-            && let Some(finish) = self.finish.take()
+        if let Some(trailers) = trailers
+            && let Some((eos, finish)) = self.pending.take()
         {
-            finish.record(code);
+            finish.record(code(eos.classify_eos(trailers)));
         }
         Poll::Ready(polled)
     }
@@ -338,7 +318,7 @@ impl http_body::Body for Recorded {
 
 impl Drop for Recorded {
     fn drop(&mut self) {
-        if let Some(finish) = self.finish.take() {
+        if let Some((_, finish)) = self.pending.take() {
             finish.record(tonic::Code::Cancelled);
         }
     }
@@ -365,5 +345,141 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Unavailable => "UNAVAILABLE",
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::VecDeque,
+        sync::{Arc, Mutex},
+    };
+
+    use bytes::Bytes;
+    use http_body::{Body as _, Frame};
+    use tracing_subscriber::{Layer, Registry, layer::SubscriberExt};
+
+    use super::*;
+
+    /// The status codes recorded on spans, in order.
+    #[derive(Clone, Default)]
+    struct Codes(Arc<Mutex<Vec<i64>>>);
+
+    impl Codes {
+        fn seen(&self) -> Vec<i64> {
+            self.0.lock().expect("codes").clone()
+        }
+    }
+
+    impl<S: tracing::Subscriber> Layer<S> for Codes {
+        fn on_record(
+            &self,
+            _: &tracing::span::Id,
+            values: &tracing::span::Record<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Visit<'a>(&'a Mutex<Vec<i64>>);
+            impl tracing::field::Visit for Visit<'_> {
+                fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+                    if field.name() == "rpc.grpc.status_code" {
+                        self.0.lock().expect("codes").push(value);
+                    }
+                }
+                fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+            }
+            values.record(&mut Visit(&self.0));
+        }
+    }
+
+    /// A body of the given frames.
+    struct Frames(VecDeque<Frame<Bytes>>);
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    fn stream_ending_with(code: tonic::Code) -> http::Response<tonic::body::Body> {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", (code as i32).into());
+        http::Response::new(tonic::body::Body::new(Frames(VecDeque::from([
+            Frame::data(Bytes::from_static(b"\0\0\0\0\0")),
+            Frame::trailers(trailers),
+        ]))))
+    }
+
+    /// Runs `f` with spans recorded, and returns the codes it recorded.
+    fn codes_of(f: impl FnOnce()) -> Vec<i64> {
+        let codes = Codes::default();
+        tracing::subscriber::with_default(Registry::default().with(codes.clone()), f);
+        codes.seen()
+    }
+
+    fn call(streaming: bool) -> Rpc {
+        let path = if streaming {
+            "/approvals.v1.ChangeRequests/WatchChangeRequests"
+        } else {
+            "/approvals.v1.ChangeRequests/GetChangeRequest"
+        };
+        let request = http::Request::builder()
+            .uri(path)
+            .body(())
+            .expect("request");
+        Rpc::start(&request, streaming)
+    }
+
+    #[test]
+    fn a_calls_status_comes_from_its_headers_or_its_trailers() {
+        // A trailers-only error.
+        let codes = codes_of(|| {
+            let refused = tonic::Status::not_found("no such request").into_http();
+            let _ = call(false).finish::<()>(Ok(refused));
+        });
+        assert_eq!(codes, [tonic::Code::NotFound as i64]);
+        // A unary answer: its 0 is in the trailers, recorded with the headers.
+        let codes = codes_of(|| {
+            let answer = http::Response::new(tonic::body::Body::empty());
+            let _ = call(false).finish::<()>(Ok(answer));
+        });
+        assert_eq!(codes, [0]);
+        // A stream: recorded when its trailers arrive, not before.
+        let codes = codes_of(|| {
+            let answer = call(true)
+                .finish::<()>(Ok(stream_ending_with(tonic::Code::Unavailable)))
+                .expect("answer");
+            let mut body = answer.into_body();
+            let mut frames = 0;
+            while let Some(frame) = futures::executor::block_on(std::future::poll_fn(|cx| {
+                Pin::new(&mut body).poll_frame(cx)
+            })) {
+                frame.expect("frame");
+                frames += 1;
+            }
+            assert_eq!(frames, 2);
+        });
+        assert_eq!(codes, [tonic::Code::Unavailable as i64]);
+        // A service error.
+        let codes = codes_of(|| {
+            let _ = call(false).finish(Err("broken"));
+        });
+        assert_eq!(codes, [tonic::Code::Internal as i64]);
+    }
+
+    #[test]
+    fn a_stream_dropped_before_its_trailers_is_cancelled() {
+        let codes = codes_of(|| {
+            let answer = call(true)
+                .finish::<()>(Ok(stream_ending_with(tonic::Code::Ok)))
+                .expect("answer");
+            drop(answer);
+        });
+        assert_eq!(codes, [tonic::Code::Cancelled as i64]);
     }
 }

@@ -1,4 +1,5 @@
-//! Wiring: the store, the gRPC services, health, reflection, limits, graceful shutdown.
+//! Wiring: the store, the gRPC services, health, reflection, the tower stack in front of them
+//! ([`stack`]: telemetry, auth, limits), graceful shutdown.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -12,7 +13,7 @@ use crate::{
         read_cache::RequestCache,
     },
     apply::ApplyEngine,
-    auth::{AuthLayer, AuthSetupError, Authenticator},
+    auth::{AuthSetupError, Authenticator},
     clock::SharedClock,
     config::Config,
     pb::{self, policies_server::PoliciesServer},
@@ -22,6 +23,7 @@ use crate::{
 mod check;
 mod connection;
 pub mod limits;
+mod stack;
 mod watch_route;
 
 pub use self::check::check_config;
@@ -156,11 +158,7 @@ pub async fn run_with_clock(
         // Streams per connection, watch streams included: without a limit one connection could
         // open watch streams up to the server-wide limit by itself. 0: no limit.
         .max_concurrent_streams(Some(config.limits.max_concurrent_streams).filter(|max| *max > 0))
-        .layer(crate::telemetry::RpcLayer::new(
-            crate::auth::methods::is_streaming,
-        ))
-        .layer(AuthLayer::new(authenticator))
-        .layer(limits::LimitLayer::new(&config.limits))
+        .layer(stack::layers(authenticator, &config.limits))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
