@@ -30,7 +30,7 @@ use tower::{
     load_shed::error::Overloaded,
 };
 
-use super::stack::{BoxFuture, Next, Request, Response};
+use super::middleware::{BoxFuture, Next, Request, Response};
 use crate::{
     auth::{Caller, methods},
     config::LimitsConfig,
@@ -208,7 +208,7 @@ mod tests {
     use tower::{Layer, Service};
 
     use super::*;
-    use crate::transport::stack::Middleware;
+    use crate::transport::middleware::Middleware;
 
     fn caller(principal: &str, acting: Option<&str>) -> Caller {
         Caller {

@@ -23,6 +23,7 @@ use crate::{
 mod check;
 mod connection;
 pub mod limits;
+mod middleware;
 mod stack;
 mod watch_route;
 
