@@ -13,9 +13,15 @@ use sea_orm::{
 
 use crate::{
     error::StoreError,
-    requests::IdempotencyKey,
     schema::{CHANGE_REQUESTS, cr, ev, res},
 };
+
+/// An idempotency key (AIP-155) and a digest of the request body it was used with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub request_id: String,
+    pub fingerprint: String,
+}
 
 pub(crate) const EVENT_COLUMNS: [&str; 13] = [
     ev::REVISION,

@@ -8,19 +8,12 @@ use sea_orm::{
 
 use crate::{
     applying::Step,
-    codec::{decode_request, select_request},
+    codec::{IdempotencyKey, decode_request, select_request},
     connect::{Backend, Store},
     error::{DbErrOr, StoreError},
     rows::{self, NewRequest},
     schema::{CHANGE_REQUESTS, cr},
 };
-
-/// An idempotency key (AIP-155) and a digest of the request body it was used with.
-#[derive(Debug, Clone)]
-pub struct IdempotencyKey {
-    pub request_id: String,
-    pub fingerprint: String,
-}
 
 /// The result of a create: the request, and whether it existed already (a retried request_id).
 #[derive(Debug)]

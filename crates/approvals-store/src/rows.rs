@@ -14,11 +14,10 @@ use sea_orm::{
 
 use crate::{
     codec::{
-        EVENT_COLUMNS, REQUEST_COLUMNS, RESOURCE_COLUMNS, event_values, request_values,
-        resource_values,
+        EVENT_COLUMNS, IdempotencyKey, REQUEST_COLUMNS, RESOURCE_COLUMNS, event_values,
+        request_values, resource_values,
     },
     error::{DbErrOr, StoreError},
-    requests::IdempotencyKey,
     schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev},
 };
 
