@@ -3,10 +3,10 @@
 //! has several fields to check, all of them are named at once.
 
 use approvals_domain::{
-    ChangeRequestPatch, NewChangeRequest, Principal, State, Timestamp,
+    ChangeRequestPatch, NewChangeRequest, Principal, RequestFilter, State, Timestamp,
     validation::{self, Violations},
 };
-use approvals_store::{IdempotencyKey, ListFilter};
+use approvals_store::IdempotencyKey;
 use prost::Message;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -81,7 +81,7 @@ impl FilterFields<'_> {
     }
 
     /// The filter, once [`Self::check`] passed; states are sorted and unique.
-    fn filter(&self) -> Result<ListFilter, ApiError> {
+    fn filter(&self) -> Result<RequestFilter, ApiError> {
         let mut states = self
             .states
             .iter()
@@ -90,7 +90,7 @@ impl FilterFields<'_> {
             .collect::<Result<Vec<State>, _>>()?;
         states.sort_by_key(|s| s.as_str());
         states.dedup();
-        Ok(ListFilter {
+        Ok(RequestFilter {
             project: self.project.to_owned(),
             environment: optional(self.environment),
             action_key: optional(self.action_key),
@@ -105,7 +105,7 @@ impl FilterFields<'_> {
 
 /// ListChangeRequests, parsed.
 pub struct ListQuery {
-    pub filter: ListFilter,
+    pub filter: RequestFilter,
     pub pending_for_me: bool,
     pub page_size: u64,
     /// The position to continue after (from the page token).
@@ -161,7 +161,7 @@ impl TryFrom<&pb::ListChangeRequestsRequest> for ListQuery {
 
 /// WatchChangeRequests, parsed.
 pub struct WatchQuery {
-    pub filter: ListFilter,
+    pub filter: RequestFilter,
     pub start: Start,
 }
 

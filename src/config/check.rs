@@ -3,8 +3,10 @@
 //! with before starting it. It is `toml::to_string` of the configuration itself, so every key
 //! is shown, in the order of the definition.
 //!
-//! [`redact_url`] is the one URL redactor in `src/` (the store crate has its own for its error
-//! messages).
+//! URLs are redacted by the store's [`redact_url`], the one redactor, which the store's own
+//! error messages use too.
+
+use approvals_store::redact_url;
 
 use crate::config::Config;
 
@@ -28,36 +30,6 @@ pub fn render(config: &Config) -> String {
         *url = redact_url(url);
     }
     toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
-}
-
-/// `scheme://user:secret@host/...` with the password (and any query, which may hold one)
-/// replaced.
-pub fn redact_url(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, _)) => (base, Some(REDACTED)),
-        None => (url, None),
-    };
-    let redacted = match base.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            match authority.rsplit_once('@') {
-                Some((userinfo, host)) => {
-                    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-                    if userinfo.contains(':') {
-                        format!("{scheme}://{user}:{REDACTED}@{host}{path}")
-                    } else {
-                        format!("{scheme}://{user}@{host}{path}")
-                    }
-                }
-                None => base.to_owned(),
-            }
-        }
-        None => base.to_owned(),
-    };
-    match query {
-        Some(query) => format!("{redacted}?{query}"),
-        None => redacted,
-    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@ use std::{
 
 use prost::Message as _;
 
-use approvals_domain::{ChangeRequest, Event, Timestamp};
-use approvals_store::{ListFilter, LogReader, StoreError};
+use approvals_domain::RequestFilter;
+use approvals_domain::{ChangeRequest, Timestamp};
+use approvals_store::{LogReader, StoreError};
 use futures::Stream;
 use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 use tonic::Status;
@@ -38,57 +39,6 @@ const SNAPSHOT_CHUNK: usize = 100;
 /// and reads the next when the client has taken this one.
 const SNAPSHOT_PAGE: u64 = 200;
 
-/// Which events a watcher receives: the requests a list with the same filter would return
-/// (the requester filter is List's only).
-#[derive(Debug, Clone)]
-struct EventFilter(ListFilter);
-
-impl std::ops::Deref for EventFilter {
-    type Target = ListFilter;
-
-    fn deref(&self) -> &ListFilter {
-        &self.0
-    }
-}
-
-impl EventFilter {
-    fn as_list_filter(&self) -> ListFilter {
-        self.0.clone()
-    }
-
-    /// Matches on the event and on the request as it stood right after it; `states` on the
-    /// event's `to_state`.
-    fn matches(&self, event: &Event) -> bool {
-        event.project == self.project
-            && self
-                .environment
-                .as_ref()
-                .is_none_or(|e| &event.environment == e)
-            && self
-                .id
-                .as_ref()
-                .is_none_or(|id| &event.change_request_id == id)
-            && (self.states.is_empty() || self.states.contains(&event.to_state))
-            && match &event.change_request {
-                Some(request) => {
-                    self.action_key
-                        .as_ref()
-                        .is_none_or(|a| &request.action_key == a)
-                        && approvals_store::touches_resource(
-                            self.resource_type.as_deref(),
-                            self.resource_id.as_deref(),
-                            request,
-                        )
-                }
-                None => {
-                    self.action_key.is_none()
-                        && self.resource_type.is_none()
-                        && self.resource_id.is_none()
-                }
-            }
-    }
-}
-
 /// Where a watch starts.
 pub enum Start {
     /// After the current head.
@@ -102,7 +52,7 @@ pub enum Start {
 /// A snapshot being sent: the requests matching at `revision`, read a page at a time.
 struct Snapshot {
     revision: i64,
-    filter: ListFilter,
+    filter: RequestFilter,
     /// The rest of the page read last.
     page: std::vec::IntoIter<ChangeRequest>,
     /// Where the next page starts (below this id; from the newest when `None`).
@@ -120,7 +70,9 @@ enum Mode {
 
 struct Watcher {
     hub: Arc<Hub>,
-    filter: EventFilter,
+    /// Which events the watcher receives: the requests a list with the same filter would
+    /// return (`RequestFilter::matches_event`).
+    filter: RequestFilter,
     /// Every event at or below it has been processed (delivered if it matched).
     cursor: i64,
     /// Matching events of the last log read not sent yet (see `take_pending`), and the
@@ -159,11 +111,10 @@ pub type WatchMessages =
 /// stream), against `watch.max_watchers_per_principal`; ended when its credential expires.
 pub async fn open(
     hub: Arc<Hub>,
-    filter: ListFilter,
+    filter: RequestFilter,
     start: Start,
     caller: &Caller,
 ) -> Result<WatchStream, ApiError> {
-    let filter = EventFilter(filter);
     let principal_permit = hub.count_watcher(caller.credential_principal().as_str())?;
     let permit =
         hub.permits
@@ -207,7 +158,7 @@ pub async fn open(
             // Read page by page as it is sent (see `next_snapshot_message`).
             snapshot = Some(Snapshot {
                 revision: head,
-                filter: filter.as_list_filter(),
+                filter: filter.clone(),
                 page: Vec::new().into_iter(),
                 before: None,
                 read_all: false,
@@ -383,7 +334,7 @@ impl Watcher {
                             tokio::time::sleep(Duration::from_millis(2)).await;
                         }
                         for event in &batch.events {
-                            if self.filter.matches(event) {
+                            if self.filter.matches_event(event) {
                                 self.pending.push_back(convert::event(event));
                             }
                         }
@@ -540,7 +491,7 @@ impl Watcher {
                             return false;
                         }
                         *cursor = live.event.revision;
-                        filter.matches(&live.event)
+                        filter.matches_event(&live.event)
                     });
                     if let Some(revision) = events.last().map(|live| live.event.revision) {
                         return Poll::Ready(Ok(Some(WatchFrame::Live { revision, events })));

@@ -34,11 +34,10 @@ mod write;
 
 pub use applying::Step;
 /// Moved to the domain, with the filter; kept here until the server imports it from there.
-pub use approvals_domain::touches_resource;
 pub use codec::IdempotencyKey;
 pub use connect::{Backend, DatabaseSettings, Store};
 pub use error::StoreError;
-pub use list::{ListFilter, ListPage, SnapshotPage, TOTAL_SIZE_EXACT_LIMIT};
+pub use list::{ListPage, SnapshotPage, TOTAL_SIZE_EXACT_LIMIT};
 pub use log::{LogBatch, LogReader};
 pub use policies::PolicyFilter;
 pub use redact::redact_url;

@@ -28,10 +28,6 @@ pub const TOTAL_SIZE_EXACT_LIMIT: i64 = 1_000;
 const ESTIMATE_TTL: Duration = Duration::from_secs(60);
 const ESTIMATES_KEPT: usize = 4096;
 
-/// Filters of `ListChangeRequests`: the domain's [`RequestFilter`], under its old name until
-/// the server uses that one.
-pub type ListFilter = RequestFilter;
-
 /// A page of a snapshot at a revision (see [`Store::requests_at_page`]).
 #[derive(Debug)]
 pub struct SnapshotPage {

@@ -14,6 +14,10 @@ const REDACTED: &str = "<redacted>";
 /// parse as a URL, or names a user without `//` (where a parser reads no userinfo), shows at
 /// most its scheme. A URL with nothing to hide is returned as given.
 pub fn redact_url(url: &str) -> String {
+    if url.is_empty() {
+        // No URL (a setting left empty): nothing to hide.
+        return String::new();
+    }
     let Ok(parsed) = Url::parse(url) else {
         return hidden(url);
     };
@@ -59,6 +63,11 @@ fn hidden(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::redact_url;
+
+    #[test]
+    fn an_empty_setting_stays_empty() {
+        assert_eq!(redact_url(""), "");
+    }
 
     #[test]
     fn hides_the_password() {
