@@ -73,12 +73,7 @@ fn generate_key(command: KeysCommand) -> ExitCode {
     } = command;
     match approvals::auth::api_keys::generate(&principal, &scopes, &groups, &projects, &act_as) {
         Ok((key, entry)) => {
-            println!("# The API key, shown only now; give it to the caller as a secret:");
-            println!("# authorization: Bearer {key}");
-            println!("{key}");
-            println!();
-            println!("# Add this entry to the server's config file:");
-            print!("{entry}");
+            print!("{}", approvals::auth::api_keys::announce(&key, &entry));
             ExitCode::SUCCESS
         }
         Err(message) => {
@@ -164,30 +159,6 @@ fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
-    }
-    tracing::info!("shutdown requested; draining in-flight calls");
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -216,36 +187,5 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let _telemetry = approvals::telemetry::init(&approvals::telemetry::TelemetrySettings {
-        json: config.telemetry.log_format == "json",
-        otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()),
-        service_name: config.telemetry.service_name.clone(),
-    });
-    let result = if migrate_only {
-        server::open_store(&config)
-            .await
-            .map(|_| tracing::info!("migrations applied"))
-    } else {
-        let addr = match config.listen_addr() {
-            Ok(addr) => addr,
-            Err(message) => {
-                eprintln!("approvals: listen: {message}");
-                return ExitCode::from(2);
-            }
-        };
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(listener) => server::run(config, listener, shutdown_signal()).await,
-            Err(err) => {
-                eprintln!("approvals: cannot listen on {addr}: {err}");
-                return ExitCode::FAILURE;
-            }
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("approvals: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    server::run_process(config, migrate_only).await
 }

@@ -163,6 +163,15 @@ pub fn generate(
     Ok((key, entry))
 }
 
+/// What `approvals keys generate` prints: the key (shown once) and the config entry.
+pub fn announce(key: &str, entry: &str) -> String {
+    format!(
+        "# The API key, shown only now; give it to the caller as a secret:\n\
+         # authorization: Bearer {key}\n{key}\n\n\
+         # Add this entry to the server's config file:\n{entry}"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

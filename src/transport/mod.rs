@@ -1,7 +1,7 @@
 //! Wiring: the store, the gRPC services, health, reflection, the tower stack in front of them
 //! ([`stack`]: telemetry, auth, limits), graceful shutdown.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, process::ExitCode, sync::Arc, time::Duration};
 
 use approvals_store::Store;
 use tokio::net::TcpListener;
@@ -50,6 +50,69 @@ pub enum ServeError {
         "refusing to serve on {0}: it is not a loopback address and no authentication is configured ([[auth.api_keys]] or [auth.jwt])"
     )]
     Unprotected(std::net::SocketAddr),
+}
+
+/// What `approvals serve` and `approvals migrate` run once the configuration is loaded:
+/// telemetry, then the migrations alone (`migrate_only`) or the server on `listen` until
+/// SIGINT or SIGTERM. The exit code: 0, 2 for an unusable `listen`, 1 for anything else.
+pub async fn run_process(config: Config, migrate_only: bool) -> ExitCode {
+    let _telemetry = crate::telemetry::init(&crate::telemetry::TelemetrySettings {
+        json: config.telemetry.log_format == "json",
+        otlp_endpoint: Some(config.telemetry.otlp_endpoint.clone()),
+        service_name: config.telemetry.service_name.clone(),
+    });
+    let result = if migrate_only {
+        open_store(&config)
+            .await
+            .map(|_| tracing::info!("migrations applied"))
+    } else {
+        let addr = match config.listen_addr() {
+            Ok(addr) => addr,
+            Err(message) => {
+                eprintln!("approvals: listen: {message}");
+                return ExitCode::from(2);
+            }
+        };
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => run(config, listener, shutdown_signal()).await,
+            Err(err) => {
+                eprintln!("approvals: cannot listen on {addr}: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("approvals: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGINT (Ctrl-C) or, on Unix, SIGTERM (Kubernetes stopping the pod).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+    tracing::info!("shutdown requested; draining in-flight calls");
 }
 
 /// Connects to the database and applies pending migrations.
