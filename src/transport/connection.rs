@@ -28,6 +28,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 #[derive(Debug)]
 pub(crate) struct Coalescing {
     stream: TcpStream,
+    /// `limits.coalesce_writes`: false passes every write straight through.
+    coalesce: bool,
     /// Whether this burst of writes has already stepped aside once; reset by each flush.
     yielded: bool,
 }
@@ -48,7 +50,7 @@ impl AsyncWrite for Coalescing {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if !self.yielded {
+        if self.coalesce && !self.yielded {
             // Step aside once: the connection's task goes to the back of the run queue, behind
             // the stream tasks woken with it, whose frames then go out in this same write.
             self.yielded = true;
@@ -68,8 +70,17 @@ impl AsyncWrite for Coalescing {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        // Called only when not coalescing (`is_write_vectored` is false otherwise).
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
     fn is_write_vectored(&self) -> bool {
-        false
+        !self.coalesce && self.stream.is_write_vectored()
     }
 }
 
@@ -88,13 +99,60 @@ impl Connected for Coalescing {
 /// figures in the README).
 pub(crate) fn incoming(
     listener: tokio::net::TcpListener,
+    coalesce: bool,
 ) -> impl Stream<Item = Result<Coalescing, io::Error>> {
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .map(|accepted| {
-            accepted.map(|stream| Coalescing {
-                stream,
-                yielded: false,
-            })
-        })
+        .map(move |accepted| accepted.map(|stream| Coalescing::new(stream, coalesce)))
+}
+
+impl Coalescing {
+    fn new(stream: TcpStream, coalesce: bool) -> Self {
+        Self {
+            stream,
+            coalesce,
+            yielded: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn pair(coalesce: bool) -> (Coalescing, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (server, _) = accepted.expect("accept");
+        (Coalescing::new(server, coalesce), client.expect("connect"))
+    }
+
+    /// Coalescing hides vectored writes from HTTP/2 (so it copies small frames into one
+    /// buffer); turned off, the socket's own answer shows. Either way the bytes arrive whole.
+    #[tokio::test]
+    async fn coalescing_is_a_setting_and_writes_arrive_either_way() {
+        for coalesce in [true, false] {
+            let (mut server, mut client) = pair(coalesce).await;
+            assert_eq!(
+                server.is_write_vectored(),
+                !coalesce && server.stream.is_write_vectored(),
+                "coalesce = {coalesce}"
+            );
+            server.write_all(b"frame one ").await.expect("write");
+            server
+                .write_vectored(&[io::IoSlice::new(b"frame two")])
+                .await
+                .expect("write");
+            server.flush().await.expect("flush");
+            server.shutdown().await.expect("shutdown");
+            let mut received = String::new();
+            client.read_to_string(&mut received).await.expect("read");
+            assert_eq!(received, "frame one frame two", "coalesce = {coalesce}");
+        }
+    }
 }

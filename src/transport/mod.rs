@@ -228,7 +228,10 @@ pub async fn run_with_clock(
         .add_service(reflection_v1alpha)
         .add_service(change_requests)
         .add_service(policies)
-        .serve_with_incoming_shutdown(connection::incoming(listener), signal);
+        .serve_with_incoming_shutdown(
+            connection::incoming(listener, config.limits.coalesce_writes),
+            signal,
+        );
     let grace = config.limits.shutdown_grace;
     let result = tokio::select! {
         result = serve => result,

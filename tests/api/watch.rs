@@ -86,7 +86,18 @@ fn kinds(events: &[pb::Event]) -> Vec<EventKind> {
 
 #[tokio::test]
 async fn live_events_carry_the_request_as_it_stood() {
-    let server = TestServer::start().await;
+    live_events_on(TestServer::start().await).await;
+}
+
+/// `limits.coalesce_writes = false` (one write per HTTP/2 frame): the same stream, the same
+/// events; and unary calls answer as before.
+#[tokio::test]
+async fn watch_and_calls_work_without_write_coalescing() {
+    let server = TestServer::start_with(|c| c.limits.coalesce_writes = false).await;
+    live_events_on(server).await;
+}
+
+async fn live_events_on(server: TestServer) {
     let mut watcher = server.client("service:notifier").await;
     let mut stream = watch(&mut watcher, watch_request("web")).await;
     let mut alice = server.client("user:alice").await;
