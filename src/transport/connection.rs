@@ -144,10 +144,11 @@ mod tests {
                 "coalesce = {coalesce}"
             );
             server.write_all(b"frame one ").await.expect("write");
-            server
+            let written = server
                 .write_vectored(&[io::IoSlice::new(b"frame two")])
                 .await
                 .expect("write");
+            assert_eq!(written, 9, "a short frame goes out whole");
             server.flush().await.expect("flush");
             server.shutdown().await.expect("shutdown");
             let mut received = String::new();
