@@ -7,7 +7,7 @@ use subtle::{Choice, ConstantTimeEq};
 
 use approvals_domain::IdentityProof;
 
-use super::identity::parse_groups;
+use super::caller::parse_groups;
 use super::{
     ActAsList, ApiKeyConfig, Authenticated, Caller, Scope, caller_principal, parse_projects,
 };

@@ -15,7 +15,7 @@ use jsonwebtoken::{
 };
 use serde_json::Value;
 
-use super::identity::parse_groups;
+use super::caller::parse_groups;
 use super::{ActAsList, Authenticated, Caller, JwtConfig, Scope, caller_principal, parse_projects};
 use crate::error::ApiError;
 
