@@ -9,6 +9,9 @@
 //! - A background worker in every replica claims due requests (`FOR UPDATE SKIP LOCKED` on
 //!   PostgreSQL): expires them, starts AUTO applies and schedules, and takes over applies whose
 //!   lease expired (a replica died), with the same key.
+//!
+//! One cohesive thing over 500 lines (its tests included): the engine's start, run, retry,
+//! sweep and takeover share one lease protocol, read best in one place.
 
 use std::{
     collections::{HashMap, HashSet},

@@ -1,4 +1,6 @@
-//! A watch stream: its filter, its start (now, a revision, a snapshot), and its steps.
+//! A watch stream: its filter, its start (now, a revision, a snapshot), and its steps. One
+//! cohesive thing over 500 lines: the stream's states (snapshot, catch-up from the log, live
+//! from the ring, ended) and the moves between them only make sense read together.
 
 use std::{
     future::Future,
