@@ -1,6 +1,6 @@
 //! `approvals.v1.ChangeRequests`. A handler takes the caller, parses the message
-//! ([`super::requests`]), runs the domain command through the store and answers the request as
-//! the caller sees it. Mutations of one request go through [`ChangeRequestsService::command`].
+//! (`requests.rs`), runs the domain command through the store and answers the request as
+//! the caller sees it. Mutations of one request go through `ChangeRequestsService::command`.
 
 use std::sync::Arc;
 

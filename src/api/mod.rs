@@ -1,5 +1,5 @@
 //! The gRPC handlers. Each one takes the caller the auth layer found, converts the request
-//! ([`requests`]), runs the domain command through the store, and converts the result back;
+//! (`requests`), runs the domain command through the store, and converts the result back;
 //! errors are [`ApiError`]s, turned into a `Status` in one place (`crate::error`).
 
 pub mod change_requests;

@@ -172,7 +172,7 @@ pub struct ApplyConfig {
     #[serde(with = "fields::duration::positive")]
     pub poll_interval: Duration,
     /// The applier endpoints policies may name and the server may call (`scheme://host[:port]`,
-    /// `*.suffix` hosts; see `applier_endpoints`). Empty: none, so no policy may have an
+    /// `*.suffix` hosts; see `config::allowed_endpoints`). Empty: none, so no policy may have an
     /// `applier_endpoint`.
     pub allowed_endpoints: AllowedEndpoints,
 }

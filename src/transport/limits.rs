@@ -6,7 +6,7 @@
 //! counted: streams are bounded by the `[watch]` settings, and probes must keep answering under
 //! load.
 //!
-//! [`Limits::call`] runs inside the auth middleware (see [`super::stack`]), so it finds the
+//! `Limits::call` runs inside the auth middleware (see `stack.rs`), so it finds the
 //! authenticated [`Caller`] in the request's extensions.
 
 use std::{

@@ -1,5 +1,5 @@
 //! Wiring: the store, the gRPC services, health, reflection, the tower stack in front of them
-//! ([`stack`]: telemetry, auth, limits), graceful shutdown.
+//! (`stack.rs`: telemetry, auth, limits), graceful shutdown.
 
 use std::{future::Future, process::ExitCode, sync::Arc, time::Duration};
 

@@ -101,7 +101,7 @@ struct Watcher {
     _counted: crate::telemetry::metrics::OpenWatcher,
 }
 
-/// A watch stream as the watch route sends it (see `watch_route`).
+/// A watch stream as the watch route sends it (see `transport::watch_route`).
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchFrame, Status>> + Send>>;
 
 /// The same stream as plain messages, for the generated service trait.
