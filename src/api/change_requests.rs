@@ -416,8 +416,9 @@ impl ChangeRequests for ChangeRequestsService {
         )
     }
 
-    /// Served by `transport::watch_route`, which sends the frames as they are; this form
-    /// (plain messages) is what the generated trait asks for.
+    /// Never reached: `transport::watch_route` serves this path, sending the frames as they
+    /// are (its opening comment says why tonic's path lost). The generated trait asks for the
+    /// method, in plain messages.
     async fn watch_change_requests(
         &self,
         request: Request<pb::WatchChangeRequestsRequest>,
