@@ -190,9 +190,22 @@ pub fn struct_yaml(s: Option<&prost_types::Struct>, indent: &str) -> String {
     let Some(s) = s else {
         return format!("{indent}{{}}\n");
     };
-    let json = Json::Object(crate::convert::struct_to_json(s));
+    let json = integral(Json::Object(crate::convert::struct_to_json(s)));
     let text = serde_yaml::to_string(&json).unwrap_or_else(|_| json.to_string());
     text.lines().map(|l| format!("{indent}{l}\n")).collect()
+}
+
+/// Struct numbers are doubles: `50` rather than `50.0` for people.
+fn integral(json: Json) -> Json {
+    match json {
+        Json::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Json::from(f as i64),
+            _ => Json::Number(n),
+        },
+        Json::Array(items) => Json::Array(items.into_iter().map(integral).collect()),
+        Json::Object(map) => Json::Object(map.into_iter().map(|(k, v)| (k, integral(v))).collect()),
+        other => other,
+    }
 }
 
 /// Parses a time for `--at`: RFC 3339 (`2026-12-07T10:00:00Z`, `...+02:00`), or a delay from now

@@ -251,7 +251,7 @@ async fn the_whole_lifecycle_runs_from_the_cli_alone() {
         "user:alice",
         "web-manual",
         "feature_flag/checkout",
-        "rollout: 25",
+        "rollout: 25\n",
         "APPROVE  user:bob",
         "looks fine",
     ] {
@@ -852,4 +852,93 @@ async fn login_writes_a_profile_that_later_commands_use() {
         let out = setup.ok("", &["completions", shell]).await;
         assert!(out.contains("approvals") && out.contains("cr"), "{shell}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_from_a_file_and_watch_the_events() {
+    let setup = Setup::start().await;
+    setup.file(
+        "request.yaml",
+        r#"project: web
+environment: prod
+action_key: feature_flag.update
+title: From a file
+changes:
+  - action: update
+    resource_type: feature_flag
+    resource_id: checkout
+    payload: {enabled: true, rollout: 10}
+"#,
+    );
+    let id = setup
+        .ok(
+            &setup.alice,
+            &[
+                "cr",
+                "create",
+                "-f",
+                "request.yaml",
+                "--title",
+                "Flag wins",
+                "-o",
+                "id",
+            ],
+        )
+        .await
+        .trim()
+        .to_owned();
+    let mut alice = setup.api(&setup.alice).await;
+    let created = get_as(&mut alice, &id).await;
+    assert_eq!(created.title, "Flag wins", "a flag overrides the file");
+    assert_eq!(created.environment, "prod");
+    assert_eq!(
+        created.changes[0].payload,
+        Some(payload(serde_json::json!({"enabled": true, "rollout": 10})))
+    );
+    setup
+        .ok(&setup.bob, &["cr", "approve", &id, "-m", "ok"])
+        .await;
+
+    // `cr watch --from 1 -o json`: one event a line, replayed from the log, until stopped.
+    let mut command = setup.command(
+        &setup.bob,
+        &[
+            "cr",
+            "watch",
+            "--project",
+            "web",
+            "--from",
+            "1",
+            "-o",
+            "json",
+        ],
+    );
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("watch");
+    let stdout = child.stdout.take().expect("stdout");
+    let lines = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .take(2)
+            .map(|l| l.expect("line"))
+            .collect::<Vec<_>>()
+    });
+    let lines = tokio::time::timeout(Duration::from_secs(20), lines)
+        .await
+        .expect("two events")
+        .expect("join");
+    let _ = child.kill();
+    let _ = child.wait();
+    let events: Vec<pb::Event> = lines
+        .into_iter()
+        .map(|l| from_json(serde_json::from_str(&l).expect("json"), names::EVENT).expect("event"))
+        .collect();
+    assert_eq!(events[0].kind, pb::EventKind::Created as i32);
+    assert_eq!(events[1].kind, pb::EventKind::Reviewed as i32);
+    assert_eq!(events[1].to_state, State::Approved as i32);
+    assert_eq!(events[1].change_request_id, id);
 }
