@@ -33,7 +33,7 @@ enum Command {
     /// Check the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Change requests (a client of the API: see `approvals cr --help`).
+    /// Change requests: list, show, create, review, apply, watch (a client of the API).
     Cr(approvals::cli::cr::CrArgs),
     /// Approval policies, and policies as code (`policy apply -f`).
     Policy(approvals::cli::policy::PolicyArgs),

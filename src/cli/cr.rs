@@ -91,6 +91,7 @@ pub enum CrCommand {
     #[command(after_help = "Example:\n  approvals cr comment 0193a1b2-... -m 'deploying at 10:00'")]
     Comment {
         id: String,
+        /// The comment.
         #[arg(short, long, required = true)]
         message: String,
     },
@@ -147,8 +148,10 @@ pub struct ListArgs {
     /// The project [default: the profile's].
     #[arg(long, value_name = "P")]
     project: Option<String>,
+    /// Only this environment.
     #[arg(long = "env", value_name = "E")]
     environment: Option<String>,
+    /// Only this action key.
     #[arg(long, value_name = "K")]
     action_key: Option<String>,
     /// At most this many requests.
@@ -165,8 +168,10 @@ pub struct CreateArgs {
     /// The project [default: the profile's].
     #[arg(long, value_name = "P")]
     project: Option<String>,
+    /// Only this environment.
     #[arg(long = "env", value_name = "E")]
     environment: Option<String>,
+    /// Only this action key.
     #[arg(long, value_name = "K")]
     action_key: Option<String>,
     #[arg(long, value_name = "N")]
@@ -203,6 +208,7 @@ pub struct CreateArgs {
 pub struct EditArgs {
     #[command(flatten)]
     target: Target,
+    /// A new title.
     #[arg(long, value_name = "T")]
     title: Option<String>,
     #[arg(long, value_name = "TEXT")]
@@ -228,8 +234,10 @@ pub struct WatchArgs {
     /// The project [default: the profile's].
     #[arg(long, value_name = "P")]
     project: Option<String>,
+    /// Only this environment.
     #[arg(long = "env", value_name = "E")]
     environment: Option<String>,
+    /// Only this action key.
     #[arg(long, value_name = "K")]
     action_key: Option<String>,
     /// Only events into this state (repeatable).
@@ -989,6 +997,7 @@ async fn done(
             })
             .await?
             .into_inner();
+        let mut rested = None;
         'watch: while let Some(message) = stream.next().await {
             for event in message?.events {
                 eprintln!(
@@ -998,21 +1007,40 @@ async fn done(
                     transition(&event),
                     event.actor
                 );
-                if let Some(snapshot) = &event.change_request {
-                    let rests = resting(snapshot);
-                    if rests {
-                        break 'watch;
-                    }
+                if let Some(snapshot) = event.change_request
+                    && resting(&snapshot)
+                {
+                    rested = Some(snapshot);
+                    break 'watch;
                 }
             }
         }
-        // The caller's view (can_approve and the other computed fields).
-        request = cr
+        let Some(snapshot) = rested else {
+            return Err(CliError::Local {
+                code: exit::UNAVAILABLE,
+                message: format!(
+                    "the watch stream ended while {} was {}: wait again with `approvals cr \
+                     watch --id {} --from {}`",
+                    request.id,
+                    output::state(request.state),
+                    request.id,
+                    request.revision + 1
+                ),
+            });
+        };
+        // The caller's view (can_approve and the other computed fields), unless this replica
+        // has not read that far yet.
+        let current = cr
             .get_change_request(pb::GetChangeRequestRequest {
                 id: request.id.clone(),
             })
             .await?
             .into_inner();
+        request = if current.revision >= snapshot.revision {
+            current
+        } else {
+            snapshot
+        };
     }
     print_request(&request, format, View::Summary(verb))?;
     Ok(outcome(&request))

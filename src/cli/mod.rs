@@ -24,6 +24,7 @@ pub use error::{CliError, EXIT_CODES_HELP, exit};
 /// Connection and output flags shared by every client command (they may follow the command:
 /// `approvals cr list --profile prod`).
 #[derive(Args, Clone, Debug, Default)]
+#[command(next_help_heading = "Connection and output")]
 pub struct Global {
     /// Profile of the config file to use [default: the file's `default_profile`, else
     /// `default`].
