@@ -15,7 +15,12 @@ use crate::pb;
 
 /// Change requests: list, show, create, review, apply, watch.
 #[derive(Args, Debug)]
-#[command(after_help = super::EXIT_CODES_HELP)]
+#[command(after_help = concat!(
+    "Examples:\n",
+    "  approvals cr list --project web --pending\n",
+    "  approvals cr approve 0193a1b2-... -m LGTM\n\n",
+    crate::exit_codes_help!()
+))]
 pub struct CrArgs {
     #[command(flatten)]
     pub global: Global,

@@ -32,8 +32,11 @@ pub mod exit {
     pub const NOT_APPLIED: u8 = 7;
 }
 
-/// The exit code table, as `--help` shows it.
-pub const EXIT_CODES_HELP: &str = "\
+/// The exit code table as a string literal, for `concat!` in `after_help`.
+#[macro_export]
+macro_rules! exit_codes_help {
+    () => {
+        "\
 Exit codes:
   0  success
   1  any other failure
@@ -42,7 +45,12 @@ Exit codes:
   4  permission denied (PERMISSION_DENIED, UNAUTHENTICATED)
   5  precondition failed (FAILED_PRECONDITION, ABORTED: stale etag, ALREADY_EXISTS)
   6  unavailable (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, cannot connect)
-  7  --wait: the request ended without being applied (REJECTED, CANCELLED, EXPIRED, APPLY_FAILED)";
+  7  --wait: the request ended without being applied (REJECTED, CANCELLED, EXPIRED, APPLY_FAILED)"
+    };
+}
+
+/// The exit code table, as `--help` shows it.
+pub const EXIT_CODES_HELP: &str = exit_codes_help!();
 
 /// What the CLI reports on stderr, and its exit code.
 #[derive(Debug)]

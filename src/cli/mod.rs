@@ -161,3 +161,32 @@ pub fn completions(shell: clap_complete::Shell, command: &mut clap::Command) -> 
     clap_complete::generate(shell, command, "approvals", &mut std::io::stdout());
     ExitCode::SUCCESS
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{cr, policy, profile};
+    use clap::Args as _;
+
+    /// Every command of the CLI shows an example in its `--help`.
+    #[test]
+    fn every_command_has_an_example() {
+        let groups = [
+            cr::CrArgs::augment_args(clap::Command::new("cr")),
+            policy::PolicyArgs::augment_args(clap::Command::new("policy")),
+            profile::LoginArgs::augment_args(clap::Command::new("login")),
+        ];
+        for group in groups {
+            let name = group.get_name().to_owned();
+            let mut commands: Vec<&clap::Command> = vec![&group];
+            commands.extend(group.get_subcommands());
+            for command in commands {
+                let help = command.get_after_help().map(ToString::to_string);
+                assert!(
+                    help.as_deref().is_some_and(|h| h.contains("Example")),
+                    "{name} {}: no example in --help",
+                    command.get_name()
+                );
+            }
+        }
+    }
+}

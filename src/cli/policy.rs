@@ -39,7 +39,12 @@ use crate::pb;
 
 /// Approval policies, and policies as code.
 #[derive(Args, Debug)]
-#[command(after_help = super::EXIT_CODES_HELP)]
+#[command(after_help = concat!(
+    "Examples:\n",
+    "  approvals policy list --project web\n",
+    "  approvals policy apply -f policies/ --dry-run\n\n",
+    crate::exit_codes_help!()
+))]
 pub struct PolicyArgs {
     #[command(flatten)]
     pub global: Global,
