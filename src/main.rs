@@ -184,10 +184,10 @@ async fn main() -> ExitCode {
     let (migrate_only, args) = match cli.command {
         Some(Command::Keys(command)) => return generate_key(command),
         Some(Command::Cr(args)) => {
-            return approvals::cli::finish(approvals::cli::cr::run(args).await).await;
+            return approvals::cli::finish(approvals::cli::cr::run(args).await);
         }
         Some(Command::Policy(args)) => {
-            return approvals::cli::finish(approvals::cli::policy::run(args).await).await;
+            return approvals::cli::finish(approvals::cli::policy::run(args).await);
         }
         Some(Command::Login(args)) => return approvals::cli::profile::login(args),
         Some(Command::Completions { shell }) => {

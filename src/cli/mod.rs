@@ -146,7 +146,7 @@ impl Api {
 
 /// Runs a client command and turns its outcome into the process's exit code, printing an
 /// error on stderr.
-pub async fn finish(outcome: Result<ExitCode, CliError>) -> ExitCode {
+pub fn finish(outcome: Result<ExitCode, CliError>) -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(error) => {
