@@ -823,7 +823,8 @@ fn describe(r: &pb::ChangeRequest) -> String {
                 output::when(schedule.apply_time.as_ref()),
                 schedule.scheduled_by,
                 schedule.reason
-            ),
+            )
+            .trim_end(),
         );
     }
     if r.apply_time.is_some() {

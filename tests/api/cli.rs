@@ -56,6 +56,8 @@ struct Setup {
     alice: String,
     bob: String,
     admin: String,
+    /// `service:pager`, holding approvals:bypass alone.
+    bypass: String,
     home: tempfile::TempDir,
 }
 
@@ -64,9 +66,10 @@ impl Setup {
         let (alice, alice_config) = api_key("user:alice", &["approvals:write"], &[], &[]);
         let (bob, bob_config) = api_key("user:bob", &["approvals:write"], &[], &[]);
         let (admin, admin_config) = api_key("user:admin", &["approvals:admin"], &[], &[]);
+        let (bypass, bypass_config) = api_key("service:pager", &["approvals:bypass"], &[], &[]);
         let server = TestServer::start_with(|c| {
             c.auth = AuthConfig {
-                api_keys: vec![alice_config, bob_config, admin_config],
+                api_keys: vec![alice_config, bob_config, admin_config, bypass_config],
                 ..AuthConfig::default()
             };
             c.apply.poll_interval = Duration::from_millis(100);
@@ -78,6 +81,7 @@ impl Setup {
             alice,
             bob,
             admin,
+            bypass,
             home: tempfile::tempdir().expect("home"),
         }
     }
@@ -941,4 +945,90 @@ changes:
     assert_eq!(events[1].kind, pb::EventKind::Reviewed as i32);
     assert_eq!(events[1].to_state, State::Approved as i32);
     assert_eq!(events[1].change_request_id, id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_unschedule_cancel_and_break_glass() {
+    let setup = Setup::start().await;
+    let applier = start_applier().await;
+    setup
+        .policy(pb::Policy {
+            name: "web-manual".into(),
+            project: "web".into(),
+            action_key: "*".into(),
+            apply_mode: pb::ApplyMode::Manual as i32,
+            applier_endpoint: applier,
+            ..Default::default()
+        })
+        .await;
+    let mut alice = setup.api(&setup.alice).await;
+    let mut bob = setup.api(&setup.bob).await;
+    let id = alice
+        .create_change_request(new_request())
+        .await
+        .expect("create")
+        .into_inner()
+        .id;
+    bob.approve_change_request(pb::ApproveChangeRequestRequest {
+        id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("approve");
+
+    let out = setup
+        .ok(&setup.alice, &["cr", "schedule", &id, "--at", "in 1h"])
+        .await;
+    assert_eq!(out, format!("scheduled {id}: SCHEDULED (1/1 approvals)\n"));
+    let scheduled = get_as(&mut alice, &id).await;
+    let at = scheduled
+        .schedule
+        .as_ref()
+        .and_then(|s| s.apply_time)
+        .expect("apply time");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("now")
+        .as_secs() as i64;
+    assert!((at.seconds - now - 3600).abs() < 60, "in an hour: {at:?}");
+    let show = setup.ok(&setup.alice, &["cr", "show", &id]).await;
+    assert!(
+        show.contains("schedule:") && (show.contains("in 59m (") || show.contains("in 1h (")),
+        "{show}"
+    );
+    assert!(!show.contains('\x1b'), "no colours off a terminal:\n{show}");
+
+    setup.ok(&setup.alice, &["cr", "unschedule", &id]).await;
+    assert_eq!(state(&get_as(&mut alice, &id).await), State::Approved);
+    let out = setup
+        .ok(&setup.alice, &["cr", "cancel", &id, "-m", "superseded"])
+        .await;
+    assert_eq!(out, format!("cancelled {id}: CANCELLED (1/1 approvals)\n"));
+    let out = setup.run(&setup.alice, &["cr", "reject", &id]).await;
+    assert_eq!(out.status.code(), Some(2), "-m is required for reject");
+
+    // Break-glass: a key with approvals:bypass alone applies a request in review.
+    let urgent = alice
+        .create_change_request(new_request())
+        .await
+        .expect("create")
+        .into_inner()
+        .id;
+    let out = setup
+        .ok(
+            &setup.bypass,
+            &[
+                "cr",
+                "apply",
+                &urgent,
+                "--break-glass",
+                "incident 4711",
+                "--wait",
+            ],
+        )
+        .await;
+    assert_eq!(out, format!("applied {urgent}: APPLIED (0/1 approvals)\n"));
+    let applied = get_as(&mut alice, &urgent).await;
+    assert_eq!(applied.bypassed_by, "service:pager");
+    assert_eq!(applied.bypass_justification, "incident 4711");
 }
