@@ -818,7 +818,7 @@ fn describe(r: &pb::ChangeRequest) -> String {
         line(
             &mut out,
             "schedule",
-            &format!(
+            format!(
                 "{} by {} {status} {}",
                 output::when(schedule.apply_time.as_ref()),
                 schedule.scheduled_by,
