@@ -90,7 +90,7 @@ where
     }
 }
 
-type Channel = WithActor<AuthedChannel>;
+pub type Channel = WithActor<AuthedChannel>;
 
 /// The connected API, as the resolved profile says.
 pub struct Api {

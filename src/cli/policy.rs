@@ -177,6 +177,20 @@ pub async fn run(args: PolicyArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Deletes `p` unless it changed since it was read.
+async fn delete(
+    client: &mut pb::policies_client::PoliciesClient<super::Channel>,
+    p: &pb::Policy,
+) -> Result<(), CliError> {
+    client
+        .delete_policy(pb::DeletePolicyRequest {
+            name: p.name.clone(),
+            etag: p.etag.clone(),
+        })
+        .await?;
+    Ok(())
+}
+
 async fn list_all(api: &Api, project: &str) -> Result<Vec<pb::Policy>, CliError> {
     let mut client = api.policies();
     let mut all = Vec::new();
@@ -364,7 +378,27 @@ async fn run_apply(api: &Api, args: ApplyArgs, format: Format) -> Result<ExitCod
         }
     }
     if !args.dry_run {
+        // A policy to delete that holds the project/environment/action_key a created or updated
+        // one takes (a rename) goes first, or the create would be ALREADY_EXISTS; the others go
+        // last, so a service never lacks a policy it is meant to keep.
+        let triple = |p: &pb::Policy| {
+            (
+                p.project.clone(),
+                p.environment.clone(),
+                p.action_key.clone(),
+            )
+        };
+        let taken: BTreeSet<_> = creates
+            .iter()
+            .chain(updates.iter().map(|(p, _, _)| p))
+            .map(triple)
+            .collect();
+        let (first, last): (Vec<&pb::Policy>, Vec<&pb::Policy>) =
+            deletes.iter().partition(|p| taken.contains(&triple(p)));
         let mut client = api.policies();
+        for p in &first {
+            delete(&mut client, p).await?;
+        }
         for p in &creates {
             client
                 .create_policy(pb::CreatePolicyRequest {
@@ -384,13 +418,8 @@ async fn run_apply(api: &Api, args: ApplyArgs, format: Format) -> Result<ExitCod
                 })
                 .await?;
         }
-        for p in &deletes {
-            client
-                .delete_policy(pb::DeletePolicyRequest {
-                    name: p.name.clone(),
-                    etag: p.etag.clone(),
-                })
-                .await?;
+        for p in &last {
+            delete(&mut client, p).await?;
         }
     }
     let names_of = |ps: &[pb::Policy]| ps.iter().map(|p| p.name.clone()).collect::<Vec<_>>();

@@ -506,6 +506,24 @@ async fn policy_apply_is_declarative_idempotent_and_prunes() {
         .await;
     assert_eq!(again, "no changes (2 policies unchanged)\n");
 
+    // A rename: the new name takes the old one's project/environment/action_key, so the old
+    // one is deleted first.
+    let text = std::fs::read_to_string(Path::new(dir).join("web.yaml")).expect("read");
+    setup.file(
+        "policies/web.yaml",
+        &text.replace("web-default", "web-fallback"),
+    );
+    let renamed = setup
+        .ok(&setup.admin, &["policy", "apply", "-f", dir, "--prune"])
+        .await;
+    assert!(
+        renamed.contains("+ create policy web-fallback")
+            && renamed.contains("- delete policy web-default"),
+        "{renamed}"
+    );
+    let names: Vec<String> = list(&mut admin).await.into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["web-fallback", "web-prod"]);
+
     // A field the proto does not have is refused, naming the file and the entry.
     let bad = setup.file(
         "bad.yaml",
