@@ -435,7 +435,7 @@ async fn run_list(api: &Api, args: ListArgs, format: Format) -> Result<ExitCode,
     }
     if format == Format::Id {
         for r in &response.change_requests {
-            println!("{}", r.id);
+            outln!("{}", r.id);
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -462,7 +462,7 @@ async fn run_list(api: &Api, args: ListArgs, format: Format) -> Result<ExitCode,
         ]);
     }
     if response.change_requests.is_empty() {
-        println!("no change requests");
+        outln!("no change requests");
     } else {
         output::print_table(&table);
     }
@@ -727,18 +727,23 @@ async fn run_watch(api: &Api, args: WatchArgs, format: Format) -> Result<ExitCod
                     // One event per line (JSON Lines), or one YAML document each.
                     let json = output::to_json(event, names::EVENT)?;
                     if format == Format::Json {
-                        println!("{json}");
+                        outln!("{json}");
                     } else {
-                        println!("---");
+                        outln!("---");
                         output::print_machine(&json, format)?;
                     }
                 }
-                Format::Id => println!("{}", event.change_request_id),
+                Format::Id => outln!("{}", event.change_request_id),
                 Format::Table => {
                     let row = event_row(event);
-                    println!(
+                    outln!(
                         "{}  {}  {}  {}  {}  {}",
-                        row[0], event.change_request_id, row[2], row[4], row[3], row[5]
+                        row[0],
+                        event.change_request_id,
+                        row[2],
+                        row[4],
+                        row[3],
+                        row[5]
                     );
                 }
             }
@@ -759,18 +764,18 @@ fn print_request(request: &pb::ChangeRequest, format: Format, view: View) -> Res
         return Ok(());
     }
     if format == Format::Id {
-        println!("{}", request.id);
+        outln!("{}", request.id);
         return Ok(());
     }
     match view {
-        View::Summary(verb) => println!(
+        View::Summary(verb) => outln!(
             "{verb} {}: {} ({}/{} approvals)",
             request.id,
             output::state(request.state),
             request.approval_count,
             request.min_approvals
         ),
-        View::Full => print!("{}", describe(request)),
+        View::Full => out!("{}", describe(request)),
     }
     Ok(())
 }

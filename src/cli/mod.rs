@@ -6,6 +6,25 @@
 //! - [`error`]: one error type, rendered without debug dumps, and the exit codes.
 //! - [`cr`], [`policy`]: one file per command group.
 
+/// `print!` that ends the process quietly when stdout's reader has gone (`| head`), instead of
+/// panicking on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!`, as [`out!`].
+macro_rules! outln {
+    () => {
+        $crate::cli::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {{
+        $crate::cli::write_stdout(format_args!($($arg)*));
+        $crate::cli::write_stdout(format_args!("\n"));
+    }};
+}
+
 pub mod cr;
 pub mod error;
 pub mod output;
@@ -141,6 +160,20 @@ impl Api {
         flag.or_else(|| self.project.clone()).ok_or_else(|| {
             CliError::usage("--project is required (or set `project` in the profile)")
         })
+    }
+}
+
+/// Writes to stdout; a closed pipe ends the process with 0 (its reader has what it wanted),
+/// another failure with 1.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(i32::from(exit::FAILURE));
     }
 }
 

@@ -64,12 +64,12 @@ pub fn print_machine(json: &Json, format: Format) -> Result<(), CliError> {
     match format {
         Format::Yaml => {
             let text = serde_yaml::to_string(json).map_err(|e| CliError::failure(e.to_string()))?;
-            print!("{text}");
+            out!("{text}");
         }
         _ => {
             let text =
                 serde_json::to_string_pretty(json).map_err(|e| CliError::failure(e.to_string()))?;
-            println!("{text}");
+            outln!("{text}");
         }
     }
     Ok(())
@@ -139,7 +139,7 @@ pub fn table(header: &[&str]) -> Table {
 pub fn print_table(table: &Table) {
     // comfy-table pads every column with one space on the left: drop it.
     for line in table.to_string().lines() {
-        println!("{}", line.strip_prefix(' ').unwrap_or(line).trim_end());
+        outln!("{}", line.strip_prefix(' ').unwrap_or(line).trim_end());
     }
 }
 

@@ -112,7 +112,7 @@ pub async fn run(args: PolicyArgs) -> Result<ExitCode, CliError> {
             }
             if format == Format::Id {
                 for p in &response.policies {
-                    println!("{}", p.name);
+                    outln!("{}", p.name);
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -141,7 +141,7 @@ pub async fn run(args: PolicyArgs) -> Result<ExitCode, CliError> {
                 ]);
             }
             if response.policies.is_empty() {
-                println!("no policies");
+                outln!("no policies");
             } else {
                 output::print_table(&table);
             }
@@ -158,7 +158,7 @@ pub async fn run(args: PolicyArgs) -> Result<ExitCode, CliError> {
                 format
             };
             if format == Format::Id {
-                println!("{}", policy.name);
+                outln!("{}", policy.name);
             } else {
                 output::machine(&policy, names::POLICY, format)?;
             }
@@ -170,7 +170,7 @@ pub async fn run(args: PolicyArgs) -> Result<ExitCode, CliError> {
                     etag: etag.unwrap_or_default(),
                 })
                 .await?;
-            println!("deleted policy {name}");
+            outln!("deleted policy {name}");
         }
         PolicyCommand::Apply(apply) => return run_apply(&api, apply, format).await,
     }
@@ -362,19 +362,22 @@ async fn run_apply(api: &Api, args: ApplyArgs, format: Format) -> Result<ExitCod
     let would = if args.dry_run { "would " } else { "" };
     if human {
         for p in &creates {
-            println!(
+            outln!(
                 "+ {would}create policy {} (project {}, environment {:?}, action_key {})",
-                p.name, p.project, p.environment, p.action_key
+                p.name,
+                p.project,
+                p.environment,
+                p.action_key
             );
         }
         for (p, _, diff) in &updates {
-            println!("~ {would}update policy {}", p.name);
+            outln!("~ {would}update policy {}", p.name);
             for line in diff {
-                println!("    {line}");
+                outln!("    {line}");
             }
         }
         for p in &deletes {
-            println!("- {would}delete policy {} (project {})", p.name, p.project);
+            outln!("- {would}delete policy {} (project {})", p.name, p.project);
         }
     }
     if !args.dry_run {
@@ -426,9 +429,9 @@ async fn run_apply(api: &Api, args: ApplyArgs, format: Format) -> Result<ExitCod
     if human {
         let changes = creates.len() + updates.len() + deletes.len();
         if changes == 0 {
-            println!("no changes ({} policies unchanged)", unchanged.len());
+            outln!("no changes ({} policies unchanged)", unchanged.len());
         } else {
-            println!(
+            outln!(
                 "{}{} to create, {} to update, {} to delete, {} unchanged",
                 if args.dry_run {
                     "dry run: "

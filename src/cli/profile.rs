@@ -241,7 +241,7 @@ pub fn login(args: LoginArgs) -> ExitCode {
     let outcome = write_login(args, &mut stdin.lock(), |name| std::env::var(name).ok());
     match outcome {
         Ok(path) => {
-            println!("profile written to {}", path.display());
+            outln!("profile written to {}", path.display());
             ExitCode::SUCCESS
         }
         Err(error) => {
