@@ -8,11 +8,14 @@
 //! - [`api`] the gRPC handlers;
 //! - [`transport`] the server's assembly: the tower stack, HTTP/2 and the routes;
 //! - [`client`] the client of the public API that the CLI and the relay share (it imports only
-//!   [`pb`]).
+//!   [`pb`]);
+//! - [`cli`] the human CLI (`approvals cr`, `approvals policy`, `approvals login`), over
+//!   [`client`].
 
 pub mod api;
 pub mod apply;
 pub mod auth;
+pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;

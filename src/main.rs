@@ -8,7 +8,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// approvals: a gRPC service for change requests (propose, review, apply on quorum).
 #[derive(Parser)]
-#[command(name = "approvals", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "approvals",
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = approvals::cli::EXIT_CODES_HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -28,6 +33,20 @@ enum Command {
     /// Check the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Change requests: list, show, create, review, apply, watch (a client of the API).
+    Cr(approvals::cli::cr::CrArgs),
+    /// Approval policies, and policies as code (`policy apply -f`).
+    Policy(approvals::cli::policy::PolicyArgs),
+    /// Write a profile of the CLI's config file (asks for what no flag gives).
+    Login(approvals::cli::profile::LoginArgs),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  approvals completions bash > /etc/bash_completion.d/approvals"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -164,6 +183,19 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (migrate_only, args) = match cli.command {
         Some(Command::Keys(command)) => return generate_key(command),
+        Some(Command::Cr(args)) => {
+            return approvals::cli::finish(approvals::cli::cr::run(args).await);
+        }
+        Some(Command::Policy(args)) => {
+            return approvals::cli::finish(approvals::cli::policy::run(args).await);
+        }
+        Some(Command::Login(args)) => return approvals::cli::profile::login(args),
+        Some(Command::Completions { shell }) => {
+            return approvals::cli::completions(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+            );
+        }
         Some(Command::Config(ConfigCommand::Check(args))) => {
             return match load(&args) {
                 Ok(config) => {

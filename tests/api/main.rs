@@ -9,6 +9,7 @@ mod applier_endpoints;
 mod apply;
 
 mod auth;
+mod cli;
 mod errors;
 mod four_eyes;
 mod inputs;

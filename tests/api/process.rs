@@ -128,62 +128,93 @@ fn grpcurl() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-/// Runs the README's walkthrough (the block between the `walkthrough` markers) against a real
-/// server, so the README works as written.
-#[tokio::test]
-async fn readme_walkthrough_runs_as_written() {
-    let Some(grpcurl) = grpcurl() else {
-        skip(
-            "readme_walkthrough_runs_as_written",
-            "grpcurl not found in GRPCURL, PATH or ~/.local/bin \
-             (../shared/tools/install-grpcurl.sh installs it)",
-        );
-        return;
-    };
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
+/// The shell block between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in the README.
+fn readme_block(readme: &str, name: &str) -> String {
     let start = readme
-        .find("<!-- walkthrough:begin -->")
-        .expect("walkthrough begin marker");
+        .find(&format!("<!-- {name}:begin -->"))
+        .unwrap_or_else(|| panic!("{name} begin marker"));
     let end = readme
-        .find("<!-- walkthrough:end -->")
-        .expect("walkthrough end marker");
-    let script: String = readme[start..end]
+        .find(&format!("<!-- {name}:end -->"))
+        .unwrap_or_else(|| panic!("{name} end marker"));
+    readme[start..end]
         .lines()
         .skip_while(|l| !l.starts_with("```sh"))
         .skip(1)
         .take_while(|l| !l.starts_with("```"))
         .collect::<Vec<_>>()
-        .join("\n");
-    assert!(
-        script.contains("grpcurl"),
-        "walkthrough has commands: {script}"
-    );
+        .join("\n")
+}
 
-    let (database, url) = TestDatabase::create().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let server = Process::serve(&url, dir.path());
-    let script = script.replace("localhost:50051", &server.addr);
-    let grpcurl_dir = grpcurl.parent().map(Path::to_path_buf).unwrap_or_default();
+/// Runs `script` with bash (`-euo pipefail`) in `dir`, with `path_dir` first on PATH.
+fn run_script(script: &str, dir: &Path, path_dir: &Path) -> (String, String) {
     let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &script])
-        .current_dir(dir.path())
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(dir)
         .env(
             "PATH",
             format!(
                 "{}:{}",
-                grpcurl_dir.display(),
+                path_dir.display(),
                 std::env::var("PATH").unwrap_or_default()
             ),
         )
+        .env_remove("APPROVALS_API_KEY")
+        .env_remove("APPROVALS_TOKEN")
+        .env_remove("APPROVALS_PROFILE")
+        .env("XDG_CONFIG_HOME", dir.join("config"))
         .output()
         .expect("run walkthrough");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
         "walkthrough failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
+    (stdout, stderr)
+}
+
+/// Runs the README's walkthroughs (the blocks between the `cli-walkthrough` and `walkthrough`
+/// markers: the CLI's, then grpcurl's) against a real server, so the README works as written.
+#[tokio::test]
+async fn readme_walkthrough_runs_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let (database, url) = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let server = Process::serve(&url, dir.path());
+
+    let cli = readme_block(&readme, "cli-walkthrough");
+    assert!(
+        cli.contains("approvals cr"),
+        "walkthrough has commands: {cli}"
+    );
+    let cli = cli.replace("localhost:50051", &server.addr);
+    let binary_dir = Path::new(BINARY)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let (stdout, _) = run_script(&cli, dir.path(), &binary_dir);
+    assert!(
+        stdout.contains("approved ") && stdout.contains("STATE_APPROVED"),
+        "the second actor's approval approves:\n{stdout}"
+    );
+
+    let Some(grpcurl) = grpcurl() else {
+        skip(
+            "readme_walkthrough_runs_as_written (grpcurl part)",
+            "grpcurl not found in GRPCURL, PATH or ~/.local/bin \
+             (../shared/tools/install-grpcurl.sh installs it)",
+        );
+        return;
+    };
+    let script = readme_block(&readme, "walkthrough");
+    assert!(
+        script.contains("grpcurl"),
+        "walkthrough has commands: {script}"
+    );
+    let script = script.replace("localhost:50051", &server.addr);
+    let grpcurl_dir = grpcurl.parent().map(Path::to_path_buf).unwrap_or_default();
+    let (stdout, _) = run_script(&script, dir.path(), &grpcurl_dir);
     assert!(
         stdout.contains("approvals.v1.ChangeRequests"),
         "list shows the service:\n{stdout}"
