@@ -28,6 +28,9 @@ enum Command {
     /// Check the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The verifiable history: keys, export, verify (see the README, "Audit").
+    #[command(subcommand)]
+    Audit(approvals::audit::command::AuditCommand),
 }
 
 #[derive(Subcommand)]
@@ -164,6 +167,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (migrate_only, args) = match cli.command {
         Some(Command::Keys(command)) => return generate_key(command),
+        Some(Command::Audit(command)) => return approvals::audit::command::run(command).await,
         Some(Command::Config(ConfigCommand::Check(args))) => {
             return match load(&args) {
                 Ok(config) => {

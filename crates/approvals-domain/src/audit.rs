@@ -251,12 +251,49 @@ pub fn hash_from_hex(text: &str) -> Option<Hash> {
 }
 
 
-/// An event as read back for verification: its record's bytes and the hashes stored beside it.
+/// The owned fields of an [`AuditRecord`] (as an export writes them).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct EventFields {
+    pub change_request_id: String,
+    pub project: String,
+    pub environment: String,
+    pub kind: String,
+    pub actor: String,
+    #[serde(default)]
+    pub acting_principal: Option<String>,
+    pub from_state: String,
+    pub to_state: String,
+    pub event_time_micros: i64,
+    pub detail: String,
+    pub snapshot: String,
+    #[serde(default)]
+    pub comment_count: Option<i64>,
+}
+
+impl EventFields {
+    pub fn record(&self) -> AuditRecord<'_> {
+        AuditRecord {
+            change_request_id: &self.change_request_id,
+            project: &self.project,
+            environment: &self.environment,
+            kind: &self.kind,
+            actor: &self.actor,
+            acting_principal: self.acting_principal.as_deref().unwrap_or(""),
+            from_state: &self.from_state,
+            to_state: &self.to_state,
+            event_time_micros: self.event_time_micros,
+            detail: &self.detail,
+            snapshot: &self.snapshot,
+            comment_count: self.comment_count,
+        }
+    }
+}
+
+/// An event as read back for verification: its fields as stored and the hashes beside them.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
     pub revision: i64,
-    pub change_request_id: String,
-    pub record: Vec<u8>,
+    pub fields: EventFields,
     /// `None`: an event written before hashing existed (or whose hashes were removed).
     pub prev_hash: Option<Hash>,
     pub hash: Option<Hash>,
@@ -329,7 +366,7 @@ pub fn check_chains(mut events: Vec<StoredEvent>, open_chains: bool) -> ChainRep
     };
     for event in events {
         by_request
-            .entry(event.change_request_id.clone())
+            .entry(event.fields.change_request_id.clone())
             .or_default()
             .push(event);
     }
@@ -365,7 +402,7 @@ pub fn check_chains(mut events: Vec<StoredEvent>, open_chains: bool) -> ChainRep
                 }
                 continue;
             };
-            if event_hash(&prev, event.revision, &event.record) != hash {
+            if event_hash(&prev, event.revision, &event.fields.record().encode()) != hash {
                 problem(
                     event.revision,
                     "the event's content (kind, actor, acting principal, states, time, detail \
