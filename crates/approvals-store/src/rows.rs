@@ -154,8 +154,8 @@ pub(crate) async fn insert_in_one_statement(
         "WITH xid AS MATERIALIZED (SELECT pg_current_xact_id()), \
          rev AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('{EVENTS}', '{revision}')) \
          AS r FROM xid), \
-         event AS (INSERT INTO {EVENTS} OVERRIDING SYSTEM VALUE \
-         ({revision}, {event_columns}, {prev_col}, {hash_col}) \
+         event AS (INSERT INTO {EVENTS} \
+         ({revision}, {event_columns}, {prev_col}, {hash_col}) OVERRIDING SYSTEM VALUE \
          SELECT rev.r, {event_row}, {prev}, sha256({prev} || int8send(rev.r) || {record}) \
          FROM rev RETURNING {revision}, {hash_col}), \
          request AS (INSERT INTO {CHANGE_REQUESTS} ({request_columns}, {revision}, {head_col}) \

@@ -235,8 +235,8 @@ impl WriteTxn<'_> {
             params.push(record.into());
             let list: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
             let sql = format!(
-                "INSERT INTO {EVENTS} OVERRIDING SYSTEM VALUE ({rev}, {columns}, {prev_col}, {hash_col}) \
-                 SELECT s.r, {list}, ${p}, sha256(${p} || int8send(s.r) || ${rec}) \
+                "INSERT INTO {EVENTS} ({rev}, {columns}, {prev_col}, {hash_col}) \
+                 OVERRIDING SYSTEM VALUE SELECT s.r, {list}, ${p}, sha256(${p} || int8send(s.r) || ${rec}) \
                  FROM (SELECT nextval(pg_get_serial_sequence('{EVENTS}', '{rev}')) AS r) s \
                  RETURNING {rev}, {hash_col}",
                 rev = ev::REVISION,
