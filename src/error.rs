@@ -174,9 +174,12 @@ impl From<ApiError> for Status {
             ApiError::ActAsNotAllowed(_) => {
                 status(Code::PermissionDenied, message, "ACT_AS_NOT_ALLOWED", &[])
             }
-            ApiError::AuditNotConfigured => {
-                status(Code::FailedPrecondition, message, "AUDIT_NOT_CONFIGURED", &[])
-            }
+            ApiError::AuditNotConfigured => status(
+                Code::FailedPrecondition,
+                message,
+                "AUDIT_NOT_CONFIGURED",
+                &[],
+            ),
             ApiError::AuditCheckpointNotFound { revision } => status(
                 Code::NotFound,
                 message,

@@ -33,7 +33,12 @@ pub enum AuditCommand {
     /// Recompute every chain and checkpoint; print each break; exit 1 on any break.
     Verify {
         /// Verify the database (sqlite://PATH or postgres://...).
-        #[arg(long, value_name = "URL", conflicts_with = "file", required_unless_present = "file")]
+        #[arg(
+            long,
+            value_name = "URL",
+            conflicts_with = "file",
+            required_unless_present = "file"
+        )]
         database: Option<String>,
         /// Verify an export written by `approvals audit export`.
         #[arg(long, value_name = "EXPORT")]

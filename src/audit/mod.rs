@@ -12,7 +12,10 @@ use approvals_domain::audit::{ChainHead, checkpoint_message, leaf_hash, merkle_r
 use approvals_store::{Checkpoint, Store};
 use ed25519_dalek::{
     Signature, Signer, SigningKey, Verifier, VerifyingKey,
-    pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding},
+    pkcs8::{
+        DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey,
+        spki::der::pem::LineEnding,
+    },
 };
 
 use crate::clock::SharedClock;
@@ -117,7 +120,9 @@ pub fn spawn_checkpointer(
                     "audit checkpoint signed"
                 ),
                 Ok(None) => {}
-                Err(err) => tracing::warn!(error = %err, "audit checkpoint failed; retrying next interval"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "audit checkpoint failed; retrying next interval")
+                }
             }
         }
     })

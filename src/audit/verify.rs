@@ -36,7 +36,7 @@ pub enum Line {
         prev_hash: Option<String>,
         hash: Option<String>,
         #[serde(flatten)]
-        fields: EventFields,
+        fields: Box<EventFields>,
     },
     Checkpoint {
         revision: i64,
@@ -216,7 +216,7 @@ pub async fn export(
             revision: event.revision,
             prev_hash: event.prev_hash.map(|h| hex(&h)),
             hash: event.hash.map(|h| hex(&h)),
-            fields: event.fields,
+            fields: Box::new(event.fields),
         })?;
     }
     for c in checkpoints {
@@ -277,7 +277,7 @@ pub fn verify_export(input: impl BufRead, key: &VerifyingKey) -> Result<Report, 
                 };
                 events.push(StoredEvent {
                     revision,
-                    fields,
+                    fields: *fields,
                     prev_hash: parse(prev_hash)?,
                     hash: parse(hash)?,
                 });
@@ -294,8 +294,7 @@ pub fn verify_export(input: impl BufRead, key: &VerifyingKey) -> Result<Report, 
                 root: hash_from_hex(&root_hash)
                     .ok_or_else(|| bad("root_hash is not 64 hex digits"))?,
                 time_micros: checkpoint_time_micros,
-                signature: bytes_from_hex(&signature)
-                    .ok_or_else(|| bad("signature is not hex"))?,
+                signature: bytes_from_hex(&signature).ok_or_else(|| bad("signature is not hex"))?,
             }),
         }
     }

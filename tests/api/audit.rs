@@ -173,7 +173,9 @@ async fn a_clean_database_verifies_and_so_does_its_export() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.lines().any(|l| l.contains(r#""type":"checkpoint""#)));
     assert_eq!(
-        text.lines().filter(|l| l.contains(r#""type":"event""#)).count(),
+        text.lines()
+            .filter(|l| l.contains(r#""type":"event""#))
+            .count(),
         6
     );
     for args in [
@@ -243,7 +245,10 @@ async fn an_edited_detail_is_named() {
         .expect("run verify");
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains(&format!("revision {}", revs[1])), "{stdout}");
+    assert!(
+        stdout.contains(&format!("revision {}", revs[1])),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
@@ -345,10 +350,10 @@ async fn two_swapped_events_are_named() {
     .await;
     let breaks = the_break(&verify_report(&a).await);
     assert!(
-        breaks.iter().any(|b| b.contains(&format!(
-            "change request {}, revision {x}",
-            a.ids[0]
-        )) && b.contains("swapped")),
+        breaks.iter().any(
+            |b| b.contains(&format!("change request {}, revision {x}", a.ids[0]))
+                && b.contains("swapped")
+        ),
         "{breaks:?}"
     );
 }
@@ -382,10 +387,8 @@ async fn a_change_request_deleted_after_a_checkpoint_is_named() {
 async fn a_forged_checkpoint_is_named() {
     let a = audited().await;
     let store = store_of(&a.server).await;
-    let forger = approvals::audit::read_signing_key(
-        &key_files(a._dir.path(), "forger").0,
-    )
-    .expect("key");
+    let forger =
+        approvals::audit::read_signing_key(&key_files(a._dir.path(), "forger").0).expect("key");
     // The right tree, signed with the wrong key, at a revision of its own.
     let head = store.head_revision().await.expect("head");
     let heads = store.chain_heads_at(head).await.expect("heads");
@@ -472,7 +475,12 @@ async fn an_inclusion_proof_checks_with_an_independent_implementation() {
     // The chain, from the records' protobuf encoding (prost's, not the server's encoder).
     let mut prev = [0u8; 32];
     for event in &proof.events {
-        assert_eq!(event.prev_hash, prev.to_vec(), "revision {}", event.revision);
+        assert_eq!(
+            event.prev_hash,
+            prev.to_vec(),
+            "revision {}",
+            event.revision
+        );
         let record = event.record.as_ref().expect("record").encode_to_vec();
         let mut h = Sha256::new();
         h.update(prev);
@@ -490,7 +498,10 @@ async fn an_inclusion_proof_checks_with_an_independent_implementation() {
     leaf.extend_from_slice(&prev);
     leaf.extend_from_slice(a.ids[0].as_bytes());
     assert_eq!(proof.leaf, leaf);
-    let leaf_hash: [u8; 32] = Sha256::new_with_prefix([0u8]).chain_update(&leaf).finalize().into();
+    let leaf_hash: [u8; 32] = Sha256::new_with_prefix([0u8])
+        .chain_update(&leaf)
+        .finalize()
+        .into();
     assert_eq!(checkpoint.tree_size, 3);
     let root = rfc6962_root(
         leaf_hash,
@@ -510,14 +521,26 @@ async fn an_inclusion_proof_checks_with_an_independent_implementation() {
     message.extend_from_slice(&checkpoint.root_hash);
     message.extend_from_slice(&micros.to_be_bytes());
     let signature = Signature::from_slice(&checkpoint.signature).expect("64 bytes");
-    key.verify(&message, &signature).expect("the signature verifies");
+    key.verify(&message, &signature)
+        .expect("the signature verifies");
 
     // Another request's leaf does not verify on this path.
     let mut other = leaf.clone();
     other[0] ^= 1;
-    let other_hash: [u8; 32] = Sha256::new_with_prefix([0u8]).chain_update(&other).finalize().into();
-    let wrong = rfc6962_root(other_hash, proof.leaf_index, checkpoint.tree_size, &proof.inclusion_path);
-    assert_ne!(wrong.map(|r| r.to_vec()), Some(checkpoint.root_hash.clone()));
+    let other_hash: [u8; 32] = Sha256::new_with_prefix([0u8])
+        .chain_update(&other)
+        .finalize()
+        .into();
+    let wrong = rfc6962_root(
+        other_hash,
+        proof.leaf_index,
+        checkpoint.tree_size,
+        &proof.inclusion_path,
+    );
+    assert_ne!(
+        wrong.map(|r| r.to_vec()),
+        Some(checkpoint.root_hash.clone())
+    );
 
     // Errors.
     let status = client

@@ -250,7 +250,6 @@ pub fn hash_from_hex(text: &str) -> Option<Hash> {
     Some(out)
 }
 
-
 /// The owned fields of an [`AuditRecord`] (as an export writes them).
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct EventFields {
@@ -317,7 +316,11 @@ impl std::fmt::Display for Break {
                 "change request {id}, revision {}: {}",
                 self.revision, self.message
             ),
-            None => write!(f, "checkpoint at revision {}: {}", self.revision, self.message),
+            None => write!(
+                f,
+                "checkpoint at revision {}: {}",
+                self.revision, self.message
+            ),
         }
     }
 }
@@ -514,7 +517,7 @@ mod tests {
                 .collect();
             let root = merkle_root(&leaves);
             for index in 0..n {
-                let path = inclusion_path(&leaves, index).unwrap();
+                let path = inclusion_path(&leaves, index).expect("in range");
                 prop_assert!(verify_inclusion(&leaves[index], index as u64, n as u64, &path, &root));
                 // Another leaf, index or size does not verify.
                 let other = leaf_hash(b"other");

@@ -7,7 +7,8 @@ use sea_orm_migration::{
 };
 
 use crate::schema::{
-    CHANGE_REQUESTS, CHECKPOINTS, EVENTS, POLICIES, RESOURCE_VERSIONS, RESOURCES, ckp, cr, ev, pol, res, rv,
+    CHANGE_REQUESTS, CHECKPOINTS, EVENTS, POLICIES, RESOURCE_VERSIONS, RESOURCES, ckp, cr, ev, pol,
+    res, rv,
 };
 
 pub struct Migrator;

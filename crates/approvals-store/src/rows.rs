@@ -66,7 +66,10 @@ pub(crate) async fn insert(
             StoreError::Internal(format!("the event insert returned an unknown request {id}"))
         })?;
         let hash = event_hash(&GENESIS, *revision, record);
-        case = case.case(Expr::col(ev::REVISION).eq(*revision), Expr::val(hash.to_vec()));
+        case = case.case(
+            Expr::col(ev::REVISION).eq(*revision),
+            Expr::val(hash.to_vec()),
+        );
         hashes.insert(id.clone(), hash);
     }
     let update = Query::update()
@@ -78,14 +81,12 @@ pub(crate) async fn insert(
     db.execute(&update).await?;
 
     let mut requests = Query::insert();
-    requests
-        .into_table(CHANGE_REQUESTS)
-        .columns(
-            REQUEST_COLUMNS
-                .iter()
-                .copied()
-                .chain([cr::REVISION, cr::AUDIT_HEAD]),
-        );
+    requests.into_table(CHANGE_REQUESTS).columns(
+        REQUEST_COLUMNS
+            .iter()
+            .copied()
+            .chain([cr::REVISION, cr::AUDIT_HEAD]),
+    );
     let mut resources = Query::insert();
     resources.into_table(RESOURCES).columns(RESOURCE_COLUMNS);
     let mut any_resource = false;

@@ -11,8 +11,8 @@ use approvals_domain::{
     audit::{GENESIS, Hash, event_hash},
 };
 use sea_orm::{
-    ConnectionTrait, DatabaseTransaction, DbBackend, Statement, SqliteTransactionMode, TransactionOptions,
-    TransactionTrait,
+    ConnectionTrait, DatabaseTransaction, DbBackend, SqliteTransactionMode, Statement,
+    TransactionOptions, TransactionTrait,
     sea_query::{Expr, ExprTrait, LockType, Query, SelectStatement},
 };
 use tokio::sync::MutexGuard;
@@ -20,8 +20,7 @@ use tokio::sync::MutexGuard;
 use crate::{
     codec::{
         EVENT_COLUMNS, RESOURCE_COLUMNS, decode_audit_head, decode_request, event_values,
-        resource_keys,
-        resource_values, select_request,
+        resource_keys, resource_values, select_request,
     },
     connect::{Backend, Store},
     error::StoreError,
