@@ -509,6 +509,110 @@ mod tests {
         assert_eq!(hash_from_hex("zz"), None);
     }
 
+    /// The hashing cost per event (encode the record, SHA-256 it), for a typical event with a
+    /// 2 KiB snapshot. Run in release: `cargo test --release -p approvals-domain --lib
+    /// hashing_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn hashing_cost_per_event() {
+        let snapshot = "x".repeat(2048);
+        let record = AuditRecord {
+            change_request_id: "01a24e23-a38e-7304-9c33-63b9ef999136",
+            project: "web",
+            environment: "prod",
+            kind: "REVIEWED",
+            actor: "user:bob",
+            acting_principal: "",
+            from_state: "IN_REVIEW",
+            to_state: "APPROVED",
+            event_time_micros: 1_796_605_813_000_000,
+            detail: "approved: looks good",
+            snapshot: &snapshot,
+            comment_count: Some(2),
+        };
+        let n = 200_000;
+        let started = std::time::Instant::now();
+        let mut prev = GENESIS;
+        for i in 0..n {
+            prev = event_hash(&prev, i, &record.encode());
+        }
+        let per = started.elapsed() / n as u32;
+        println!(
+            "hashing: {per:?} per event (2 KiB snapshot), last {}",
+            hex(&prev[..4])
+        );
+    }
+
+    fn chain(id: &str, revisions: &[i64]) -> Vec<StoredEvent> {
+        let mut prev = GENESIS;
+        revisions
+            .iter()
+            .map(|&revision| {
+                let fields = EventFields {
+                    change_request_id: id.into(),
+                    kind: "COMMENTED".into(),
+                    detail: format!("event {revision}"),
+                    ..Default::default()
+                };
+                let hash = event_hash(&prev, revision, &fields.record().encode());
+                let event = StoredEvent {
+                    revision,
+                    fields,
+                    prev_hash: Some(prev),
+                    hash: Some(hash),
+                };
+                prev = hash;
+                event
+            })
+            .collect()
+    }
+
+    #[test]
+    fn legacy_events_before_the_first_hashed_one_are_counted_not_broken() {
+        let mut events = chain("a", &[3, 5, 8]);
+        // Two events from before hashing existed, then the chain starts from GENESIS.
+        for revision in [1, 2] {
+            events.push(StoredEvent {
+                revision,
+                fields: EventFields {
+                    change_request_id: "a".into(),
+                    ..Default::default()
+                },
+                prev_hash: None,
+                hash: None,
+            });
+        }
+        let report = check_chains(events.clone(), false);
+        assert_eq!(report.legacy_events, 2);
+        assert!(report.breaks.is_empty(), "{:?}", report.breaks);
+        assert_eq!(report.heads_at(6)[0].revision, 5);
+
+        // A hash removed after the chain started is a break.
+        let mut removed = events;
+        let last = removed
+            .iter_mut()
+            .find(|e| e.revision == 8)
+            .expect("revision 8");
+        last.prev_hash = None;
+        last.hash = None;
+        let report = check_chains(removed, false);
+        assert_eq!(report.breaks.len(), 1);
+        assert!(report.breaks[0].message.contains("hashes were removed"));
+    }
+
+    #[test]
+    fn an_open_chain_may_start_after_its_first_event() {
+        let events: Vec<_> = chain("a", &[1, 2, 3]).into_iter().skip(1).collect();
+        assert!(check_chains(events.clone(), true).breaks.is_empty());
+        let closed = check_chains(events, false);
+        assert_eq!(closed.breaks.len(), 1);
+        assert!(
+            closed.breaks[0]
+                .message
+                .contains("earlier events were deleted")
+        );
+    }
+
     proptest! {
         #[test]
         fn every_inclusion_path_verifies(n in 1usize..70, seed in any::<u64>()) {
