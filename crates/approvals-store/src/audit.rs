@@ -97,37 +97,7 @@ impl Store {
     /// Every request's chain head at `revision`: its latest hashed event at or below it, in
     /// leaf order (change request id).
     pub async fn chain_heads_at(&self, revision: i64) -> Result<Vec<ChainHead>, StoreError> {
-        let sql = format!(
-            "SELECT e.{id} AS id, e.{rev} AS rev, e.{hash} AS hash FROM {EVENTS} e \
-             JOIN (SELECT {id}, MAX({rev}) AS head FROM {EVENTS} \
-             WHERE {rev} <= {revision} AND {hash} IS NOT NULL GROUP BY {id}) h \
-             ON e.{rev} = h.head",
-            id = ev::CHANGE_REQUEST_ID,
-            rev = ev::REVISION,
-            hash = ev::HASH,
-        );
-        let backend = match self.backend {
-            Backend::Sqlite => DbBackend::Sqlite,
-            Backend::Postgres => DbBackend::Postgres,
-        };
-        let rows = self
-            .db
-            .query_all_raw(Statement::from_string(backend, sql))
-            .await?;
-        let mut heads = rows
-            .iter()
-            .map(|row| {
-                let bytes: Vec<u8> = row.try_get("", "hash")?;
-                Ok(ChainHead {
-                    change_request_id: row.try_get("", "id")?,
-                    revision: row.try_get("", "rev")?,
-                    hash: hash_from_slice(&bytes).unwrap_or([0xff; 32]),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        // Byte order of the ids, whatever the database's collation.
-        heads.sort_by(|a, b| a.change_request_id.cmp(&b.change_request_id));
-        Ok(heads)
+        chain_heads_at(&self.db, revision).await
     }
 
     /// The latest checkpoint, if any.
@@ -215,7 +185,7 @@ impl Store {
             if latest >= head {
                 return Ok(None);
             }
-            let heads = self.chain_heads_at(head).await?;
+            let heads = chain_heads_at(&w.txn, head).await?;
             let checkpoint = make(head, &heads);
             let size = i64::try_from(checkpoint.tree_size)
                 .map_err(|_| StoreError::Internal("tree size out of range".into()))?;
@@ -236,4 +206,39 @@ impl Store {
         })
         .await
     }
+}
+
+/// Every request's chain head at `revision` (see [`Store::chain_heads_at`]), read through `db`
+/// (the pool, or the checkpoint's own transaction).
+async fn chain_heads_at(
+    db: &impl ConnectionTrait,
+    revision: i64,
+) -> Result<Vec<ChainHead>, StoreError> {
+    let sql = format!(
+        "SELECT e.{id} AS id, e.{rev} AS rev, e.{hash} AS hash FROM {EVENTS} e \
+             JOIN (SELECT {id}, MAX({rev}) AS head FROM {EVENTS} \
+             WHERE {rev} <= {revision} AND {hash} IS NOT NULL GROUP BY {id}) h \
+             ON e.{rev} = h.head",
+        id = ev::CHANGE_REQUEST_ID,
+        rev = ev::REVISION,
+        hash = ev::HASH,
+    );
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(Statement::from_string(backend, sql))
+        .await?;
+    let mut heads = rows
+        .iter()
+        .map(|row| {
+            let bytes: Vec<u8> = row.try_get("", "hash")?;
+            Ok(ChainHead {
+                change_request_id: row.try_get("", "id")?,
+                revision: row.try_get("", "rev")?,
+                hash: hash_from_slice(&bytes).unwrap_or([0xff; 32]),
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    // Byte order of the ids, whatever the database's collation.
+    heads.sort_by(|a, b| a.change_request_id.cmp(&b.change_request_id));
+    Ok(heads)
 }
