@@ -46,6 +46,16 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     ActAsNotAllowed(String),
+    #[error(
+        "the server has no audit signing key (audit.signing_key_file): it writes no checkpoints"
+    )]
+    AuditNotConfigured,
+    #[error("{}", match revision { 0 => "no audit checkpoint has been written yet".to_owned(), r => format!("no audit checkpoint at revision {r}") })]
+    AuditCheckpointNotFound { revision: i64 },
+    #[error(
+        "change request {id} has no hashed event at or below revision {revision}, the checkpoint's: ask for a later checkpoint"
+    )]
+    AuditNotCovered { id: String, revision: i64 },
 }
 
 fn credentials_expired_message(resume: Option<i64>) -> String {
@@ -164,6 +174,24 @@ impl From<ApiError> for Status {
             ApiError::ActAsNotAllowed(_) => {
                 status(Code::PermissionDenied, message, "ACT_AS_NOT_ALLOWED", &[])
             }
+            ApiError::AuditNotConfigured => status(
+                Code::FailedPrecondition,
+                message,
+                "AUDIT_NOT_CONFIGURED",
+                &[],
+            ),
+            ApiError::AuditCheckpointNotFound { revision } => status(
+                Code::NotFound,
+                message,
+                "AUDIT_CHECKPOINT_NOT_FOUND",
+                &[("revision", revision.to_string())],
+            ),
+            ApiError::AuditNotCovered { id, revision } => status(
+                Code::FailedPrecondition,
+                message,
+                "AUDIT_NOT_COVERED",
+                &[("id", id), ("revision", revision.to_string())],
+            ),
             ApiError::MethodNotAllowed(method) => status(
                 Code::PermissionDenied,
                 message,
@@ -374,6 +402,7 @@ mod tests {
         let protos = [
             include_str!("../proto/approvals/v1/change_requests.proto"),
             include_str!("../proto/approvals/v1/policies.proto"),
+            include_str!("../proto/approvals/v1/audit.proto"),
         ]
         .concat();
         let source = include_str!("error.rs");

@@ -4,7 +4,8 @@
 //! - [`pb`] the generated protobuf code, [`error`] the one mapping of errors to `Status`,
 //!   [`config`] the configuration, [`telemetry`] logs, traces and metrics;
 //! - [`convert`] domain <-> protobuf, [`auth`] who is calling and what it may do;
-//! - [`watch`] the event-log hub and watch streams, [`apply`] the apply engine;
+//! - [`watch`] the event-log hub and watch streams, [`apply`] the apply engine, [`audit`] the
+//!   checkpoint signer and the `approvals audit` commands;
 //! - [`api`] the gRPC handlers;
 //! - [`transport`] the server's assembly: the tower stack, HTTP/2 and the routes;
 //! - [`client`] the client of the public API that the CLI and the relay share (it imports only
@@ -14,6 +15,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod client;

@@ -47,6 +47,9 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// The verifiable history: keys, export, verify (see the README, "Audit").
+    #[command(subcommand)]
+    Audit(approvals::audit::command::AuditCommand),
 }
 
 #[derive(Subcommand)]
@@ -196,6 +199,7 @@ async fn main() -> ExitCode {
                 &mut <Cli as clap::CommandFactory>::command(),
             );
         }
+        Some(Command::Audit(command)) => return approvals::audit::command::run(command).await,
         Some(Command::Config(ConfigCommand::Check(args))) => {
             return match load(&args) {
                 Ok(config) => {

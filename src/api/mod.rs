@@ -2,6 +2,7 @@
 //! (`requests`), runs the domain command through the store, and converts the result back;
 //! errors are [`ApiError`]s, turned into a `Status` in one place (`crate::error`).
 
+pub mod audit;
 pub mod change_requests;
 mod page_token;
 pub mod policies;

@@ -35,6 +35,8 @@ pub struct Config {
     pub watch: WatchConfig,
     pub apply: ApplyConfig,
     pub telemetry: TelemetryConfig,
+    /// The verifiable history: checkpoints and their signing key.
+    pub audit: AuditConfig,
     /// API keys and JWTs; without any, the server runs in local development mode (loopback
     /// only, identity from `x-approvals-actor`).
     pub auth: AuthConfig,
@@ -148,6 +150,29 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// The audit log's checkpoints (see the README, "Audit"). Events are hash-chained whatever
+/// this says.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How often one replica signs a checkpoint, when events were written since the last one.
+    #[serde(with = "fields::duration::positive")]
+    pub checkpoint_interval: Duration,
+    /// The Ed25519 private key checkpoints are signed with: a PKCS#8 PEM file (`approvals audit
+    /// keygen`, or `openssl genpkey -algorithm ed25519`). Empty: no checkpoints, and
+    /// GetAuditCheckpoint / GetAuditPublicKey answer AUDIT_NOT_CONFIGURED.
+    pub signing_key_file: String,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: Duration::from_secs(60),
+            signing_key_file: String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApplyConfig {
@@ -216,6 +241,7 @@ impl Default for Config {
             watch: WatchConfig::default(),
             apply: ApplyConfig::default(),
             telemetry: TelemetryConfig::default(),
+            audit: AuditConfig::default(),
             auth: AuthConfig::default(),
         }
     }

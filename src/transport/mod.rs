@@ -50,6 +50,8 @@ pub enum ServeError {
         "refusing to serve on {0}: it is not a loopback address and no authentication is configured ([[auth.api_keys]] or [auth.jwt])"
     )]
     Unprotected(std::net::SocketAddr),
+    #[error("audit.signing_key_file: {0}")]
+    AuditKey(String),
 }
 
 /// What `approvals serve` and `approvals migrate` run once the configuration is loaded:
@@ -149,6 +151,13 @@ pub async fn run_with_clock(
             "no authentication configured: callers name themselves with x-approvals-actor and hold every scope (loopback address only)"
         );
     }
+    let signing_key = match config.audit.signing_key_file.as_str() {
+        "" => None,
+        path => Some(Arc::new(
+            crate::audit::read_signing_key(std::path::Path::new(path))
+                .map_err(ServeError::AuditKey)?,
+        )),
+    };
     let store = open_store(&config).await?;
     crate::telemetry::metrics::observe_pool(store.clone(), config.database.max_connections);
 
@@ -183,6 +192,14 @@ pub async fn run_with_clock(
     .await?;
     let engine = ApplyEngine::new(store.clone(), config.apply.clone(), clock.clone());
     let worker = engine.spawn_worker();
+    let checkpointer = signing_key.as_ref().map(|key| {
+        crate::audit::spawn_checkpointer(
+            store.clone(),
+            key.clone(),
+            config.audit.checkpoint_interval,
+            clock.clone(),
+        )
+    });
     let context = Arc::new(Context {
         store,
         hub: hub.clone(),
@@ -196,6 +213,10 @@ pub async fn run_with_clock(
         ChangeRequestsService::new(context.clone()),
         config.limits.max_message_bytes,
     );
+    let audit = pb::audit_server::AuditServer::new(crate::api::audit::AuditService::new(
+        context.clone(),
+        signing_key.as_ref().map(|key| key.verifying_key()),
+    ));
     let policies = PoliciesServer::new(PoliciesService::new(context))
         .max_decoding_message_size(config.limits.max_message_bytes);
 
@@ -228,6 +249,7 @@ pub async fn run_with_clock(
         .add_service(reflection_v1alpha)
         .add_service(change_requests)
         .add_service(policies)
+        .add_service(audit)
         .serve_with_incoming_shutdown(
             connection::incoming(listener, config.limits.coalesce_writes),
             signal,
@@ -245,6 +267,9 @@ pub async fn run_with_clock(
     };
     probe.abort();
     worker.abort();
+    if let Some(checkpointer) = checkpointer {
+        checkpointer.abort();
+    }
     tracing::info!("stopped");
     Ok(result?)
 }

@@ -7,6 +7,7 @@ mod common;
 mod api_reference;
 mod applier_endpoints;
 mod apply;
+mod audit;
 
 mod auth;
 mod cli;

@@ -4,6 +4,7 @@
 //! every rule here is testable on its own.
 
 mod apply;
+pub mod audit;
 mod change_request;
 mod error;
 mod event;

@@ -76,7 +76,7 @@ impl Store {
         self.write(async |w| {
             let mut query = Query::select();
             query
-                .columns([cr::ID, cr::REVISION, cr::BODY])
+                .columns([cr::ID, cr::REVISION, cr::BODY, cr::AUDIT_HEAD])
                 .from(CHANGE_REQUESTS)
                 .and_where(Expr::col(cr::DUE_TIME).lte(now.as_micros()))
                 .order_by(cr::DUE_TIME, Order::Asc)
@@ -88,6 +88,7 @@ impl Store {
             let mut changed = Vec::new();
             for row in &rows {
                 let mut request = decode_request(row)?;
+                w.remember_head(row)?;
                 let before = resource_keys(&request);
                 match step(&mut request) {
                     Step::Unchanged => continue,

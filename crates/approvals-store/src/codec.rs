@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use approvals_domain::{
     ChangeRequest, Comment, Event, EventDraft, EventKind, Principal, State, Timestamp,
+    audit::{AuditRecord, EventFields, Hash, StoredEvent, hash_from_slice},
 };
 use sea_orm::{
     ConnectionTrait, QueryResult,
@@ -39,19 +40,36 @@ pub(crate) const EVENT_COLUMNS: [&str; 13] = [
     ev::COMMENT_COUNT,
 ];
 
-/// The values of an event row, in the order of `EVENT_COLUMNS[1..]` (all but the revision).
+/// The values of an event row, in the order of `EVENT_COLUMNS[1..]` (all but the revision),
+/// and the event's audit record (the bytes its hash covers, see `approvals_domain::audit`).
 /// The snapshot is the request without its comments, and the number of comments beside it (see
 /// [`ev::COMMENT_COUNT`]); `request` is as it was when this returns.
 pub(crate) fn event_values(
     request: &mut ChangeRequest,
     event: &EventDraft,
-) -> Result<Vec<sea_orm::Value>, StoreError> {
+) -> Result<(Vec<sea_orm::Value>, Vec<u8>), StoreError> {
     let comments = std::mem::take(&mut request.comments);
     let snapshot = serde_json::to_string(&*request);
     request.comments = comments;
+    let snapshot = snapshot?;
     let comment_count = i64::try_from(request.comments.len())
         .map_err(|_| StoreError::Internal("too many comments to count".into()))?;
-    Ok(vec![
+    let record = AuditRecord {
+        change_request_id: &request.id,
+        project: &request.project,
+        environment: &request.environment,
+        kind: event.kind.as_str(),
+        actor: event.actor.as_str(),
+        acting_principal: event.acting_principal.as_ref().map_or("", |p| p.as_str()),
+        from_state: event.from_state.as_str(),
+        to_state: event.to_state.as_str(),
+        event_time_micros: event.time.as_micros(),
+        detail: &event.detail,
+        snapshot: &snapshot,
+        comment_count: Some(comment_count),
+    }
+    .encode();
+    let values = vec![
         request.id.clone().into(),
         request.project.clone().into(),
         request.environment.clone().into(),
@@ -66,9 +84,40 @@ pub(crate) fn event_values(
         event.to_state.as_str().into(),
         event.time.as_micros().into(),
         event.detail.clone().into(),
-        snapshot?.into(),
+        snapshot.into(),
         comment_count.into(),
-    ])
+    ];
+    Ok((values, record))
+}
+
+/// An event row read back for verification: the stored columns as they are, not parsed (a
+/// tampered row may not parse), and its hashes.
+pub(crate) fn decode_stored_event(row: &QueryResult) -> Result<StoredEvent, StoreError> {
+    let hash = |column: &str| -> Result<Option<Hash>, StoreError> {
+        let bytes: Option<Vec<u8>> = row.try_get("", column)?;
+        // A stored value of the wrong length is kept as a hash no event can have.
+        Ok(bytes.map(|b| hash_from_slice(&b).unwrap_or([0xff; 32])))
+    };
+    let fields = EventFields {
+        change_request_id: row.try_get("", ev::CHANGE_REQUEST_ID)?,
+        project: row.try_get("", ev::PROJECT)?,
+        environment: row.try_get("", ev::ENVIRONMENT)?,
+        kind: row.try_get("", ev::KIND)?,
+        actor: row.try_get("", ev::ACTOR)?,
+        acting_principal: row.try_get("", ev::ACTING_PRINCIPAL)?,
+        from_state: row.try_get("", ev::FROM_STATE)?,
+        to_state: row.try_get("", ev::TO_STATE)?,
+        event_time_micros: row.try_get("", ev::EVENT_TIME)?,
+        detail: row.try_get("", ev::DETAIL)?,
+        snapshot: row.try_get("", ev::SNAPSHOT)?,
+        comment_count: row.try_get("", ev::COMMENT_COUNT)?,
+    };
+    Ok(StoredEvent {
+        revision: row.try_get("", ev::REVISION)?,
+        fields,
+        prev_hash: hash(ev::PREV_HASH)?,
+        hash: hash(ev::HASH)?,
+    })
 }
 
 /// The columns of a new request's row, all but the revision (which the event assigns; the
@@ -113,7 +162,7 @@ pub(crate) fn request_values(
 
 pub(crate) fn select_request(id: &str) -> SelectStatement {
     Query::select()
-        .columns([cr::ID, cr::REVISION, cr::BODY])
+        .columns([cr::ID, cr::REVISION, cr::BODY, cr::AUDIT_HEAD])
         .from(CHANGE_REQUESTS)
         .and_where(Expr::col(cr::ID).eq(id))
         .to_owned()
@@ -149,6 +198,19 @@ pub(crate) fn resource_keys(request: &ChangeRequest) -> BTreeSet<(String, String
         .iter()
         .map(|c| (c.resource_type.clone(), c.resource_id.clone()))
         .collect()
+}
+
+/// The chain head stored on a request row read with [`select_request`] (`None` before its
+/// first hashed event).
+pub(crate) fn decode_audit_head(row: &QueryResult) -> Result<Option<Hash>, StoreError> {
+    let bytes: Option<Vec<u8>> = row.try_get("", cr::AUDIT_HEAD)?;
+    bytes
+        .map(|b| {
+            hash_from_slice(&b).ok_or_else(|| {
+                StoreError::Internal("a change request's audit head is not 32 bytes".into())
+            })
+        })
+        .transpose()
 }
 
 pub(crate) fn decode_request(row: &QueryResult) -> Result<ChangeRequest, StoreError> {

@@ -16,6 +16,7 @@
 //! `seed` (bulk writes for benchmarks), `redact` (URLs for messages).
 
 mod applying;
+mod audit;
 mod codec;
 mod connect;
 mod error;
@@ -33,6 +34,7 @@ pub mod seed;
 mod write;
 
 pub use applying::Step;
+pub use audit::Checkpoint;
 /// Moved to the domain, with the filter; kept here until the server imports it from there.
 pub use codec::IdempotencyKey;
 pub use connect::{Backend, DatabaseSettings, Store};

@@ -6,10 +6,13 @@
 
 use std::collections::HashMap;
 
-use approvals_domain::{ChangeRequest, EventDraft};
+use approvals_domain::{
+    ChangeRequest, EventDraft,
+    audit::{GENESIS, event_hash},
+};
 use sea_orm::{
     ConnectionTrait, DbBackend, Statement,
-    sea_query::{Expr, Query},
+    sea_query::{Expr, ExprTrait, Query},
 };
 
 use crate::{
@@ -43,12 +46,11 @@ pub(crate) async fn insert(
         // Every column but the revision, which the identity column assigns.
         .columns(EVENT_COLUMNS[1..].iter().copied())
         .returning(Query::returning().columns([ev::REVISION, ev::CHANGE_REQUEST_ID]));
+    let mut records = HashMap::with_capacity(new.len());
     for row in new.iter_mut() {
-        events.values_panic(
-            event_values(row.request, row.event)?
-                .into_iter()
-                .map(Expr::val),
-        );
+        let (values, record) = event_values(row.request, row.event)?;
+        events.values_panic(values.into_iter().map(Expr::val));
+        records.insert(row.request.id.clone(), record);
     }
     let mut revisions = HashMap::with_capacity(new.len());
     for row in db.query_all(&events).await? {
@@ -56,11 +58,35 @@ pub(crate) async fn insert(
         let revision: i64 = row.try_get("", ev::REVISION)?;
         revisions.insert(id, revision);
     }
+    // Each request's first event: chained after GENESIS, its hash written by one statement.
+    let mut hashes = HashMap::with_capacity(new.len());
+    let mut case = Expr::case(Expr::col(ev::REVISION).eq(-1), Expr::val(Vec::<u8>::new()));
+    for (id, revision) in &revisions {
+        let record = records.get(id).ok_or_else(|| {
+            StoreError::Internal(format!("the event insert returned an unknown request {id}"))
+        })?;
+        let hash = event_hash(&GENESIS, *revision, record);
+        case = case.case(
+            Expr::col(ev::REVISION).eq(*revision),
+            Expr::val(hash.to_vec()),
+        );
+        hashes.insert(id.clone(), hash);
+    }
+    let update = Query::update()
+        .table(EVENTS)
+        .value(ev::PREV_HASH, GENESIS.to_vec())
+        .value(ev::HASH, case)
+        .and_where(Expr::col(ev::REVISION).is_in(revisions.values().copied()))
+        .to_owned();
+    db.execute(&update).await?;
 
     let mut requests = Query::insert();
-    requests
-        .into_table(CHANGE_REQUESTS)
-        .columns(REQUEST_COLUMNS.iter().copied().chain([cr::REVISION]));
+    requests.into_table(CHANGE_REQUESTS).columns(
+        REQUEST_COLUMNS
+            .iter()
+            .copied()
+            .chain([cr::REVISION, cr::AUDIT_HEAD]),
+    );
     let mut resources = Query::insert();
     resources.into_table(RESOURCES).columns(RESOURCE_COLUMNS);
     let mut any_resource = false;
@@ -76,6 +102,7 @@ pub(crate) async fn insert(
         head = Ord::max(head, revision);
         let mut values = request_values(row.request, row.key)?;
         values.push(revision.into());
+        values.push(hashes.get(&row.request.id).map(|h| h.to_vec()).into());
         requests.values_panic(values.into_iter().map(Expr::val));
         for values in resource_values(row.request) {
             resources.values_panic(values.map(Expr::val));
@@ -114,19 +141,31 @@ pub(crate) async fn insert_in_one_statement(
         list.join(", ")
     };
     let event_columns = EVENT_COLUMNS[1..].join(", ");
-    let event_row = placeholders(event_values(request, event)?);
+    let (event_values, record) = event_values(request, event)?;
+    let event_row = placeholders(event_values);
+    let audit = placeholders(vec![GENESIS.to_vec().into(), record.into()]);
+    let (prev, record) = audit.split_once(", ").unwrap_or_default();
+    let (prev, record) = (prev.to_owned(), record.to_owned());
     let request_row = placeholders(request_values(request, key)?);
     // The log reader relies on a writer having its xid before it takes a revision (see
     // log.rs): the materialised `xid` row is produced before the event row's identity value is
-    // drawn.
+    // drawn. The revision is drawn explicitly so that the statement can hash the event with
+    // it (see `approvals_domain::audit`: `sha256(prev || int8send(revision) || record)`).
     let mut sql = format!(
         "WITH xid AS MATERIALIZED (SELECT pg_current_xact_id()), \
-         event AS (INSERT INTO {EVENTS} ({event_columns}) SELECT {event_row} FROM xid \
-         RETURNING {revision}), \
-         request AS (INSERT INTO {CHANGE_REQUESTS} ({request_columns}, {revision}) \
-         SELECT {request_row}, event.{revision} FROM event)",
+         rev AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('{EVENTS}', '{revision}')) \
+         AS r FROM xid), \
+         event AS (INSERT INTO {EVENTS} \
+         ({revision}, {event_columns}, {prev_col}, {hash_col}) OVERRIDING SYSTEM VALUE \
+         SELECT rev.r, {event_row}, {prev}, sha256({prev} || int8send(rev.r) || {record}) \
+         FROM rev RETURNING {revision}, {hash_col}), \
+         request AS (INSERT INTO {CHANGE_REQUESTS} ({request_columns}, {revision}, {head_col}) \
+         SELECT {request_row}, event.{revision}, event.{hash_col} FROM event)",
         revision = ev::REVISION,
         request_columns = REQUEST_COLUMNS.join(", "),
+        prev_col = ev::PREV_HASH,
+        hash_col = ev::HASH,
+        head_col = cr::AUDIT_HEAD,
     );
     let resource_rows = resource_values(request);
     if !resource_rows.is_empty() {

@@ -20,6 +20,9 @@ pub mod cr {
     pub const BODY: &str = "body";
     /// When the service next has work on the request (schedule, expiry, apply lease).
     pub const DUE_TIME: &str = "due_time";
+    /// The hash of the request's latest event (its chain head), so the next event needs no
+    /// extra read; NULL before the request's first hashed event.
+    pub const AUDIT_HEAD: &str = "audit_head";
 }
 
 pub const RESOURCE_VERSIONS: &str = "resource_versions";
@@ -58,6 +61,22 @@ pub mod ev {
     /// comments are append-only and the request row holds them all, so the snapshot's are the
     /// first `comment_count` of those. NULL in rows written before: their snapshot has them.
     pub const COMMENT_COUNT: &str = "comment_count";
+    /// The hash of the request's previous event (32 zero bytes for its first), and this
+    /// event's hash (see `approvals_domain::audit`). NULL in events written before hashing.
+    pub const PREV_HASH: &str = "prev_hash";
+    pub const HASH: &str = "hash";
+}
+
+/// Signed checkpoints of the audit log (see `approvals_domain::audit`).
+pub const CHECKPOINTS: &str = "audit_checkpoints";
+
+pub mod ckp {
+    /// The revision the checkpoint covers the log up to (inclusive); unique.
+    pub const REVISION: &str = "revision";
+    pub const TREE_SIZE: &str = "tree_size";
+    pub const ROOT: &str = "root";
+    pub const CHECKPOINT_TIME: &str = "checkpoint_time";
+    pub const SIGNATURE: &str = "signature";
 }
 
 pub const POLICIES: &str = "policies";

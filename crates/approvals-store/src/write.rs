@@ -2,22 +2,25 @@
 //! the statements a transaction runs on a request (lock it, write it back, append its event).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use approvals_domain::{ChangeRequest, EventDraft, Timestamp};
+use approvals_domain::{
+    ChangeRequest, EventDraft, Timestamp,
+    audit::{GENESIS, Hash, event_hash},
+};
 use sea_orm::{
-    ConnectionTrait, DatabaseTransaction, SqliteTransactionMode, TransactionOptions,
-    TransactionTrait,
+    ConnectionTrait, DatabaseTransaction, DbBackend, SqliteTransactionMode, Statement,
+    TransactionOptions, TransactionTrait,
     sea_query::{Expr, ExprTrait, LockType, Query, SelectStatement},
 };
 use tokio::sync::MutexGuard;
 
 use crate::{
     codec::{
-        EVENT_COLUMNS, RESOURCE_COLUMNS, decode_request, event_values, resource_keys,
-        resource_values, select_request,
+        EVENT_COLUMNS, RESOURCE_COLUMNS, decode_audit_head, decode_request, event_values,
+        resource_keys, resource_values, select_request,
     },
     connect::{Backend, Store},
     error::StoreError,
@@ -32,6 +35,9 @@ pub(crate) struct WriteTxn<'s> {
     appended: AtomicBool,
     /// SQLite: this writer's turn, held until the transaction ends.
     _turn: Option<MutexGuard<'s, ()>>,
+    /// The chain head of each request this transaction read (locked) or wrote, so appending
+    /// its next event needs no extra read.
+    heads: std::sync::Mutex<HashMap<String, Option<Hash>>>,
 }
 
 impl Store {
@@ -70,6 +76,7 @@ impl Store {
             txn,
             appended: AtomicBool::new(false),
             _turn: turn,
+            heads: Default::default(),
         };
         match body(&write).await {
             Ok(value) => {
@@ -121,7 +128,35 @@ impl WriteTxn<'_> {
             .query_one(&self.lock(select_request(id)))
             .await?
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        self.remember_head(&row)?;
         decode_request(&row)
+    }
+
+    /// Remembers the chain head of a request row read (locked) in this transaction, with
+    /// [`cr::AUDIT_HEAD`] among its columns.
+    pub(crate) fn remember_head(&self, row: &sea_orm::QueryResult) -> Result<(), StoreError> {
+        let id: String = row.try_get("", cr::ID)?;
+        let head = decode_audit_head(row)?;
+        self.heads_map().insert(id, head);
+        Ok(())
+    }
+
+    fn heads_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Hash>>> {
+        // A poisoned map only means another statement of this transaction panicked.
+        self.heads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The chain head of a request locked in this transaction.
+    async fn head_of(&self, id: &str) -> Result<Option<Hash>, StoreError> {
+        if let Some(head) = self.heads_map().get(id) {
+            return Ok(*head);
+        }
+        let row = self
+            .txn
+            .query_one(&select_request(id))
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        decode_audit_head(&row)
     }
 
     /// Writes a locked request back: with an event (a new revision), or without one for the
@@ -133,10 +168,17 @@ impl WriteTxn<'_> {
         resources_before: &BTreeSet<(String, String)>,
     ) -> Result<(), StoreError> {
         let previous_revision = request.revision;
+        let mut head = None;
         if let Some(event) = event {
-            request.revision = self.append_event(request, event).await?;
+            let (revision, hash) = self.append_event(request, event).await?;
+            request.revision = revision;
+            head = Some(hash);
         }
-        let update = Query::update()
+        let mut update = Query::update();
+        if let Some(hash) = head {
+            update.value(cr::AUDIT_HEAD, hash.to_vec());
+        }
+        let update = update
             .table(CHANGE_REQUESTS)
             .value(cr::STATE, request.state.as_str())
             .value(cr::UPDATE_TIME, request.update_time.as_micros())
@@ -172,27 +214,78 @@ impl WriteTxn<'_> {
         Ok(())
     }
 
-    /// Appends `event` of `request` to the log; returns its revision.
+    /// Appends `event` of `request` (locked) to the log, chained after the request's head;
+    /// returns its revision and hash.
+    ///
+    /// PostgreSQL computes the hash in the statement that draws the revision
+    /// (`sha256(prev || int8send(revision) || record)`, one round trip as before); SQLite, whose
+    /// writers are serialised, inserts, then writes the hash computed here.
     pub(crate) async fn append_event(
         &self,
         request: &mut ChangeRequest,
         event: &EventDraft,
-    ) -> Result<i64, StoreError> {
-        let insert = Query::insert()
-            .into_table(EVENTS)
-            // Every column but the revision, which the identity column assigns.
-            .columns(EVENT_COLUMNS[1..].iter().copied())
-            .values_panic(event_values(request, event)?.into_iter().map(Expr::val))
-            .returning_col(ev::REVISION)
-            .to_owned();
-        let row = self
-            .txn
-            .query_one(&insert)
-            .await?
-            .ok_or_else(|| StoreError::Internal("event insert returned no revision".into()))?;
-        let revision = row.try_get("", ev::REVISION)?;
+    ) -> Result<(i64, Hash), StoreError> {
+        let prev = self.head_of(&request.id).await?.unwrap_or(GENESIS);
+        let (values, record) = event_values(request, event)?;
+        let (revision, hash) = if self.backend() == Backend::Postgres {
+            let mut params = values;
+            let n = params.len();
+            params.push(prev.to_vec().into());
+            params.push(record.into());
+            let list: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "INSERT INTO {EVENTS} ({rev}, {columns}, {prev_col}, {hash_col}) \
+                 OVERRIDING SYSTEM VALUE SELECT s.r, {list}, ${p}, sha256(${p} || int8send(s.r) || ${rec}) \
+                 FROM (SELECT nextval(pg_get_serial_sequence('{EVENTS}', '{rev}')) AS r) s \
+                 RETURNING {rev}, {hash_col}",
+                rev = ev::REVISION,
+                columns = EVENT_COLUMNS[1..].join(", "),
+                prev_col = ev::PREV_HASH,
+                hash_col = ev::HASH,
+                list = list.join(", "),
+                p = n + 1,
+                rec = n + 2,
+            );
+            let row = self
+                .txn
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    sql,
+                    params,
+                ))
+                .await?
+                .ok_or_else(|| StoreError::Internal("event insert returned no revision".into()))?;
+            let revision: i64 = row.try_get("", ev::REVISION)?;
+            let bytes: Vec<u8> = row.try_get("", ev::HASH)?;
+            let hash = approvals_domain::audit::hash_from_slice(&bytes)
+                .ok_or_else(|| StoreError::Internal("the event hash is not 32 bytes".into()))?;
+            (revision, hash)
+        } else {
+            let insert = Query::insert()
+                .into_table(EVENTS)
+                // Every column but the revision, which the identity column assigns.
+                .columns(EVENT_COLUMNS[1..].iter().copied())
+                .values_panic(values.into_iter().map(Expr::val))
+                .returning_col(ev::REVISION)
+                .to_owned();
+            let row =
+                self.txn.query_one(&insert).await?.ok_or_else(|| {
+                    StoreError::Internal("event insert returned no revision".into())
+                })?;
+            let revision: i64 = row.try_get("", ev::REVISION)?;
+            let hash = event_hash(&prev, revision, &record);
+            let update = Query::update()
+                .table(EVENTS)
+                .value(ev::PREV_HASH, prev.to_vec())
+                .value(ev::HASH, hash.to_vec())
+                .and_where(Expr::col(ev::REVISION).eq(revision))
+                .to_owned();
+            self.txn.execute(&update).await?;
+            (revision, hash)
+        };
+        self.heads_map().insert(request.id.clone(), Some(hash));
         self.note_appended(revision);
-        Ok(revision)
+        Ok((revision, hash))
     }
 
     /// Records that this transaction appended events up to `revision`: the store's written
