@@ -11,7 +11,9 @@ use serde_json::{Map, Value};
 
 use crate::{
     Actor, ChangeInput, DomainError, Principal, PrincipalKind, Review, Timestamp,
-    error::FieldViolation, validation::Violations,
+    error::FieldViolation,
+    requirements::{self, AntiCollusion, JustificationRule, Level, LevelProgress},
+    validation::Violations,
 };
 
 /// How an approved request is applied (acted on by the apply feature; stored here).
@@ -82,6 +84,27 @@ pub struct PolicyRules {
     /// the setting existed decode as false; new policies and the server default have it on.
     #[serde(default)]
     pub independent_approvals: bool,
+    /// Sequential approval levels; empty: one level made of `min_approvals`, `requirements`
+    /// and `distinct_groups`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub levels: Vec<Level>,
+    #[serde(default, skip_serializing_if = "JustificationRule::is_empty")]
+    pub justification: JustificationRule,
+    /// Approvals from at least this many distinct groups (without levels); 0: no such rule.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub distinct_groups: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_collusion: Option<AntiCollusion>,
+    /// The overlapping-groups rule (see [`crate::requirements`]): an approver counts once,
+    /// toward the requirement that needs them. Stored policies and snapshots written before the
+    /// rule existed decode as false (each approver counts for every group they hold); new
+    /// policies and the server default have it on.
+    #[serde(default)]
+    pub count_approver_once: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Default for PolicyRules {
@@ -103,6 +126,11 @@ impl Default for PolicyRules {
             executors: Vec::new(),
             forbid_bypass: false,
             independent_approvals: true,
+            levels: Vec::new(),
+            justification: JustificationRule::default(),
+            distinct_groups: 0,
+            anti_collusion: None,
+            count_approver_once: true,
         }
     }
 }
@@ -230,31 +258,7 @@ fn validate_rules(v: &mut Violations, prefix: &str, rules: &PolicyRules) {
             );
         }
     }
-    let mut seen = Vec::new();
-    for (i, requirement) in rules.requirements.iter().enumerate() {
-        if requirement.group.kind() != PrincipalKind::Group {
-            v.add(
-                field(&format!("requirements[{i}].group")),
-                format!(
-                    "{:?} is not a group: write group:NAME",
-                    requirement.group.as_str()
-                ),
-            );
-        }
-        if requirement.min_approvals < 1 {
-            v.add(
-                field(&format!("requirements[{i}].min_approvals")),
-                "must be at least 1",
-            );
-        }
-        if seen.contains(&requirement.group) {
-            v.add(
-                field(&format!("requirements[{i}].group")),
-                format!("{} has a requirement already", requirement.group),
-            );
-        }
-        seen.push(requirement.group.clone());
-    }
+    requirements::validate_requirements(v, prefix, &rules.requirements);
     if let Some(ttl) = rules.default_ttl_micros
         && ttl <= 0
     {
@@ -283,6 +287,7 @@ fn validate_rules(v: &mut Violations, prefix: &str, rules: &PolicyRules) {
             }
         }
     }
+    requirements::validate(v, prefix, rules);
 }
 
 /// The most specific policy matching a request, if any (see the module documentation).
@@ -401,14 +406,7 @@ impl PolicySnapshot {
 
     /// Whether `actor` is among the approvers (always, when the list is empty).
     pub fn may_review(&self, actor: &Actor) -> bool {
-        self.rules.approvers.is_empty()
-            || self.rules.approvers.iter().any(|approver| {
-                approver == &actor.principal
-                    || approver
-                        .as_str()
-                        .strip_prefix("group:")
-                        .is_some_and(|group| actor.groups.iter().any(|g| g == group))
-            })
+        self.rules.approvers.is_empty() || listed_in(&self.rules.approvers, actor)
     }
 
     /// Quorum over every live approval in `reviews` (see [`Self::quorum_met`]).
@@ -417,25 +415,90 @@ impl PolicySnapshot {
         self.quorum_met(&approvals)
     }
 
-    /// Quorum: `min_approvals` approvals that count, AND every group requirement met by
-    /// approvers who held the group when they reviewed. One approval counts once for each
-    /// requirement its reviewer satisfies, never twice for one. `approvals` are the ones that
-    /// count ([`crate::ChangeRequest::counted_approvals`]).
-    pub fn quorum_met(&self, approvals: &[&Review]) -> bool {
-        let enough =
-            u32::try_from(approvals.len()).unwrap_or(u32::MAX) >= self.rules.min_approvals.max(1);
-        enough
-            && self.rules.requirements.iter().all(|requirement| {
-                let met = approvals
+    /// Whether the policy has `levels` (else its own quorum is its one level).
+    pub fn has_levels(&self) -> bool {
+        !self.rules.levels.is_empty()
+    }
+
+    /// The levels to pass, in order: the policy's `levels`, or one made of its own
+    /// `min_approvals`, `requirements` and `distinct_groups`.
+    pub fn stages(&self) -> Vec<Level> {
+        if self.has_levels() {
+            return self.rules.levels.clone();
+        }
+        vec![Level {
+            min_approvals: self.rules.min_approvals.max(1),
+            approvers: Vec::new(),
+            requirements: self.rules.requirements.clone(),
+            distinct_groups: self.rules.distinct_groups,
+        }]
+    }
+
+    /// Each level's progress. With levels, an approval counts only for the level it was made
+    /// at (`Review::level`); a level passes when it is met and every earlier one passed.
+    /// `approvals` are the ones that count ([`crate::ChangeRequest::counted_approvals`]).
+    pub fn level_progress(&self, approvals: &[&Review]) -> Vec<LevelProgress> {
+        let mut earlier_passed = true;
+        self.stages()
+            .iter()
+            .enumerate()
+            .map(|(i, level)| {
+                let number = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                let at_level: Vec<&Review> = approvals
                     .iter()
-                    .filter(|r| {
-                        r.reviewer_groups
-                            .iter()
-                            .any(|g| g == requirement.group_name())
-                    })
-                    .count();
-                u32::try_from(met).unwrap_or(u32::MAX) >= requirement.min_approvals
+                    .copied()
+                    .filter(|r| !self.has_levels() || r.level == number)
+                    .collect();
+                let groups: Vec<&[String]> = at_level
+                    .iter()
+                    .map(|r| r.reviewer_groups.as_slice())
+                    .collect();
+                let count = u32::try_from(at_level.len()).unwrap_or(u32::MAX);
+                let met = count >= level.min_approvals.max(1)
+                    && requirements::groups_met(
+                        &level.requirements,
+                        level.distinct_groups,
+                        &groups,
+                        self.rules.count_approver_once,
+                    );
+                let passed = earlier_passed && met;
+                earlier_passed = passed;
+                LevelProgress {
+                    level: number,
+                    approval_count: count,
+                    min_approvals: level.min_approvals.max(1),
+                    passed,
+                }
             })
+            .collect()
+    }
+
+    /// The level waiting for approvals (1-based); `None` once every level passed.
+    pub fn current_level(&self, approvals: &[&Review]) -> Option<u32> {
+        self.level_progress(approvals)
+            .iter()
+            .find(|p| !p.passed)
+            .map(|p| p.level)
+    }
+
+    /// Quorum: every level passed (see [`Self::level_progress`]). Without levels: at least
+    /// `min_approvals` approvals that count, every group requirement met by approvers who held
+    /// the group when they reviewed (under `count_approver_once` each approver counts once,
+    /// toward the requirement that needs them; see [`crate::requirements`]), and
+    /// `distinct_groups`.
+    pub fn quorum_met(&self, approvals: &[&Review]) -> bool {
+        self.current_level(approvals).is_none()
+    }
+
+    /// Whether `actor` may review at `level` (1-based): among the policy's approvers and the
+    /// level's own (when it lists any).
+    pub fn may_review_at(&self, actor: &Actor, level: u32) -> bool {
+        let listed = usize::try_from(level.saturating_sub(1))
+            .ok()
+            .and_then(|i| self.rules.levels.get(i))
+            .map(|l| l.approvers.as_slice())
+            .unwrap_or_default();
+        self.may_review(actor) && (listed.is_empty() || listed_in(listed, actor))
     }
 
     /// When a request created at `now` expires: the caller's time, capped by `default_ttl`.
@@ -492,6 +555,17 @@ impl PolicySnapshot {
             Err(DomainError::InvalidArgument(violations))
         }
     }
+}
+
+/// Whether `actor` is one of `list`, or holds one of its groups.
+fn listed_in(list: &[Principal], actor: &Actor) -> bool {
+    list.iter().any(|approver| {
+        approver == &actor.principal
+            || approver
+                .as_str()
+                .strip_prefix("group:")
+                .is_some_and(|group| actor.groups.iter().any(|g| g == group))
+    })
 }
 
 /// Approvals that count: not dismissed.
@@ -629,6 +703,7 @@ mod tests {
         // Written before independent approvals existed: the rule it was created under stays.
         let mut expected = PolicySnapshot::server_default(2);
         expected.rules.independent_approvals = false;
+        expected.rules.count_approver_once = false;
         assert_eq!(snapshot, expected);
         let round: PolicySnapshot =
             serde_json::from_str(&serde_json::to_string(&snapshot).expect("encodes"))

@@ -66,6 +66,7 @@ fn request(
         expire_time: Some(at(3600)),
         draft: false,
         apply_time,
+        justification: String::new(),
     };
     let mut n = 0;
     ChangeRequest::create(
