@@ -5,6 +5,7 @@
 
 mod apply;
 mod change_request;
+pub mod condition;
 mod error;
 mod event;
 mod filter;
