@@ -218,11 +218,10 @@ impl ChangeRequestsService {
         } else {
             Vec::new()
         };
-        let policy = PolicySnapshot::select(
+        let actor = caller.actor();
+        let policy = PolicySnapshot::select_for(
             &policies,
-            &new.project,
-            &new.environment,
-            &new.action_key,
+            &new.facts(&actor.principal, &actor.groups),
             self.context.min_approvals,
         );
         let clock = &self.context.clock;

@@ -9,7 +9,7 @@ use super::{from_struct, timestamp, to_struct};
 use crate::pb;
 
 /// The fields of a policy a caller may set (all but `name` and the output-only ones).
-pub const WRITABLE_PATHS: [&str; 22] = [
+pub const WRITABLE_PATHS: [&str; 23] = [
     "project",
     "environment",
     "action_key",
@@ -32,6 +32,7 @@ pub const WRITABLE_PATHS: [&str; 22] = [
     "distinct_groups",
     "anti_collusion",
     "count_approver_once",
+    "condition",
 ];
 
 fn apply_mode(mode: ApplyMode) -> pb::ApplyMode {
@@ -63,6 +64,7 @@ fn group_requirements(list: &[GroupRequirement]) -> Vec<pb::GroupRequirement> {
         .map(|r| pb::GroupRequirement {
             group: r.group.to_string(),
             min_approvals: to_i32(r.min_approvals),
+            condition: r.condition.clone(),
         })
         .collect()
 }
@@ -79,6 +81,7 @@ fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
             approvers: strings(&l.approvers),
             requirements: group_requirements(&l.requirements),
             distinct_groups: to_i32(l.distinct_groups),
+            condition: l.condition.clone(),
         })
         .collect();
     let j = &rules.justification;
@@ -93,6 +96,7 @@ fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
         window: Some(duration(a.window_micros)),
     });
     out.count_approver_once = Some(rules.count_approver_once);
+    out.condition = rules.condition.clone();
     out.allow_self_approval = rules.allow_self_approval;
     out.rejections_to_reject = to_i32(rules.rejections_to_reject);
     out.default_ttl = rules.default_ttl_micros.map(duration);
@@ -133,6 +137,8 @@ pub fn snapshot(s: &PolicySnapshot) -> pb::Policy {
         ..Default::default()
     };
     rules_into(&s.rules, &mut out);
+    out.matched_conditions = s.matched_conditions.clone();
+    out.condition_errors = s.condition_errors.clone();
     out
 }
 
@@ -189,6 +195,7 @@ fn requirements(
             Some(GroupRequirement {
                 group,
                 min_approvals: count(&format!("{field}[{i}].min_approvals"), r.min_approvals, v),
+                condition: r.condition.clone(),
             })
         })
         .collect()
@@ -233,6 +240,7 @@ pub fn set_field(policy: &mut Policy, body: &pb::Policy, path: &str, v: &mut Vio
                             l.distinct_groups,
                             v,
                         ),
+                        condition: l.condition.clone(),
                     }
                 })
                 .collect();
@@ -268,6 +276,7 @@ pub fn set_field(policy: &mut Policy, body: &pb::Policy, path: &str, v: &mut Vio
                 AntiCollusion { window_micros }
             });
         }
+        "condition" => rules.condition = body.condition.clone(),
         "count_approver_once" => {
             rules.count_approver_once = body.count_approver_once.unwrap_or(true);
         }

@@ -89,6 +89,7 @@ async fn policies_crud_with_etags_and_uniqueness() {
             requirements: vec![pb::GroupRequirement {
                 group: "group:sre".into(),
                 min_approvals: 1,
+                ..Default::default()
             }],
             default_ttl: Some(prost_types::Duration {
                 seconds: 3600,
@@ -135,6 +136,7 @@ async fn policies_crud_with_etags_and_uniqueness() {
                 requirements: vec![pb::GroupRequirement {
                     group: "group:sre".into(),
                     min_approvals: 0,
+                    ..Default::default()
                 }],
                 intent_schema: Some(payload(serde_json::json!({"type": 5}))),
                 ..policy("", "", "feature*.x")
@@ -395,10 +397,12 @@ async fn approvers_and_group_requirements_decide_quorum() {
                 pb::GroupRequirement {
                     group: "group:security".into(),
                     min_approvals: 1,
+                    ..Default::default()
                 },
                 pb::GroupRequirement {
                     group: "group:sre".into(),
                     min_approvals: 2,
+                    ..Default::default()
                 },
             ],
             ..policy("guarded", "", "*")

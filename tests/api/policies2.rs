@@ -358,10 +358,12 @@ async fn count_approver_once_false_keeps_the_earlier_rule() {
                 pb::GroupRequirement {
                     group: "group:sre".into(),
                     min_approvals: 1,
+                    ..Default::default()
                 },
                 pb::GroupRequirement {
                     group: "group:security".into(),
                     min_approvals: 1,
+                    ..Default::default()
                 },
             ],
             count_approver_once: Some(false),
@@ -375,4 +377,110 @@ async fn count_approver_once_false_keeps_the_earlier_rule() {
     let mut carol = as_user(&server, "user:carol", "sre,security").await;
     let done = approve(&mut carol, &request.id, "").await.expect("carol");
     assert_eq!(state(&done), State::Approved);
+}
+
+fn with_rollout(rollout: i64) -> pb::CreateChangeRequestRequest {
+    let mut request = new_request();
+    request.changes[0].payload = Some(crate::common::payload(
+        serde_json::json!({ "enabled": true, "rollout": rollout }),
+    ));
+    request
+}
+
+/// A CEL condition on a requirement adds it to the requests it matches; the snapshot records
+/// which conditions matched; an edit of the changes evaluates them again; a condition that
+/// does not compile is refused with its position.
+#[tokio::test]
+async fn a_cel_condition_adds_a_requirement() {
+    let server = TestServer::start().await;
+    let mut admin = admin(&server).await;
+    let err = admin
+        .create_policy(pb::CreatePolicyRequest {
+            policy: Some(pb::Policy {
+                requirements: vec![pb::GroupRequirement {
+                    group: "group:security".into(),
+                    min_approvals: 1,
+                    condition: "changes.exists(c, c.payload.rollout >)".into(),
+                }],
+                condition: "launch(project)".into(),
+                ..policy("broken")
+            }),
+        })
+        .await
+        .expect_err("does not compile");
+    assert_invalid(
+        &err,
+        &["policy.requirements[0].condition", "policy.condition"],
+    );
+    assert!(err.message().contains("at 1:"), "{}", err.message());
+    assert!(
+        err.message().contains("unknown function"),
+        "{}",
+        err.message()
+    );
+
+    create_policy(
+        &server,
+        pb::Policy {
+            min_approvals: 1,
+            requirements: vec![pb::GroupRequirement {
+                group: "group:security".into(),
+                min_approvals: 1,
+                condition: "changes.exists(c, c.payload.rollout > 50)".into(),
+            }],
+            ..policy("rollouts")
+        },
+    )
+    .await;
+    let mut alice = as_user(&server, "user:alice", "").await;
+    let mut bob = as_user(&server, "user:bob", "").await;
+    let mut sam = as_user(&server, "user:sam", "security").await;
+
+    let small = create(&mut alice, with_rollout(10)).await.expect("small");
+    let snapshot = small.policy_snapshot.as_ref().expect("snapshot");
+    assert!(snapshot.matched_conditions.is_empty());
+    let done = approve(&mut bob, &small.id, "").await.expect("bob");
+    assert_eq!(state(&done), State::Approved, "no security needed at 10%");
+
+    let big = create(&mut alice, with_rollout(80)).await.expect("big");
+    let snapshot = big.policy_snapshot.as_ref().expect("snapshot");
+    assert_eq!(
+        snapshot.matched_conditions,
+        vec!["requirements[0].condition"]
+    );
+    let after_bob = approve(&mut bob, &big.id, "").await.expect("bob");
+    assert_eq!(
+        state(&after_bob),
+        State::InReview,
+        "security is required above 50%"
+    );
+    let done = approve(&mut sam, &big.id, "").await.expect("sam");
+    assert_eq!(state(&done), State::Approved);
+
+    // Raising the rollout of a small request brings the requirement in.
+    let edited = create(&mut alice, with_rollout(10)).await.expect("edited");
+    let raised = alice
+        .update_change_request(pb::UpdateChangeRequestRequest {
+            change_request: Some(pb::ChangeRequest {
+                id: edited.id.clone(),
+                changes: with_rollout(90).changes,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["changes".into()],
+            }),
+        })
+        .await
+        .expect("update")
+        .into_inner();
+    assert_eq!(
+        raised
+            .policy_snapshot
+            .as_ref()
+            .map(|p| p.matched_conditions.clone())
+            .unwrap_or_default(),
+        vec!["requirements[0].condition"]
+    );
+    let after_bob = approve(&mut bob, &edited.id, "").await.expect("bob");
+    assert_eq!(state(&after_bob), State::InReview);
 }

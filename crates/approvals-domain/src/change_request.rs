@@ -3,6 +3,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     Action, Actor, ApplyRun, Decision, DomainError, EventDraft, EventKind, IdentityProof,
     PolicySnapshot, Principal, ReciprocalApproval, Schedule, ScheduleStatus, State, Timestamp,
+    condition::{ChangeFacts, RequestFacts},
     principal::party,
     validation::{self, Violations},
 };
@@ -247,6 +248,27 @@ fn validate_expire_time(v: &mut Violations, expire_time: Option<Timestamp>, now:
 }
 
 impl NewChangeRequest {
+    /// What conditions see of this request, created by `requester` holding `groups`.
+    pub fn facts<'a>(&'a self, requester: &'a Principal, groups: &'a [String]) -> RequestFacts<'a> {
+        RequestFacts {
+            project: &self.project,
+            environment: &self.environment,
+            action_key: &self.action_key,
+            requester,
+            requester_groups: groups,
+            changes: self
+                .changes
+                .iter()
+                .map(|c| ChangeFacts {
+                    action: &c.action,
+                    resource_type: &c.resource_type,
+                    resource_id: &c.resource_id,
+                    payload: &c.payload,
+                })
+                .collect(),
+        }
+    }
+
     pub fn validate(&self, now: Timestamp) -> Result<(), DomainError> {
         let mut v = Violations::default();
         v.required_name("project", &self.project);
@@ -318,6 +340,8 @@ impl ChangeRequest {
                 ));
             }
         }
+        let mut policy = policy;
+        policy.evaluate_conditions(&new.facts(&actor.principal, &actor.groups));
         let state = if new.draft {
             State::Draft
         } else {
@@ -407,6 +431,27 @@ impl ChangeRequest {
                 })
             }
             _ => Ok(()),
+        }
+    }
+
+    /// What conditions see of this request; `groups`: the requester's.
+    pub fn facts<'a>(&'a self, groups: &'a [String]) -> RequestFacts<'a> {
+        RequestFacts {
+            project: &self.project,
+            environment: &self.environment,
+            action_key: &self.action_key,
+            requester: &self.created_by,
+            requester_groups: groups,
+            changes: self
+                .changes
+                .iter()
+                .map(|c| ChangeFacts {
+                    action: &c.action,
+                    resource_type: &c.resource_type,
+                    resource_id: &c.resource_id,
+                    payload: &c.payload,
+                })
+                .collect(),
         }
     }
 
@@ -943,6 +988,7 @@ impl ChangeRequest {
         if let Some(expire) = patch.expire_time {
             self.expire_time = self.policy.expire_time(expire, self.create_time);
         }
+        let changes_edited = patch.changes.is_some();
         if let Some(inputs) = patch.changes {
             let mut previous = std::mem::take(&mut self.changes);
             self.changes = inputs
@@ -982,6 +1028,12 @@ impl ChangeRequest {
                 )),
                 _ => None,
             };
+        }
+        if changes_edited {
+            // What the conditions require follows what the request now changes.
+            let mut policy = self.policy.clone();
+            policy.evaluate_conditions(&self.facts(&actor.groups));
+            self.policy = policy;
         }
         let to = if resolving {
             // Back to review: what was approved is not what is there now.

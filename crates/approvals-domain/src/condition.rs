@@ -25,7 +25,7 @@ use cel::{
 };
 use serde_json::Value as Json;
 
-use crate::{Change, Principal};
+use crate::Principal;
 
 /// Longest condition, in bytes.
 pub const MAX_CONDITION_BYTES: usize = 2048;
@@ -67,14 +67,23 @@ const FUNCTIONS: [&str; 18] = [
 ];
 
 /// What a condition is evaluated over.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RequestFacts<'a> {
     pub project: &'a str,
     pub environment: &'a str,
     pub action_key: &'a str,
     pub requester: &'a Principal,
     pub requester_groups: &'a [String],
-    pub changes: &'a [Change],
+    pub changes: Vec<ChangeFacts<'a>>,
+}
+
+/// One change, as a condition sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangeFacts<'a> {
+    pub action: &'a str,
+    pub resource_type: &'a str,
+    pub resource_id: &'a str,
+    pub payload: &'a serde_json::Map<String, Json>,
 }
 
 /// Compiles and checks `source`; the error says what is wrong, and where (`line:column`).
@@ -247,15 +256,17 @@ pub fn evaluate(source: &str, facts: &RequestFacts<'_>) -> Outcome {
     }
 }
 
-fn change_value(change: &Change) -> Value {
+fn change_value(change: &ChangeFacts<'_>) -> Value {
     let mut map: HashMap<String, Value> = HashMap::new();
-    map.insert("action".into(), change.action.as_str().into());
-    map.insert("resource_type".into(), change.resource_type.as_str().into());
-    map.insert("resource_id".into(), change.resource_id.as_str().into());
-    map.insert(
-        "payload".into(),
-        json_value(&Json::Object(change.payload.clone())),
-    );
+    map.insert("action".into(), change.action.into());
+    map.insert("resource_type".into(), change.resource_type.into());
+    map.insert("resource_id".into(), change.resource_id.into());
+    let payload: HashMap<String, Value> = change
+        .payload
+        .iter()
+        .map(|(k, v)| (k.clone(), json_value(v)))
+        .collect();
+    map.insert("payload".into(), Value::Map(payload.into()));
     Value::Map(map.into())
 }
 
@@ -282,23 +293,21 @@ fn json_value(json: &Json) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Timestamp;
 
-    fn change(payload: serde_json::Value) -> Change {
-        Change {
-            id: "c1".into(),
-            action: "update".into(),
-            resource_type: "feature_flag".into(),
-            resource_id: "checkout".into(),
-            payload: payload.as_object().cloned().unwrap_or_default(),
-            base_version: None,
-            created_by: Principal::parse("user:alice").expect("principal"),
-            create_time: Timestamp::from_micros(0),
-            conflict: None,
-        }
+    fn change(payload: serde_json::Value) -> serde_json::Map<String, Json> {
+        payload.as_object().cloned().unwrap_or_default()
     }
 
-    fn eval(source: &str, changes: &[Change]) -> Outcome {
+    fn eval(source: &str, payloads: &[serde_json::Map<String, Json>]) -> Outcome {
+        let changes = payloads
+            .iter()
+            .map(|payload| ChangeFacts {
+                action: "update",
+                resource_type: "feature_flag",
+                resource_id: "checkout",
+                payload,
+            })
+            .collect();
         let requester = Principal::parse("user:alice").expect("principal");
         let groups = vec!["dev".to_owned()];
         evaluate(

@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     Actor, ChangeInput, DomainError, Principal, PrincipalKind, Review, Timestamp,
+    condition::{self, Outcome, RequestFacts},
     error::FieldViolation,
     requirements::{self, AntiCollusion, JustificationRule, Level, LevelProgress},
     validation::Violations,
@@ -33,6 +34,10 @@ pub enum ApplyMode {
 pub struct GroupRequirement {
     pub group: Principal,
     pub min_approvals: u32,
+    /// A CEL condition (see [`crate::condition`]): the requirement applies only to requests
+    /// it matches. Empty: always.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub condition: String,
 }
 
 impl GroupRequirement {
@@ -101,6 +106,10 @@ pub struct PolicyRules {
     /// policies and the server default have it on.
     #[serde(default)]
     pub count_approver_once: bool,
+    /// A CEL condition: the policy governs only the requests it matches (others fall to the
+    /// next most specific policy). Empty: every request it is selected for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub condition: String,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -131,6 +140,7 @@ impl Default for PolicyRules {
             distinct_groups: 0,
             anti_collusion: None,
             count_approver_once: true,
+            condition: String::new(),
         }
     }
 }
@@ -330,6 +340,14 @@ pub struct PolicySnapshot {
     /// Resolved: `min_approvals` >= 1 and `rejections_to_reject` >= 1.
     #[serde(flatten)]
     pub rules: PolicyRules,
+    /// The conditions that matched the request (paths such as `requirements[1].condition`,
+    /// `levels[0].condition`, `condition`), evaluated at creation and after every edit of its
+    /// changes. A condition not listed did not match: what it guards does not apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matched_conditions: Vec<String>,
+    /// Conditions whose evaluation failed (`path: error`); they count as matched (fail closed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub condition_errors: Vec<String>,
 }
 
 impl PolicySnapshot {
@@ -346,6 +364,8 @@ impl PolicySnapshot {
                 min_approvals: min_approvals.max(1),
                 ..PolicyRules::default()
             },
+            matched_conditions: Vec::new(),
+            condition_errors: Vec::new(),
         }
     }
 
@@ -368,7 +388,103 @@ impl PolicySnapshot {
             environment: policy.environment.clone(),
             action_key: policy.action_key.clone(),
             rules,
+            matched_conditions: Vec::new(),
+            condition_errors: Vec::new(),
         }
+    }
+
+    /// The snapshot for a new request: the most specific matching policy whose `condition`
+    /// (if any) matches the request (an evaluation error counts as a match), else the server
+    /// default. [`crate::ChangeRequest::create`] evaluates its conditions.
+    pub fn select_for(
+        policies: &[Policy],
+        facts: &RequestFacts<'_>,
+        server_min_approvals: u32,
+    ) -> Self {
+        let candidates: Vec<Policy> = policies
+            .iter()
+            .filter(|p| {
+                p.rules.condition.is_empty()
+                    || condition::evaluate(&p.rules.condition, facts).applies()
+            })
+            .cloned()
+            .collect();
+        Self::select(
+            &candidates,
+            facts.project,
+            facts.environment,
+            facts.action_key,
+            server_min_approvals,
+        )
+    }
+
+    /// Every condition of the snapshot's rules, with its path.
+    fn conditions(&self) -> Vec<(String, &str)> {
+        let mut all = Vec::new();
+        let rules = &self.rules;
+        if !rules.condition.is_empty() {
+            all.push(("condition".to_owned(), rules.condition.as_str()));
+        }
+        for (i, r) in rules.requirements.iter().enumerate() {
+            if !r.condition.is_empty() {
+                all.push((format!("requirements[{i}].condition"), r.condition.as_str()));
+            }
+        }
+        for (i, level) in rules.levels.iter().enumerate() {
+            if !level.condition.is_empty() {
+                all.push((format!("levels[{i}].condition"), level.condition.as_str()));
+            }
+            for (j, r) in level.requirements.iter().enumerate() {
+                if !r.condition.is_empty() {
+                    all.push((
+                        format!("levels[{i}].requirements[{j}].condition"),
+                        r.condition.as_str(),
+                    ));
+                }
+            }
+        }
+        all
+    }
+
+    /// Evaluates every condition over the request and records the outcomes
+    /// (`matched_conditions`, `condition_errors`).
+    pub fn evaluate_conditions(&mut self, facts: &RequestFacts<'_>) {
+        let mut matched = Vec::new();
+        let mut errors = Vec::new();
+        for (path, source) in self.conditions() {
+            match condition::evaluate(source, facts) {
+                Outcome::Matched => matched.push(path),
+                Outcome::NotMatched => {}
+                Outcome::Failed(err) => {
+                    errors.push(format!("{path}: {err}"));
+                    matched.push(path);
+                }
+            }
+        }
+        self.matched_conditions = matched;
+        self.condition_errors = errors;
+    }
+
+    /// Whether what the condition at `path` (`source`) guards applies.
+    fn applies(&self, path: &str, source: &str) -> bool {
+        source.is_empty() || self.matched_conditions.iter().any(|m| m == path)
+    }
+
+    fn applying_requirements(
+        &self,
+        prefix: &str,
+        list: &[GroupRequirement],
+    ) -> Vec<GroupRequirement> {
+        list.iter()
+            .enumerate()
+            .filter(|(i, r)| {
+                self.applies(
+                    &format!("{prefix}requirements[{i}].condition"),
+                    &r.condition,
+                )
+            })
+            .map(|(_, r)| r.clone())
+            .collect()
     }
 
     /// The snapshot for a new request: the most specific matching policy, else the default.
@@ -420,18 +536,35 @@ impl PolicySnapshot {
         !self.rules.levels.is_empty()
     }
 
-    /// The levels to pass, in order: the policy's `levels`, or one made of its own
-    /// `min_approvals`, `requirements` and `distinct_groups`.
-    pub fn stages(&self) -> Vec<Level> {
+    /// The levels to pass, in order, with their numbers (1-based): the policy's `levels`
+    /// whose condition matched (with the requirements whose condition matched), or one made of
+    /// its own `min_approvals`, `requirements` and `distinct_groups`.
+    pub fn stages(&self) -> Vec<(u32, Level)> {
         if self.has_levels() {
-            return self.rules.levels.clone();
+            return self
+                .rules
+                .levels
+                .iter()
+                .enumerate()
+                .filter(|(i, l)| self.applies(&format!("levels[{i}].condition"), &l.condition))
+                .map(|(i, l)| {
+                    let mut level = l.clone();
+                    level.requirements =
+                        self.applying_requirements(&format!("levels[{i}]."), &l.requirements);
+                    (u32::try_from(i + 1).unwrap_or(u32::MAX), level)
+                })
+                .collect();
         }
-        vec![Level {
-            min_approvals: self.rules.min_approvals.max(1),
-            approvers: Vec::new(),
-            requirements: self.rules.requirements.clone(),
-            distinct_groups: self.rules.distinct_groups,
-        }]
+        vec![(
+            1,
+            Level {
+                min_approvals: self.rules.min_approvals.max(1),
+                approvers: Vec::new(),
+                requirements: self.applying_requirements("", &self.rules.requirements),
+                distinct_groups: self.rules.distinct_groups,
+                condition: String::new(),
+            },
+        )]
     }
 
     /// Each level's progress. With levels, an approval counts only for the level it was made
@@ -441,9 +574,8 @@ impl PolicySnapshot {
         let mut earlier_passed = true;
         self.stages()
             .iter()
-            .enumerate()
-            .map(|(i, level)| {
-                let number = u32::try_from(i + 1).unwrap_or(u32::MAX);
+            .map(|(number, level)| {
+                let number = *number;
                 let at_level: Vec<&Review> = approvals
                     .iter()
                     .copied()
@@ -717,6 +849,7 @@ mod tests {
         p.rules.requirements = vec![GroupRequirement {
             group: Principal::parse("user:bob").expect("principal"),
             min_approvals: 0,
+            condition: String::new(),
         }];
         p.rules.default_ttl_micros = Some(0);
         p.rules.intent_schema =

@@ -41,6 +41,9 @@ pub struct Level {
     /// Approvals from at least this many distinct groups; 0: no such rule.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub distinct_groups: u32,
+    /// A CEL condition: the level is asked only of requests it matches. Empty: always.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub condition: String,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -252,6 +255,19 @@ fn validate_requirement_list(
             );
         }
         seen.push(requirement.group.clone());
+        check_condition(
+            v,
+            &field(&format!("requirements[{i}].condition")),
+            &requirement.condition,
+        );
+    }
+}
+
+fn check_condition(v: &mut Violations, field: &str, source: &str) {
+    if !source.is_empty()
+        && let Err(err) = crate::condition::check(source)
+    {
+        v.add(field, err);
     }
 }
 
@@ -307,7 +323,9 @@ pub(crate) fn validate(v: &mut Violations, prefix: &str, rules: &crate::PolicyRu
             }
         }
         validate_requirement_list(v, &level_field, &level.requirements);
+        check_condition(v, &level_field("condition"), &level.condition);
     }
+    check_condition(v, &field("condition"), &rules.condition);
     let rule = &rules.justification;
     if rule.ticket_pattern.len() > MAX_TICKET_PATTERN_BYTES {
         v.add(
@@ -347,6 +365,7 @@ mod tests {
         GroupRequirement {
             group: Principal::parse(&format!("group:{group}")).expect("group"),
             min_approvals: n,
+            condition: String::new(),
         }
     }
 

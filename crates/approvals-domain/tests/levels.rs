@@ -23,6 +23,7 @@ fn requirement(group: &str, min_approvals: u32) -> GroupRequirement {
     GroupRequirement {
         group: principal(&format!("group:{group}")),
         min_approvals,
+        condition: String::new(),
     }
 }
 
@@ -34,6 +35,8 @@ fn snapshot(rules: PolicyRules) -> PolicySnapshot {
         environment: String::new(),
         action_key: "*".into(),
         rules,
+        matched_conditions: Vec::new(),
+        condition_errors: Vec::new(),
     }
 }
 
@@ -415,4 +418,221 @@ proptest! {
             }
         }
     }
+}
+
+fn with_rollout(rollout: i64) -> NewChangeRequest {
+    let mut new = new_request("");
+    new.changes[0].payload = serde_json::json!({ "rollout": rollout })
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    new
+}
+
+fn security_above_50() -> PolicyRules {
+    PolicyRules {
+        min_approvals: 1,
+        requirements: vec![GroupRequirement {
+            condition: "changes.exists(c, c.payload.rollout > 50)".into(),
+            ..requirement("security", 1)
+        }],
+        ..PolicyRules::default()
+    }
+}
+
+fn create_new(rules: PolicyRules, new: NewChangeRequest) -> ChangeRequest {
+    ChangeRequest::create(
+        "cr-1".into(),
+        new,
+        &actor("user:alice", &[]),
+        snapshot(rules),
+        NOW,
+        &mut || "c1".into(),
+    )
+    .expect("valid")
+    .0
+}
+
+#[test]
+fn a_condition_adds_a_requirement_and_follows_edits() {
+    let mut small = create_new(security_above_50(), with_rollout(10));
+    assert!(small.policy.matched_conditions.is_empty());
+    assert_eq!(
+        approve(&mut small, &actor("user:bob", &[])),
+        Ok(State::Approved)
+    );
+
+    let mut big = create_new(security_above_50(), with_rollout(80));
+    assert_eq!(
+        big.policy.matched_conditions,
+        vec!["requirements[0].condition"]
+    );
+    assert_eq!(
+        approve(&mut big, &actor("user:bob", &[])),
+        Ok(State::InReview)
+    );
+    assert_eq!(
+        approve(&mut big, &actor("user:sam", &["security"])),
+        Ok(State::Approved)
+    );
+
+    // An edit that raises the rollout brings the requirement in.
+    let mut edited = create_new(security_above_50(), with_rollout(10));
+    let patch = approvals_domain::ChangeRequestPatch {
+        changes: Some(with_rollout(90).changes),
+        ..Default::default()
+    };
+    edited
+        .update(&actor("user:alice", &[]), patch, NOW, &mut || "c2".into())
+        .expect("edit");
+    assert_eq!(
+        edited.policy.matched_conditions,
+        vec!["requirements[0].condition"]
+    );
+    assert_eq!(
+        approve(&mut edited, &actor("user:bob", &[])),
+        Ok(State::InReview)
+    );
+
+    // A failed evaluation (no rollout key) counts as a match: fail closed.
+    let mut missing = new_request("");
+    missing.changes[0].payload = serde_json::Map::new();
+    let failed = create_new(security_above_50(), missing);
+    assert_eq!(
+        failed.policy.matched_conditions,
+        vec!["requirements[0].condition"]
+    );
+    assert_eq!(failed.policy.condition_errors.len(), 1);
+}
+
+#[test]
+fn a_policy_condition_decides_whether_it_governs() {
+    let policy = |name: &str, action_key: &str, condition: &str| approvals_domain::Policy {
+        name: name.into(),
+        uid: String::new(),
+        project: "web".into(),
+        environment: String::new(),
+        action_key: action_key.into(),
+        rules: PolicyRules {
+            min_approvals: if condition.is_empty() { 1 } else { 3 },
+            condition: condition.into(),
+            ..PolicyRules::default()
+        },
+        create_time: NOW,
+        update_time: NOW,
+        revision: 1,
+    };
+    let policies = vec![
+        policy(
+            "big-rollouts",
+            "feature_flag.update",
+            "changes.exists(c, c.payload.rollout > 50)",
+        ),
+        policy("default", "*", ""),
+    ];
+    let alice = principal("user:alice");
+    let pick = |rollout| {
+        let new = with_rollout(rollout);
+        PolicySnapshot::select_for(&policies, &new.facts(&alice, &[]), 1).name
+    };
+    assert_eq!(pick(80), "big-rollouts");
+    assert_eq!(pick(10), "default");
+}
+
+fn token_soup() -> impl Strategy<Value = String> {
+    let tokens = vec![
+        "changes",
+        "c",
+        ".",
+        "payload",
+        "rollout",
+        "exists",
+        "all",
+        "map",
+        "filter",
+        "(",
+        ")",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        ":",
+        ">",
+        "<",
+        "==",
+        "!",
+        "-",
+        "+",
+        "*",
+        "/",
+        "%",
+        "&&",
+        "||",
+        "?",
+        "1",
+        "0",
+        "50",
+        "1.5",
+        "'x'",
+        "true",
+        "null",
+        "size",
+        "in",
+        "project",
+        "requester_groups",
+        "matches",
+        "'a+'",
+        " ",
+        "has",
+        "int",
+        "string",
+    ];
+    prop::collection::vec(prop::sample::select(tokens), 0..40).prop_map(|t| t.concat())
+}
+
+proptest! {
+    /// No condition panics, compiling or evaluating, and an accepted one stays within its
+    /// bounds (it never nests macros, so its work is linear in the request).
+    #[test]
+    fn no_condition_panics(source in token_soup(), rollout in -100i64..200) {
+        let outcome = std::panic::catch_unwind(|| {
+            let accepted = approvals_domain::condition::check(&source).is_ok();
+            let new = with_rollout(rollout);
+            let alice = principal("user:alice");
+            let groups = vec!["dev".to_owned()];
+            let result = approvals_domain::condition::evaluate(&source, &new.facts(&alice, &groups));
+            (accepted, result)
+        });
+        prop_assert!(outcome.is_ok(), "panicked on {:?}", source);
+        if let Ok((accepted, result)) = outcome
+            && !accepted
+        {
+            prop_assert!(matches!(result, approvals_domain::condition::Outcome::Failed(_)));
+        }
+    }
+}
+
+/// The costliest shape a condition may take (four macros over payload lists as long as a
+/// request's 2 MiB allow: 8 changes of 40,000 numbers) stays bounded.
+#[test]
+fn the_costliest_condition_is_bounded() {
+    let items: Vec<i64> = (0..40_000).collect();
+    let mut new = new_request("");
+    new.changes = (0..8).map(|_| new.changes[0].clone()).collect();
+    for change in &mut new.changes {
+        change.payload = serde_json::json!({ "items": items })
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+    }
+    let source = "changes[0].payload.items.exists(i, i < 0) || changes[1].payload.items.exists(i, i < 0) || changes[2].payload.items.filter(i, i < 0).size() > 0 || changes.exists(c, c.payload.items.size() > 50000)";
+    approvals_domain::condition::check(source).expect("allowed");
+    let alice = principal("user:alice");
+    let started = std::time::Instant::now();
+    let outcome = approvals_domain::condition::evaluate(source, &new.facts(&alice, &[]));
+    let took = started.elapsed();
+    eprintln!("costliest condition: {took:?}");
+    assert_eq!(outcome, approvals_domain::condition::Outcome::NotMatched);
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
 }

@@ -22,6 +22,7 @@ fn requirement(group: &str, min_approvals: u32) -> GroupRequirement {
     GroupRequirement {
         group: principal(group),
         min_approvals,
+        condition: String::new(),
     }
 }
 
@@ -33,6 +34,8 @@ fn snapshot(rules: PolicyRules) -> PolicySnapshot {
         environment: String::new(),
         action_key: "*".into(),
         rules,
+        matched_conditions: Vec::new(),
+        condition_errors: Vec::new(),
     }
 }
 
