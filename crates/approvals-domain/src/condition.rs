@@ -165,9 +165,10 @@ impl Walk {
             }
             Expr::Comprehension(c) => {
                 if in_comprehension {
-                    return Err(format!(
-                        "a macro (exists, all, exists_one, map, filter) inside another is not allowed: its cost would multiply",
-                    ));
+                    return Err(
+                        "a macro (exists, all, exists_one, map, filter) inside another is not allowed: its cost would multiply"
+                            .to_owned(),
+                    );
                 }
                 self.comprehensions += 1;
                 if self.comprehensions > MAX_COMPREHENSIONS {
@@ -205,7 +206,7 @@ impl Walk {
                 Ok(())
             }
             Expr::Select(select) => self.visit(&select.operand, next, in_comprehension),
-            Expr::Struct(_) => Err(format!("message literals are not supported",)),
+            Expr::Struct(_) => Err("message literals are not supported".to_owned()),
         }
     }
 }

@@ -46,6 +46,8 @@ fn request(
             apply_mode: mode,
             ..PolicyRules::default()
         },
+        matched_conditions: Vec::new(),
+        condition_errors: Vec::new(),
     };
     let new = NewChangeRequest {
         project: "web".into(),
