@@ -230,29 +230,51 @@ impl Outcome {
 /// Evaluates `source` over the request. Never panics: a condition that does not compile (only
 /// a hand-edited database holds one), or a result that is not a bool, is [`Outcome::Failed`].
 pub fn evaluate(source: &str, facts: &RequestFacts<'_>) -> Outcome {
+    evaluate_prepared(source, &Prepared::new(facts))
+}
+
+/// The variables of a request, converted to CEL values once for several conditions.
+pub struct Prepared(Vec<(&'static str, Value)>);
+
+impl Prepared {
+    pub fn new(facts: &RequestFacts<'_>) -> Self {
+        let changes: Vec<Value> = facts.changes.iter().map(change_value).collect();
+        Self(vec![
+            ("project", facts.project.into()),
+            ("environment", facts.environment.into()),
+            ("action_key", facts.action_key.into()),
+            ("requester", facts.requester.as_str().into()),
+            (
+                "requester_groups",
+                Value::from(facts.requester_groups.to_vec()),
+            ),
+            ("changes", Value::from(changes)),
+        ])
+    }
+}
+
+/// Longest evaluation error kept (they are stored in the request's snapshot).
+const MAX_ERROR_CHARS: usize = 200;
+
+/// [`evaluate`] over variables converted already.
+pub fn evaluate_prepared(source: &str, prepared: &Prepared) -> Outcome {
     let expression = match compile(source) {
         Ok(expression) => expression,
         Err(err) => return Outcome::Failed(err),
     };
     let mut context = Context::default();
-    context.add_variable_from_value("project", facts.project);
-    context.add_variable_from_value("environment", facts.environment);
-    context.add_variable_from_value("action_key", facts.action_key);
-    context.add_variable_from_value("requester", facts.requester.as_str());
-    context.add_variable_from_value(
-        "requester_groups",
-        Value::from(facts.requester_groups.to_vec()),
-    );
-    let changes: Vec<Value> = facts.changes.iter().map(change_value).collect();
-    context.add_variable_from_value("changes", Value::from(changes));
+    for (name, value) in &prepared.0 {
+        // Lists and maps are reference-counted: no copy of the payloads.
+        context.add_variable_from_value(*name, value.clone());
+    }
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         Value::resolve(&expression, &context)
     }));
     match run {
         Ok(Ok(Value::Bool(true))) => Outcome::Matched,
         Ok(Ok(Value::Bool(false))) => Outcome::NotMatched,
-        Ok(Ok(other)) => Outcome::Failed(format!("evaluated to {other:?}, not a bool")),
-        Ok(Err(err)) => Outcome::Failed(err.to_string()),
+        Ok(Ok(_)) => Outcome::Failed("did not evaluate to a bool".into()),
+        Ok(Err(err)) => Outcome::Failed(err.to_string().chars().take(MAX_ERROR_CHARS).collect()),
         Err(_) => Outcome::Failed("the evaluation failed".into()),
     }
 }

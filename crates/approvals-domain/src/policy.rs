@@ -451,8 +451,15 @@ impl PolicySnapshot {
     pub fn evaluate_conditions(&mut self, facts: &RequestFacts<'_>) {
         let mut matched = Vec::new();
         let mut errors = Vec::new();
-        for (path, source) in self.conditions() {
-            match condition::evaluate(source, facts) {
+        let conditions = self.conditions();
+        if conditions.is_empty() {
+            self.matched_conditions = matched;
+            self.condition_errors = errors;
+            return;
+        }
+        let prepared = condition::Prepared::new(facts);
+        for (path, source) in conditions {
+            match condition::evaluate_prepared(source, &prepared) {
                 Outcome::Matched => matched.push(path),
                 Outcome::NotMatched => {}
                 Outcome::Failed(err) => {
