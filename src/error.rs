@@ -83,6 +83,14 @@ impl ApiError {
     }
 }
 
+/// The ErrorInfo reason `err` is answered with (`NOT_APPROVER`, ...).
+pub fn reason_of(err: DomainError) -> String {
+    Status::from(ApiError::from(err))
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}
+
 fn status(
     code: Code,
     message: String,
@@ -310,6 +318,26 @@ impl From<ApiError> for Status {
                         message,
                         "NOT_APPROVER",
                         &[("principal", principal)],
+                    ),
+                    DomainError::NotLevelApprover { principal, level } => status(
+                        Code::PermissionDenied,
+                        message,
+                        "NOT_LEVEL_APPROVER",
+                        &[("principal", principal), ("level", level.to_string())],
+                    ),
+                    DomainError::ApprovedAtEarlierLevel { level, .. } => status(
+                        Code::PermissionDenied,
+                        message,
+                        "APPROVED_AT_EARLIER_LEVEL",
+                        &[("level", level.to_string())],
+                    ),
+                    DomainError::ReciprocalApproval {
+                        change_request_id, ..
+                    } => status(
+                        Code::PermissionDenied,
+                        message,
+                        "RECIPROCAL_APPROVAL",
+                        &[("change_request_id", change_request_id)],
                     ),
                     DomainError::ChangeRequestNotFound { id } => status(
                         Code::NotFound,

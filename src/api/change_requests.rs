@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use approvals_domain::{
     Actor, ApplyMode, ApplyWiring, ChangeRequest, Decision, DomainError, EventDraft,
-    PolicySnapshot, State, Timestamp,
+    PolicySnapshot, ReciprocalApproval, State, Timestamp,
     validation::{self, Violations},
 };
 use approvals_store::Step;
@@ -97,6 +97,31 @@ impl ChangeRequestsService {
         .await
     }
 
+    /// Anti-collusion: under a policy with `anti_collusion`, the requester's latest approval,
+    /// within the window, of a request of `actor` (the would-be approver).
+    pub(super) async fn reciprocal_approval(
+        &self,
+        request: &ChangeRequest,
+        actor: &Actor,
+    ) -> Result<Option<ReciprocalApproval>, ApiError> {
+        let Some(anti) = request.policy.rules.anti_collusion else {
+            return Ok(None);
+        };
+        if actor.principal == request.created_by {
+            return Ok(None);
+        }
+        let since = self
+            .context
+            .clock
+            .now()
+            .saturating_add_micros(anti.window_micros.saturating_neg());
+        Ok(self
+            .context
+            .store
+            .reciprocal_approval(&request.created_by, &actor.principal, since)
+            .await?)
+    }
+
     /// The apply wiring of a request the caller may see.
     async fn wiring(&self, caller: &Caller, id: &str) -> Result<ApplyWiring, ApiError> {
         let request = self.context.store.get(id).await?;
@@ -112,12 +137,22 @@ impl ChangeRequestsService {
         decision: Decision,
         comment: String,
     ) -> Result<pb::ChangeRequest, ApiError> {
+        let reciprocal = if decision == Decision::Approve {
+            let id = requests::id("id", id)?;
+            let request = self.context.store.get(&id).await?;
+            caller.ensure_sees(&request)?;
+            self.reciprocal_approval(&request, &caller.actor()).await?
+        } else {
+            None
+        };
         let reviewed = self
             .command(
                 caller,
                 id,
                 Some(etag),
-                Box::new(move |r, actor, now| r.review(actor, decision, comment, now)),
+                Box::new(move |r, actor, now| {
+                    r.review_with(actor, decision, comment, now, reciprocal.as_ref())
+                }),
             )
             .await?;
         if reviewed.state != State::Approved || reviewed.apply_mode() != ApplyMode::Auto {
@@ -183,11 +218,10 @@ impl ChangeRequestsService {
         } else {
             Vec::new()
         };
-        let policy = PolicySnapshot::select(
+        let actor = caller.actor();
+        let policy = PolicySnapshot::select_for(
             &policies,
-            &new.project,
-            &new.environment,
-            &new.action_key,
+            &new.facts(&actor.principal, &actor.groups),
             self.context.min_approvals,
         );
         let clock = &self.context.clock;
@@ -250,6 +284,9 @@ fn answer_seen(
 pub(super) fn view(request: &ChangeRequest, caller: &Caller) -> pb::ChangeRequest {
     let mut out = convert::change_request(request, Some(&caller.actor()));
     if !caller.has(Scope::Write) {
+        if out.can_approve {
+            out.can_approve_reason = "MISSING_SCOPE".to_owned();
+        }
         out.can_approve = false;
         out.can_cancel = false;
     }

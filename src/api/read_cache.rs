@@ -172,6 +172,7 @@ mod tests {
             expire_time: None,
             draft: false,
             apply_time: None,
+            justification: String::new(),
         };
         let actor = Actor::caller("user:alice", vec![]).expect("valid principal");
         let (mut request, _) = ChangeRequest::create(

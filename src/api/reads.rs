@@ -55,7 +55,19 @@ impl ChangeRequestsService {
             }
         };
         caller.ensure_sees(&change_request)?;
-        Ok(view(&change_request, caller))
+        let mut out = view(&change_request, caller);
+        // Anti-collusion needs the history of other requests: checked here, not in lists.
+        if out.can_approve {
+            let actor = caller.actor();
+            let reciprocal = self.reciprocal_approval(&change_request, &actor).await?;
+            let now = self.context.clock.now();
+            if let Some(refusal) = change_request.approve_refusal(&actor, reciprocal.as_ref(), now)
+            {
+                out.can_approve = false;
+                out.can_approve_reason = crate::error::reason_of(refusal);
+            }
+        }
+        Ok(out)
     }
 
     pub(super) async fn list(

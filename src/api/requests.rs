@@ -261,6 +261,7 @@ impl TryFrom<pb::CreateChangeRequestRequest> for Creation {
                 expire_time,
                 draft: req.draft,
                 apply_time,
+                justification: req.justification,
             },
             key,
         })

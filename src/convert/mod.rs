@@ -150,6 +150,17 @@ fn review(r: &Review) -> pb::Review {
         reviewer_groups: r.reviewer_groups.clone(),
         acting_principal: principal_or_empty(r.acting_principal.as_ref()),
         identity_proof: identity_proof(r.proof).into(),
+        level: i32::try_from(r.level).unwrap_or(i32::MAX),
+    }
+}
+
+fn level_progress(p: &approvals_domain::LevelProgress) -> pb::LevelProgress {
+    let n = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    pb::LevelProgress {
+        level: n(p.level),
+        approval_count: n(p.approval_count),
+        min_approvals: n(p.min_approvals),
+        passed: p.passed,
     }
 }
 
@@ -224,10 +235,27 @@ pub fn change_request(r: &ChangeRequest, viewer: Option<&Actor>) -> pb::ChangeRe
             .map_or(0, |run| i32::try_from(run.attempts).unwrap_or(i32::MAX)),
         created_by_acting_principal: principal_or_empty(r.created_by_acting_principal.as_ref()),
         created_by_identity_proof: identity_proof(r.created_by_proof).into(),
+        justification: r.justification.clone(),
         ..Default::default()
     };
+    let progress = r.level_progress();
+    if r.policy.has_levels() {
+        let current = r.current_level();
+        out.current_level = current.map_or(0, |l| i32::try_from(l).unwrap_or(i32::MAX));
+        // The quorum shown is the current level's (the last one's once all passed).
+        let shown = current
+            .and_then(|l| progress.iter().find(|p| p.level == l))
+            .or(progress.last());
+        if let Some(shown) = shown {
+            out.min_approvals = i32::try_from(shown.min_approvals).unwrap_or(i32::MAX);
+        }
+    }
+    out.level_progress = progress.iter().map(level_progress).collect();
     if let Some(viewer) = viewer {
         let flags = r.viewer_flags(viewer);
+        if let Some(refusal) = r.approve_refusal(viewer, None, r.update_time) {
+            out.can_approve_reason = crate::error::reason_of(refusal);
+        }
         out.can_approve = flags.can_approve;
         out.can_cancel = flags.can_cancel;
         out.is_requester = flags.is_requester;

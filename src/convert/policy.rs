@@ -1,15 +1,15 @@
 //! Conversions between `approvals.v1.Policy` and the domain's policies and snapshots.
 
 use approvals_domain::{
-    ApplyMode, GroupRequirement, Policy, PolicyRules, PolicySnapshot, Principal, Timestamp,
-    parse_policy_principal, validation::Violations,
+    AntiCollusion, ApplyMode, GroupRequirement, JustificationRule, Level, Policy, PolicyRules,
+    PolicySnapshot, Principal, Timestamp, parse_policy_principal, validation::Violations,
 };
 
 use super::{from_struct, timestamp, to_struct};
 use crate::pb;
 
 /// The fields of a policy a caller may set (all but `name` and the output-only ones).
-pub const WRITABLE_PATHS: [&str; 17] = [
+pub const WRITABLE_PATHS: [&str; 23] = [
     "project",
     "environment",
     "action_key",
@@ -27,6 +27,12 @@ pub const WRITABLE_PATHS: [&str; 17] = [
     "executors",
     "forbid_bypass",
     "independent_approvals",
+    "levels",
+    "justification",
+    "distinct_groups",
+    "anti_collusion",
+    "count_approver_once",
+    "condition",
 ];
 
 fn apply_mode(mode: ApplyMode) -> pb::ApplyMode {
@@ -53,17 +59,44 @@ fn to_i32(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
-    out.min_approvals = to_i32(rules.min_approvals);
-    out.approvers = strings(&rules.approvers);
-    out.requirements = rules
-        .requirements
-        .iter()
+fn group_requirements(list: &[GroupRequirement]) -> Vec<pb::GroupRequirement> {
+    list.iter()
         .map(|r| pb::GroupRequirement {
             group: r.group.to_string(),
             min_approvals: to_i32(r.min_approvals),
+            condition: r.condition.clone(),
+        })
+        .collect()
+}
+
+fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
+    out.min_approvals = to_i32(rules.min_approvals);
+    out.approvers = strings(&rules.approvers);
+    out.requirements = group_requirements(&rules.requirements);
+    out.levels = rules
+        .levels
+        .iter()
+        .map(|l| pb::ApprovalLevel {
+            min_approvals: to_i32(l.min_approvals),
+            approvers: strings(&l.approvers),
+            requirements: group_requirements(&l.requirements),
+            distinct_groups: to_i32(l.distinct_groups),
+            condition: l.condition.clone(),
         })
         .collect();
+    let j = &rules.justification;
+    out.justification = (!j.is_empty()).then(|| pb::JustificationRequirement {
+        required_on_create: j.required_on_create,
+        ticket_pattern: j.ticket_pattern.clone(),
+        comment_on_approve: j.comment_on_approve,
+        comment_on_reject: j.comment_on_reject,
+    });
+    out.distinct_groups = to_i32(rules.distinct_groups);
+    out.anti_collusion = rules.anti_collusion.map(|a| pb::AntiCollusion {
+        window: Some(duration(a.window_micros)),
+    });
+    out.count_approver_once = Some(rules.count_approver_once);
+    out.condition = rules.condition.clone();
     out.allow_self_approval = rules.allow_self_approval;
     out.rejections_to_reject = to_i32(rules.rejections_to_reject);
     out.default_ttl = rules.default_ttl_micros.map(duration);
@@ -104,6 +137,8 @@ pub fn snapshot(s: &PolicySnapshot) -> pb::Policy {
         ..Default::default()
     };
     rules_into(&s.rules, &mut out);
+    out.matched_conditions = s.matched_conditions.clone();
+    out.condition_errors = s.condition_errors.clone();
     out
 }
 
@@ -142,6 +177,30 @@ fn principals(field: &str, list: &[String], v: &mut Violations) -> Vec<Principal
         .collect()
 }
 
+fn requirements(
+    field: &str,
+    list: &[pb::GroupRequirement],
+    v: &mut Violations,
+) -> Vec<GroupRequirement> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let group = match parse_policy_principal(&format!("{field}[{i}].group"), &r.group) {
+                Ok(group) => group,
+                Err(violation) => {
+                    v.add(violation.field, violation.description);
+                    return None;
+                }
+            };
+            Some(GroupRequirement {
+                group,
+                min_approvals: count(&format!("{field}[{i}].min_approvals"), r.min_approvals, v),
+                condition: r.condition.clone(),
+            })
+        })
+        .collect()
+}
+
 fn count(field: &str, n: i32, v: &mut Violations) -> u32 {
     u32::try_from(n).unwrap_or_else(|_| {
         v.add(field, "must not be negative");
@@ -160,30 +219,66 @@ pub fn set_field(policy: &mut Policy, body: &pb::Policy, path: &str, v: &mut Vio
         "action_key" => policy.action_key = body.action_key.clone(),
         "min_approvals" => rules.min_approvals = count(&field, body.min_approvals, v),
         "approvers" => rules.approvers = principals(&field, &body.approvers, v),
-        "requirements" => {
-            rules.requirements = body
-                .requirements
+        "requirements" => rules.requirements = requirements(&field, &body.requirements, v),
+        "levels" => {
+            rules.levels = body
+                .levels
                 .iter()
                 .enumerate()
-                .filter_map(|(i, r)| {
-                    let group =
-                        match parse_policy_principal(&format!("{field}[{i}].group"), &r.group) {
-                            Ok(group) => group,
-                            Err(violation) => {
-                                v.add(violation.field, violation.description);
-                                return None;
-                            }
-                        };
-                    Some(GroupRequirement {
-                        group,
-                        min_approvals: count(
-                            &format!("{field}[{i}].min_approvals"),
-                            r.min_approvals,
+                .map(|(i, l)| {
+                    let at = format!("{field}[{i}]");
+                    Level {
+                        min_approvals: count(&format!("{at}.min_approvals"), l.min_approvals, v),
+                        approvers: principals(&format!("{at}.approvers"), &l.approvers, v),
+                        requirements: requirements(
+                            &format!("{at}.requirements"),
+                            &l.requirements,
                             v,
                         ),
-                    })
+                        distinct_groups: count(
+                            &format!("{at}.distinct_groups"),
+                            l.distinct_groups,
+                            v,
+                        ),
+                        condition: l.condition.clone(),
+                    }
                 })
                 .collect();
+        }
+        "justification" => {
+            rules.justification = body
+                .justification
+                .as_ref()
+                .map(|j| JustificationRule {
+                    required_on_create: j.required_on_create,
+                    ticket_pattern: j.ticket_pattern.clone(),
+                    comment_on_approve: j.comment_on_approve,
+                    comment_on_reject: j.comment_on_reject,
+                })
+                .unwrap_or_default();
+        }
+        "distinct_groups" => rules.distinct_groups = count(&field, body.distinct_groups, v),
+        "anti_collusion" => {
+            rules.anti_collusion = body.anti_collusion.as_ref().map(|a| {
+                let window_field = format!("{field}.window");
+                let window_micros = match &a.window {
+                    None => {
+                        v.add(window_field, "is required");
+                        // Refused already; not named twice ("must be positive").
+                        1
+                    }
+                    Some(d) => approvals_domain::duration_micros(d.seconds, d.nanos)
+                        .unwrap_or_else(|| {
+                            v.add(window_field, approvals_domain::DURATION_RANGE);
+                            1
+                        }),
+                };
+                AntiCollusion { window_micros }
+            });
+        }
+        "condition" => rules.condition = body.condition.clone(),
+        "count_approver_once" => {
+            rules.count_approver_once = body.count_approver_once.unwrap_or(true);
         }
         "allow_self_approval" => rules.allow_self_approval = body.allow_self_approval,
         "rejections_to_reject" => {

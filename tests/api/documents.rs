@@ -25,6 +25,7 @@ fn as_stored(mut request: pb::ChangeRequest) -> pb::ChangeRequest {
     request.can_cancel = false;
     request.is_requester = false;
     request.user_decision = pb::Decision::Unspecified as i32;
+    request.can_approve_reason.clear();
     request
 }
 

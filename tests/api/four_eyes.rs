@@ -363,10 +363,12 @@ async fn groups_come_from_tokens_and_the_server_never_from_the_header() {
                     pb::GroupRequirement {
                         group: "group:sre".into(),
                         min_approvals: 1,
+                        ..Default::default()
                     },
                     pb::GroupRequirement {
                         group: "group:security".into(),
                         min_approvals: 1,
+                        ..Default::default()
                     },
                 ],
                 ..Default::default()

@@ -408,6 +408,7 @@ async fn nul_in_a_policy_is_refused_naming_the_field() {
                 requirements: vec![pb::GroupRequirement {
                     group: "group:a\0b".into(),
                     min_approvals: 1,
+                    ..Default::default()
                 }],
                 ..web_policy("p")
             },

@@ -18,6 +18,7 @@ mod lifecycle;
 mod list;
 mod now;
 mod policies;
+mod policies2;
 mod process;
 mod reads;
 mod server;

@@ -89,6 +89,7 @@ async fn policies_crud_with_etags_and_uniqueness() {
             requirements: vec![pb::GroupRequirement {
                 group: "group:sre".into(),
                 min_approvals: 1,
+                ..Default::default()
             }],
             default_ttl: Some(prost_types::Duration {
                 seconds: 3600,
@@ -135,6 +136,7 @@ async fn policies_crud_with_etags_and_uniqueness() {
                 requirements: vec![pb::GroupRequirement {
                     group: "group:sre".into(),
                     min_approvals: 0,
+                    ..Default::default()
                 }],
                 intent_schema: Some(payload(serde_json::json!({"type": 5}))),
                 ..policy("", "", "feature*.x")
@@ -395,10 +397,12 @@ async fn approvers_and_group_requirements_decide_quorum() {
                 pb::GroupRequirement {
                     group: "group:security".into(),
                     min_approvals: 1,
+                    ..Default::default()
                 },
                 pb::GroupRequirement {
                     group: "group:sre".into(),
                     min_approvals: 2,
+                    ..Default::default()
                 },
             ],
             ..policy("guarded", "", "*")
@@ -431,7 +435,8 @@ async fn approvers_and_group_requirements_decide_quorum() {
         .expect_err("not an approver");
     assert_error(&err, Code::PermissionDenied, "NOT_APPROVER");
 
-    // carol is in both groups: she counts once for each requirement, never twice for sre.
+    // carol is in both groups: she counts once, toward the requirement that needs her
+    // (count_approver_once, the default of new policies).
     let mut carol = as_user(&server, "user:carol", "sre,security").await;
     let after_carol = approve(&mut carol, &request.id).await.expect("carol");
     assert_eq!(state(&after_carol), State::InReview, "sre needs a second");
@@ -439,9 +444,23 @@ async fn approvers_and_group_requirements_decide_quorum() {
     let again = approve(&mut carol, &request.id).await.expect("carol again");
     assert_eq!(state(&again), State::InReview);
     assert_eq!(again.approval_count, 1);
+    assert_eq!(
+        again
+            .policy_snapshot
+            .as_ref()
+            .and_then(|p| p.count_approver_once),
+        Some(true)
+    );
 
     let mut bob = as_user(&server, "user:bob", "sre").await;
-    let approved = approve(&mut bob, &request.id).await.expect("bob");
+    let after_bob = approve(&mut bob, &request.id).await.expect("bob");
+    assert_eq!(
+        state(&after_bob),
+        State::InReview,
+        "carol counts for security, so sre has one of two"
+    );
+    let mut frank = as_user(&server, "user:frank", "sre").await;
+    let approved = approve(&mut frank, &request.id).await.expect("frank");
     assert_eq!(state(&approved), State::Approved);
 
     // Without anyone from security, two sre approvals are not enough.

@@ -2,7 +2,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     Action, Actor, ApplyRun, Decision, DomainError, EventDraft, EventKind, IdentityProof,
-    PolicySnapshot, Principal, Schedule, ScheduleStatus, State, Timestamp,
+    PolicySnapshot, Principal, ReciprocalApproval, Schedule, ScheduleStatus, State, Timestamp,
+    condition::{ChangeFacts, RequestFacts},
     principal::party,
     validation::{self, Violations},
 };
@@ -52,6 +53,13 @@ pub struct Review {
     /// How the reviewer's identity was established.
     #[serde(default)]
     pub proof: IdentityProof,
+    /// The level (1-based) the review was made at, under a policy with levels; 0 otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub level: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Review {
@@ -91,6 +99,9 @@ pub struct ChangeRequest {
     pub action_version: i32,
     pub title: String,
     pub description: String,
+    /// Why the change is needed (its policy may require one, or a ticket in it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub justification: String,
     pub changes: Vec<Change>,
     pub intent_display: String,
     pub state: State,
@@ -157,6 +168,8 @@ pub struct NewChangeRequest {
     pub draft: bool,
     /// Planned apply: on quorum the request becomes SCHEDULED instead of APPROVED.
     pub apply_time: Option<Timestamp>,
+    /// Why the change is needed; the policy's `justification` rule says whether it is required.
+    pub justification: String,
 }
 
 /// The fields an update replaces; `None` leaves a field as it is.
@@ -235,6 +248,27 @@ fn validate_expire_time(v: &mut Violations, expire_time: Option<Timestamp>, now:
 }
 
 impl NewChangeRequest {
+    /// What conditions see of this request, created by `requester` holding `groups`.
+    pub fn facts<'a>(&'a self, requester: &'a Principal, groups: &'a [String]) -> RequestFacts<'a> {
+        RequestFacts {
+            project: &self.project,
+            environment: &self.environment,
+            action_key: &self.action_key,
+            requester,
+            requester_groups: groups,
+            changes: self
+                .changes
+                .iter()
+                .map(|c| ChangeFacts {
+                    action: &c.action,
+                    resource_type: &c.resource_type,
+                    resource_id: &c.resource_id,
+                    payload: &c.payload,
+                })
+                .collect(),
+        }
+    }
+
     pub fn validate(&self, now: Timestamp) -> Result<(), DomainError> {
         let mut v = Violations::default();
         v.required_name("project", &self.project);
@@ -245,6 +279,11 @@ impl NewChangeRequest {
         }
         v.title("title", &self.title);
         v.text("description", &self.description, validation::MAX_TEXT_BYTES);
+        v.text(
+            "justification",
+            &self.justification,
+            validation::MAX_TEXT_BYTES,
+        );
         v.text(
             "intent_display",
             &self.intent_display,
@@ -275,6 +314,13 @@ impl ChangeRequest {
         change_ids: &mut dyn FnMut() -> String,
     ) -> Result<(Self, EventDraft), DomainError> {
         new.validate(now)?;
+        if let Some(refusal) = policy
+            .rules
+            .justification
+            .refusal(&policy.name, &new.justification)
+        {
+            return Err(DomainError::invalid("justification", refusal));
+        }
         let validated = policy.validate_intent("", &new.changes)?;
         let expire_time = policy.expire_time(new.expire_time, now);
         if let Some(apply_time) = new.apply_time {
@@ -294,6 +340,8 @@ impl ChangeRequest {
                 ));
             }
         }
+        let mut policy = policy;
+        policy.evaluate_conditions(&new.facts(&actor.principal, &actor.groups));
         let state = if new.draft {
             State::Draft
         } else {
@@ -322,6 +370,7 @@ impl ChangeRequest {
             action_version: new.action_version,
             title: new.title,
             description: new.description,
+            justification: new.justification,
             changes,
             intent_display: new.intent_display,
             state,
@@ -382,6 +431,27 @@ impl ChangeRequest {
                 })
             }
             _ => Ok(()),
+        }
+    }
+
+    /// What conditions see of this request; `groups`: the requester's.
+    pub fn facts<'a>(&'a self, groups: &'a [String]) -> RequestFacts<'a> {
+        RequestFacts {
+            project: &self.project,
+            environment: &self.environment,
+            action_key: &self.action_key,
+            requester: &self.created_by,
+            requester_groups: groups,
+            changes: self
+                .changes
+                .iter()
+                .map(|c| ChangeFacts {
+                    action: &c.action,
+                    resource_type: &c.resource_type,
+                    resource_id: &c.resource_id,
+                    payload: &c.payload,
+                })
+                .collect(),
         }
     }
 
@@ -463,6 +533,7 @@ impl ChangeRequest {
     pub fn decision_of(&self, principal: &Principal) -> Option<Decision> {
         self.reviews
             .iter()
+            .rev()
             .find(|r| !r.dismissed && &r.reviewer == principal)
             .map(|r| r.decision)
     }
@@ -470,10 +541,9 @@ impl ChangeRequest {
     pub fn viewer_flags(&self, actor: &Actor) -> ViewerFlags {
         let is_requester = self.is_requester(&actor.principal);
         ViewerFlags {
-            can_approve: Action::Approve.is_allowed_in(self.state)
-                && (!is_requester || self.policy.rules.allow_self_approval)
-                && self.policy.may_review(actor)
-                && self.independence_refusal(actor).is_none(),
+            can_approve: self
+                .approve_refusal(actor, None, self.update_time)
+                .is_none(),
             can_cancel: is_requester && Action::Cancel.is_allowed_in(self.state),
             is_requester,
             user_decision: self.decision_of(&actor.principal),
@@ -552,9 +622,101 @@ impl ChangeRequest {
         ))
     }
 
-    /// Records a review, by one of the policy's approvers. A reviewer's later decision replaces
-    /// their earlier one. Reaching the policy's quorum (see [`PolicySnapshot::quorum_reached`])
-    /// approves; `rejections_to_reject` rejections reject.
+    /// The level waiting for approvals (1-based; `None` once every level passed).
+    pub fn current_level(&self) -> Option<u32> {
+        self.policy.current_level(&self.counted_approvals())
+    }
+
+    /// Each level's progress (one level without `levels`).
+    pub fn level_progress(&self) -> Vec<crate::LevelProgress> {
+        self.policy.level_progress(&self.counted_approvals())
+    }
+
+    /// Why `actor` may not approve now, if they may not: the state, the approvers (of the
+    /// policy and of the current level), self-approval, independence, an approval of theirs at
+    /// an earlier level, and anti-collusion (`reciprocal`: the requester's latest approval of
+    /// a request of `actor`, as the store found it). Expiry is checked by the review itself.
+    pub fn approve_refusal(
+        &self,
+        actor: &Actor,
+        reciprocal: Option<&ReciprocalApproval>,
+        now: Timestamp,
+    ) -> Option<DomainError> {
+        if let Err(err) = self.ensure_allowed(Action::Approve) {
+            return Some(err);
+        }
+        if let Some(refusal) = self.reviewer_refusal(actor) {
+            return Some(refusal);
+        }
+        if self.is_requester(&actor.principal) && !self.policy.rules.allow_self_approval {
+            return Some(DomainError::SelfApproval);
+        }
+        if let Some(refusal) = self.independence_refusal(actor) {
+            return Some(refusal);
+        }
+        let level = self.review_level();
+        if level > 1
+            && let Some(earlier) = self
+                .reviews
+                .iter()
+                .find(|r| r.is_live_approval() && r.reviewer == actor.principal && r.level < level)
+        {
+            return Some(DomainError::ApprovedAtEarlierLevel {
+                principal: actor.principal.to_string(),
+                level: earlier.level,
+            });
+        }
+        self.collusion_refusal(actor, reciprocal, now)
+    }
+
+    /// The level a review made now is made at: the current one (0 without levels).
+    fn review_level(&self) -> u32 {
+        if !self.policy.has_levels() {
+            return 0;
+        }
+        let last = u32::try_from(self.policy.rules.levels.len()).unwrap_or(u32::MAX);
+        self.current_level().unwrap_or(last)
+    }
+
+    /// Why `actor` may not review at the current level, if they may not.
+    fn reviewer_refusal(&self, actor: &Actor) -> Option<DomainError> {
+        if !self.policy.may_review(actor) {
+            return Some(DomainError::NotApprover {
+                principal: actor.principal.to_string(),
+            });
+        }
+        let level = self.review_level();
+        if level > 0 && !self.policy.may_review_at(actor, level) {
+            return Some(DomainError::NotLevelApprover {
+                principal: actor.principal.to_string(),
+                level,
+            });
+        }
+        None
+    }
+
+    /// Anti-collusion: the requester approved a request of `actor` within the policy's window.
+    fn collusion_refusal(
+        &self,
+        actor: &Actor,
+        reciprocal: Option<&ReciprocalApproval>,
+        now: Timestamp,
+    ) -> Option<DomainError> {
+        let window = self.policy.rules.anti_collusion?;
+        let reciprocal = reciprocal?;
+        if actor.principal == self.created_by {
+            return None;
+        }
+        let since = now.saturating_add_micros(window.window_micros.saturating_neg());
+        (reciprocal.approve_time >= since).then(|| DomainError::ReciprocalApproval {
+            principal: actor.principal.to_string(),
+            requester: self.created_by.to_string(),
+            change_request_id: reciprocal.change_request_id.clone(),
+        })
+    }
+
+    /// Records a review, by one of the policy's approvers (see [`Self::review_with`]), with no
+    /// knowledge of other requests (anti-collusion is not checked).
     pub fn review(
         &mut self,
         actor: &Actor,
@@ -562,35 +724,59 @@ impl ChangeRequest {
         comment: String,
         now: Timestamp,
     ) -> Result<EventDraft, DomainError> {
+        self.review_with(actor, decision, comment, now, None)
+    }
+
+    /// Records a review, by one of the policy's approvers (of the current level, under a policy
+    /// with levels). A reviewer's later decision replaces their earlier one at the same level.
+    /// Reaching the policy's quorum (every level passed, see
+    /// [`PolicySnapshot::level_progress`]) approves; `rejections_to_reject` rejections, at any
+    /// level, reject. `reciprocal`: the requester's latest approval of a request of `actor`,
+    /// for anti-collusion.
+    pub fn review_with(
+        &mut self,
+        actor: &Actor,
+        decision: Decision,
+        comment: String,
+        now: Timestamp,
+        reciprocal: Option<&ReciprocalApproval>,
+    ) -> Result<EventDraft, DomainError> {
         let action = match decision {
             Decision::Approve => Action::Approve,
             Decision::Reject => Action::Reject,
         };
         let mut v = Violations::default();
         v.text("comment", &comment, validation::MAX_TEXT_BYTES);
+        let rule = &self.policy.rules.justification;
+        let comment_required = match decision {
+            Decision::Approve => rule.comment_on_approve,
+            Decision::Reject => rule.comment_on_reject,
+        };
+        if comment_required && comment.trim().is_empty() {
+            v.add(
+                "comment",
+                format!(
+                    "is required to {} under policy {:?}",
+                    action.as_str(),
+                    self.policy.name
+                ),
+            );
+        }
         v.into_result()?;
         self.ensure_allowed(action)?;
         self.ensure_not_expired(now)?;
-        if !self.policy.may_review(actor) {
-            return Err(DomainError::NotApprover {
-                principal: actor.principal.to_string(),
-            });
-        }
-        if decision == Decision::Approve
-            && self.is_requester(&actor.principal)
-            && !self.policy.rules.allow_self_approval
-        {
-            return Err(DomainError::SelfApproval);
-        }
-        if decision == Decision::Approve
-            && let Some(refusal) = self.independence_refusal(actor)
-        {
+        if decision == Decision::Approve {
+            if let Some(refusal) = self.approve_refusal(actor, reciprocal, now) {
+                return Err(refusal);
+            }
+        } else if let Some(refusal) = self.reviewer_refusal(actor) {
             return Err(refusal);
         }
+        let level = self.review_level();
         let mut reviews: Vec<Review> = self
             .reviews
             .iter()
-            .filter(|r| r.dismissed || r.reviewer != actor.principal)
+            .filter(|r| r.dismissed || r.reviewer != actor.principal || r.level != level)
             .cloned()
             .collect();
         reviews.push(Review {
@@ -602,6 +788,7 @@ impl ChangeRequest {
             reviewer_groups: actor.groups.clone(),
             acting_principal: actor.acting_principal.clone(),
             proof: actor.proof,
+            level,
         });
         if reviews.len() > validation::MAX_REVIEWS {
             return Err(DomainError::TooManyReviews {
@@ -626,7 +813,12 @@ impl ChangeRequest {
         } else {
             State::InReview
         };
-        Ok(self.moved(EventKind::Reviewed, actor, to, now, comment))
+        let detail = if level > 0 {
+            format!("level {level}: {comment}")
+        } else {
+            comment
+        };
+        Ok(self.moved(EventKind::Reviewed, actor, to, now, detail))
     }
 
     /// Withdraws the request, by the requester.
@@ -796,6 +988,7 @@ impl ChangeRequest {
         if let Some(expire) = patch.expire_time {
             self.expire_time = self.policy.expire_time(expire, self.create_time);
         }
+        let changes_edited = patch.changes.is_some();
         if let Some(inputs) = patch.changes {
             let mut previous = std::mem::take(&mut self.changes);
             self.changes = inputs
@@ -835,6 +1028,12 @@ impl ChangeRequest {
                 )),
                 _ => None,
             };
+        }
+        if changes_edited {
+            // What the conditions require follows what the request now changes.
+            let mut policy = self.policy.clone();
+            policy.evaluate_conditions(&self.facts(&actor.groups));
+            self.policy = policy;
         }
         let to = if resolving {
             // Back to review: what was approved is not what is there now.

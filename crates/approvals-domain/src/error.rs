@@ -39,6 +39,23 @@ pub enum DomainError {
     },
     #[error("{principal} is not among the approvers of this change request's policy")]
     NotApprover { principal: String },
+    /// Under a policy with levels: the caller is not among the current level's approvers.
+    #[error(
+        "{principal} is not among the approvers of level {level}, the level this change request waits for"
+    )]
+    NotLevelApprover { principal: String, level: u32 },
+    /// Under a policy with levels: one person approves at one level only.
+    #[error("{principal} approved this change request at level {level} already")]
+    ApprovedAtEarlierLevel { principal: String, level: u32 },
+    /// Anti-collusion: the requester approved a request of the caller within the window.
+    #[error(
+        "{principal} may not approve a change request of {requester}, who approved {principal}'s change request {change_request_id} within the policy's anti-collusion window"
+    )]
+    ReciprocalApproval {
+        principal: String,
+        requester: String,
+        change_request_id: String,
+    },
     /// A change request the caller may not see: answered exactly as an unknown id, so that
     /// ids of other projects cannot be probed.
     #[error("change request {id:?} not found")]

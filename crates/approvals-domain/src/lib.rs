@@ -6,11 +6,13 @@
 mod apply;
 pub mod audit;
 mod change_request;
+pub mod condition;
 mod error;
 mod event;
 mod filter;
 mod policy;
 mod principal;
+pub mod requirements;
 mod state;
 mod time;
 pub mod validation;
@@ -30,5 +32,8 @@ pub use policy::{
     parse_policy_principal, select_policy,
 };
 pub use principal::{Actor, IdentityProof, Principal, PrincipalKind, SYSTEM_PRINCIPAL};
+pub use requirements::{
+    AntiCollusion, JustificationRule, Level, LevelProgress, ReciprocalApproval,
+};
 pub use state::{Action, Decision, State};
 pub use time::{DURATION_RANGE, TIMESTAMP_RANGE, Timestamp, duration_micros};

@@ -11,7 +11,10 @@ use serde_json::{Map, Value};
 
 use crate::{
     Actor, ChangeInput, DomainError, Principal, PrincipalKind, Review, Timestamp,
-    error::FieldViolation, validation::Violations,
+    condition::{self, Outcome, RequestFacts},
+    error::FieldViolation,
+    requirements::{self, AntiCollusion, JustificationRule, Level, LevelProgress},
+    validation::Violations,
 };
 
 /// How an approved request is applied (acted on by the apply feature; stored here).
@@ -31,6 +34,10 @@ pub enum ApplyMode {
 pub struct GroupRequirement {
     pub group: Principal,
     pub min_approvals: u32,
+    /// A CEL condition (see [`crate::condition`]): the requirement applies only to requests
+    /// it matches. Empty: always.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub condition: String,
 }
 
 impl GroupRequirement {
@@ -82,6 +89,31 @@ pub struct PolicyRules {
     /// the setting existed decode as false; new policies and the server default have it on.
     #[serde(default)]
     pub independent_approvals: bool,
+    /// Sequential approval levels; empty: one level made of `min_approvals`, `requirements`
+    /// and `distinct_groups`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub levels: Vec<Level>,
+    #[serde(default, skip_serializing_if = "JustificationRule::is_empty")]
+    pub justification: JustificationRule,
+    /// Approvals from at least this many distinct groups (without levels); 0: no such rule.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub distinct_groups: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_collusion: Option<AntiCollusion>,
+    /// The overlapping-groups rule (see [`crate::requirements`]): an approver counts once,
+    /// toward the requirement that needs them. Stored policies and snapshots written before the
+    /// rule existed decode as false (each approver counts for every group they hold); new
+    /// policies and the server default have it on.
+    #[serde(default)]
+    pub count_approver_once: bool,
+    /// A CEL condition: the policy governs only the requests it matches (others fall to the
+    /// next most specific policy). Empty: every request it is selected for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub condition: String,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Default for PolicyRules {
@@ -103,6 +135,12 @@ impl Default for PolicyRules {
             executors: Vec::new(),
             forbid_bypass: false,
             independent_approvals: true,
+            levels: Vec::new(),
+            justification: JustificationRule::default(),
+            distinct_groups: 0,
+            anti_collusion: None,
+            count_approver_once: true,
+            condition: String::new(),
         }
     }
 }
@@ -230,31 +268,7 @@ fn validate_rules(v: &mut Violations, prefix: &str, rules: &PolicyRules) {
             );
         }
     }
-    let mut seen = Vec::new();
-    for (i, requirement) in rules.requirements.iter().enumerate() {
-        if requirement.group.kind() != PrincipalKind::Group {
-            v.add(
-                field(&format!("requirements[{i}].group")),
-                format!(
-                    "{:?} is not a group: write group:NAME",
-                    requirement.group.as_str()
-                ),
-            );
-        }
-        if requirement.min_approvals < 1 {
-            v.add(
-                field(&format!("requirements[{i}].min_approvals")),
-                "must be at least 1",
-            );
-        }
-        if seen.contains(&requirement.group) {
-            v.add(
-                field(&format!("requirements[{i}].group")),
-                format!("{} has a requirement already", requirement.group),
-            );
-        }
-        seen.push(requirement.group.clone());
-    }
+    requirements::validate_requirements(v, prefix, &rules.requirements);
     if let Some(ttl) = rules.default_ttl_micros
         && ttl <= 0
     {
@@ -283,6 +297,7 @@ fn validate_rules(v: &mut Violations, prefix: &str, rules: &PolicyRules) {
             }
         }
     }
+    requirements::validate(v, prefix, rules);
 }
 
 /// The most specific policy matching a request, if any (see the module documentation).
@@ -325,6 +340,14 @@ pub struct PolicySnapshot {
     /// Resolved: `min_approvals` >= 1 and `rejections_to_reject` >= 1.
     #[serde(flatten)]
     pub rules: PolicyRules,
+    /// The conditions that matched the request (paths such as `requirements[1].condition`,
+    /// `levels[0].condition`, `condition`), evaluated at creation and after every edit of its
+    /// changes. A condition not listed did not match: what it guards does not apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matched_conditions: Vec<String>,
+    /// Conditions whose evaluation failed (`path: error`); they count as matched (fail closed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub condition_errors: Vec<String>,
 }
 
 impl PolicySnapshot {
@@ -341,6 +364,8 @@ impl PolicySnapshot {
                 min_approvals: min_approvals.max(1),
                 ..PolicyRules::default()
             },
+            matched_conditions: Vec::new(),
+            condition_errors: Vec::new(),
         }
     }
 
@@ -363,7 +388,110 @@ impl PolicySnapshot {
             environment: policy.environment.clone(),
             action_key: policy.action_key.clone(),
             rules,
+            matched_conditions: Vec::new(),
+            condition_errors: Vec::new(),
         }
+    }
+
+    /// The snapshot for a new request: the most specific matching policy whose `condition`
+    /// (if any) matches the request (an evaluation error counts as a match), else the server
+    /// default. [`crate::ChangeRequest::create`] evaluates its conditions.
+    pub fn select_for(
+        policies: &[Policy],
+        facts: &RequestFacts<'_>,
+        server_min_approvals: u32,
+    ) -> Self {
+        let candidates: Vec<Policy> = policies
+            .iter()
+            .filter(|p| {
+                p.rules.condition.is_empty()
+                    || condition::evaluate(&p.rules.condition, facts).applies()
+            })
+            .cloned()
+            .collect();
+        Self::select(
+            &candidates,
+            facts.project,
+            facts.environment,
+            facts.action_key,
+            server_min_approvals,
+        )
+    }
+
+    /// Every condition of the snapshot's rules, with its path.
+    fn conditions(&self) -> Vec<(String, &str)> {
+        let mut all = Vec::new();
+        let rules = &self.rules;
+        if !rules.condition.is_empty() {
+            all.push(("condition".to_owned(), rules.condition.as_str()));
+        }
+        for (i, r) in rules.requirements.iter().enumerate() {
+            if !r.condition.is_empty() {
+                all.push((format!("requirements[{i}].condition"), r.condition.as_str()));
+            }
+        }
+        for (i, level) in rules.levels.iter().enumerate() {
+            if !level.condition.is_empty() {
+                all.push((format!("levels[{i}].condition"), level.condition.as_str()));
+            }
+            for (j, r) in level.requirements.iter().enumerate() {
+                if !r.condition.is_empty() {
+                    all.push((
+                        format!("levels[{i}].requirements[{j}].condition"),
+                        r.condition.as_str(),
+                    ));
+                }
+            }
+        }
+        all
+    }
+
+    /// Evaluates every condition over the request and records the outcomes
+    /// (`matched_conditions`, `condition_errors`).
+    pub fn evaluate_conditions(&mut self, facts: &RequestFacts<'_>) {
+        let mut matched = Vec::new();
+        let mut errors = Vec::new();
+        let conditions = self.conditions();
+        if conditions.is_empty() {
+            self.matched_conditions = matched;
+            self.condition_errors = errors;
+            return;
+        }
+        let prepared = condition::Prepared::new(facts);
+        for (path, source) in conditions {
+            match condition::evaluate_prepared(source, &prepared) {
+                Outcome::Matched => matched.push(path),
+                Outcome::NotMatched => {}
+                Outcome::Failed(err) => {
+                    errors.push(format!("{path}: {err}"));
+                    matched.push(path);
+                }
+            }
+        }
+        self.matched_conditions = matched;
+        self.condition_errors = errors;
+    }
+
+    /// Whether what the condition at `path` (`source`) guards applies.
+    fn applies(&self, path: &str, source: &str) -> bool {
+        source.is_empty() || self.matched_conditions.iter().any(|m| m == path)
+    }
+
+    fn applying_requirements(
+        &self,
+        prefix: &str,
+        list: &[GroupRequirement],
+    ) -> Vec<GroupRequirement> {
+        list.iter()
+            .enumerate()
+            .filter(|(i, r)| {
+                self.applies(
+                    &format!("{prefix}requirements[{i}].condition"),
+                    &r.condition,
+                )
+            })
+            .map(|(_, r)| r.clone())
+            .collect()
     }
 
     /// The snapshot for a new request: the most specific matching policy, else the default.
@@ -401,14 +529,7 @@ impl PolicySnapshot {
 
     /// Whether `actor` is among the approvers (always, when the list is empty).
     pub fn may_review(&self, actor: &Actor) -> bool {
-        self.rules.approvers.is_empty()
-            || self.rules.approvers.iter().any(|approver| {
-                approver == &actor.principal
-                    || approver
-                        .as_str()
-                        .strip_prefix("group:")
-                        .is_some_and(|group| actor.groups.iter().any(|g| g == group))
-            })
+        self.rules.approvers.is_empty() || listed_in(&self.rules.approvers, actor)
     }
 
     /// Quorum over every live approval in `reviews` (see [`Self::quorum_met`]).
@@ -417,25 +538,106 @@ impl PolicySnapshot {
         self.quorum_met(&approvals)
     }
 
-    /// Quorum: `min_approvals` approvals that count, AND every group requirement met by
-    /// approvers who held the group when they reviewed. One approval counts once for each
-    /// requirement its reviewer satisfies, never twice for one. `approvals` are the ones that
-    /// count ([`crate::ChangeRequest::counted_approvals`]).
-    pub fn quorum_met(&self, approvals: &[&Review]) -> bool {
-        let enough =
-            u32::try_from(approvals.len()).unwrap_or(u32::MAX) >= self.rules.min_approvals.max(1);
-        enough
-            && self.rules.requirements.iter().all(|requirement| {
-                let met = approvals
+    /// Whether the policy has `levels` (else its own quorum is its one level).
+    pub fn has_levels(&self) -> bool {
+        !self.rules.levels.is_empty()
+    }
+
+    /// The levels to pass, in order, with their numbers (1-based): the policy's `levels`
+    /// whose condition matched (with the requirements whose condition matched), or one made of
+    /// its own `min_approvals`, `requirements` and `distinct_groups`.
+    pub fn stages(&self) -> Vec<(u32, Level)> {
+        if self.has_levels() {
+            return self
+                .rules
+                .levels
+                .iter()
+                .enumerate()
+                .filter(|(i, l)| self.applies(&format!("levels[{i}].condition"), &l.condition))
+                .map(|(i, l)| {
+                    let mut level = l.clone();
+                    level.requirements =
+                        self.applying_requirements(&format!("levels[{i}]."), &l.requirements);
+                    (u32::try_from(i + 1).unwrap_or(u32::MAX), level)
+                })
+                .collect();
+        }
+        vec![(
+            1,
+            Level {
+                min_approvals: self.rules.min_approvals.max(1),
+                approvers: Vec::new(),
+                requirements: self.applying_requirements("", &self.rules.requirements),
+                distinct_groups: self.rules.distinct_groups,
+                condition: String::new(),
+            },
+        )]
+    }
+
+    /// Each level's progress. With levels, an approval counts only for the level it was made
+    /// at (`Review::level`); a level passes when it is met and every earlier one passed.
+    /// `approvals` are the ones that count ([`crate::ChangeRequest::counted_approvals`]).
+    pub fn level_progress(&self, approvals: &[&Review]) -> Vec<LevelProgress> {
+        let mut earlier_passed = true;
+        self.stages()
+            .iter()
+            .map(|(number, level)| {
+                let number = *number;
+                let at_level: Vec<&Review> = approvals
                     .iter()
-                    .filter(|r| {
-                        r.reviewer_groups
-                            .iter()
-                            .any(|g| g == requirement.group_name())
-                    })
-                    .count();
-                u32::try_from(met).unwrap_or(u32::MAX) >= requirement.min_approvals
+                    .copied()
+                    .filter(|r| !self.has_levels() || r.level == number)
+                    .collect();
+                let groups: Vec<&[String]> = at_level
+                    .iter()
+                    .map(|r| r.reviewer_groups.as_slice())
+                    .collect();
+                let count = u32::try_from(at_level.len()).unwrap_or(u32::MAX);
+                let met = count >= level.min_approvals.max(1)
+                    && requirements::groups_met(
+                        &level.requirements,
+                        level.distinct_groups,
+                        &groups,
+                        self.rules.count_approver_once,
+                    );
+                let passed = earlier_passed && met;
+                earlier_passed = passed;
+                LevelProgress {
+                    level: number,
+                    approval_count: count,
+                    min_approvals: level.min_approvals.max(1),
+                    passed,
+                }
             })
+            .collect()
+    }
+
+    /// The level waiting for approvals (1-based); `None` once every level passed.
+    pub fn current_level(&self, approvals: &[&Review]) -> Option<u32> {
+        self.level_progress(approvals)
+            .iter()
+            .find(|p| !p.passed)
+            .map(|p| p.level)
+    }
+
+    /// Quorum: every level passed (see [`Self::level_progress`]). Without levels: at least
+    /// `min_approvals` approvals that count, every group requirement met by approvers who held
+    /// the group when they reviewed (under `count_approver_once` each approver counts once,
+    /// toward the requirement that needs them; see [`crate::requirements`]), and
+    /// `distinct_groups`.
+    pub fn quorum_met(&self, approvals: &[&Review]) -> bool {
+        self.current_level(approvals).is_none()
+    }
+
+    /// Whether `actor` may review at `level` (1-based): among the policy's approvers and the
+    /// level's own (when it lists any).
+    pub fn may_review_at(&self, actor: &Actor, level: u32) -> bool {
+        let listed = usize::try_from(level.saturating_sub(1))
+            .ok()
+            .and_then(|i| self.rules.levels.get(i))
+            .map(|l| l.approvers.as_slice())
+            .unwrap_or_default();
+        self.may_review(actor) && (listed.is_empty() || listed_in(listed, actor))
     }
 
     /// When a request created at `now` expires: the caller's time, capped by `default_ttl`.
@@ -492,6 +694,17 @@ impl PolicySnapshot {
             Err(DomainError::InvalidArgument(violations))
         }
     }
+}
+
+/// Whether `actor` is one of `list`, or holds one of its groups.
+fn listed_in(list: &[Principal], actor: &Actor) -> bool {
+    list.iter().any(|approver| {
+        approver == &actor.principal
+            || approver
+                .as_str()
+                .strip_prefix("group:")
+                .is_some_and(|group| actor.groups.iter().any(|g| g == group))
+    })
 }
 
 /// Approvals that count: not dismissed.
@@ -629,6 +842,7 @@ mod tests {
         // Written before independent approvals existed: the rule it was created under stays.
         let mut expected = PolicySnapshot::server_default(2);
         expected.rules.independent_approvals = false;
+        expected.rules.count_approver_once = false;
         assert_eq!(snapshot, expected);
         let round: PolicySnapshot =
             serde_json::from_str(&serde_json::to_string(&snapshot).expect("encodes"))
@@ -642,6 +856,7 @@ mod tests {
         p.rules.requirements = vec![GroupRequirement {
             group: Principal::parse("user:bob").expect("principal"),
             min_approvals: 0,
+            condition: String::new(),
         }];
         p.rules.default_ttl_micros = Some(0);
         p.rules.intent_schema =

@@ -46,6 +46,8 @@ fn request(
             apply_mode: mode,
             ..PolicyRules::default()
         },
+        matched_conditions: Vec::new(),
+        condition_errors: Vec::new(),
     };
     let new = NewChangeRequest {
         project: "web".into(),
@@ -66,6 +68,7 @@ fn request(
         expire_time: Some(at(3600)),
         draft: false,
         apply_time,
+        justification: String::new(),
     };
     let mut n = 0;
     ChangeRequest::create(

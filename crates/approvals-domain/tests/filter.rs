@@ -52,6 +52,7 @@ fn request(shape: &Shape) -> ChangeRequest {
         expire_time: None,
         draft: false,
         apply_time: None,
+        justification: String::new(),
     };
     let actor = Actor::caller(REQUESTERS[shape.requester], vec![]).expect("valid principal");
     let mut n = 0;

@@ -53,6 +53,7 @@ fn request(requester: &Actor, min_approvals: u32, independent: bool) -> ChangeRe
         expire_time: None,
         draft: false,
         apply_time: None,
+        justification: String::new(),
     };
     let mut n = 0;
     let (request, _) =

@@ -22,6 +22,7 @@ fn requirement(group: &str, min_approvals: u32) -> GroupRequirement {
     GroupRequirement {
         group: principal(group),
         min_approvals,
+        condition: String::new(),
     }
 }
 
@@ -33,6 +34,8 @@ fn snapshot(rules: PolicyRules) -> PolicySnapshot {
         environment: String::new(),
         action_key: "*".into(),
         rules,
+        matched_conditions: Vec::new(),
+        condition_errors: Vec::new(),
     }
 }
 
@@ -52,6 +55,7 @@ fn request(policy: PolicySnapshot) -> ChangeRequest {
             expire_time: None,
             draft: false,
             apply_time: None,
+            justification: String::new(),
         },
         &actor("user:alice", &[]),
         policy,
@@ -146,13 +150,14 @@ fn every_group_requirement_must_be_met() {
 }
 
 #[test]
-fn one_reviewer_counts_once_per_requirement() {
+fn one_reviewer_counts_once_per_requirement_under_the_earlier_rule() {
     let mut r = request(snapshot(PolicyRules {
         min_approvals: 1,
         requirements: vec![
             requirement("group:security", 1),
             requirement("group:sre", 2),
         ],
+        count_approver_once: false,
         ..PolicyRules::default()
     }));
     let both = actor("user:carol", &["sre", "security"]);
@@ -263,6 +268,7 @@ fn reviews_strategy() -> impl Strategy<Value = Vec<Review>> {
                     reviewer_groups: groups.into_iter().map(str::to_owned).collect(),
                     acting_principal: None,
                     proof: Default::default(),
+                    level: 0,
                 });
             }
             reviews
@@ -278,6 +284,9 @@ fn rules_strategy() -> impl Strategy<Value = PolicyRules> {
             .filter(|(_, n)| *n > 0)
             .map(|(g, n)| requirement(g, n))
             .collect(),
+        // The earlier overlapping-groups rule, which these properties define; the one of new
+        // policies is tested in tests/levels.rs.
+        count_approver_once: false,
         ..PolicyRules::default()
     })
 }
@@ -316,6 +325,7 @@ proptest! {
             reviewer_groups: groups.into_iter().map(str::to_owned).collect(),
             acting_principal: None,
             proof: Default::default(),
+            level: 0,
         });
         prop_assert!(!before || policy.quorum_reached(&more));
     }

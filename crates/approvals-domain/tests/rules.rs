@@ -36,6 +36,7 @@ fn new_request(draft: bool) -> NewChangeRequest {
         expire_time: None,
         draft,
         apply_time: None,
+        justification: String::new(),
     }
 }
 

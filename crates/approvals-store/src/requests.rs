@@ -1,9 +1,11 @@
 //! One change request: create (idempotent by request_id), get, mutate.
 
-use approvals_domain::{ChangeRequest, DomainError, EventDraft, Principal};
+use approvals_domain::{
+    ChangeRequest, Decision, DomainError, EventDraft, Principal, ReciprocalApproval, Timestamp,
+};
 use sea_orm::{
     ConnectionTrait, SqlErr,
-    sea_query::{Expr, ExprTrait, Query},
+    sea_query::{Expr, ExprTrait, Order, Query},
 };
 
 use crate::{
@@ -148,5 +150,48 @@ impl Store {
     {
         self.step(id, |request| command(request).map(Step::Event))
             .await
+    }
+}
+
+/// Rows of the would-be approver's requests read when looking for a reciprocal approval.
+const RECIPROCAL_SCAN_LIMIT: u64 = 500;
+
+impl Store {
+    /// Anti-collusion: the latest approval by `approver` of a request created by `requester`
+    /// (in any project) made at or after `since`, if any. Reads the requester's requests
+    /// updated since then, most recent first, at most [`RECIPROCAL_SCAN_LIMIT`] of them; a
+    /// dismissed approval still counts (it was given).
+    pub async fn reciprocal_approval(
+        &self,
+        approver: &Principal,
+        requester: &Principal,
+        since: Timestamp,
+    ) -> Result<Option<ReciprocalApproval>, StoreError> {
+        let query = Query::select()
+            .columns([cr::ID, cr::REVISION, cr::BODY])
+            .from(CHANGE_REQUESTS)
+            .and_where(Expr::col(cr::CREATED_BY).eq(requester.as_str()))
+            .and_where(Expr::col(cr::UPDATE_TIME).gte(since.as_micros()))
+            .order_by(cr::UPDATE_TIME, Order::Desc)
+            .limit(RECIPROCAL_SCAN_LIMIT)
+            .to_owned();
+        let mut latest: Option<ReciprocalApproval> = None;
+        for row in self.db.query_all(&query).await? {
+            let request = decode_request(&row)?;
+            for review in request.reviews.iter().filter(|r| {
+                &r.reviewer == approver && r.decision == Decision::Approve && r.create_time >= since
+            }) {
+                if latest
+                    .as_ref()
+                    .is_none_or(|l| l.approve_time < review.create_time)
+                {
+                    latest = Some(ReciprocalApproval {
+                        change_request_id: request.id.clone(),
+                        approve_time: review.create_time,
+                    });
+                }
+            }
+        }
+        Ok(latest)
     }
 }

@@ -65,6 +65,7 @@ fn new_request(id: &str, resource_id: &str) -> (ChangeRequest, EventDraft) {
         expire_time: None,
         draft: false,
         apply_time: None,
+        justification: String::new(),
     };
     let mut n = 0;
     ChangeRequest::create(
