@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "proto/approvals/v1/change_requests.proto",
     "proto/approvals/v1/applier.proto",
     "proto/approvals/v1/policies.proto",
+    "proto/approvals/v1/relay.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -10,13 +10,14 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{
         Context, change_requests::ChangeRequestsService, policies::PoliciesService,
+        relay_state::RelayStateService,
         read_cache::RequestCache,
     },
     apply::ApplyEngine,
     auth::{AuthSetupError, Authenticator},
     clock::SharedClock,
     config::Config,
-    pb::{self, policies_server::PoliciesServer},
+    pb::{self, policies_server::PoliciesServer, relay_state_server::RelayStateServer},
     watch::Hub,
 };
 
@@ -196,6 +197,8 @@ pub async fn run_with_clock(
         ChangeRequestsService::new(context.clone()),
         config.limits.max_message_bytes,
     );
+    let relay_state = RelayStateServer::new(RelayStateService::new(context.clone()))
+        .max_decoding_message_size(config.limits.max_message_bytes);
     let policies = PoliciesServer::new(PoliciesService::new(context))
         .max_decoding_message_size(config.limits.max_message_bytes);
 
@@ -228,6 +231,7 @@ pub async fn run_with_clock(
         .add_service(reflection_v1alpha)
         .add_service(change_requests)
         .add_service(policies)
+        .add_service(relay_state)
         .serve_with_incoming_shutdown(
             connection::incoming(listener, config.limits.coalesce_writes),
             signal,

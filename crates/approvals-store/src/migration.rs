@@ -7,7 +7,8 @@ use sea_orm_migration::{
 };
 
 use crate::schema::{
-    CHANGE_REQUESTS, EVENTS, POLICIES, RESOURCE_VERSIONS, RESOURCES, cr, ev, pol, res, rv,
+    CHANGE_REQUESTS, EVENTS, POLICIES, RELAY_DEAD_LETTERS, RELAY_SINKS, RESOURCE_VERSIONS,
+    RESOURCES, cr, dl, ev, pol, res, rs, rv,
 };
 
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(Policies),
             Box::new(Applying),
             Box::new(EventCommentCounts),
+            Box::new(RelayState),
         ]
     }
 }
@@ -332,5 +334,71 @@ impl MigrationTrait for EventCommentCounts {
                     .to_owned(),
             )
             .await
+    }
+}
+
+/// Relays' state, kept by the server so relays keep nothing on disk: a cursor and a lease per
+/// sink, and the sinks' dead letters.
+struct RelayState;
+
+impl MigrationName for RelayState {
+    fn name(&self) -> &str {
+        "m0005_relay_state"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for RelayState {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(RELAY_SINKS)
+                    .col(ColumnDef::new(rs::SINK).text().not_null().primary_key())
+                    .col(big(rs::CURSOR))
+                    .col(ColumnDef::new(rs::HOLDER).text().null())
+                    .col(ColumnDef::new(rs::LEASE_TOKEN).text().null())
+                    .col(ColumnDef::new(rs::LEASE_EXPIRE_TIME).big_integer().null())
+                    .col(big(rs::UPDATE_TIME))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(RELAY_DEAD_LETTERS)
+                    .col(
+                        ColumnDef::new(dl::ID)
+                            .string_len(36)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(text(dl::SINK))
+                    .col(big(dl::REVISION))
+                    .col(big(dl::LAST_REVISION))
+                    .col(big(dl::GAP))
+                    .col(text(dl::CHANGE_REQUEST_ID))
+                    .col(text(dl::WEBHOOK_ID))
+                    .col(text(dl::REASON))
+                    .col(big(dl::ATTEMPTS))
+                    .col(text(dl::PAYLOAD))
+                    .col(text(dl::CONTENT_TYPE))
+                    .col(big(dl::CREATE_TIME))
+                    .col(big(dl::UPDATE_TIME))
+                    .col(big(dl::RETRY_REQUESTED))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("dl_sink_id")
+                    .table(RELAY_DEAD_LETTERS)
+                    .col(dl::SINK)
+                    .col(dl::ID)
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
     }
 }
