@@ -8,7 +8,7 @@
 //! - [`api`] the gRPC handlers;
 //! - [`transport`] the server's assembly: the tower stack, HTTP/2 and the routes;
 //! - [`client`] the client of the public API that the CLI and the relay share (it imports only
-//!   [`pb`]).
+//!   [`pb`]); [`relay`] the relay (`approvals relay`), a client of the public API.
 
 pub mod api;
 pub mod apply;
@@ -19,6 +19,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod pb;
+pub mod relay;
 pub mod telemetry;
 pub mod transport;
 pub mod watch;

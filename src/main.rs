@@ -28,6 +28,8 @@ enum Command {
     /// Check the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Relay events to webhooks and Slack (a client of the API; see the README's "Relay").
+    Relay(approvals::relay::cli::RelayArgs),
 }
 
 #[derive(Subcommand)]
@@ -46,7 +48,7 @@ enum KeysCommand {
         #[arg(long)]
         principal: String,
         /// Comma separated: approvals:read, approvals:write, approvals:admin, approvals:act_as,
-        /// approvals:bypass.
+        /// approvals:bypass, approvals:relay.
         #[arg(long, value_delimiter = ',', required = true)]
         scopes: Vec<String>,
         /// Comma separated bare group names.
@@ -164,6 +166,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (migrate_only, args) = match cli.command {
         Some(Command::Keys(command)) => return generate_key(command),
+        Some(Command::Relay(args)) => return approvals::relay::cli::main(args).await,
         Some(Command::Config(ConfigCommand::Check(args))) => {
             return match load(&args) {
                 Ok(config) => {

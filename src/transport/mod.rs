@@ -92,7 +92,7 @@ pub async fn run_process(config: Config, migrate_only: bool) -> ExitCode {
 }
 
 /// SIGINT (Ctrl-C) or, on Unix, SIGTERM (Kubernetes stopping the pod).
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
