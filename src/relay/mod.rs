@@ -97,7 +97,8 @@ pub async fn run(
     let client = connect(&config)?;
     let holder = config.holder.clone().unwrap_or_else(default_holder);
     let (stop_tx, stop) = watch::channel(false);
-    let mut tasks = Vec::new();
+    // Dropping the relay's future (an embedding that aborts it) ends every sink task too.
+    let mut tasks = tokio::task::JoinSet::new();
     for sink in &config.sinks {
         let task = SinkTask {
             filter: sink
@@ -111,15 +112,13 @@ pub async fn run(
             lease_duration: config.lease_duration,
             stop: stop.clone(),
         };
-        tasks.push(tokio::spawn(task.run()));
+        tasks.spawn(task.run());
     }
     tracing::info!(%holder, sinks = config.sinks.len(), endpoint = %config.endpoint, "relay running");
     shutdown.await;
     tracing::info!("relay stopping");
     let _ = stop_tx.send(true);
-    for task in tasks {
-        let _ = task.await;
-    }
+    while tasks.join_next().await.is_some() {}
     Ok(())
 }
 

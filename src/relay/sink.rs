@@ -174,13 +174,13 @@ impl SinkTask {
     async fn serve(&self, state: pb::SinkState) -> Ended {
         let token = state.lease_token.clone();
         let (lost_tx, mut lost) = watch::channel(false);
-        let keeper = tokio::spawn(Self::keep_lease(
+        let _keeper = AbortOnDrop(tokio::spawn(Self::keep_lease(
             self.state(),
             self.lease_request(&token),
             self.lease_duration,
             self.stop.clone(),
             lost_tx,
-        ));
+        )));
         let mut serving = Serving {
             task: self,
             state: self.state(),
@@ -189,9 +189,16 @@ impl SinkTask {
             committed: state.cursor,
             head: state.cursor,
         };
-        let ended = serving.watch(&mut lost).await;
-        keeper.abort();
-        ended
+        serving.watch(&mut lost).await
+    }
+}
+
+/// Ends the lease keeper with the serving that started it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -18,6 +18,7 @@ mod now;
 mod policies;
 mod process;
 mod reads;
+mod relay;
 mod server;
 mod stalled;
 mod watch;
