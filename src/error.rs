@@ -254,12 +254,9 @@ impl From<ApiError> for Status {
                     "SINK_LEASE_LOST",
                     &[("sink", sink)],
                 ),
-                StoreError::SinkNotFound(sink) => status(
-                    Code::NotFound,
-                    message,
-                    "SINK_NOT_FOUND",
-                    &[("sink", sink)],
-                ),
+                StoreError::SinkNotFound(sink) => {
+                    status(Code::NotFound, message, "SINK_NOT_FOUND", &[("sink", sink)])
+                }
                 StoreError::DeadLetterNotFound(id) => status(
                     Code::NotFound,
                     message,

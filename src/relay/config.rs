@@ -256,13 +256,21 @@ impl RelayConfig {
             ));
         }
         if self.lease_duration < Duration::from_secs(1) {
-            return Err(invalid("relay.lease_duration", source, "must be at least 1s"));
+            return Err(invalid(
+                "relay.lease_duration",
+                source,
+                "must be at least 1s",
+            ));
         }
         let mut names = HashSet::new();
         for (i, sink) in self.sinks.iter().enumerate() {
             let key = |field: &str| format!("relay.sinks[{i}].{field}");
             if sink.name.trim().is_empty() || sink.name.chars().any(char::is_control) {
-                return Err(invalid(key("name"), source, "is required (no control characters)"));
+                return Err(invalid(
+                    key("name"),
+                    source,
+                    "is required (no control characters)",
+                ));
             }
             if !names.insert(sink.name.as_str()) {
                 return Err(invalid(
@@ -359,12 +367,16 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
             RelayConfig::parse(&FILE.replace("\"reviewed\"", "\"reviewd\""), "f").expect("parses");
         let err = config.check("f").expect_err("bad kind");
         assert!(
-            err.to_string().contains("relay.sinks[0].filter") && err.to_string().contains("reviewd"),
+            err.to_string().contains("relay.sinks[0].filter")
+                && err.to_string().contains("reviewd"),
             "{err}"
         );
         let config =
             RelayConfig::parse(&FILE.replace("whsec_Mf", "whsec_!!"), "f").expect("parses");
         let err = config.check("f").expect_err("bad secret");
-        assert!(err.to_string().contains("relay.sinks[0].secrets[0]"), "{err}");
+        assert!(
+            err.to_string().contains("relay.sinks[0].secrets[0]"),
+            "{err}"
+        );
     }
 }

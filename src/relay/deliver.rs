@@ -30,9 +30,14 @@ pub enum Attempt {
 /// How delivering one event ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Delivered { attempts: u32 },
+    Delivered {
+        attempts: u32,
+    },
     /// Give up: to dead letters.
-    DeadLetter { attempts: u32, reason: String },
+    DeadLetter {
+        attempts: u32,
+        reason: String,
+    },
     /// The lease was lost (or the relay is stopping) before it ended.
     Cancelled,
 }

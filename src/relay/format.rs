@@ -73,7 +73,10 @@ pub fn cloudevent(event: &pb::Event) -> Result<Payload, String> {
     let built = EventBuilderV10::new()
         .id(event.revision.to_string())
         .source(format!("approvals/{}", event.project))
-        .ty(format!("approvals.change_request.{}", kind_name(event.kind)))
+        .ty(format!(
+            "approvals.change_request.{}",
+            kind_name(event.kind)
+        ))
         .subject(event.change_request_id.clone())
         .time(time(event))
         .data(JSON_CONTENT_TYPE, event_json(event)?)

@@ -136,11 +136,15 @@ pub async fn check(config: &RelayConfig, name: &str) -> Result<String, RelayErro
             format!("delivered: HTTP {status} {body}")
         }
         deliver::Attempt::Retry { reason, .. } => format!("failed (would be retried): {reason}"),
-        deliver::Attempt::Refused { reason } => format!("refused (would be dead lettered): {reason}"),
+        deliver::Attempt::Refused { reason } => {
+            format!("refused (would be dead lettered): {reason}")
+        }
     })
 }
 
-fn state_client(config: &RelayConfig) -> Result<RelayStateClient<crate::client::AuthedChannel>, RelayError> {
+fn state_client(
+    config: &RelayConfig,
+) -> Result<RelayStateClient<crate::client::AuthedChannel>, RelayError> {
     Ok(RelayStateClient::new(connect(config)?.authed_channel()))
 }
 

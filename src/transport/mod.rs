@@ -10,8 +10,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{
         Context, change_requests::ChangeRequestsService, policies::PoliciesService,
-        relay_state::RelayStateService,
-        read_cache::RequestCache,
+        read_cache::RequestCache, relay_state::RelayStateService,
     },
     apply::ApplyEngine,
     auth::{AuthSetupError, Authenticator},

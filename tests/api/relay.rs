@@ -75,16 +75,12 @@ async fn receive(State(b): State<Behaviour>, headers: HeaderMap, body: Bytes) ->
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    b.received
-        .lock()
-        .expect("lock")
-        .push(Received {
-            headers,
-            body,
-            at: Instant::now(),
-        });
-    if b
-        .fail_first
+    b.received.lock().expect("lock").push(Received {
+        headers,
+        body,
+        at: Instant::now(),
+    });
+    if b.fail_first
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
         .is_ok()
     {
@@ -378,7 +374,10 @@ async fn cloudevents_are_signed_with_every_secret_and_carry_the_required_attribu
     let second = setup.create("Second").await;
     let received = receiver.wait_for(2, Duration::from_secs(10)).await;
     assert_eq!(received.len(), 2, "both events delivered");
-    for (r, revision, title) in [(&received[0], first, "First"), (&received[1], second, "Second")] {
+    for (r, revision, title) in [
+        (&received[0], first, "First"),
+        (&received[1], second, "Second"),
+    ] {
         // Signed with both secrets (rotation): each verifies alone, independently.
         verify(r, SECRET_A).expect("signature under the first secret");
         verify(r, SECRET_B).expect("signature under the second secret");
@@ -402,14 +401,20 @@ async fn cloudevents_are_signed_with_every_secret_and_carry_the_required_attribu
         assert_eq!(event["datacontenttype"], "application/json");
         // data: the Event in proto JSON, with the request as it stood after it.
         let data = &event["data"];
-        assert_eq!(data["revision"], revision.to_string(), "int64 is a JSON string");
+        assert_eq!(
+            data["revision"],
+            revision.to_string(),
+            "int64 is a JSON string"
+        );
         assert_eq!(data["kind"], "EVENT_KIND_CREATED");
         assert_eq!(data["changeRequestId"], event["subject"]);
         assert_eq!(data["changeRequest"]["title"], title);
         assert_eq!(data["actor"], "user:alice");
     }
     assert_eq!(
-        setup.wait_cursor("ce", second, Duration::from_secs(5)).await,
+        setup
+            .wait_cursor("ce", second, Duration::from_secs(5))
+            .await,
         second
     );
     relay.stop().await;
@@ -421,7 +426,8 @@ async fn a_receiver_down_for_a_while_gets_every_event_in_order_afterwards() {
     let mut receiver = Receiver::start().await;
     // Enough attempts to outlast the outage (the default, 10, would dead letter the first
     // event after about 3 s of 500 ms backoffs).
-    let relay = InProcess::start(setup.config(&sink("down", &receiver.url(), "max_attempts = 100")));
+    let relay =
+        InProcess::start(setup.config(&sink("down", &receiver.url(), "max_attempts = 100")));
     setup.wait_served("down").await;
     let mut revisions = vec![setup.create("before").await];
     receiver.wait_for(1, Duration::from_secs(10)).await;
@@ -432,11 +438,18 @@ async fn a_receiver_down_for_a_while_gets_every_event_in_order_afterwards() {
         revisions.push(setup.create(&format!("during {i}")).await);
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "nothing got through while down"
+    );
     receiver.up().await;
     revisions.push(setup.create("after").await);
     let last = *revisions.last().expect("revisions");
     assert_eq!(
-        setup.wait_cursor("down", last, Duration::from_secs(15)).await,
+        setup
+            .wait_cursor("down", last, Duration::from_secs(15))
+            .await,
         last
     );
     assert_in_order_without_gaps(&receiver.received(), &revisions);
@@ -453,7 +466,12 @@ async fn a_4xx_goes_to_dead_letters_at_once_a_5xx_is_retried_and_a_retry_redeliv
     // 400: one attempt, then a dead letter, and delivery goes on.
     receiver.behaviour.status.store(400, Ordering::Relaxed);
     let refused = setup.create("refused").await;
-    assert_eq!(setup.wait_cursor("dl", refused, Duration::from_secs(10)).await, refused);
+    assert_eq!(
+        setup
+            .wait_cursor("dl", refused, Duration::from_secs(10))
+            .await,
+        refused
+    );
     assert_eq!(receiver.received().len(), 1, "no retry after a 400");
     let mut state = setup.state().await;
     let letters = state
@@ -469,20 +487,33 @@ async fn a_4xx_goes_to_dead_letters_at_once_a_5xx_is_retried_and_a_retry_redeliv
     assert_eq!(letters[0].revision, refused);
     assert_eq!(letters[0].attempts, 1);
     assert_eq!(letters[0].webhook_id, format!("dl-{refused}"));
-    assert!(letters[0].reason.contains("HTTP 400"), "{}", letters[0].reason);
+    assert!(
+        letters[0].reason.contains("HTTP 400"),
+        "{}",
+        letters[0].reason
+    );
 
     // 503 twice, then 200: delivered on the third attempt, no dead letter.
     receiver.behaviour.status.store(200, Ordering::Relaxed);
     receiver.behaviour.fail_first.store(2, Ordering::Relaxed);
     let retried = setup.create("retried").await;
-    assert_eq!(setup.wait_cursor("dl", retried, Duration::from_secs(10)).await, retried);
+    assert_eq!(
+        setup
+            .wait_cursor("dl", retried, Duration::from_secs(10))
+            .await,
+        retried
+    );
     let attempts: Vec<_> = receiver
         .received()
         .into_iter()
         .filter(|r| r.revision() == retried)
         .collect();
     assert_eq!(attempts.len(), 3, "two 503s, then delivered");
-    assert!(attempts.iter().all(|r| r.header("webhook-id") == format!("dl-{retried}")));
+    assert!(
+        attempts
+            .iter()
+            .all(|r| r.header("webhook-id") == format!("dl-{retried}"))
+    );
 
     // Retry the dead letter: redelivered with its webhook-id, then deleted.
     let marked = state
@@ -506,7 +537,10 @@ async fn a_4xx_goes_to_dead_letters_at_once_a_5xx_is_retried_and_a_retry_redeliv
         if left == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the dead letter was not redelivered");
+        assert!(
+            Instant::now() < deadline,
+            "the dead letter was not redelivered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let redelivered = receiver.received();
@@ -540,8 +574,15 @@ async fn a_sink_that_is_down_does_not_delay_another() {
     let received = receiver.wait_for(5, Duration::from_secs(10)).await;
     assert_in_order_without_gaps(&received, &revisions);
     let took = received.last().expect("received").at - started;
-    assert!(took < Duration::from_secs(2), "the live sink waited {took:?}");
-    assert_eq!(setup.cursor("dead").await, 0, "the dead sink delivered nothing");
+    assert!(
+        took < Duration::from_secs(2),
+        "the live sink waited {took:?}"
+    );
+    assert_eq!(
+        setup.cursor("dead").await,
+        0,
+        "the dead sink delivered nothing"
+    );
     relay.stop().await;
 }
 
@@ -558,7 +599,12 @@ async fn two_relays_on_one_sink_deliver_each_event_once_and_take_over() {
         revisions.push(setup.create(&format!("first {i}")).await);
     }
     let fifth = *revisions.last().expect("revisions");
-    assert_eq!(setup.wait_cursor("shared", fifth, Duration::from_secs(10)).await, fifth);
+    assert_eq!(
+        setup
+            .wait_cursor("shared", fifth, Duration::from_secs(10))
+            .await,
+        fifth
+    );
     // The replica holding the lease dies (its lease is not released): the other one takes
     // over once it expires (2 s) and delivers the rest.
     let mut state = setup.state().await;
@@ -575,7 +621,12 @@ async fn two_relays_on_one_sink_deliver_each_event_once_and_take_over() {
         revisions.push(setup.create(&format!("second {i}")).await);
     }
     let last = *revisions.last().expect("revisions");
-    assert_eq!(setup.wait_cursor("shared", last, Duration::from_secs(15)).await, last);
+    assert_eq!(
+        setup
+            .wait_cursor("shared", last, Duration::from_secs(15))
+            .await,
+        last
+    );
     let now = state
         .get_sink_state(pb::GetSinkStateRequest {
             sink: "shared".into(),
@@ -627,10 +678,15 @@ async fn a_relay_killed_mid_delivery_resumes_after_restart_and_loses_nothing() {
     child.kill().expect("kill");
     let _ = child.wait();
     let cursor = setup.cursor("killed").await;
-    assert!(cursor < revisions[7], "killed before it finished ({cursor})");
+    assert!(
+        cursor < revisions[7],
+        "killed before it finished ({cursor})"
+    );
     let mut child = relay_process(&setup, &config);
     let last = revisions[7];
-    let reached = setup.wait_cursor("killed", last, Duration::from_secs(20)).await;
+    let reached = setup
+        .wait_cursor("killed", last, Duration::from_secs(20))
+        .await;
     child.kill().expect("kill");
     let _ = child.wait();
     assert_eq!(reached, last, "the restarted relay delivered the rest");
@@ -671,7 +727,12 @@ async fn a_gap_beyond_the_watch_history_is_recorded_as_a_dead_letter() {
     }
     let last = *revisions.last().expect("revisions");
     let relay = InProcess::start(setup.config(&sink("gap", &receiver.url(), "")));
-    assert_eq!(setup.wait_cursor("gap", last, Duration::from_secs(15)).await, last);
+    assert_eq!(
+        setup
+            .wait_cursor("gap", last, Duration::from_secs(15))
+            .await,
+        last
+    );
     let letters = state
         .list_dead_letters(pb::ListDeadLettersRequest {
             sink: "gap".into(),
