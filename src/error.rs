@@ -412,6 +412,7 @@ mod tests {
         let protos = [
             include_str!("../proto/approvals/v1/change_requests.proto"),
             include_str!("../proto/approvals/v1/policies.proto"),
+            include_str!("../proto/approvals/v1/relay.proto"),
         ]
         .concat();
         let source = include_str!("error.rs");
