@@ -871,3 +871,95 @@ fn the_slack_payload_matches_its_snapshot() {
         serde_json::from_str(&std::fs::read_to_string(&path).expect("snapshot")).expect("JSON");
     assert_eq!(actual, expected);
 }
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// The relay's figures in the README: backlog throughput (events/s to a local receiver) and
+/// commit-to-webhook latency (the create acknowledged -> the receiver has the POST), at 1 and
+/// 20 sinks, on SQLite. Not run by default:
+/// `cargo test --release --test api relay::relay_bench -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn relay_bench() {
+    const BACKLOG: usize = 1000;
+    const PACED: usize = 100;
+    for sinks in [1usize, 20] {
+        let setup = Setup::start().await;
+        let receiver = Receiver::start().await;
+        let names: Vec<String> = (0..sinks).map(|i| format!("bench{i}")).collect();
+        let config = setup.config(
+            &names
+                .iter()
+                .map(|name| sink(name, &receiver.url(), ""))
+                .collect::<String>(),
+        );
+        // First run: each sink gets a cursor; then stop (releasing the leases).
+        let relay = InProcess::start(config.clone());
+        for name in &names {
+            setup.wait_served(name).await;
+        }
+        let warm = setup.create("warm-up").await;
+        for name in &names {
+            setup.wait_cursor(name, warm, Duration::from_secs(30)).await;
+        }
+        relay.stop().await;
+
+        // Throughput: a backlog of BACKLOG events, delivered by a fresh relay.
+        let mut last = 0;
+        for i in 0..BACKLOG {
+            last = setup.create(&format!("backlog {i}")).await;
+        }
+        let before = receiver.received().len();
+        let started = Instant::now();
+        let relay = InProcess::start(config.clone());
+        for name in &names {
+            assert_eq!(
+                setup
+                    .wait_cursor(name, last, Duration::from_secs(300))
+                    .await,
+                last
+            );
+        }
+        let took = started.elapsed();
+        let delivered = receiver.received().len() - before;
+        assert!(delivered >= BACKLOG * sinks);
+
+        // Latency: paced creates, each POST's arrival against its create's acknowledgement.
+        let mut acked = HashMap::new();
+        for i in 0..PACED {
+            let revision = setup.create(&format!("paced {i}")).await;
+            acked.insert(revision, Instant::now());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let final_revision = *acked.keys().max().expect("revisions");
+        for name in &names {
+            setup
+                .wait_cursor(name, final_revision, Duration::from_secs(60))
+                .await;
+        }
+        let mut latencies: Vec<Duration> = receiver
+            .received()
+            .iter()
+            .filter_map(|r| {
+                let at = acked.get(&r.revision())?;
+                Some(r.at.saturating_duration_since(*at))
+            })
+            .collect();
+        latencies.sort();
+        println!(
+            "relay bench, {sinks} sink(s): backlog {BACKLOG} events in {took:.2?}: {:.0} events/s per sink, {:.0} deliveries/s in all; commit-to-webhook over {} deliveries: p50 {:.1?}, p99 {:.1?}",
+            BACKLOG as f64 / took.as_secs_f64(),
+            delivered as f64 / took.as_secs_f64(),
+            latencies.len(),
+            percentile(&latencies, 0.50),
+            percentile(&latencies, 0.99),
+        );
+        relay.stop().await;
+    }
+}
