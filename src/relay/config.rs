@@ -86,7 +86,8 @@ pub struct SinkConfig {
     /// Time since the first attempt after which an event goes to dead letters.
     #[serde(default = "default_max_age", with = "duration::positive")]
     pub max_age: Duration,
-    /// First retry delay; doubles per attempt up to `max_backoff`, with full jitter.
+    /// First retry delay; doubles per attempt up to `max_backoff`, with jitter (a random wait
+    /// between half and all of it).
     #[serde(default = "default_backoff", with = "duration::positive")]
     pub backoff: Duration,
     #[serde(default = "default_max_backoff", with = "duration::positive")]

@@ -1,6 +1,7 @@
 //! One POST of a signed payload to a sink, and the retries around it: exponential backoff with
-//! full jitter on timeouts, connection errors, 5xx, 408 and 429 (waiting at least `Retry-After`);
-//! no retry on other 4xx; dead letter after `max_attempts` or `max_age`.
+//! jitter (a random wait between half and all of the exponential delay) on timeouts, connection
+//! errors, 5xx, 408 and 429 (waiting at least `Retry-After`); no retry on other 4xx; dead letter
+//! after `max_attempts` or `max_age`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -138,7 +139,8 @@ pub async fn attempt(
     }
 }
 
-/// The wait before attempt `n + 1` (n >= 1): full jitter over `backoff * 2^(n-1)`, capped.
+/// The wait before attempt `n + 1` (n >= 1): a random wait between half and all of
+/// `backoff * 2^(n-1)`, capped at `max_backoff`.
 fn backoff(delivery: &Delivery, attempts: u32) -> Duration {
     let exp = delivery
         .backoff
