@@ -872,6 +872,79 @@ fn the_slack_payload_matches_its_snapshot() {
     assert_eq!(actual, expected);
 }
 
+/// Runs `approvals relay --config FILE ARGS...`; returns (success, stdout, stderr).
+fn relay_cli(setup: &Setup, config: &str, args: &[&str]) -> (bool, String, String) {
+    let path = setup.dir.path().join("cli.toml");
+    std::fs::write(&path, config).expect("config");
+    let output = std::process::Command::new(BINARY)
+        .args(["relay", "--config"])
+        .arg(&path)
+        .args(args)
+        .env_remove("APPROVALS_API_KEY")
+        .env_remove("APPROVALS_TOKEN")
+        .output()
+        .expect("run the relay command");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+// Multi-threaded: the receiver answers while this thread waits for the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_checks_a_sink_and_lists_and_retries_dead_letters() {
+    let setup = Setup::start().await;
+    let receiver = Receiver::start().await;
+    let config = format!(
+        "[relay]\nendpoint = {:?}\ncredential_file = {:?}\nlease_duration = \"2s\"\n\n{}",
+        setup.server.endpoint(),
+        setup.credential_file(),
+        sink("cli", &receiver.url(), "")
+    );
+
+    // check: one signed test event, and the answer printed.
+    let (ok, stdout, stderr) = relay_cli(&setup, &config, &["check", "--sink", "cli"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("delivered: HTTP 200"), "{stdout}");
+    let received = receiver.wait_for(1, Duration::from_secs(5)).await;
+    assert!(received[0].header("webhook-id").starts_with("cli-check-"));
+    verify(&received[0], SECRET_A).expect("the test event is signed");
+    assert_eq!(received[0].json()["type"], "approvals.relay.check");
+    let (ok, _, stderr) = relay_cli(&setup, &config, &["check", "--sink", "nope"]);
+    assert!(
+        !ok && stderr.contains("\"nope\" is not configured"),
+        "{stderr}"
+    );
+
+    // A refused event becomes a dead letter; the CLI lists it and marks it for retry.
+    receiver.behaviour.status.store(410, Ordering::Relaxed);
+    let relay = InProcess::start(setup.config(&sink("cli", &receiver.url(), "")));
+    setup.wait_served("cli").await;
+    let refused = setup.create("refused").await;
+    setup
+        .wait_cursor("cli", refused, Duration::from_secs(10))
+        .await;
+    relay.stop().await;
+    let (ok, stdout, stderr) = relay_cli(&setup, &config, &["dead-letters", "list"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&format!("revision {refused}")) && stdout.contains("HTTP 410"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = relay_cli(&setup, &config, &["dead-letters", "retry", "--all"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("1 dead letter(s) marked for retry"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = relay_cli(&setup, &config, &["dead-letters", "list", "--sink", "cli"]);
+    assert!(ok && stdout.contains("(retry requested)"), "{stdout}");
+    // A bad config names the key.
+    let (ok, _, stderr) = relay_cli(&setup, &config.replace("max_backoff", "max_backof"), &[]);
+    assert!(!ok && stderr.contains("max_backof"), "{stderr}");
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
