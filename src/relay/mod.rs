@@ -94,7 +94,6 @@ pub async fn run(
     config: RelayConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RelayError> {
-    let client = connect(&config)?;
     let holder = config.holder.clone().unwrap_or_else(default_holder);
     let (stop_tx, stop) = watch::channel(false);
     // Dropping the relay's future (an embedding that aborts it) ends every sink task too.
@@ -107,7 +106,10 @@ pub async fn run(
             delivery: delivery(sink)?,
             http: http_client(sink)?,
             sink: sink.clone(),
-            client: client.clone(),
+            // A connection of its own per sink: a sink that is not reading its watch stream
+            // (retrying a delivery) holds HTTP/2 flow-control window, which on a shared
+            // connection would stall every other sink's stream.
+            client: connect(&config)?,
             holder: holder.clone(),
             lease_duration: config.lease_duration,
             stop: stop.clone(),

@@ -966,12 +966,17 @@ async fn relay_bench() {
         let setup = Setup::start().await;
         let receiver = Receiver::start().await;
         let names: Vec<String> = (0..sinks).map(|i| format!("bench{i}")).collect();
+        // Leases of 10 s: renewals queue behind the sinks' cursor commits on SQLite's one writer.
         let config = setup.config(
             &names
                 .iter()
                 .map(|name| sink(name, &receiver.url(), ""))
                 .collect::<String>(),
         );
+        let config = RelayConfig {
+            lease_duration: Duration::from_secs(10),
+            ..config
+        };
         // First run: each sink gets a cursor; then stop (releasing the leases).
         let relay = InProcess::start(config.clone());
         for name in &names {
