@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "proto/approvals/v1/applier.proto",
     "proto/approvals/v1/policies.proto",
     "proto/approvals/v1/audit.proto",
+    "proto/approvals/v1/relay.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

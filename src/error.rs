@@ -261,6 +261,44 @@ impl From<ApiError> for Status {
                         ("action_key", action_key),
                     ],
                 ),
+                StoreError::SinkLeaseHeld {
+                    sink,
+                    holder,
+                    expire_time,
+                } => status(
+                    Code::FailedPrecondition,
+                    message,
+                    "SINK_LEASE_HELD",
+                    &[
+                        ("sink", sink),
+                        ("holder", holder),
+                        (
+                            "expire_time",
+                            humantime::format_rfc3339_micros(
+                                std::time::UNIX_EPOCH
+                                    + std::time::Duration::from_micros(
+                                        u64::try_from(expire_time).unwrap_or(0),
+                                    ),
+                            )
+                            .to_string(),
+                        ),
+                    ],
+                ),
+                StoreError::SinkLeaseLost(sink) => status(
+                    Code::FailedPrecondition,
+                    message,
+                    "SINK_LEASE_LOST",
+                    &[("sink", sink)],
+                ),
+                StoreError::SinkNotFound(sink) => {
+                    status(Code::NotFound, message, "SINK_NOT_FOUND", &[("sink", sink)])
+                }
+                StoreError::DeadLetterNotFound(id) => status(
+                    Code::NotFound,
+                    message,
+                    "DEAD_LETTER_NOT_FOUND",
+                    &[("id", id)],
+                ),
                 StoreError::Unavailable(detail) => {
                     tracing::warn!(%detail, "database unavailable");
                     status(
@@ -431,6 +469,7 @@ mod tests {
             include_str!("../proto/approvals/v1/change_requests.proto"),
             include_str!("../proto/approvals/v1/policies.proto"),
             include_str!("../proto/approvals/v1/audit.proto"),
+            include_str!("../proto/approvals/v1/relay.proto"),
         ]
         .concat();
         let source = include_str!("error.rs");

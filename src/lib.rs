@@ -10,8 +10,8 @@
 //! - [`transport`] the server's assembly: the tower stack, HTTP/2 and the routes;
 //! - [`client`] the client of the public API that the CLI and the relay share (it imports only
 //!   [`pb`]);
-//! - [`cli`] the human CLI (`approvals cr`, `approvals policy`, `approvals login`), over
-//!   [`client`].
+//! - [`cli`] the human CLI (`approvals cr`, `approvals policy`, `approvals login`), and
+//!   [`relay`] the relay (`approvals relay`): both clients of the public API, over [`client`].
 
 pub mod api;
 pub mod apply;
@@ -24,6 +24,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod pb;
+pub mod relay;
 pub mod telemetry;
 pub mod transport;
 pub mod watch;

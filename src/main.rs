@@ -50,6 +50,8 @@ enum Command {
     /// The verifiable history: keys, export, verify (see the README, "Audit").
     #[command(subcommand)]
     Audit(approvals::audit::command::AuditCommand),
+    /// Relay events to webhooks and Slack (a client of the API; see the README's "Relay").
+    Relay(approvals::relay::cli::RelayArgs),
 }
 
 #[derive(Subcommand)]
@@ -68,7 +70,7 @@ enum KeysCommand {
         #[arg(long)]
         principal: String,
         /// Comma separated: approvals:read, approvals:write, approvals:admin, approvals:act_as,
-        /// approvals:bypass.
+        /// approvals:bypass, approvals:relay.
         #[arg(long, value_delimiter = ',', required = true)]
         scopes: Vec<String>,
         /// Comma separated bare group names.
@@ -200,6 +202,7 @@ async fn main() -> ExitCode {
             );
         }
         Some(Command::Audit(command)) => return approvals::audit::command::run(command).await,
+        Some(Command::Relay(args)) => return approvals::relay::cli::main(args).await,
         Some(Command::Config(ConfigCommand::Check(args))) => {
             return match load(&args) {
                 Ok(config) => {

@@ -8,6 +8,7 @@ mod page_token;
 pub mod policies;
 pub mod read_cache;
 mod reads;
+pub mod relay_state;
 mod requests;
 
 use std::sync::Arc;

@@ -19,6 +19,7 @@ pub struct Method {
 const READ: &[Scope] = &[Scope::Read];
 const WRITE: &[Scope] = &[Scope::Write];
 const ADMIN: &[Scope] = &[Scope::Admin];
+const RELAY: &[Scope] = &[Scope::Relay];
 
 const fn unary(path: &'static str, scopes: &'static [Scope]) -> Method {
     Method {
@@ -64,6 +65,15 @@ pub const METHODS: &[Method] = &[
     unary("/approvals.v1.Audit/GetAuditCheckpoint", READ),
     unary("/approvals.v1.Audit/GetAuditProof", READ),
     unary("/approvals.v1.Audit/GetAuditPublicKey", READ),
+    unary("/approvals.v1.RelayState/AcquireSinkLease", RELAY),
+    unary("/approvals.v1.RelayState/ReleaseSinkLease", RELAY),
+    unary("/approvals.v1.RelayState/CommitSinkCursor", RELAY),
+    unary("/approvals.v1.RelayState/GetSinkState", RELAY),
+    unary("/approvals.v1.RelayState/AddDeadLetter", RELAY),
+    unary("/approvals.v1.RelayState/ListDeadLetters", RELAY),
+    unary("/approvals.v1.RelayState/RetryDeadLetter", RELAY),
+    unary("/approvals.v1.RelayState/DeleteDeadLetter", RELAY),
+    unary("/approvals.v1.RelayState/UpdateDeadLetter", RELAY),
 ];
 
 /// Services served without authentication: health checks and reflection.

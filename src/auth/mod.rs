@@ -39,15 +39,19 @@ pub enum Scope {
     Admin,
     ActAs,
     Bypass,
+    /// The relays' own state (`approvals.v1.RelayState`); includes nothing else, and no other
+    /// scope includes it.
+    Relay,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 6] = [
         Scope::Read,
         Scope::Write,
         Scope::Admin,
         Scope::ActAs,
         Scope::Bypass,
+        Scope::Relay,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +61,7 @@ impl Scope {
             Scope::Admin => "approvals:admin",
             Scope::ActAs => "approvals:act_as",
             Scope::Bypass => "approvals:bypass",
+            Scope::Relay => "approvals:relay",
         }
     }
 
@@ -91,6 +96,9 @@ mod tests {
         for other in [Scope::Read, Scope::Write, Scope::Admin, Scope::ActAs] {
             assert!(!Scope::Bypass.grants(other));
             assert!(!Scope::Admin.grants(Scope::ActAs) && !Scope::Admin.grants(Scope::Bypass));
+        }
+        for other in [Scope::Read, Scope::Write, Scope::Admin] {
+            assert!(!Scope::Relay.grants(other) && !other.grants(Scope::Relay));
         }
         for scope in Scope::ALL {
             assert_eq!(Scope::parse(scope.as_str()), Some(scope));

@@ -56,7 +56,7 @@ pub struct ApiKeyConfig {
     #[serde(default)]
     pub groups: Vec<String>,
     /// `approvals:read`, `approvals:write`, `approvals:admin`, `approvals:act_as`,
-    /// `approvals:bypass`.
+    /// `approvals:bypass`, `approvals:relay`.
     pub scopes: Vec<String>,
     /// The projects the key may act in; `["*"]`: every project. Required: a key without
     /// projects is refused when the configuration loads.

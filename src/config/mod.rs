@@ -9,7 +9,7 @@ use approvals_store::DatabaseSettings;
 pub mod allowed_endpoints;
 pub mod auth;
 pub mod check;
-mod fields;
+pub(crate) mod fields;
 mod load;
 
 pub use self::load::{ConfigError, Flags, env_name, key_paths};

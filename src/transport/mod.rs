@@ -10,13 +10,13 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{
         Context, change_requests::ChangeRequestsService, policies::PoliciesService,
-        read_cache::RequestCache,
+        read_cache::RequestCache, relay_state::RelayStateService,
     },
     apply::ApplyEngine,
     auth::{AuthSetupError, Authenticator},
     clock::SharedClock,
     config::Config,
-    pb::{self, policies_server::PoliciesServer},
+    pb::{self, policies_server::PoliciesServer, relay_state_server::RelayStateServer},
     watch::Hub,
 };
 
@@ -93,7 +93,7 @@ pub async fn run_process(config: Config, migrate_only: bool) -> ExitCode {
 }
 
 /// SIGINT (Ctrl-C) or, on Unix, SIGTERM (Kubernetes stopping the pod).
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -217,6 +217,8 @@ pub async fn run_with_clock(
         context.clone(),
         signing_key.as_ref().map(|key| key.verifying_key()),
     ));
+    let relay_state = RelayStateServer::new(RelayStateService::new(context.clone()))
+        .max_decoding_message_size(config.limits.max_message_bytes);
     let policies = PoliciesServer::new(PoliciesService::new(context))
         .max_decoding_message_size(config.limits.max_message_bytes);
 
@@ -250,6 +252,7 @@ pub async fn run_with_clock(
         .add_service(change_requests)
         .add_service(policies)
         .add_service(audit)
+        .add_service(relay_state)
         .serve_with_incoming_shutdown(
             connection::incoming(listener, config.limits.coalesce_writes),
             signal,

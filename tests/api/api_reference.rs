@@ -26,6 +26,7 @@ const FILES: &[&str] = &[
     "approvals/v1/policies.proto",
     "approvals/v1/audit.proto",
     "approvals/v1/applier.proto",
+    "approvals/v1/relay.proto",
 ];
 const OUTPUT: &str = "docs/api.md";
 const UPDATE_ENV: &str = "APPROVALS_UPDATE_API_REFERENCE";

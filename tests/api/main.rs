@@ -21,6 +21,7 @@ mod policies;
 mod policies2;
 mod process;
 mod reads;
+mod relay;
 mod server;
 mod stalled;
 mod watch;

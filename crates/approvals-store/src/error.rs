@@ -26,6 +26,22 @@ pub enum StoreError {
         environment: String,
         action_key: String,
     },
+    #[error(
+        "sink {sink:?} is leased by {holder:?}; another holder may take it when the lease expires"
+    )]
+    SinkLeaseHeld {
+        sink: String,
+        holder: String,
+        expire_time: i64,
+    },
+    #[error(
+        "the lease on sink {0:?} is lost (expired and taken over, or released): stop serving it"
+    )]
+    SinkLeaseLost(String),
+    #[error("sink {0:?} not found: no relay served it yet")]
+    SinkNotFound(String),
+    #[error("dead letter {0:?} not found")]
+    DeadLetterNotFound(String),
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
     #[error("internal database error")]

@@ -12,7 +12,8 @@
 //! transaction every write runs in), `requests` (create, get, mutate), `rows` (the rows of a
 //! new request), `codec` (rows <-> domain values), `list` (lists, their totals, snapshot
 //! pages), `pending` (lists only the domain can filter), `log` (the event log and its reader),
-//! `relay` (commits across replicas), `applying` (the apply feature's writes), `policies`,
+//! `relay` (commits across replicas), `relay_state` (the relays' cursors, leases and dead
+//! letters), `applying` (the apply feature's writes), `policies`,
 //! `seed` (bulk writes for benchmarks), `redact` (URLs for messages).
 
 mod applying;
@@ -27,6 +28,7 @@ mod pending;
 mod policies;
 mod redact;
 mod relay;
+mod relay_state;
 mod requests;
 mod rows;
 mod schema;
@@ -43,4 +45,5 @@ pub use list::{ListPage, SnapshotPage, TOTAL_SIZE_EXACT_LIMIT};
 pub use log::{LogBatch, LogReader};
 pub use policies::PolicyFilter;
 pub use redact::redact_url;
+pub use relay_state::{DeadLetter, DeadLetterFilter, LeaseRequest, SinkState};
 pub use requests::Created;

@@ -7,8 +7,8 @@ use sea_orm_migration::{
 };
 
 use crate::schema::{
-    CHANGE_REQUESTS, CHECKPOINTS, EVENTS, POLICIES, RESOURCE_VERSIONS, RESOURCES, ckp, cr, ev, pol,
-    res, rv,
+    CHANGE_REQUESTS, CHECKPOINTS, EVENTS, POLICIES, RELAY_DEAD_LETTERS, RELAY_SINKS,
+    RESOURCE_VERSIONS, RESOURCES, ckp, cr, dl, ev, pol, res, rs, rv,
 };
 
 pub struct Migrator;
@@ -22,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(Applying),
             Box::new(EventCommentCounts),
             Box::new(AuditChain),
+            Box::new(RelayState),
         ]
     }
 }
@@ -383,6 +384,72 @@ impl MigrationTrait for AuditChain {
                     .col(ColumnDef::new(ckp::ROOT).binary().not_null())
                     .col(big(ckp::CHECKPOINT_TIME))
                     .col(ColumnDef::new(ckp::SIGNATURE).binary().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Relays' state, kept by the server so relays keep nothing on disk: a cursor and a lease per
+/// sink, and the sinks' dead letters.
+struct RelayState;
+
+impl MigrationName for RelayState {
+    fn name(&self) -> &str {
+        "m0006_relay_state"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for RelayState {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(RELAY_SINKS)
+                    .col(ColumnDef::new(rs::SINK).text().not_null().primary_key())
+                    .col(big(rs::CURSOR))
+                    .col(ColumnDef::new(rs::HOLDER).text().null())
+                    .col(ColumnDef::new(rs::LEASE_TOKEN).text().null())
+                    .col(ColumnDef::new(rs::LEASE_EXPIRE_TIME).big_integer().null())
+                    .col(big(rs::UPDATE_TIME))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(RELAY_DEAD_LETTERS)
+                    .col(
+                        ColumnDef::new(dl::ID)
+                            .string_len(36)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(text(dl::SINK))
+                    .col(big(dl::REVISION))
+                    .col(big(dl::LAST_REVISION))
+                    .col(big(dl::GAP))
+                    .col(text(dl::CHANGE_REQUEST_ID))
+                    .col(text(dl::WEBHOOK_ID))
+                    .col(text(dl::REASON))
+                    .col(big(dl::ATTEMPTS))
+                    .col(text(dl::PAYLOAD))
+                    .col(text(dl::CONTENT_TYPE))
+                    .col(big(dl::CREATE_TIME))
+                    .col(big(dl::UPDATE_TIME))
+                    .col(big(dl::RETRY_REQUESTED))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("dl_sink_id")
+                    .table(RELAY_DEAD_LETTERS)
+                    .col(dl::SINK)
+                    .col(dl::ID)
                     .to_owned(),
             )
             .await?;

@@ -91,3 +91,38 @@ pub mod pol {
     pub const UPDATE_TIME: &str = "update_time";
     pub const BODY: &str = "body";
 }
+
+/// Relays' state per sink: cursor and lease.
+pub const RELAY_SINKS: &str = "relay_sinks";
+
+pub mod rs {
+    pub const SINK: &str = "sink";
+    pub const CURSOR: &str = "cursor";
+    pub const HOLDER: &str = "holder";
+    pub const LEASE_TOKEN: &str = "lease_token";
+    /// Microseconds since the epoch, server clock; NULL when released.
+    pub const LEASE_EXPIRE_TIME: &str = "lease_expire_time";
+    pub const UPDATE_TIME: &str = "update_time";
+}
+
+/// Events (and gaps) a relay gave up delivering to a sink.
+pub const RELAY_DEAD_LETTERS: &str = "relay_dead_letters";
+
+pub mod dl {
+    pub const ID: &str = "id";
+    pub const SINK: &str = "sink";
+    pub const REVISION: &str = "revision";
+    pub const LAST_REVISION: &str = "last_revision";
+    /// 1 for a gap of revisions lost from the watch history, else 0.
+    pub const GAP: &str = "gap";
+    pub const CHANGE_REQUEST_ID: &str = "change_request_id";
+    pub const WEBHOOK_ID: &str = "webhook_id";
+    pub const REASON: &str = "reason";
+    pub const ATTEMPTS: &str = "attempts";
+    pub const PAYLOAD: &str = "payload";
+    pub const CONTENT_TYPE: &str = "content_type";
+    pub const CREATE_TIME: &str = "create_time";
+    pub const UPDATE_TIME: &str = "update_time";
+    /// 1 once RetryDeadLetter asked for a redelivery, else 0.
+    pub const RETRY_REQUESTED: &str = "retry_requested";
+}
