@@ -32,3 +32,4 @@ mod outage;
 mod payloads;
 mod pg_cluster;
 mod telemetry;
+mod tls;
