@@ -192,7 +192,11 @@ impl ServeArgs {
                 "--log-format",
                 self.log_format.map(LogFormat::as_str),
             )
-            .set("tls.cert_file", "--tls-cert-file", self.tls_cert_file.clone())
+            .set(
+                "tls.cert_file",
+                "--tls-cert-file",
+                self.tls_cert_file.clone(),
+            )
             .set("tls.key_file", "--tls-key-file", self.tls_key_file.clone())
             .set(
                 "tls.client_ca_file",

@@ -337,7 +337,9 @@ impl ApplyEngine {
             .allowed_endpoints
             .check(endpoint)
             .map_err(|refusal| {
-                tonic::Status::failed_precondition(format!("applier_endpoint {endpoint:?} {refusal}"))
+                tonic::Status::failed_precondition(format!(
+                    "applier_endpoint {endpoint:?} {refusal}"
+                ))
             })?;
         let mut builder = Channel::from_shared(endpoint.to_owned())
             .map_err(|e| {

@@ -7,12 +7,12 @@ use approvals_domain::{IdentityProof, Principal, PrincipalKind};
 use http::HeaderMap;
 use tonic::Status;
 
+use super::client_certs::ClientCerts;
 use super::{
-    ACTOR_HEADER, AUTHORIZATION_HEADER, ActAsList, ApiKeys, AuthMethod, AuthConfig, Authenticated, Caller,
-    GROUPS_HEADER, JwtVerifier, ON_BEHALF_OF_GROUPS_HEADER, ON_BEHALF_OF_HEADER, Scope,
+    ACTOR_HEADER, AUTHORIZATION_HEADER, ActAsList, ApiKeys, AuthConfig, AuthMethod, Authenticated,
+    Caller, GROUPS_HEADER, JwtVerifier, ON_BEHALF_OF_GROUPS_HEADER, ON_BEHALF_OF_HEADER, Scope,
     USER_TOKEN_HEADER, caller_principal, jwt, methods, parse_groups,
 };
-use super::client_certs::ClientCerts;
 use crate::{
     error::ApiError,
     tls::{ConnectionInfo, PeerCertificates},
@@ -90,7 +90,11 @@ impl Authenticator {
             .get::<ConnectionInfo>()
             .and_then(|info| info.peer_certificates.clone());
         let caller = self
-            .authorize_with(request.uri().path(), request.headers(), certificate.as_ref())
+            .authorize_with(
+                request.uri().path(),
+                request.headers(),
+                certificate.as_ref(),
+            )
             .await?;
         if let Some(caller) = caller {
             let span = tracing::Span::current();

@@ -184,7 +184,11 @@ mod tests {
             assert_eq!(caller.method, AuthMethod::ClientCertificate);
         }
         let certs = ClientCerts::new(&[
-            entry("uri_san", "spiffe://example.org/ns/ci/sa/deployer/x", "service:x"),
+            entry(
+                "uri_san",
+                "spiffe://example.org/ns/ci/sa/deployer/x",
+                "service:x",
+            ),
             entry("common_name", "Deployer", "service:x"),
         ])
         .expect("entries");

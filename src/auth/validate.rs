@@ -35,7 +35,9 @@ pub fn validate_config(config: &AuthConfig) -> Result<(), (String, String)> {
         if let Some(first) = matchers.insert((field, value.to_ascii_lowercase()), i) {
             return Err((
                 name(field),
-                format!("matches what auth.client_certs[{first}] matches: every entry must match other certificates"),
+                format!(
+                    "matches what auth.client_certs[{first}] matches: every entry must match other certificates"
+                ),
             ));
         }
         validate_holder(

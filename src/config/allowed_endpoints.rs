@@ -248,21 +248,26 @@ impl AllowedEndpoints {
     /// Adds an entry with its settings (`allow_insecure` for `http://`, CA and client files
     /// for `https://`); the error names the entry.
     pub fn with(mut self, endpoint: &str, tls: EndpointTls) -> Result<Self, String> {
-        self.push(Written::Table(EntryTable::new(endpoint.trim().to_owned(), tls)))?;
+        self.push(Written::Table(EntryTable::new(
+            endpoint.trim().to_owned(),
+            tls,
+        )))?;
         Ok(self)
     }
 
     /// `endpoints` allowed in clear text (`allow_insecure = true`): tests and loopback appliers.
     pub fn insecure<S: AsRef<str>>(endpoints: &[S]) -> Result<Self, String> {
-        endpoints.iter().try_fold(Self::default(), |list, endpoint| {
-            list.with(
-                endpoint.as_ref(),
-                EndpointTls {
-                    allow_insecure: true,
-                    ..EndpointTls::default()
-                },
-            )
-        })
+        endpoints
+            .iter()
+            .try_fold(Self::default(), |list, endpoint| {
+                list.with(
+                    endpoint.as_ref(),
+                    EndpointTls {
+                        allow_insecure: true,
+                        ..EndpointTls::default()
+                    },
+                )
+            })
     }
 
     fn push(&mut self, written: Written) -> Result<(), String> {
@@ -279,7 +284,11 @@ impl AllowedEndpoints {
                      {{ endpoint = {text:?}, allow_insecure = true }} to allow that, or use https://"
                 ));
             }
-            Scheme::Http if !(tls.ca_file.is_empty() && tls.cert_file.is_empty() && tls.key_file.is_empty()) => {
+            Scheme::Http
+                if !(tls.ca_file.is_empty()
+                    && tls.cert_file.is_empty()
+                    && tls.key_file.is_empty()) =>
+            {
                 return Err(format!(
                     "entry [{i}] {text:?}: ca_file, cert_file and key_file are for https:// entries"
                 ));
@@ -318,7 +327,10 @@ impl AllowedEndpoints {
                 ("key_file", &entry.tls.key_file),
             ] {
                 if !path.is_empty() {
-                    files.push((format!("apply.allowed_endpoints[{i}].{name}"), path.as_str()));
+                    files.push((
+                        format!("apply.allowed_endpoints[{i}].{name}"),
+                        path.as_str(),
+                    ));
                 }
             }
         }
@@ -747,16 +759,39 @@ mod tests {
         }
         let parsed: Apply = toml::from_str(text).expect("entries");
         let list = &parsed.allowed_endpoints;
-        assert_eq!(list.check("https://flags.internal").map(|t| t.ca_file.as_str()), Ok("/ca.pem"));
-        assert!(list.check("http://127.0.0.1:9000").is_ok_and(|t| t.allow_insecure));
-        assert_eq!(list.check("https://a.svc:8443"), Ok(&EndpointTls::default()));
-        let again: Apply = toml::from_str(&toml::to_string(&parsed).expect("renders")).expect("loads back");
+        assert_eq!(
+            list.check("https://flags.internal")
+                .map(|t| t.ca_file.as_str()),
+            Ok("/ca.pem")
+        );
+        assert!(
+            list.check("http://127.0.0.1:9000")
+                .is_ok_and(|t| t.allow_insecure)
+        );
+        assert_eq!(
+            list.check("https://a.svc:8443"),
+            Ok(&EndpointTls::default())
+        );
+        let again: Apply =
+            toml::from_str(&toml::to_string(&parsed).expect("renders")).expect("loads back");
         assert_eq!(&again.allowed_endpoints, list);
         for (bad, why) in [
-            (r#"[{ endpoint = "https://a", allow_insecure = true }]"#, "allow_insecure is for http://"),
-            (r#"[{ endpoint = "http://a", allow_insecure = true, ca_file = "x" }]"#, "are for https://"),
-            (r#"[{ endpoint = "https://a", cert_file = "x" }]"#, "go together"),
-            (r#"[{ endpoint = "https://a", cafile = "x" }]"#, "unknown field"),
+            (
+                r#"[{ endpoint = "https://a", allow_insecure = true }]"#,
+                "allow_insecure is for http://",
+            ),
+            (
+                r#"[{ endpoint = "http://a", allow_insecure = true, ca_file = "x" }]"#,
+                "are for https://",
+            ),
+            (
+                r#"[{ endpoint = "https://a", cert_file = "x" }]"#,
+                "go together",
+            ),
+            (
+                r#"[{ endpoint = "https://a", cafile = "x" }]"#,
+                "unknown field",
+            ),
         ] {
             let err = toml::from_str::<Apply>(&format!("allowed_endpoints = {bad}"))
                 .err()

@@ -55,7 +55,9 @@ impl DevCa {
     pub fn server(&self, common_name: &str, names: &[&str]) -> Result<Leaf, String> {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(names).map_err(failed)?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params)
     }
@@ -69,7 +71,9 @@ impl DevCa {
         dns_sans: &[&str],
     ) -> Result<Leaf, String> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         for uri in uri_sans {
             params
                 .subject_alt_names

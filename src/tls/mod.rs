@@ -90,9 +90,8 @@ fn parse_certificates(path: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'stat
 }
 
 fn parse_key(path: &str, pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_slice(pem).map_err(|e| {
-        format!("{path} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}")
-    })
+    PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| format!("{path} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"))
 }
 
 /// A certificate chain and its key, checked to belong together.
@@ -174,8 +173,7 @@ fn load(config: &TlsConfig, files: &Files) -> Result<Loaded, (&'static str, Stri
                     )
                 })?;
             }
-            let builder =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
             let builder = if auth == ClientAuth::Optional {
                 builder.allow_unauthenticated()
             } else {
@@ -220,7 +218,10 @@ pub fn check_config(config: &TlsConfig) -> Result<(), ConfigError> {
         return Ok(());
     }
     if config.key_file.trim().is_empty() {
-        return Err(invalid("key_file", "is required with tls.cert_file".to_owned()));
+        return Err(invalid(
+            "key_file",
+            "is required with tls.cert_file".to_owned(),
+        ));
     }
     if config.client_auth != ClientAuth::None && config.client_ca_file.trim().is_empty() {
         return Err(invalid(

@@ -57,7 +57,8 @@ pub fn jwks_client(
         let mut pem = cert;
         pem.push(b'\n');
         pem.extend_from_slice(&key);
-        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| format!("{cert_file}: {e}"))?;
+        let identity =
+            reqwest::Identity::from_pem(&pem).map_err(|e| format!("{cert_file}: {e}"))?;
         builder = builder.identity(identity);
     }
     builder.build().map_err(|e| format!("HTTP client: {e}"))

@@ -28,7 +28,9 @@ pub fn check_config(config: &Config) -> Result<(), ConfigError> {
     }
     for (key, path) in config.apply.allowed_endpoints.files() {
         let readable = if key.ends_with(".key_file") {
-            std::fs::read(path).map(drop).map_err(|e| format!("cannot read {path}: {e}"))
+            std::fs::read(path)
+                .map(drop)
+                .map_err(|e| format!("cannot read {path}: {e}"))
         } else {
             crate::tls::read_certificates(path).map(drop)
         };

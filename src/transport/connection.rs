@@ -186,7 +186,11 @@ pub(crate) fn incoming_tls(
                             .1
                             .peer_certificates()
                             .filter(|chain| !chain.is_empty())
-                            .map(|chain| PeerCertificates(chain.iter().map(|c| c.clone().into_owned()).collect()));
+                            .map(|chain| {
+                                PeerCertificates(
+                                    chain.iter().map(|c| c.clone().into_owned()).collect(),
+                                )
+                            });
                         let connection = Coalescing {
                             stream: Transport::Tls(Box::new(stream)),
                             peer,

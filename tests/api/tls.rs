@@ -72,7 +72,9 @@ impl Pki {
     }
 
     fn client(&self, uri_san: &str) -> Leaf {
-        self.ca.client("client", &[uri_san], &[]).expect("client cert")
+        self.ca
+            .client("client", &[uri_san], &[])
+            .expect("client cert")
     }
 
     fn file(&self, name: &str) -> String {
@@ -195,7 +197,11 @@ async fn handshake(
     addr: std::net::SocketAddr,
     ca_pem: &str,
     identity: &Leaf,
-) -> (CertificateDer<'static>, Option<Vec<u8>>, rustls::ProtocolVersion) {
+) -> (
+    CertificateDer<'static>,
+    Option<Vec<u8>>,
+    rustls::ProtocolVersion,
+) {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.expect("pem")).expect("root");
@@ -204,8 +210,8 @@ async fn handshake(
         CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
             .map(|c| c.expect("pem"))
             .collect();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
-        .expect("key");
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).expect("key");
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -296,7 +302,10 @@ async fn required_client_certificates_map_to_scoped_callers() {
         Err(_) => true,
         Ok(channel) => {
             let mut client = requests_over(channel, Headers::default());
-            client.create_change_request(request_in("web")).await.is_err()
+            client
+                .create_change_request(request_in("web"))
+                .await
+                .is_err()
         }
     };
     assert!(refused, "a caller without a certificate is refused");
@@ -311,7 +320,10 @@ async fn required_client_certificates_map_to_scoped_callers() {
             let mut client = requests_over(channel, Headers::default());
             // TLS 1.3: the client finishes its side before the server refuses the certificate,
             // so the refusal (an alert) ends the connection under the first call.
-            client.create_change_request(request_in("web")).await.is_err()
+            client
+                .create_change_request(request_in("web"))
+                .await
+                .is_err()
         }
     };
     assert!(refused, "a certificate of another CA is refused");
@@ -439,7 +451,10 @@ async fn certificates_rotate_without_a_restart() {
         .expect("a connection with the new certificate works");
 
     // A broken certificate file, then a key that is not the certificate's: both refused.
-    pki.write("server.pem", "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n");
+    pki.write(
+        "server.pem",
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(served(&server).await, "server-2", "a bad file is kept out");
     let mismatched = pki.ca.server("server-3", &["localhost"]).expect("cert");
@@ -510,7 +525,10 @@ async fn appliers_are_called_over_tls_with_a_client_certificate() {
             .serve_with_incoming(TcpListenerStream::new(listener))
             .await;
     });
-    let identity = pki.ca.client("approvals", &[], &["approvals.local"]).expect("cert");
+    let identity = pki
+        .ca
+        .client("approvals", &[], &["approvals.local"])
+        .expect("cert");
     pki.write("applier-client.pem", &identity.cert_pem);
     pki.write("applier-client-key.pem", &identity.key_pem);
 
@@ -528,7 +546,8 @@ async fn appliers_are_called_over_tls_with_a_client_certificate() {
             .expect("entry");
     })
     .await;
-    let mut admin = PoliciesClient::with_interceptor(server.channel().await, Caller::named("user:admin"));
+    let mut admin =
+        PoliciesClient::with_interceptor(server.channel().await, Caller::named("user:admin"));
     admin
         .create_policy(pb::CreatePolicyRequest {
             policy: Some(pb::Policy {
@@ -618,10 +637,21 @@ fn config_check_reports_tls_problems() {
     );
     let out = check(&format!("listen = \"0.0.0.0:50051\"\n{keyed}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("# warning: listen 0.0.0.0:50051: serving plain text"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("# warning: listen 0.0.0.0:50051: serving plain text"),
+        "{stdout}"
+    );
     let out = check(&format!("listen = \"0.0.0.0:50051\"\n{keyed}{}", tls("")));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!stdout.contains("# warning"), "{stdout}");
 }
