@@ -655,3 +655,87 @@ fn config_check_reports_tls_problems() {
     );
     assert!(!stdout.contains("# warning"), "{stdout}");
 }
+
+/// The README's TLS walkthrough (between the `walkthrough-tls` markers), run as written with
+/// `approvals` and grpcurl on the PATH, on a free port instead of 50051.
+#[test]
+fn readme_tls_walkthrough_runs_as_written() {
+    let grpcurl = std::env::var("GRPCURL")
+        .ok()
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var("PATH").ok().and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|dir| dir.join("grpcurl"))
+                    .find(|p| p.is_file())
+            })
+        })
+        .or_else(|| {
+            std::env::var("HOME")
+                .ok()
+                .map(|home| PathBuf::from(home).join(".local/bin/grpcurl"))
+                .filter(|p| p.is_file())
+        });
+    let Some(grpcurl) = grpcurl else {
+        skip(
+            "readme_tls_walkthrough_runs_as_written",
+            "grpcurl not found in GRPCURL, PATH or ~/.local/bin \
+             (../shared/tools/install-grpcurl.sh installs it)",
+        );
+        return;
+    };
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let start = readme
+        .find("<!-- walkthrough-tls:begin -->")
+        .expect("begin marker");
+    let end = readme
+        .find("<!-- walkthrough-tls:end -->")
+        .expect("end marker");
+    let script: String = readme[start..end]
+        .lines()
+        .skip_while(|l| !l.starts_with("```sh"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let script = format!(
+        "trap 'kill %1 2>/dev/null || true' EXIT\n{}",
+        script.replace(":50051", &format!(":{port}"))
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let bin_dirs = [
+        std::path::Path::new(BINARY)
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default(),
+        grpcurl.parent().map(PathBuf::from).unwrap_or_default(),
+    ];
+    let path = std::env::join_paths(bin_dirs.iter().cloned().chain(std::env::split_paths(
+        &std::env::var("PATH").unwrap_or_default(),
+    )))
+    .expect("PATH");
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env_remove("APPROVALS_CONFIG")
+        .env_remove("APPROVALS_DATABASE_URL")
+        .output()
+        .expect("run the walkthrough");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stdout.contains("\"createdBy\": \"service:cli\""),
+        "the client certificate is service:cli:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("refused: no client certificate"),
+        "no certificate, no call:\n{stdout}"
+    );
+}
