@@ -452,3 +452,82 @@ impl ClientCertVerifier for CurrentVerifier {
         self.current.load().0.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::dev::DevCa;
+
+    fn config(dir: &Path, client_auth: ClientAuth) -> TlsConfig {
+        let file = |name: &str| dir.join(name).display().to_string();
+        TlsConfig {
+            cert_file: file("server.pem"),
+            key_file: file("server-key.pem"),
+            client_ca_file: file("ca.pem"),
+            client_auth,
+            reload_interval: Duration::from_secs(60),
+        }
+    }
+
+    fn serve_as(ca: &DevCa, dir: &Path, name: &str) {
+        let leaf = ca.server(name, &["localhost"]).expect("leaf");
+        std::fs::write(dir.join("server.pem"), leaf.cert_pem).expect("write");
+        std::fs::write(dir.join("server-key.pem"), leaf.key_pem).expect("write");
+    }
+
+    /// Each change of the files is loaded or refused once, and counted; a refused change
+    /// leaves the last good certificate in use.
+    #[test]
+    fn reloads_and_refusals_are_counted_once_per_change() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = DevCa::new("test CA").expect("ca");
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).expect("write");
+        serve_as(&ca, dir.path(), "one");
+        let tls = ServerTls::new(&config(dir.path(), ClientAuth::Required)).expect("loads");
+        let first = tls.resolver.0.load_full();
+        assert!(!tls.reload(), "unchanged files: nothing to do");
+        assert_eq!(tls.reload_counts(), (0, 0));
+
+        serve_as(&ca, dir.path(), "two");
+        assert!(tls.reload());
+        assert_eq!(tls.reload_counts(), (1, 0));
+        let second = tls.resolver.0.load_full();
+        assert_ne!(first.cert, second.cert, "the new certificate is served");
+
+        std::fs::write(dir.path().join("server.pem"), "not a certificate").expect("write");
+        assert!(!tls.reload());
+        assert!(!tls.reload(), "the same bad file is not counted again");
+        assert_eq!(tls.reload_counts(), (1, 1));
+        assert_eq!(tls.resolver.0.load_full().cert, second.cert, "the old one stays");
+
+        std::fs::remove_file(dir.path().join("server-key.pem")).expect("remove");
+        assert!(!tls.reload());
+        assert_eq!(tls.reload_counts(), (1, 2), "an unreadable file is a failure too");
+    }
+
+    #[test]
+    fn the_configuration_is_checked_with_its_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = DevCa::new("test CA").expect("ca");
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).expect("write");
+        serve_as(&ca, dir.path(), "one");
+        let key = |result: Result<(), ConfigError>| match result {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => format!("{other:?}"),
+        };
+        assert!(check_config(&config(dir.path(), ClientAuth::Optional)).is_ok());
+        let mut no_ca = config(dir.path(), ClientAuth::Required);
+        no_ca.client_ca_file.clear();
+        assert_eq!(key(check_config(&no_ca)), "tls.client_ca_file");
+        let other = ca.server("other", &["localhost"]).expect("leaf");
+        std::fs::write(dir.path().join("other-key.pem"), other.key_pem).expect("write");
+        let mut mismatched = config(dir.path(), ClientAuth::None);
+        mismatched.key_file = dir.path().join("other-key.pem").display().to_string();
+        assert_eq!(key(check_config(&mismatched)), "tls.key_file");
+        let off = TlsConfig {
+            client_auth: ClientAuth::Required,
+            ..TlsConfig::default()
+        };
+        assert_eq!(key(check_config(&off)), "tls.client_auth");
+    }
+}
