@@ -6,11 +6,14 @@
 //! - [`convert`] domain <-> protobuf, [`auth`] who is calling and what it may do;
 //! - [`watch`] the event-log hub and watch streams, [`apply`] the apply engine;
 //! - [`api`] the gRPC handlers;
-//! - [`transport`] the server's assembly: the tower stack, HTTP/2 and the routes.
+//! - [`transport`] the server's assembly: the tower stack, HTTP/2 and the routes;
+//! - [`client`] the client of the public API that the CLI and the relay share (it imports only
+//!   [`pb`]).
 
 pub mod api;
 pub mod apply;
 pub mod auth;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod convert;
