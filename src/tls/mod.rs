@@ -498,11 +498,19 @@ mod tests {
         assert!(!tls.reload());
         assert!(!tls.reload(), "the same bad file is not counted again");
         assert_eq!(tls.reload_counts(), (1, 1));
-        assert_eq!(tls.resolver.0.load_full().cert, second.cert, "the old one stays");
+        assert_eq!(
+            tls.resolver.0.load_full().cert,
+            second.cert,
+            "the old one stays"
+        );
 
         std::fs::remove_file(dir.path().join("server-key.pem")).expect("remove");
         assert!(!tls.reload());
-        assert_eq!(tls.reload_counts(), (1, 2), "an unreadable file is a failure too");
+        assert_eq!(
+            tls.reload_counts(),
+            (1, 2),
+            "an unreadable file is a failure too"
+        );
     }
 
     #[test]

@@ -739,3 +739,45 @@ fn readme_tls_walkthrough_runs_as_written() {
         "no certificate, no call:\n{stdout}"
     );
 }
+
+/// The shared client of the CLI and the relay (`approvals::client`) reaches the TLS server with
+/// its `ClientTls` (CA, client certificate, server name), and with a bearer credential.
+#[tokio::test]
+async fn the_shared_client_speaks_mtls() {
+    use approvals::client::{Client, ClientConfig, ClientTls, Credential};
+    let pki = Pki::new();
+    let (key, entry) = api_key("service:relay", &["approvals:read"], &[], &[]);
+    let server = TlsServer::start(&pki, |config| {
+        pki.configure(config, ClientAuth::Required);
+        config.auth.client_certs.push(deployer_entry());
+        config.auth.api_keys.push(entry);
+    })
+    .await;
+    let deployer = pki.client(DEPLOYER);
+    pki.write("client.pem", &deployer.cert_pem);
+    pki.write("client-key.pem", &deployer.key_pem);
+    let tls = ClientTls {
+        ca_file: Some(pki.path("ca.pem")),
+        cert_file: Some(pki.path("client.pem")),
+        key_file: Some(pki.path("client-key.pem")),
+        server_name: Some("localhost".into()),
+    };
+    let config = ClientConfig::new(format!("https://{}", server.addr)).with_tls(tls.clone());
+    let client = Client::connect(&config).await.expect("connects over mTLS");
+    let created = client
+        .change_requests()
+        .create_change_request(request_in("web"))
+        .await
+        .expect("the certificate's caller")
+        .into_inner();
+    assert_eq!(created.created_by, "service:deployer");
+    let keyed = Client::connect(&config.clone().with_credential(Credential::bearer(&key)))
+        .await
+        .expect("connects");
+    let err = keyed
+        .change_requests()
+        .create_change_request(request_in("web"))
+        .await
+        .expect_err("the key only reads");
+    assert_error(&err, Code::PermissionDenied, "MISSING_SCOPE");
+}
