@@ -781,3 +781,117 @@ async fn the_shared_client_speaks_mtls() {
         .expect_err("the key only reads");
     assert_error(&err, Code::PermissionDenied, "MISSING_SCOPE");
 }
+
+/// Serves `document` over HTTPS (HTTP/1.1) with `leaf`, requiring a client certificate of
+/// `client_ca`; counts the requests answered.
+async fn https_jwks(
+    leaf: &Leaf,
+    client_ca: &str,
+    document: String,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>, JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+            .map(|c| c.expect("pem"))
+            .collect();
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(client_ca.as_bytes()) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("verifier");
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!(
+        "https://localhost:{}/jwks.json",
+        listener.local_addr().expect("addr").port()
+    );
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut stream) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{document}",
+                document.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+    });
+    (url, hits, task)
+}
+
+/// The JWKS client verifies the JWKS server with `auth.jwt.jwks_ca_file` and presents
+/// `jwks_cert_file`; with the system roots alone the test CA's server is refused, and the
+/// server does not start.
+#[tokio::test]
+async fn the_jwks_client_verifies_tls_and_presents_a_client_certificate() {
+    let pki = Pki::new();
+    let issuer = Issuer::new("k1");
+    let jwks_leaf = pki.ca.server("jwks", &["localhost"]).expect("cert");
+    let (url, hits, serving) = https_jwks(&jwks_leaf, &pki.ca.cert_pem, issuer.jwks.clone()).await;
+    let identity = pki
+        .ca
+        .client("approvals", &[], &["approvals.local"])
+        .expect("cert");
+    pki.write("jwks-client.pem", &identity.cert_pem);
+    pki.write("jwks-client-key.pem", &identity.key_pem);
+    let jwt = approvals::config::auth::JwtConfig {
+        jwks_file: None,
+        jwks_url: Some(url.clone()),
+        jwks_ca_file: pki.file("ca.pem"),
+        jwks_cert_file: pki.file("jwks-client.pem"),
+        jwks_key_file: pki.file("jwks-client-key.pem"),
+        ..issuer.config()
+    };
+    let server = TestServer::start_with(|config| config.auth.jwt = Some(jwt.clone())).await;
+    let token = issuer.token("user:alice", "approvals:write", &[]);
+    let created = requests(&server, Headers::bearer(&token))
+        .await
+        .create_change_request(new_request())
+        .await
+        .expect("a JWT verified with keys fetched over mTLS")
+        .into_inner();
+    assert_eq!(created.created_by, "user:alice");
+    assert!(hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+
+    // The system roots do not hold the test CA: the keys cannot be fetched, the server stops.
+    let mut config = Config::default();
+    let (_database, database_url) = TestDatabase::create().await;
+    config.database.url = database_url;
+    config.auth.jwt = Some(approvals::config::auth::JwtConfig {
+        jwks_ca_file: String::new(),
+        ..jwt
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        approvals::transport::run(config, listener, std::future::pending()),
+    )
+    .await
+    .expect("refuses to start in time");
+    let err = result
+        .expect_err("an unverified JWKS server is refused")
+        .to_string();
+    assert!(err.contains("auth.jwt") && err.contains("JWKS"), "{err}");
+    serving.abort();
+}
