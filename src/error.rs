@@ -40,6 +40,9 @@ pub enum ApiError {
     CredentialsMissing(String),
     #[error("{0}")]
     CredentialsInvalid(String),
+    /// A verified client certificate that no `[[auth.client_certs]]` entry matches.
+    #[error("{0}")]
+    ClientCertificateNotMapped(String),
     #[error("{method} needs the scope {scope}, which the caller does not hold")]
     MissingScope { scope: &'static str, method: String },
     #[error("{0} is not a method this service authorises")]
@@ -173,6 +176,12 @@ impl From<ApiError> for Status {
             ApiError::CredentialsInvalid(_) => {
                 status(Code::Unauthenticated, message, "CREDENTIALS_INVALID", &[])
             }
+            ApiError::ClientCertificateNotMapped(_) => status(
+                Code::Unauthenticated,
+                message,
+                "CLIENT_CERTIFICATE_NOT_MAPPED",
+                &[],
+            ),
             ApiError::MissingScope { scope, method } => status(
                 Code::PermissionDenied,
                 message,

@@ -2,7 +2,7 @@
 //!
 //! Rooms, from the bottom up (each imports only from rooms below it):
 //! - [`pb`] the generated protobuf code, [`error`] the one mapping of errors to `Status`,
-//!   [`config`] the configuration, [`telemetry`] logs, traces and metrics;
+//!   [`config`] the configuration, [`telemetry`] logs, traces and metrics, [`tls`] certificates;
 //! - [`convert`] domain <-> protobuf, [`auth`] who is calling and what it may do;
 //! - [`watch`] the event-log hub and watch streams, [`apply`] the apply engine, [`audit`] the
 //!   checkpoint signer and the `approvals audit` commands;
@@ -26,6 +26,7 @@ pub mod error;
 pub mod pb;
 pub mod relay;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;
 pub mod watch;
 

@@ -52,6 +52,38 @@ enum Command {
     Audit(approvals::audit::command::AuditCommand),
     /// Relay events to webhooks and Slack (a client of the API; see the README's "Relay").
     Relay(approvals::relay::cli::RelayArgs),
+    /// Certificates for local use.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a throwaway CA (ca.pem, ca-key.pem), a server certificate for localhost,
+    /// 127.0.0.1 and ::1 (server.pem, server-key.pem) and a client certificate with the SPIFFE
+    /// ID spiffe://approvals.local/ns/dev/sa/cli (client.pem, client-key.pem). Never for
+    /// production.
+    Dev {
+        /// Directory to write the files into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+fn dev_certificates(command: CertsCommand) -> ExitCode {
+    let CertsCommand::Dev { out } = command;
+    match approvals::tls::dev::write(&out) {
+        Ok(written) => {
+            for path in written {
+                println!("{}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("approvals certs dev: {message}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -133,6 +165,21 @@ struct ServeArgs {
     /// Log format [env: APPROVALS_TELEMETRY_LOG_FORMAT] [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// The server's certificate chain, PEM; turns TLS on [env: APPROVALS_TLS_CERT_FILE].
+    #[arg(long, value_name = "FILE")]
+    tls_cert_file: Option<String>,
+    /// The server's private key, PEM [env: APPROVALS_TLS_KEY_FILE].
+    #[arg(long, value_name = "FILE")]
+    tls_key_file: Option<String>,
+    /// CAs that sign client certificates, PEM [env: APPROVALS_TLS_CLIENT_CA_FILE].
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca_file: Option<String>,
+    /// none, optional or required [env: APPROVALS_TLS_CLIENT_AUTH] [default: none].
+    #[arg(long, value_name = "MODE")]
+    tls_client_auth: Option<String>,
+    /// How often the TLS files are checked for changes [env: APPROVALS_TLS_RELOAD_INTERVAL] [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    tls_reload_interval: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -169,6 +216,27 @@ impl ServeArgs {
                 "--log-format",
                 self.log_format.map(LogFormat::as_str),
             )
+            .set(
+                "tls.cert_file",
+                "--tls-cert-file",
+                self.tls_cert_file.clone(),
+            )
+            .set("tls.key_file", "--tls-key-file", self.tls_key_file.clone())
+            .set(
+                "tls.client_ca_file",
+                "--tls-client-ca-file",
+                self.tls_client_ca_file.clone(),
+            )
+            .set(
+                "tls.client_auth",
+                "--tls-client-auth",
+                self.tls_client_auth.clone(),
+            )
+            .set(
+                "tls.reload_interval",
+                "--tls-reload-interval",
+                self.tls_reload_interval.clone(),
+            )
     }
 }
 
@@ -203,9 +271,14 @@ async fn main() -> ExitCode {
         }
         Some(Command::Audit(command)) => return approvals::audit::command::run(command).await,
         Some(Command::Relay(args)) => return approvals::relay::cli::main(args).await,
+        Some(Command::Certs(command)) => return dev_certificates(command),
         Some(Command::Config(ConfigCommand::Check(args))) => {
             return match load(&args) {
                 Ok(config) => {
+                    for warning in server::warnings(&config) {
+                        eprintln!("approvals: warning: {warning}");
+                        println!("# warning: {warning}");
+                    }
                     print!("{}", approvals::config::check::render(&config));
                     ExitCode::SUCCESS
                 }

@@ -320,6 +320,10 @@ impl ApplyEngine {
         }
     }
 
+    /// The channel to `endpoint`, opened on first use with the TLS of the
+    /// `apply.allowed_endpoints` entry that allows it: `https://` verified (system roots or the
+    /// entry's `ca_file`, its client certificate presented), `http://` only where the entry
+    /// says `allow_insecure`.
     fn channel(&self, endpoint: &str) -> Result<Channel, tonic::Status> {
         let mut channels = self
             .channels
@@ -328,12 +332,37 @@ impl ApplyEngine {
         if let Some(channel) = channels.get(endpoint) {
             return Ok(channel.clone());
         }
-        let channel = Channel::from_shared(endpoint.to_owned())
+        let settings = self
+            .settings
+            .allowed_endpoints
+            .check(endpoint)
+            .map_err(|refusal| {
+                tonic::Status::failed_precondition(format!(
+                    "applier_endpoint {endpoint:?} {refusal}"
+                ))
+            })?;
+        let mut builder = Channel::from_shared(endpoint.to_owned())
             .map_err(|e| {
                 tonic::Status::invalid_argument(format!("applier_endpoint {endpoint:?}: {e}"))
             })?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .connect_timeout(Duration::from_secs(5));
+        if endpoint.starts_with("https://") {
+            let tls = crate::tls::outbound::applier_tls(settings).map_err(|message| {
+                tonic::Status::failed_precondition(format!(
+                    "applier_endpoint {endpoint:?}: TLS: {message}"
+                ))
+            })?;
+            builder = builder.tls_config(tls).map_err(|e| {
+                tonic::Status::failed_precondition(format!(
+                    "applier_endpoint {endpoint:?}: TLS: {e}"
+                ))
+            })?;
+        } else if !settings.allow_insecure {
+            return Err(tonic::Status::failed_precondition(format!(
+                "applier_endpoint {endpoint:?} is plain text and its apply.allowed_endpoints entry does not say allow_insecure = true"
+            )));
+        }
+        let channel = builder.connect_lazy();
         channels.insert(endpoint.to_owned(), channel.clone());
         Ok(channel)
     }

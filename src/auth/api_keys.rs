@@ -9,7 +9,8 @@ use approvals_domain::IdentityProof;
 
 use super::caller::parse_groups;
 use super::{
-    ActAsList, ApiKeyConfig, Authenticated, Caller, Scope, caller_principal, parse_projects,
+    ActAsList, ApiKeyConfig, AuthMethod, Authenticated, Caller, Scope, caller_principal,
+    parse_projects,
 };
 use crate::error::ApiError;
 
@@ -48,35 +49,24 @@ impl ApiKeys {
     pub fn new(configs: &[ApiKeyConfig]) -> Result<Self, String> {
         let mut keys = Vec::with_capacity(configs.len());
         for (i, config) in configs.iter().enumerate() {
-            let principal =
-                caller_principal(&config.principal).map_err(|m| format!("[{i}].principal: {m}"))?;
-            let scopes =
-                super::parse_scopes(&config.scopes).map_err(|m| format!("[{i}].scopes: {m}"))?;
+            let holder = holder(
+                &Holder {
+                    principal: &config.principal,
+                    groups: &config.groups,
+                    scopes: &config.scopes,
+                    projects: &config.projects,
+                    act_as: &config.act_as,
+                },
+                AuthMethod::ApiKey,
+            )
+            .map_err(|(field, m)| format!("[{i}].{field}: {m}"))?;
             let digest = parse_digest(&config.sha256).map_err(|m| format!("[{i}].sha256: {m}"))?;
             if let Some(first) = keys.iter().position(|k: &ApiKey| k.digest == digest) {
                 return Err(format!(
                     "[{i}].sha256: is the digest of [{first}] too: every key must be distinct"
                 ));
             }
-            let projects =
-                parse_projects(&config.projects).map_err(|m| format!("[{i}].projects: {m}"))?;
-            let act_as =
-                ActAsList::parse(&config.act_as).map_err(|m| format!("[{i}].act_as: {m}"))?;
-            keys.push(ApiKey {
-                digest,
-                holder: Authenticated {
-                    caller: Caller {
-                        principal,
-                        groups: parse_groups(&config.groups.join(",")),
-                        scopes,
-                        projects,
-                        acting_principal: None,
-                        proof: IdentityProof::Credential,
-                        expire_time: None,
-                    },
-                    act_as,
-                },
-            });
+            keys.push(ApiKey { digest, holder });
         }
         Ok(Self(keys))
     }
@@ -96,6 +86,40 @@ impl ApiKeys {
             ApiError::CredentialsInvalid("the API key is not known to this server".to_owned())
         })
     }
+}
+
+/// Who a credential entry says its holder is: the fields an API key and a client certificate
+/// entry share.
+pub(super) struct Holder<'a> {
+    pub principal: &'a str,
+    pub groups: &'a [String],
+    pub scopes: &'a [String],
+    pub projects: &'a [String],
+    pub act_as: &'a [String],
+}
+
+/// The caller an entry describes; an error names the field.
+pub(super) fn holder(
+    entry: &Holder<'_>,
+    method: AuthMethod,
+) -> Result<Authenticated, (&'static str, String)> {
+    let principal = caller_principal(entry.principal).map_err(|m| ("principal", m))?;
+    let scopes = super::parse_scopes(entry.scopes).map_err(|m| ("scopes", m))?;
+    let projects = parse_projects(entry.projects).map_err(|m| ("projects", m))?;
+    let act_as = ActAsList::parse(entry.act_as).map_err(|m| ("act_as", m))?;
+    Ok(Authenticated {
+        caller: Caller {
+            principal,
+            groups: parse_groups(&entry.groups.join(",")),
+            scopes,
+            projects,
+            acting_principal: None,
+            proof: IdentityProof::Credential,
+            method,
+            expire_time: None,
+        },
+        act_as,
+    })
 }
 
 /// A new random key (256 bits) and its configuration entry.

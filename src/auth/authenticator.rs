@@ -7,12 +7,16 @@ use approvals_domain::{IdentityProof, Principal, PrincipalKind};
 use http::HeaderMap;
 use tonic::Status;
 
+use super::client_certs::ClientCerts;
 use super::{
-    ACTOR_HEADER, AUTHORIZATION_HEADER, ActAsList, ApiKeys, AuthConfig, Authenticated, Caller,
-    GROUPS_HEADER, JwtVerifier, ON_BEHALF_OF_GROUPS_HEADER, ON_BEHALF_OF_HEADER, Scope,
+    ACTOR_HEADER, AUTHORIZATION_HEADER, ActAsList, ApiKeys, AuthConfig, AuthMethod, Authenticated,
+    Caller, GROUPS_HEADER, JwtVerifier, ON_BEHALF_OF_GROUPS_HEADER, ON_BEHALF_OF_HEADER, Scope,
     USER_TOKEN_HEADER, caller_principal, jwt, methods, parse_groups,
 };
-use crate::error::ApiError;
+use crate::{
+    error::ApiError,
+    tls::{ConnectionInfo, PeerCertificates},
+};
 
 /// How callers are authenticated.
 pub struct Authenticator {
@@ -27,6 +31,7 @@ enum Mode {
     Development,
     Configured {
         api_keys: ApiKeys,
+        client_certs: ClientCerts,
         jwt: Option<Box<JwtVerifier>>,
     },
 }
@@ -39,6 +44,8 @@ pub enum AuthSetupError {
     Jwt(String),
     #[error("auth.groups: {0}")]
     Groups(String),
+    #[error("auth.client_certs{0}")]
+    ClientCerts(String),
 }
 
 impl Authenticator {
@@ -53,6 +60,8 @@ impl Authenticator {
             });
         }
         let api_keys = ApiKeys::new(&config.api_keys).map_err(AuthSetupError::ApiKeys)?;
+        let client_certs =
+            ClientCerts::new(&config.client_certs).map_err(AuthSetupError::ClientCerts)?;
         let jwt = match &config.jwt {
             Some(jwt) => Some(Box::new(
                 JwtVerifier::start(jwt).await.map_err(AuthSetupError::Jwt)?,
@@ -60,7 +69,11 @@ impl Authenticator {
             None => None,
         };
         Ok(Self {
-            mode: Mode::Configured { api_keys, jwt },
+            mode: Mode::Configured {
+                api_keys,
+                client_certs,
+                jwt,
+            },
             configured_groups,
         })
     }
@@ -72,10 +85,21 @@ impl Authenticator {
     /// What the transport's stack asks of every call (see the module documentation): puts its
     /// [`Caller`] into the request's extensions, or says which status refuses it.
     pub async fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
+        let certificate = request
+            .extensions()
+            .get::<ConnectionInfo>()
+            .and_then(|info| info.peer_certificates.clone());
         let caller = self
-            .authorize(request.uri().path(), request.headers())
+            .authorize_with(
+                request.uri().path(),
+                request.headers(),
+                certificate.as_ref(),
+            )
             .await?;
         if let Some(caller) = caller {
+            let span = tracing::Span::current();
+            span.record("enduser.id", caller.principal.as_str());
+            span.record("auth.method", caller.method.as_str());
             request.extensions_mut().insert(Arc::new(caller));
         }
         Ok(())
@@ -88,10 +112,21 @@ impl Authenticator {
         path: &str,
         headers: &HeaderMap,
     ) -> Result<Option<Caller>, ApiError> {
+        self.authorize_with(path, headers, None).await
+    }
+
+    /// [`Authenticator::authorize`] for a connection that presented the verified client
+    /// certificate chain `certificate`.
+    pub async fn authorize_with(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        certificate: Option<&PeerCertificates>,
+    ) -> Result<Option<Caller>, ApiError> {
         if methods::is_open(path) {
             return Ok(None);
         }
-        let caller = self.authenticate(headers).await?;
+        let caller = self.authenticate(headers, certificate).await?;
         let Some(method) = methods::method(path) else {
             return Err(ApiError::MethodNotAllowed(path.to_owned()));
         };
@@ -104,16 +139,33 @@ impl Authenticator {
         Ok(Some(caller))
     }
 
-    async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    /// A bearer credential, when sent, authenticates the call, whether or not the connection
+    /// presented a client certificate (the certificate then only admitted the connection);
+    /// without one, the client certificate does, through `[[auth.client_certs]]`.
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        certificate: Option<&PeerCertificates>,
+    ) -> Result<Caller, ApiError> {
         let authenticated = match &self.mode {
             Mode::Development => development_caller(headers)?,
-            Mode::Configured { api_keys, jwt } => {
-                let token = bearer_token(headers)?;
-                match jwt {
-                    Some(jwt) if jwt::looks_like_jwt(token) => jwt.verify(token).await?,
-                    _ => api_keys.verify(token)?,
+            Mode::Configured {
+                api_keys,
+                client_certs,
+                jwt,
+            } => match (
+                certificate.and_then(PeerCertificates::leaf),
+                headers.contains_key(AUTHORIZATION_HEADER),
+            ) {
+                (Some(leaf), false) => client_certs.verify(leaf)?,
+                _ => {
+                    let token = bearer_token(headers)?;
+                    match jwt {
+                        Some(jwt) if jwt::looks_like_jwt(token) => jwt.verify(token).await?,
+                        _ => api_keys.verify(token)?,
+                    }
                 }
-            }
+            },
         };
         let mut caller = self.on_behalf_of(authenticated, headers).await?;
         self.add_configured_groups(&mut caller);
@@ -214,6 +266,7 @@ impl Authenticator {
             scopes: caller.scopes,
             projects: caller.projects,
             proof,
+            method: caller.method,
             expire_time,
         })
     }
@@ -272,7 +325,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Api
 fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = header(headers, AUTHORIZATION_HEADER)?.ok_or_else(|| {
         ApiError::CredentialsMissing(
-            "no credentials: send `authorization: Bearer <API key or JWT>`".to_owned(),
+            "no credentials: send `authorization: Bearer <API key or JWT>` (or, over TLS, a client certificate that [[auth.client_certs]] maps)".to_owned(),
         )
     })?;
     let token = value
@@ -325,6 +378,7 @@ fn development_caller(headers: &HeaderMap) -> Result<Authenticated, ApiError> {
             projects: None,
             acting_principal: None,
             proof: IdentityProof::Development,
+            method: AuthMethod::Development,
             expire_time: None,
         },
         act_as: ActAsList::default(),

@@ -68,6 +68,9 @@ pub struct Caller {
     pub acting_principal: Option<Principal>,
     /// How `principal`'s identity was established.
     pub proof: IdentityProof,
+    /// How the credential that authenticated the call was presented (for an on-behalf-of
+    /// call, the acting service's).
+    pub method: AuthMethod,
     /// When the credential expires: a JWT's `exp` claim; `None` for API keys and development
     /// mode, which do not expire. (A JWT is still accepted until `exp` plus `auth.jwt.leeway`.)
     pub expire_time: Option<Timestamp>,
@@ -148,6 +151,30 @@ impl Caller {
             Err(DomainError::PolicyNotFound {
                 name: policy.name.clone(),
             })
+        }
+    }
+}
+
+/// How a caller authenticated: recorded on the call's span (`auth.method`) and in the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// `authorization: Bearer <API key>`.
+    ApiKey,
+    /// `authorization: Bearer <JWT>`.
+    Jwt,
+    /// A verified TLS client certificate matched by `[[auth.client_certs]]`.
+    ClientCertificate,
+    /// Local development: `x-approvals-actor`.
+    Development,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ApiKey => "api_key",
+            Self::Jwt => "jwt",
+            Self::ClientCertificate => "client_certificate",
+            Self::Development => "development",
         }
     }
 }

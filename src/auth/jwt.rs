@@ -151,12 +151,11 @@ impl JwtVerifier {
             (None, Some(url)) => {
                 check_jwks_url(url)?;
                 // One process-wide TLS provider; an error only means one is installed already.
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                let client = reqwest::Client::builder()
-                    .timeout(Duration::from_secs(10))
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()
-                    .map_err(|e| format!("HTTP client: {e}"))?;
+                let client = crate::tls::outbound::jwks_client(
+                    &config.jwks_ca_file,
+                    &config.jwks_cert_file,
+                    &config.jwks_key_file,
+                )?;
                 JwksSource::Url(url.clone(), client)
             }
             (None, None) => return Err("set jwks_file or jwks_url".to_owned()),
@@ -315,6 +314,7 @@ impl JwtVerifier {
                 projects,
                 acting_principal: None,
                 proof: IdentityProof::Credential,
+                method: super::AuthMethod::Jwt,
                 expire_time,
             },
             act_as,

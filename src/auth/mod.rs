@@ -1,10 +1,11 @@
 //! Authentication and scopes, for every call but health and reflection: the transport's stack
-//! asks [`Authenticator::admit`]. It authenticates the caller (API key, JWT, or in local
-//! development the `x-approvals-actor` metadata), applies on-behalf-of, checks the method's
+//! asks [`Authenticator::admit`]. It authenticates the caller (API key, JWT, a TLS client
+//! certificate, or in local development the `x-approvals-actor` metadata), applies on-behalf-of, checks the method's
 //! scope in ONE table, and puts the [`Caller`] into the request's extensions, where handlers
 //! find it through [`caller`].
 
 pub mod api_keys;
+mod client_certs;
 mod jwt;
 pub mod methods;
 
@@ -16,12 +17,12 @@ use self::{api_keys::ApiKeys, jwt::JwtVerifier};
 pub use self::{
     authenticator::{AuthSetupError, Authenticator},
     caller::{
-        ACTOR_HEADER, ActAsList, Authenticated, Caller, GROUPS_HEADER, actor, caller,
+        ACTOR_HEADER, ActAsList, AuthMethod, Authenticated, Caller, GROUPS_HEADER, actor, caller,
         caller_principal, parse_groups, parse_projects,
     },
     validate::{parse_scopes, validate_config},
 };
-pub use crate::config::auth::{ApiKeyConfig, AuthConfig, JwtConfig};
+pub use crate::config::auth::{ApiKeyConfig, AuthConfig, ClientCertConfig, JwtConfig};
 
 pub const AUTHORIZATION_HEADER: &str = "authorization";
 pub const ON_BEHALF_OF_HEADER: &str = "x-approvals-on-behalf-of";

@@ -21,6 +21,20 @@
 //! as names: the server does not check what they resolve to, so list only names whose DNS the
 //! operator controls.
 //!
+//! An entry is a string, or a table that adds how the call is secured (see [`EndpointTls`]):
+//!
+//! ```toml
+//! allowed_endpoints = [
+//!   "https://*.apply.svc.cluster.local:8443",               # system roots, no client cert
+//!   { endpoint = "https://flags.internal:8443", ca_file = "/etc/approvals/applier-ca.pem",
+//!     cert_file = "/etc/approvals/client.pem", key_file = "/etc/approvals/client-key.pem" },
+//!   { endpoint = "http://127.0.0.1:9000", allow_insecure = true },   # clear text, explicitly
+//! ]
+//! ```
+//!
+//! An `http://` entry sends the change (and nothing proves who calls) in clear text: it is
+//! refused when the configuration loads unless it says `allow_insecure = true`.
+//!
 //! Over 500 lines with its tests, which are most of it: every way an endpoint can be written
 //! (ports, schemes, IP literals, DNS names, wildcards) is a case a test holds.
 
@@ -98,6 +112,56 @@ struct Entry {
     host: HostPattern,
     /// `None`: any port.
     port: Option<u16>,
+    tls: EndpointTls,
+}
+
+/// How the server secures its calls to the endpoints of one entry. Paths are PEM files, read
+/// when the first call to an endpoint opens its channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointTls {
+    /// CAs that sign the applier's certificate; empty: the system's roots.
+    pub ca_file: String,
+    /// A client certificate (PEM chain) the server presents, with `key_file`.
+    pub cert_file: String,
+    pub key_file: String,
+    /// Required on an `http://` entry: the calls are made in clear text.
+    pub allow_insecure: bool,
+}
+
+/// An entry as the file writes it: a string, or a table with the settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct EntryTable {
+    endpoint: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    ca_file: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    cert_file: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    key_file: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    allow_insecure: bool,
+}
+
+impl EntryTable {
+    fn new(endpoint: String, tls: EndpointTls) -> Self {
+        Self {
+            endpoint,
+            ca_file: tls.ca_file,
+            cert_file: tls.cert_file,
+            key_file: tls.key_file,
+            allow_insecure: tls.allow_insecure,
+        }
+    }
+
+    fn tls(&self) -> EndpointTls {
+        EndpointTls {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            allow_insecure: self.allow_insecure,
+        }
+    }
 }
 
 impl Entry {
@@ -116,9 +180,17 @@ impl Entry {
 /// The `apply.allowed_endpoints` list. Empty (the default): no applier endpoint is allowed.
 #[derive(Debug, Clone, Default)]
 pub struct AllowedEndpoints {
-    /// As written, for `config check`.
+    /// The entries' endpoints as written.
     texts: Vec<String>,
+    /// As written, for `config check`: a plain string stays one.
+    written: Vec<Written>,
     entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone)]
+enum Written {
+    Plain(String),
+    Table(EntryTable),
 }
 
 impl PartialEq for AllowedEndpoints {
@@ -164,48 +236,171 @@ impl fmt::Display for EndpointRefusal {
 }
 
 impl AllowedEndpoints {
-    /// Parses the entries; an error names the bad one.
+    /// Parses plain entries (no TLS settings, so no `http://`); an error names the bad one.
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
         let mut list = Self::default();
-        for (i, text) in entries.iter().enumerate() {
-            let text = text.as_ref().trim();
-            let entry = parse_entry(text).map_err(|why| format!("entry [{i}] {text:?} {why}"))?;
-            list.texts.push(text.to_owned());
-            list.entries.push(entry);
+        for text in entries {
+            list.push(Written::Plain(text.as_ref().trim().to_owned()))?;
         }
         Ok(list)
     }
 
-    /// The entries as written.
+    /// Adds an entry with its settings (`allow_insecure` for `http://`, CA and client files
+    /// for `https://`); the error names the entry.
+    pub fn with(mut self, endpoint: &str, tls: EndpointTls) -> Result<Self, String> {
+        self.push(Written::Table(EntryTable::new(
+            endpoint.trim().to_owned(),
+            tls,
+        )))?;
+        Ok(self)
+    }
+
+    /// `endpoints` allowed in clear text (`allow_insecure = true`): tests and loopback appliers.
+    pub fn insecure<S: AsRef<str>>(endpoints: &[S]) -> Result<Self, String> {
+        endpoints
+            .iter()
+            .try_fold(Self::default(), |list, endpoint| {
+                list.with(
+                    endpoint.as_ref(),
+                    EndpointTls {
+                        allow_insecure: true,
+                        ..EndpointTls::default()
+                    },
+                )
+            })
+    }
+
+    fn push(&mut self, written: Written) -> Result<(), String> {
+        let i = self.entries.len();
+        let (text, tls) = match &written {
+            Written::Plain(text) => (text.trim(), EndpointTls::default()),
+            Written::Table(table) => (table.endpoint.trim(), table.tls()),
+        };
+        let mut entry = parse_entry(text).map_err(|why| format!("entry [{i}] {text:?} {why}"))?;
+        match entry.scheme {
+            Scheme::Http if !tls.allow_insecure => {
+                return Err(format!(
+                    "entry [{i}] {text:?} would send applier calls in clear text: write \
+                     {{ endpoint = {text:?}, allow_insecure = true }} to allow that, or use https://"
+                ));
+            }
+            Scheme::Http
+                if !(tls.ca_file.is_empty()
+                    && tls.cert_file.is_empty()
+                    && tls.key_file.is_empty()) =>
+            {
+                return Err(format!(
+                    "entry [{i}] {text:?}: ca_file, cert_file and key_file are for https:// entries"
+                ));
+            }
+            Scheme::Https if tls.allow_insecure => {
+                return Err(format!(
+                    "entry [{i}] {text:?}: allow_insecure is for http:// entries; https:// is always verified"
+                ));
+            }
+            _ => {}
+        }
+        if tls.cert_file.is_empty() != tls.key_file.is_empty() {
+            return Err(format!(
+                "entry [{i}] {text:?}: cert_file and key_file go together"
+            ));
+        }
+        entry.tls = tls;
+        self.texts.push(text.to_owned());
+        self.written.push(written);
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    /// The entries' endpoints as written.
     pub fn entries(&self) -> &[String] {
         &self.texts
     }
 
-    /// Whether the server may call `endpoint`.
-    pub fn check(&self, endpoint: &str) -> Result<(), EndpointRefusal> {
+    /// The files the entries name, with the key that names each (`config check` reads them).
+    pub fn files(&self) -> Vec<(String, &str)> {
+        let mut files = Vec::new();
+        for (i, entry) in self.entries.iter().enumerate() {
+            for (name, path) in [
+                ("ca_file", &entry.tls.ca_file),
+                ("cert_file", &entry.tls.cert_file),
+                ("key_file", &entry.tls.key_file),
+            ] {
+                if !path.is_empty() {
+                    files.push((
+                        format!("apply.allowed_endpoints[{i}].{name}"),
+                        path.as_str(),
+                    ));
+                }
+            }
+        }
+        files
+    }
+
+    /// Whether the server may call `endpoint`, and how (the first entry that allows it).
+    pub fn check(&self, endpoint: &str) -> Result<&EndpointTls, EndpointRefusal> {
         let target = parse_target(endpoint).map_err(EndpointRefusal::Malformed)?;
-        if self.entries.iter().any(|entry| entry.allows(&target)) {
-            Ok(())
-        } else {
-            Err(EndpointRefusal::NotAllowed {
+        match self.entries.iter().find(|entry| entry.allows(&target)) {
+            Some(entry) => Ok(&entry.tls),
+            None => Err(EndpointRefusal::NotAllowed {
                 normalized: target.to_string(),
                 none_allowed: self.entries.is_empty(),
-            })
+            }),
         }
     }
 }
 
 impl<'de> Deserialize<'de> for AllowedEndpoints {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let entries = Vec::<String>::deserialize(deserializer)?;
-        Self::parse(&entries).map_err(serde::de::Error::custom)
+        /// A string or a table.
+        struct EntryVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for EntryVisitor {
+            type Value = Written;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an endpoint string, or a table { endpoint = \"...\", ... }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Written, E> {
+                Ok(Written::Plain(text.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Written, A::Error> {
+                EntryTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(Written::Table)
+            }
+        }
+
+        struct Item(Written);
+
+        impl<'de> Deserialize<'de> for Item {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                deserializer.deserialize_any(EntryVisitor).map(Item)
+            }
+        }
+
+        let items = Vec::<Item>::deserialize(deserializer)?;
+        let mut list = Self::default();
+        for Item(written) in items {
+            list.push(written).map_err(serde::de::Error::custom)?;
+        }
+        Ok(list)
     }
 }
 
 /// The entries as written.
 impl Serialize for AllowedEndpoints {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.texts.serialize(serializer)
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.written.len()))?;
+        for written in &self.written {
+            match written {
+                Written::Plain(text) => seq.serialize_element(text)?,
+                Written::Table(table) => seq.serialize_element(table)?,
+            }
+        }
+        seq.end()
     }
 }
 
@@ -370,15 +565,33 @@ fn parse_entry(text: &str) -> Result<Entry, String> {
         }
         None => HostPattern::Exact(parse_host(host)?),
     };
-    Ok(Entry { scheme, host, port })
+    Ok(Entry {
+        scheme,
+        host,
+        port,
+        tls: EndpointTls::default(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The entries, `http://` ones with `allow_insecure`.
     fn list(entries: &[&str]) -> AllowedEndpoints {
-        AllowedEndpoints::parse(entries).expect("valid entries")
+        entries
+            .iter()
+            .try_fold(AllowedEndpoints::default(), |list, entry| {
+                let allow_insecure = entry.starts_with("http://");
+                list.with(
+                    entry,
+                    EndpointTls {
+                        allow_insecure,
+                        ..EndpointTls::default()
+                    },
+                )
+            })
+            .expect("valid entries")
     }
 
     fn allowed(list: &AllowedEndpoints, endpoint: &str) -> bool {
@@ -524,8 +737,67 @@ mod tests {
             "http://*.10.0.0.1",
             "http://127.0.0.1:x",
         ] {
-            let err = AllowedEndpoints::parse(&["http://ok.internal", entry]).expect_err(entry);
+            let err = AllowedEndpoints::insecure(&["http://ok.internal", entry]).expect_err(entry);
             assert!(err.starts_with("entry [1] "), "{entry}: {err}");
+        }
+    }
+
+    /// Clear text is said per entry; TLS files belong to https:// entries; a table entry is
+    /// written back as a table, a plain one as a string.
+    #[test]
+    fn http_needs_allow_insecure_and_tables_round_trip() {
+        let err = AllowedEndpoints::parse(&["http://127.0.0.1"]).expect_err("clear text");
+        assert!(err.contains("allow_insecure = true"), "{err}");
+        let text = r#"allowed_endpoints = [
+            "https://*.svc:8443",
+            { endpoint = "https://flags.internal", ca_file = "/ca.pem", cert_file = "/c.pem", key_file = "/k.pem" },
+            { endpoint = "http://127.0.0.1:9000", allow_insecure = true },
+        ]"#;
+        #[derive(Deserialize, Serialize)]
+        struct Apply {
+            allowed_endpoints: AllowedEndpoints,
+        }
+        let parsed: Apply = toml::from_str(text).expect("entries");
+        let list = &parsed.allowed_endpoints;
+        assert_eq!(
+            list.check("https://flags.internal")
+                .map(|t| t.ca_file.as_str()),
+            Ok("/ca.pem")
+        );
+        assert!(
+            list.check("http://127.0.0.1:9000")
+                .is_ok_and(|t| t.allow_insecure)
+        );
+        assert_eq!(
+            list.check("https://a.svc:8443"),
+            Ok(&EndpointTls::default())
+        );
+        let again: Apply =
+            toml::from_str(&toml::to_string(&parsed).expect("renders")).expect("loads back");
+        assert_eq!(&again.allowed_endpoints, list);
+        for (bad, why) in [
+            (
+                r#"[{ endpoint = "https://a", allow_insecure = true }]"#,
+                "allow_insecure is for http://",
+            ),
+            (
+                r#"[{ endpoint = "http://a", allow_insecure = true, ca_file = "x" }]"#,
+                "are for https://",
+            ),
+            (
+                r#"[{ endpoint = "https://a", cert_file = "x" }]"#,
+                "go together",
+            ),
+            (
+                r#"[{ endpoint = "https://a", cafile = "x" }]"#,
+                "unknown field",
+            ),
+        ] {
+            let err = toml::from_str::<Apply>(&format!("allowed_endpoints = {bad}"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(why), "{bad}: {err}");
         }
     }
 }

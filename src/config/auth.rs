@@ -12,6 +12,12 @@
 //! [auth.groups]             # group memberships the server vouches for
 //! sre = ["user:alice", "service:deployer"]
 //!
+//! [[auth.client_certs]]    # a verified client certificate (tls.client_auth) -> a caller
+//! uri_san = "spiffe://example.org/ns/ci/sa/deployer"   # or dns_san = "…", or common_name = "…"
+//! principal = "service:deployer"
+//! scopes = ["approvals:write"]
+//! projects = ["web"]
+//!
 //! [auth.jwt]
 //! issuer = "https://id.example.com/"
 //! audience = "approvals"
@@ -29,6 +35,10 @@ use super::fields;
 pub struct AuthConfig {
     /// API keys, presented as `authorization: Bearer <key>`. Only in the file.
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Verified client certificates (`[tls]` with `client_auth`), each matched by exactly one of
+    /// a URI SAN (SPIFFE ID), a DNS SAN or the subject CN. Only in the file.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub client_certs: Vec<ClientCertConfig>,
     /// JSON Web Tokens from an identity provider, presented the same way.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtConfig>,
@@ -43,8 +53,36 @@ impl AuthConfig {
     /// Whether any way to authenticate is configured. Without one, the server runs in local
     /// development mode: loopback only, identity from `x-approvals-actor`.
     pub fn is_configured(&self) -> bool {
-        !self.api_keys.is_empty() || self.jwt.is_some()
+        !self.api_keys.is_empty() || self.jwt.is_some() || !self.client_certs.is_empty()
     }
+}
+
+/// One `[[auth.client_certs]]` entry: which verified client certificates it matches (exactly
+/// one of `uri_san`, `dns_san`, `common_name`, compared exactly; DNS names case-insensitively),
+/// and the caller they are, as an API key's entry says.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertConfig {
+    /// A URI subject alternative name, e.g. the SPIFFE ID
+    /// `spiffe://example.org/ns/ci/sa/deployer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_san: Option<String>,
+    /// A DNS subject alternative name, e.g. `deployer.ci.svc.cluster.local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_san: Option<String>,
+    /// The subject's common name (CN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub common_name: Option<String>,
+    /// `user:NAME` or `service:NAME`.
+    pub principal: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    pub scopes: Vec<String>,
+    /// As for API keys: required, `["*"]` for every project.
+    #[serde(default)]
+    pub projects: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub act_as: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -83,6 +121,11 @@ pub struct JwtConfig {
     /// A JWKS document over HTTP(S) (re-fetched every `jwks_refresh_interval`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
+    /// CAs (PEM) that sign the JWKS server's certificate; empty: the system's roots.
+    pub jwks_ca_file: String,
+    /// A client certificate (PEM chain) to present to the JWKS server, with `jwks_key_file`.
+    pub jwks_cert_file: String,
+    pub jwks_key_file: String,
     #[serde(with = "fields::duration")]
     pub jwks_refresh_interval: Duration,
     /// Clock skew tolerated on `exp` and `nbf`.
@@ -119,6 +162,9 @@ impl Default for JwtConfig {
             audience: String::new(),
             jwks_file: None,
             jwks_url: None,
+            jwks_ca_file: String::new(),
+            jwks_cert_file: String::new(),
+            jwks_key_file: String::new(),
             jwks_refresh_interval: Duration::from_secs(300),
             leeway: Duration::from_secs(30),
             principal_prefix: "user:".to_owned(),

@@ -82,11 +82,9 @@ mod tests {
         let parsed: Config = toml::from_str(&text).expect("renders valid config");
         assert_eq!(parsed, config);
         config.apply.allowed_endpoints =
-            crate::config::allowed_endpoints::AllowedEndpoints::parse(&[
-                "http://127.0.0.1",
-                "https://*.internal:8443",
-            ])
-            .expect("entries");
+            crate::config::allowed_endpoints::AllowedEndpoints::insecure(&["http://127.0.0.1"])
+                .and_then(|list| list.with("https://*.internal:8443", Default::default()))
+                .expect("entries");
         let parsed: Config = toml::from_str(&render(&config)).expect("renders valid config");
         assert_eq!(parsed, config);
         assert_eq!(

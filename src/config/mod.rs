@@ -11,10 +11,11 @@ pub mod auth;
 pub mod check;
 pub(crate) mod fields;
 mod load;
+pub mod tls;
 
 pub use self::load::{ConfigError, Flags, env_name, key_paths};
 
-use self::{allowed_endpoints::AllowedEndpoints, auth::AuthConfig};
+use self::{allowed_endpoints::AllowedEndpoints, auth::AuthConfig, tls::TlsConfig};
 use serde::{Deserialize, Serialize};
 
 /// The embedded default: a SQLite file in the working directory.
@@ -37,6 +38,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// The verifiable history: checkpoints and their signing key.
     pub audit: AuditConfig,
+    /// The server's certificate and client certificates; without `tls.cert_file`, plain text.
+    pub tls: TlsConfig,
     /// API keys and JWTs; without any, the server runs in local development mode (loopback
     /// only, identity from `x-approvals-actor`).
     pub auth: AuthConfig,
@@ -242,6 +245,7 @@ impl Default for Config {
             apply: ApplyConfig::default(),
             telemetry: TelemetryConfig::default(),
             audit: AuditConfig::default(),
+            tls: TlsConfig::default(),
             auth: AuthConfig::default(),
         }
     }

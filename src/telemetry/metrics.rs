@@ -11,6 +11,7 @@
 //! | `approvals.watch.lag` | histogram (events) | |
 //! | `approvals.apply.outcomes` | counter | `outcome` |
 //! | `approvals.limits.refused` | counter | `limit` (`rate`, `concurrency`) |
+//! | `approvals.tls.reloads` | counter | `outcome` (`reloaded`, `failed`) |
 //! | `approvals.db.pool.connections` | gauge | `state` (`idle`, `in_use`), plus `approvals.db.pool.max` |
 
 use std::{
@@ -35,6 +36,7 @@ struct Instruments {
     watch_lag: Histogram<u64>,
     apply_outcomes: Counter<u64>,
     refused: Counter<u64>,
+    tls_reloads: Counter<u64>,
 }
 
 static INSTRUMENTS: OnceLock<Instruments> = OnceLock::new();
@@ -77,6 +79,12 @@ fn instruments() -> &'static Instruments {
             refused: meter
                 .u64_counter("approvals.limits.refused")
                 .with_description("Unary calls refused with RESOURCE_EXHAUSTED, by limit")
+                .build(),
+            tls_reloads: meter
+                .u64_counter("approvals.tls.reloads")
+                .with_description(
+                    "Changes of the [tls] files on disk: loaded (reloaded) or refused (failed; the old certificate stays)",
+                )
                 .build(),
         }
     })
@@ -121,6 +129,13 @@ pub fn record_limited(limit: &str) {
     instruments()
         .refused
         .add(1, &[KeyValue::new("limit", limit.to_owned())]);
+}
+
+/// The `[tls]` files changed: `outcome` is `reloaded` or `failed`.
+pub fn record_tls_reload(outcome: &str) {
+    instruments()
+        .tls_reloads
+        .add(1, &[KeyValue::new("outcome", outcome.to_owned())]);
 }
 
 /// Counts an open watch stream while it lives.

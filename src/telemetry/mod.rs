@@ -190,6 +190,8 @@ impl Rpc {
             otel.status_code = Empty,
             project = Empty,
             change_request_id = Empty,
+            enduser.id = Empty,
+            auth.method = Empty,
         );
         let parent = global::get_text_map_propagator(|propagator| {
             propagator.extract(&Headers(request.headers()))

@@ -9,6 +9,10 @@
 //! and sends the frames of all the connection's streams that are ready in one write, about 34
 //! events per system call. Larger payloads are written as before, in two writes instead of one
 //! `writev`, which is noise beside the database work of a request that large.
+//!
+//! With `[tls]`, the TLS handshake runs here too (tokio-rustls, each in a task of its own so a
+//! slow client holds up no other), and [`Coalescing`] sits above TLS: rustls writes a record to
+//! the socket per write it is given, so the frames gather before they reach it.
 
 use std::{
     io,
@@ -16,18 +20,50 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use std::{sync::Arc, time::Duration};
+
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
-use tokio_stream::{Stream, StreamExt};
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::transport::server::{Connected, TcpIncoming};
 
-/// A TCP connection that reports no vectored writes, so HTTP/2 frames coalesce, and that lets
+use crate::tls::{ConnectionInfo, PeerCertificates, ServerTls};
+
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The byte stream under HTTP/2: plain TCP, or TLS over it.
+#[derive(Debug)]
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate {
+    ($self:expr, $stream:ident => $call:expr) => {
+        match &mut $self.stream {
+            Transport::Plain($stream) => {
+                let $stream = Pin::new($stream);
+                $call
+            }
+            Transport::Tls($stream) => {
+                let $stream = Pin::new($stream.as_mut());
+                $call
+            }
+        }
+    };
+}
+
+/// A connection that reports no vectored writes, so HTTP/2 frames coalesce, and that lets
 /// the other ready tasks run once before each burst of writes (module docs).
 #[derive(Debug)]
 pub(crate) struct Coalescing {
-    stream: TcpStream,
+    stream: Transport,
+    /// The client's verified certificate chain (TLS with a client certificate).
+    peer: Option<PeerCertificates>,
     /// `limits.coalesce_writes`: false passes every write straight through.
     coalesce: bool,
     /// Whether this burst of writes has already stepped aside once; reset by each flush.
@@ -40,7 +76,7 @@ impl AsyncRead for Coalescing {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        delegate!(self, stream => stream.poll_read(cx, buf))
     }
 }
 
@@ -57,17 +93,17 @@ impl AsyncWrite for Coalescing {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        delegate!(self, stream => stream.poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
+        ready!(delegate!(self, stream => stream.poll_flush(cx)))?;
         self.yielded = false;
         Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        delegate!(self, stream => stream.poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -76,19 +112,30 @@ impl AsyncWrite for Coalescing {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         // Called only when not coalescing (`is_write_vectored` is false otherwise).
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        delegate!(self, stream => stream.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        !self.coalesce && self.stream.is_write_vectored()
+        !self.coalesce
+            && match &self.stream {
+                Transport::Plain(stream) => stream.is_write_vectored(),
+                Transport::Tls(stream) => stream.is_write_vectored(),
+            }
     }
 }
 
 impl Connected for Coalescing {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        let tcp = match &self.stream {
+            Transport::Plain(stream) => stream,
+            Transport::Tls(stream) => stream.get_ref().0,
+        };
+        ConnectionInfo {
+            remote_addr: tcp.peer_addr().ok(),
+            peer_certificates: self.peer.clone(),
+        }
     }
 }
 
@@ -106,10 +153,69 @@ pub(crate) fn incoming(
         .map(move |accepted| accepted.map(|stream| Coalescing::new(stream, coalesce)))
 }
 
+/// Accepted connections as [`incoming`], each through its TLS handshake (in a task of its own,
+/// at most [`HANDSHAKE_TIMEOUT`]); a failed handshake is logged at debug and dropped. The
+/// accepting task ends when the server drops the stream; the handle aborts it sooner.
+pub(crate) fn incoming_tls(
+    listener: tokio::net::TcpListener,
+    coalesce: bool,
+    tls: Arc<ServerTls>,
+) -> (
+    impl Stream<Item = Result<Coalescing, io::Error>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (ready, handshaken) = tokio::sync::mpsc::channel::<Result<Coalescing, io::Error>>(64);
+    let accepting = tokio::spawn(async move {
+        let mut accepted = std::pin::pin!(TcpIncoming::from(listener).with_nodelay(Some(true)));
+        while let Some(next) = accepted.next().await {
+            let stream = match next {
+                Ok(stream) => stream,
+                Err(err) => {
+                    tracing::debug!(%err, "accept failed");
+                    continue;
+                }
+            };
+            let acceptor = tls.acceptor().clone();
+            let sender = ready.clone();
+            tokio::spawn(async move {
+                let remote = stream.peer_addr().ok();
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let peer = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .filter(|chain| !chain.is_empty())
+                            .map(|chain| {
+                                PeerCertificates(
+                                    chain.iter().map(|c| c.clone().into_owned()).collect(),
+                                )
+                            });
+                        let connection = Coalescing {
+                            stream: Transport::Tls(Box::new(stream)),
+                            peer,
+                            coalesce,
+                            yielded: false,
+                        };
+                        let _ = sender.send(Ok(connection)).await;
+                    }
+                    Ok(Err(err)) => tracing::debug!(?remote, %err, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(?remote, "TLS handshake timed out"),
+                }
+            });
+            if ready.is_closed() {
+                break;
+            }
+        }
+    });
+    (ReceiverStream::new(handshaken), accepting)
+}
+
 impl Coalescing {
     fn new(stream: TcpStream, coalesce: bool) -> Self {
         Self {
-            stream,
+            stream: Transport::Plain(stream),
+            peer: None,
             coalesce,
             yielded: false,
         }
@@ -138,9 +244,12 @@ mod tests {
     async fn coalescing_is_a_setting_and_writes_arrive_either_way() {
         for coalesce in [true, false] {
             let (mut server, mut client) = pair(coalesce).await;
+            let Transport::Plain(tcp) = &server.stream else {
+                panic!("plain TCP");
+            };
             assert_eq!(
                 server.is_write_vectored(),
-                !coalesce && server.stream.is_write_vectored(),
+                !coalesce && tcp.is_write_vectored(),
                 "coalesce = {coalesce}"
             );
             server.write_all(b"frame one ").await.expect("write");

@@ -218,6 +218,7 @@ mod tests {
             projects: None,
             acting_principal: acting.map(|p| Principal::parse(p).expect("principal")),
             proof: IdentityProof::Credential,
+            method: crate::auth::AuthMethod::ApiKey,
             expire_time: None,
         }
     }

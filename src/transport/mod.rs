@@ -27,7 +27,7 @@ mod middleware;
 mod stack;
 mod watch_route;
 
-pub use self::check::check_config;
+pub use self::check::{check_config, warnings};
 use self::watch_route::WatchRoute;
 
 /// The health service name Kubernetes liveness probes check: SERVING while the process runs,
@@ -46,6 +46,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Auth(#[from] AuthSetupError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsSetupError),
     #[error(
         "refusing to serve on {0}: it is not a loopback address and no authentication is configured ([[auth.api_keys]] or [auth.jwt])"
     )]
@@ -140,7 +142,19 @@ pub async fn run_with_clock(
     shutdown: impl Future<Output = ()> + Send + 'static,
     clock: SharedClock,
 ) -> Result<(), ServeError> {
+    crate::tls::install_default_provider();
     let authenticator = Arc::new(Authenticator::new(&config.auth).await?);
+    let tls = if config.tls.is_enabled() {
+        Some(crate::tls::ServerTls::new(&config.tls)?)
+    } else {
+        None
+    };
+    if tls.is_none()
+        && let Ok(addr) = listener.local_addr()
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(address = %addr, "{}", check::PLAIN_TEXT_WARNING);
+    }
     if authenticator.is_development() {
         if let Ok(addr) = listener.local_addr()
             && !addr.ip().is_loopback()
@@ -222,7 +236,24 @@ pub async fn run_with_clock(
     let policies = PoliciesServer::new(PoliciesService::new(context))
         .max_decoding_message_size(config.limits.max_message_bytes);
 
-    tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
+    // `address` last: scripts (and the tests' `Process`) read it off the end of this line.
+    tracing::info!(tls = tls.is_some(), address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
+    let mut background = Vec::new();
+    let incoming: std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = std::io::Result<connection::Coalescing>> + Send>,
+    > = match tls {
+        Some(tls) => {
+            background.push(tls.spawn_reloader());
+            let (incoming, accepting) =
+                connection::incoming_tls(listener, config.limits.coalesce_writes, tls);
+            background.push(accepting);
+            Box::pin(incoming)
+        }
+        None => Box::pin(connection::incoming(
+            listener,
+            config.limits.coalesce_writes,
+        )),
+    };
     // Drain in-flight calls after the shutdown signal, but never for longer than the grace
     // period: an idle client that keeps its connection open must not hold the process.
     let draining = Arc::new(tokio::sync::Notify::new());
@@ -253,10 +284,7 @@ pub async fn run_with_clock(
         .add_service(policies)
         .add_service(audit)
         .add_service(relay_state)
-        .serve_with_incoming_shutdown(
-            connection::incoming(listener, config.limits.coalesce_writes),
-            signal,
-        );
+        .serve_with_incoming_shutdown(incoming, signal);
     let grace = config.limits.shutdown_grace;
     let result = tokio::select! {
         result = serve => result,
@@ -272,6 +300,9 @@ pub async fn run_with_clock(
     worker.abort();
     if let Some(checkpointer) = checkpointer {
         checkpointer.abort();
+    }
+    for task in background {
+        task.abort();
     }
     tracing::info!("stopped");
     Ok(result?)

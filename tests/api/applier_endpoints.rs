@@ -12,7 +12,7 @@ use std::{
 
 use approvals::{
     config::Config,
-    config::allowed_endpoints::AllowedEndpoints,
+    config::allowed_endpoints::{AllowedEndpoints, EndpointTls},
     pb::{self, State, policies_client::PoliciesClient},
 };
 use prost_types::FieldMask;
@@ -25,7 +25,19 @@ type Admin = PoliciesClient<InterceptedService<Channel, Caller>>;
 
 fn allow(entries: &'static [&'static str]) -> impl FnOnce(&mut Config) {
     move |c| {
-        c.apply.allowed_endpoints = AllowedEndpoints::parse(entries).expect("entries");
+        // http:// entries are test appliers in plain text: `allow_insecure`.
+        c.apply.allowed_endpoints = entries
+            .iter()
+            .try_fold(AllowedEndpoints::default(), |list, entry| {
+                list.with(
+                    entry,
+                    EndpointTls {
+                        allow_insecure: entry.starts_with("http://"),
+                        ..EndpointTls::default()
+                    },
+                )
+            })
+            .expect("entries");
         c.apply.retry_backoff = Duration::from_millis(30);
         c.apply.poll_interval = Duration::from_millis(100);
     }

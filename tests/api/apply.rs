@@ -1292,11 +1292,19 @@ async fn a_crash_mid_apply_is_retried_with_the_same_key() {
     .await;
     let (database, url) = TestDatabase::create().await;
     let dir = tempfile::tempdir().expect("dir");
+    // The test applier speaks plain text: said per entry, in the file.
+    let config = dir.path().join("approvals.toml");
+    std::fs::write(
+        &config,
+        "[apply]\nallowed_endpoints = [{ endpoint = \"http://127.0.0.1\", allow_insecure = true }]\n",
+    )
+    .expect("config");
+    let config = config.display().to_string();
     let env = [
         ("APPROVALS_APPLY_LEASE", "1s"),
         ("APPROVALS_APPLY_DEADLINE", "200ms"),
         ("APPROVALS_APPLY_POLL_INTERVAL", "100ms"),
-        ("APPROVALS_APPLY_ALLOWED_ENDPOINTS", "http://127.0.0.1"),
+        ("APPROVALS_CONFIG", config.as_str()),
     ];
     let mut first = Process::serve_with(&url, dir.path(), &env);
     let connect = |addr: String| async move {

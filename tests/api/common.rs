@@ -226,9 +226,10 @@ impl TestServer {
         let mut config = Config::default();
         config.database.url = database_url.clone();
         config.database.max_connections = 8;
-        // Test appliers listen on loopback ports; `configure` may narrow or clear this.
+        // Test appliers listen on loopback ports, in plain text (`allow_insecure`); `configure`
+        // may narrow or clear this.
         config.apply.allowed_endpoints =
-            approvals::config::allowed_endpoints::AllowedEndpoints::parse(&["http://127.0.0.1"])
+            approvals::config::allowed_endpoints::AllowedEndpoints::insecure(&["http://127.0.0.1"])
                 .expect("allowed endpoints");
         configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0")

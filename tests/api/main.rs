@@ -36,3 +36,4 @@ mod outage;
 mod payloads;
 mod pg_cluster;
 mod telemetry;
+mod tls;

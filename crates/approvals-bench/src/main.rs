@@ -22,7 +22,11 @@ use clap::{Parser, ValueEnum};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
 use serde::Serialize;
 use tokio::sync::Mutex;
-use tonic::{Request, metadata::MetadataValue, transport::Channel};
+use tonic::{
+    Request,
+    metadata::MetadataValue,
+    transport::{Channel, ClientTlsConfig},
+};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
@@ -119,6 +123,11 @@ struct Cli {
     /// Keep the run's database afterwards.
     #[arg(long)]
     keep_database: bool,
+    /// Then start a second server with TLS (throwaway certificates, no client certificates)
+    /// and run get and create over TLS: rows `get (tls)` and `create (tls)`, each with its
+    /// ratio to the plain-text row. Not with --target.
+    #[arg(long)]
+    tls: bool,
 }
 
 impl Cli {
@@ -169,10 +178,18 @@ pub(crate) fn with_actor<T>(message: T, actor: &str) -> Request<T> {
     request
 }
 
-pub(crate) async fn connect(addr: &str) -> Result<Channel, String> {
-    Channel::from_shared(format!("http://{addr}"))
+/// A channel to `addr`, over TLS with `tls`.
+pub(crate) async fn connect(addr: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Channel::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| e.to_string())?
-        .tcp_nodelay(true)
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS: {e}"))?;
+    }
+    endpoint
         .connect()
         .await
         .map_err(|e| format!("connect to {addr}: {e}"))
@@ -378,10 +395,10 @@ struct Clients {
 }
 
 impl Clients {
-    async fn open(addr: &str, n: usize) -> Result<Self, String> {
+    async fn open(addr: &str, n: usize, tls: Option<&ClientTlsConfig>) -> Result<Self, String> {
         let mut channels = Vec::with_capacity(n);
         for _ in 0..n.max(1) {
-            channels.push(connect(addr).await?);
+            channels.push(connect(addr, tls).await?);
         }
         Ok(Self { channels })
     }
@@ -435,6 +452,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
                 streams_per_connection: cli.watchers_per_connection,
                 db_connections: cli.server_db_connections,
                 log: &log,
+                tls_dir: None,
             })
             .await;
             let process = match process {
@@ -455,7 +473,11 @@ async fn run(cli: Cli) -> Result<Report, String> {
         drop(process);
         database.remove().await;
     }
-    let (rows, watch, seed_seconds) = result?;
+    let (mut rows, watch, seed_seconds) = result?;
+    if cli.tls && cli.target.is_none() {
+        let tls_rows = over_tls(&cli, &rows).await?;
+        rows.extend(tls_rows);
+    }
     Ok(Report {
         database: cli.database,
         target: cli.target.clone(),
@@ -474,13 +496,112 @@ async fn run(cli: Cli) -> Result<Report, String> {
 
 type Outcome = (Vec<Row>, Vec<WatchResult>, Option<f64>);
 
+/// `--tls`: a second server (a fresh database) serving TLS with throwaway certificates; get
+/// and create over it, each held against its plain-text row of `plain`.
+async fn over_tls(cli: &Cli, plain: &[Row]) -> Result<Vec<Row>, String> {
+    let postgres = cli.database == Backend::Postgres;
+    let dir = std::env::temp_dir().join(format!("approvals-bench-tls-{}", std::process::id()));
+    approvals::tls::dev::write(&dir)?;
+    let (database, url) =
+        BenchDatabase::create(postgres.then_some(cli.postgres_url.as_str()), false).await?;
+    let binary = match &cli.server_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("approvals"),
+    };
+    let log = std::env::temp_dir().join(format!(
+        "approvals-bench-server-tls-{}.log",
+        std::process::id()
+    ));
+    let process = ServerProcess::start(&ServerOptions {
+        binary: &binary,
+        database_url: &url,
+        max_watchers: 1000,
+        streams_per_connection: 1,
+        db_connections: cli.server_db_connections,
+        log: &log,
+        tls_dir: Some(&dir),
+    })
+    .await;
+    let result = match process {
+        Ok(process) => {
+            eprintln!("TLS server pid {} on {}", process.pid(), process.addr);
+            let rows = tls_scenarios(cli, &process, plain).await;
+            drop(process);
+            rows
+        }
+        Err(err) => Err(err),
+    };
+    database.remove().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn tls_scenarios(
+    cli: &Cli,
+    server: &ServerProcess,
+    plain: &[Row],
+) -> Result<Vec<Row>, String> {
+    let clients =
+        Arc::new(Clients::open(&server.addr, cli.connections, server.tls.as_ref()).await?);
+    let (c, warmup, duration) = (cli.concurrency, cli.warmup, cli.duration);
+    let plain_row = |name: &str| plain.iter().find(|row| row.scenario == name);
+    let mut rows = Vec::new();
+    if cli.runs(Scenario::Create) {
+        eprintln!("create over TLS...");
+        let clients = clients.clone();
+        let stats = drive(c, warmup, duration, move |worker, sequence| {
+            let mut client = clients.api(worker);
+            async move {
+                client
+                    .create_change_request(with_actor(
+                        create_request("bench-create", &format!("flag-{worker}-{sequence}")),
+                        "user:creator",
+                    ))
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.to_string())
+            }
+        })
+        .await;
+        rows.push(against(
+            row("create (tls)", c, stats),
+            plain_row("create"),
+            "vs create in plain text",
+        ));
+    }
+    if cli.runs(Scenario::Get) {
+        eprintln!("get over TLS...");
+        let created = clients
+            .api(0)
+            .create_change_request(with_actor(
+                create_request("bench-template", "flag-0"),
+                "user:bench",
+            ))
+            .await
+            .map_err(|s| format!("create the request to get: {s}"))?
+            .into_inner();
+        let stats = drive_gets(clients.clone(), c, warmup, duration, move |_, _| {
+            created.id.clone()
+        })
+        .await;
+        rows.push(against(
+            row("get (tls)", c, stats),
+            plain_row("get"),
+            "vs get in plain text",
+        ));
+    }
+    Ok(rows)
+}
+
 async fn scenarios(
     cli: &Cli,
     addr: &str,
     database_url: Option<&str>,
     server_pid: Option<u32>,
 ) -> Result<Outcome, String> {
-    let clients = Arc::new(Clients::open(addr, cli.connections).await?);
+    let clients = Arc::new(Clients::open(addr, cli.connections, None).await?);
     let (c, warmup, duration) = (cli.concurrency, cli.warmup, cli.duration);
     let mut rows: Vec<Row> = Vec::new();
     let postgres = database_url.is_some_and(|u| u.starts_with("postgres"));

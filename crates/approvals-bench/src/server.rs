@@ -10,7 +10,7 @@ use std::{
 };
 
 use sea_orm::{ConnectionTrait, Database};
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, ClientTlsConfig};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -106,6 +106,18 @@ pub fn with_database(url: &str, name: &str) -> String {
 pub struct ServerProcess {
     child: Child,
     pub addr: String,
+    /// How clients reach it over TLS (`None`: plain text).
+    pub tls: Option<ClientTlsConfig>,
+    /// The configuration file written for it, removed on drop.
+    config: std::path::PathBuf,
+}
+
+/// The TLS of a client of a server started with `tls_dir`: the dev CA, name `localhost`.
+pub fn client_tls(dir: &Path) -> Result<ClientTlsConfig, String> {
+    let ca = std::fs::read(dir.join("ca.pem")).map_err(|e| format!("ca.pem: {e}"))?;
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost"))
 }
 
 pub struct ServerOptions<'a> {
@@ -117,6 +129,9 @@ pub struct ServerOptions<'a> {
     pub streams_per_connection: usize,
     pub db_connections: Option<u32>,
     pub log: &'a Path,
+    /// Serve TLS with the throwaway certificates `approvals::tls::dev` wrote into this
+    /// directory (server.pem, server-key.pem; clients verify with ca.pem).
+    pub tls_dir: Option<&'a Path>,
 }
 
 impl ServerProcess {
@@ -129,14 +144,21 @@ impl ServerProcess {
         let addr = format!("127.0.0.1:{port}");
         let log = std::fs::File::create(options.log)
             .map_err(|e| format!("{}: {e}", options.log.display()))?;
+        // The lifecycle scenario's applier listens on a loopback port, in plain text: said per
+        // entry (`allow_insecure`), so in a file.
+        let config = options.log.with_extension("toml");
+        std::fs::write(
+            &config,
+            "[apply]\nallowed_endpoints = [{ endpoint = \"http://127.0.0.1\", allow_insecure = true }]\n",
+        )
+        .map_err(|e| format!("{}: {e}", config.display()))?;
         let mut command = Command::new(options.binary);
         command
+            .env("APPROVALS_CONFIG", &config)
             .env("APPROVALS_LISTEN", &addr)
             .env("APPROVALS_DATABASE_URL", options.database_url)
             // The lifecycle scenario needs two distinct approvals for quorum.
             .env("APPROVALS_MIN_APPROVALS", "2")
-            // The lifecycle scenario's applier listens on a loopback port.
-            .env("APPROVALS_APPLY_ALLOWED_ENDPOINTS", "http://127.0.0.1")
             .env(
                 "APPROVALS_WATCH_MAX_WATCHERS",
                 options.max_watchers.to_string(),
@@ -155,10 +177,24 @@ impl ServerProcess {
         if let Some(n) = options.db_connections {
             command.env("APPROVALS_DATABASE_MAX_CONNECTIONS", n.to_string());
         }
+        let tls = match options.tls_dir {
+            Some(dir) => {
+                command
+                    .env("APPROVALS_TLS_CERT_FILE", dir.join("server.pem"))
+                    .env("APPROVALS_TLS_KEY_FILE", dir.join("server-key.pem"));
+                Some(client_tls(dir)?)
+            }
+            None => None,
+        };
         let child = command
             .spawn()
             .map_err(|e| format!("start {}: {e}", options.binary.display()))?;
-        let mut server = Self { child, addr };
+        let mut server = Self {
+            child,
+            addr,
+            tls,
+            config,
+        };
         server.wait_until_serving(options.log).await?;
         Ok(server)
     }
@@ -173,10 +209,7 @@ impl ServerProcess {
                 let tail = std::fs::read_to_string(log).unwrap_or_default();
                 return Err(format!("server exited with {status}: {tail}"));
             }
-            if let Ok(channel) = Channel::from_shared(format!("http://{}", self.addr))
-                .map_err(|e| e.to_string())?
-                .connect()
-                .await
+            if let Ok(channel) = crate::connect(&self.addr, self.tls.as_ref()).await
                 && let Ok(response) = HealthClient::new(channel)
                     .check(HealthCheckRequest {
                         service: String::new(),
@@ -196,6 +229,7 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
     }
 }
 

@@ -182,7 +182,7 @@ pub async fn fan_out(
         .max(1);
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
-        channels.push(connect(addr).await?);
+        channels.push(connect(addr, None).await?);
     }
     // Let the server settle after the connections, so RSS counts the watchers only.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -220,7 +220,7 @@ pub async fn fan_out(
     let established = established.load(Ordering::Relaxed);
 
     // Writes, spaced out: each one is delivered to every watcher.
-    let mut writer = ChangeRequestsClient::new(connect(addr).await?);
+    let mut writer = ChangeRequestsClient::new(connect(addr, None).await?);
     let mut issued: Vec<(i64, Instant)> = Vec::with_capacity(options.writes);
     for i in 0..options.writes {
         let started = Instant::now();

@@ -189,7 +189,7 @@ fn allowed_endpoints_from_the_file_or_the_environment() {
             .entries()
             .is_empty()
     );
-    let file = "[apply]\nallowed_endpoints = [\"http://127.0.0.1\", \"https://*.svc.cluster.local:8443\"]\n";
+    let file = "[apply]\nallowed_endpoints = [{ endpoint = \"http://127.0.0.1\", allow_insecure = true }, \"https://*.svc.cluster.local:8443\"]\n";
     let config = from_file(file).expect("loads");
     assert_eq!(
         config.apply.allowed_endpoints.entries(),
@@ -204,13 +204,18 @@ fn allowed_endpoints_from_the_file_or_the_environment() {
         .map(|config| config.apply.allowed_endpoints.entries().to_vec())
     };
     assert_eq!(
-        list(" http://flags.internal:8080 ,, http://deploy.internal, ").expect("loads"),
-        ["http://flags.internal:8080", "http://deploy.internal"],
+        list(" https://flags.internal:8080 ,, https://deploy.internal, ").expect("loads"),
+        ["https://flags.internal:8080", "https://deploy.internal"],
         "the environment replaces the file's list; blanks are skipped"
+    );
+    // Clear text is said per entry, in a table: the environment's plain entries cannot.
+    fails_with(
+        from_env(&[("APPROVALS_APPLY_ALLOWED_ENDPOINTS", "http://flags.internal")]),
+        "apply.allowed_endpoints (from APPROVALS_APPLY_ALLOWED_ENDPOINTS): entry [0] \"http://flags.internal\" would send applier calls in clear text",
     );
     assert_eq!(list("").expect("loads"), Vec::<String>::new());
     fails_with(
-        from_env(&[("APPROVALS_APPLY_ALLOWED_ENDPOINTS", "http://a.internal/x")]),
+        from_env(&[("APPROVALS_APPLY_ALLOWED_ENDPOINTS", "https://a.internal/x")]),
         "apply.allowed_endpoints (from APPROVALS_APPLY_ALLOWED_ENDPOINTS): entry [0]",
     );
     fails_with(
@@ -219,7 +224,7 @@ fn allowed_endpoints_from_the_file_or_the_environment() {
     );
     // The file takes an array only, as before.
     fails_with(
-        from_file("[apply]\nallowed_endpoints = \"http://127.0.0.1\"\n"),
+        from_file("[apply]\nallowed_endpoints = \"https://127.0.0.1\"\n"),
         "apply.allowed_endpoints (from FILE): invalid type",
     );
 }
@@ -271,9 +276,10 @@ fn every_key_path_is_set_by_its_variable() {
         let text = match kind {
             Shape::Integer => "7777",
             Shape::Boolean => "true",
-            Shape::List => "http://127.0.0.1",
+            Shape::List => "https://127.0.0.1",
             Shape::Text => match key.as_str() {
                 "listen" => "127.0.0.1:7",
+                "tls.client_auth" => "optional",
                 "telemetry.log_format" => "json",
                 _ if lookup_text(&every_key(), &key)
                     .is_some_and(|v| humantime::parse_duration(&v).is_ok()) =>
