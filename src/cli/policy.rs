@@ -299,6 +299,7 @@ fn normalized(mut p: pb::Policy) -> pb::Policy {
     p.rejections_to_reject = p.rejections_to_reject.max(1);
     p.dismiss_stale_approvals = Some(p.dismiss_stale_approvals.unwrap_or(true));
     p.independent_approvals = Some(p.independent_approvals.unwrap_or(true));
+    p.count_approver_once = Some(p.count_approver_once.unwrap_or(true));
     p
 }
 
