@@ -98,6 +98,7 @@ impl AuditService {
                             detail: fields.detail,
                             snapshot: fields.snapshot,
                             comment_count: fields.comment_count,
+                            auth_method: fields.auth_method.unwrap_or_default(),
                         }),
                     }
                 })

@@ -99,7 +99,10 @@ impl Authenticator {
         if let Some(caller) = caller {
             let span = tracing::Span::current();
             span.record("enduser.id", caller.principal.as_str());
-            span.record("auth.method", caller.method.as_str());
+            span.record(
+                "auth.method",
+                super::caller::auth_method_name(caller.method),
+            );
             request.extensions_mut().insert(Arc::new(caller));
         }
         Ok(())

@@ -100,6 +100,7 @@ impl Caller {
             groups: self.groups.clone(),
             acting_principal: self.acting_principal.clone(),
             proof: self.proof,
+            auth_method: self.method,
         }
     }
 
@@ -155,27 +156,19 @@ impl Caller {
     }
 }
 
-/// How a caller authenticated: recorded on the call's span (`auth.method`) and in the logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMethod {
-    /// `authorization: Bearer <API key>`.
-    ApiKey,
-    /// `authorization: Bearer <JWT>`.
-    Jwt,
-    /// A verified TLS client certificate matched by `[[auth.client_certs]]`.
-    ClientCertificate,
-    /// Local development: `x-approvals-actor`.
-    Development,
-}
+/// How a caller authenticated: recorded on the call's span (`auth.method`), in the logs, and
+/// (through [`Caller::actor`]) on each event and review the call makes. The domain's enum, so
+/// that the store keeps it; [`auth_method_name`] names it on the span.
+pub use approvals_domain::AuthMethod;
 
-impl AuthMethod {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ApiKey => "api_key",
-            Self::Jwt => "jwt",
-            Self::ClientCertificate => "client_certificate",
-            Self::Development => "development",
-        }
+/// The name of `method` on the call's span and in the logs (`api_key`).
+pub fn auth_method_name(method: AuthMethod) -> &'static str {
+    match method {
+        AuthMethod::Unspecified => "unspecified",
+        AuthMethod::ApiKey => "api_key",
+        AuthMethod::Jwt => "jwt",
+        AuthMethod::ClientCertificate => "client_certificate",
+        AuthMethod::Development => "development",
     }
 }
 

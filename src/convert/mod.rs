@@ -6,8 +6,8 @@ pub mod policy;
 pub use self::json::{from_struct, struct_to_json, to_struct};
 
 use approvals_domain::{
-    Actor, Change, ChangeInput, ChangeRequest, Comment, Decision, Event, EventKind, IdentityProof,
-    Principal, Review, State, Timestamp, ValidationStatus, validation::Violations,
+    Actor, AuthMethod, Change, ChangeInput, ChangeRequest, Comment, Decision, Event, EventKind,
+    IdentityProof, Principal, Review, State, Timestamp, ValidationStatus, validation::Violations,
 };
 
 use crate::{error::ApiError, pb};
@@ -150,6 +150,7 @@ fn review(r: &Review) -> pb::Review {
         reviewer_groups: r.reviewer_groups.clone(),
         acting_principal: principal_or_empty(r.acting_principal.as_ref()),
         identity_proof: identity_proof(r.proof).into(),
+        auth_method: auth_method(r.auth_method).into(),
         level: i32::try_from(r.level).unwrap_or(i32::MAX),
     }
 }
@@ -166,6 +167,16 @@ fn level_progress(p: &approvals_domain::LevelProgress) -> pb::LevelProgress {
 
 fn principal_or_empty(principal: Option<&Principal>) -> String {
     principal.map(ToString::to_string).unwrap_or_default()
+}
+
+fn auth_method(method: AuthMethod) -> pb::AuthMethod {
+    match method {
+        AuthMethod::Unspecified => pb::AuthMethod::Unspecified,
+        AuthMethod::ApiKey => pb::AuthMethod::ApiKey,
+        AuthMethod::Jwt => pb::AuthMethod::Jwt,
+        AuthMethod::ClientCertificate => pb::AuthMethod::ClientCertificate,
+        AuthMethod::Development => pb::AuthMethod::Development,
+    }
 }
 
 fn identity_proof(proof: IdentityProof) -> pb::IdentityProof {
@@ -286,6 +297,7 @@ pub fn event(e: &Event) -> pb::Event {
         event_time: Some(timestamp(e.time)),
         detail: e.detail.clone(),
         change_request: e.change_request.as_ref().map(|r| change_request(r, None)),
+        auth_method: auth_method(e.auth_method).into(),
     }
 }
 

@@ -160,6 +160,7 @@ mod tests {
             kind: EventKind::Commented,
             actor: Principal::parse("user:alice").expect("principal"),
             acting_principal: None,
+            auth_method: Default::default(),
             from_state: State::InReview,
             to_state: State::InReview,
             time: Timestamp::from_micros(1_700_000_000_000_000),

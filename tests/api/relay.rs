@@ -839,6 +839,7 @@ fn the_slack_payload_matches_its_snapshot() {
         kind: pb::EventKind::Reviewed as i32,
         actor: "user:bob".into(),
         acting_principal: String::new(),
+        auth_method: pb::AuthMethod::Unspecified as i32,
         from_state: pb::State::InReview as i32,
         to_state: pb::State::Approved as i32,
         event_time: Some(prost_types::Timestamp {

@@ -895,3 +895,102 @@ async fn the_jwks_client_verifies_tls_and_presents_a_client_certificate() {
     assert!(err.contains("auth.jwt") && err.contains("JWKS"), "{err}");
     serving.abort();
 }
+
+/// Each event and review records how the credential that made it was presented: an API key
+/// (the requester), a JWT (the first reviewer) and a mapped client certificate (the second),
+/// read back from ListChangeRequestEvents and from the reviews of GetChangeRequest.
+#[tokio::test]
+async fn events_and_reviews_record_how_the_caller_authenticated() {
+    let pki = Pki::new();
+    let issuer = Issuer::new("key-1");
+    let (key, entry) = api_key("user:alice", &["approvals:write"], &[], &[]);
+    let jwt = issuer.config();
+    let server = TlsServer::start(&pki, |config| {
+        pki.configure(config, ClientAuth::Optional);
+        config.min_approvals = 2;
+        config.auth.client_certs.push(deployer_entry());
+        config.auth.api_keys.push(entry);
+        config.auth.jwt = Some(jwt);
+    })
+    .await;
+    let mut alice = requests_over(server.channel(None).await, Headers::bearer(&key));
+    let mut bob = requests_over(
+        server.channel(None).await,
+        Headers::bearer(&issuer.token("bob", "approvals:write", &[])),
+    );
+    let mut deployer = requests_over(
+        server.channel(Some(&pki.client(DEPLOYER))).await,
+        Headers::default(),
+    );
+
+    let created = alice
+        .create_change_request(request_in("web"))
+        .await
+        .expect("create with an API key")
+        .into_inner();
+    for reviewer in [&mut bob, &mut deployer] {
+        reviewer
+            .approve_change_request(pb::ApproveChangeRequestRequest {
+                id: created.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("approve");
+    }
+
+    let events = deployer
+        .list_change_request_events(pb::ListChangeRequestEventsRequest {
+            id: created.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .events;
+    let recorded: Vec<(pb::EventKind, String, pb::AuthMethod)> = events
+        .iter()
+        .map(|e| (e.kind(), e.actor.clone(), e.auth_method()))
+        .collect();
+    let first = recorded.first().cloned().expect("a CREATED event");
+    assert_eq!(
+        first,
+        (
+            pb::EventKind::Created,
+            "user:alice".into(),
+            pb::AuthMethod::ApiKey
+        )
+    );
+    let reviewed: Vec<_> = recorded
+        .iter()
+        .filter(|(kind, _, _)| *kind == pb::EventKind::Reviewed)
+        .map(|(_, actor, method)| (actor.as_str(), *method))
+        .collect();
+    assert_eq!(
+        reviewed,
+        [
+            ("user:bob", pb::AuthMethod::Jwt),
+            ("service:deployer", pb::AuthMethod::ClientCertificate),
+        ],
+        "{recorded:?}"
+    );
+
+    let seen = alice
+        .get_change_request(pb::GetChangeRequestRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    let reviews: Vec<_> = seen
+        .reviews
+        .iter()
+        .map(|r| (r.reviewer.as_str(), r.auth_method()))
+        .collect();
+    assert_eq!(
+        reviews,
+        [
+            ("user:bob", pb::AuthMethod::Jwt),
+            ("service:deployer", pb::AuthMethod::ClientCertificate),
+        ]
+    );
+}

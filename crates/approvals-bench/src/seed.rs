@@ -62,6 +62,7 @@ impl Template {
                 kind: event.kind,
                 actor: event.actor,
                 acting_principal: event.acting_principal,
+                auth_method: event.auth_method,
                 from_state: event.from_state,
                 to_state: event.to_state,
                 time: event.time,

@@ -46,6 +46,10 @@ pub struct AuditRecord<'a> {
     pub snapshot: &'a str,
     /// How many comments the request had right after the event.
     pub comment_count: Option<i64>,
+    /// How the credential that made the change was presented, as stored (`API_KEY`); empty
+    /// when not recorded (legacy and the service's own events), so that their records are the
+    /// bytes they were before the field existed.
+    pub auth_method: &'a str,
 }
 
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -92,6 +96,7 @@ impl AuditRecord<'_> {
         if let Some(count) = self.comment_count {
             put_int64(&mut out, 12, count, true);
         }
+        put_bytes(&mut out, 13, self.auth_method.as_bytes());
         out
     }
 }
@@ -267,6 +272,8 @@ pub struct EventFields {
     pub snapshot: String,
     #[serde(default)]
     pub comment_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_method: Option<String>,
 }
 
 impl EventFields {
@@ -284,6 +291,7 @@ impl EventFields {
             detail: &self.detail,
             snapshot: &self.snapshot,
             comment_count: self.comment_count,
+            auth_method: self.auth_method.as_deref().unwrap_or(""),
         }
     }
 }
@@ -500,6 +508,18 @@ mod tests {
             record.encode(),
             vec![0x0a, 2, b'a', b'b', 0x48, 0xac, 0x02, 0x60, 0]
         );
+        // An unrecorded auth_method is left out, so legacy records keep their bytes; a
+        // recorded one is field 13 (len 3) "JWT", after comment_count.
+        let with_method = AuditRecord {
+            auth_method: "JWT",
+            ..record.clone()
+        };
+        assert_eq!(
+            with_method.encode(),
+            vec![
+                0x0a, 2, b'a', b'b', 0x48, 0xac, 0x02, 0x60, 0, 0x6a, 3, b'J', b'W', b'T'
+            ]
+        );
     }
 
     #[test]
@@ -529,6 +549,7 @@ mod tests {
             detail: "approved: looks good",
             snapshot: &snapshot,
             comment_count: Some(2),
+            auth_method: "API_KEY",
         };
         let n = 200_000;
         let started = std::time::Instant::now();

@@ -1,8 +1,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Action, Actor, ApplyRun, Decision, DomainError, EventDraft, EventKind, IdentityProof,
-    PolicySnapshot, Principal, ReciprocalApproval, Schedule, ScheduleStatus, State, Timestamp,
+    Action, Actor, ApplyRun, AuthMethod, Decision, DomainError, EventDraft, EventKind,
+    IdentityProof, PolicySnapshot, Principal, ReciprocalApproval, Schedule, ScheduleStatus, State,
+    Timestamp,
     condition::{ChangeFacts, RequestFacts},
     principal::party,
     validation::{self, Violations},
@@ -53,6 +54,10 @@ pub struct Review {
     /// How the reviewer's identity was established.
     #[serde(default)]
     pub proof: IdentityProof,
+    /// How the credential that made the review was presented (unspecified in reviews written
+    /// before it was recorded).
+    #[serde(default, skip_serializing_if = "AuthMethod::is_unspecified")]
+    pub auth_method: AuthMethod,
     /// The level (1-based) the review was made at, under a policy with levels; 0 otherwise.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub level: u32,
@@ -588,6 +593,7 @@ impl ChangeRequest {
             kind,
             actor: actor.principal.clone(),
             acting_principal: actor.acting_principal.clone(),
+            auth_method: actor.auth_method,
             from_state,
             to_state: self.state,
             time,
@@ -788,6 +794,7 @@ impl ChangeRequest {
             reviewer_groups: actor.groups.clone(),
             acting_principal: actor.acting_principal.clone(),
             proof: actor.proof,
+            auth_method: actor.auth_method,
             level,
         });
         if reviews.len() > validation::MAX_REVIEWS {

@@ -1,6 +1,6 @@
 use serde::{Deserialize, Serialize};
 
-use crate::{ChangeRequest, Principal, State, Timestamp};
+use crate::{AuthMethod, ChangeRequest, Principal, State, Timestamp};
 
 /// The kind of a committed mutation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -79,6 +79,9 @@ pub struct EventDraft {
     pub kind: EventKind,
     pub actor: Principal,
     pub acting_principal: Option<Principal>,
+    /// How the credential that made the change was presented (unspecified for the service's
+    /// own work and for events written before it was recorded).
+    pub auth_method: AuthMethod,
     pub from_state: State,
     pub to_state: State,
     pub time: Timestamp,
@@ -95,6 +98,9 @@ pub struct Event {
     pub kind: EventKind,
     pub actor: Principal,
     pub acting_principal: Option<Principal>,
+    /// How the credential that made the change was presented (unspecified for the service's
+    /// own work and for events written before it was recorded).
+    pub auth_method: AuthMethod,
     pub from_state: State,
     pub to_state: State,
     pub time: Timestamp,

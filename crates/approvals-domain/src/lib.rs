@@ -31,7 +31,7 @@ pub use policy::{
     ApplyMode, GroupRequirement, Policy, PolicyRules, PolicySnapshot, ReviewRules, Specificity,
     parse_policy_principal, select_policy,
 };
-pub use principal::{Actor, IdentityProof, Principal, PrincipalKind, SYSTEM_PRINCIPAL};
+pub use principal::{Actor, AuthMethod, IdentityProof, Principal, PrincipalKind, SYSTEM_PRINCIPAL};
 pub use requirements::{
     AntiCollusion, JustificationRule, Level, LevelProgress, ReciprocalApproval,
 };

@@ -100,6 +100,57 @@ impl IdentityProof {
     }
 }
 
+/// How the credential that made a change was presented (an API key, a JWT, a TLS client
+/// certificate, or local development), recorded on each event and review. For an on-behalf-of
+/// call it is the acting service's credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuthMethod {
+    /// Not recorded: events and reviews written before the method was recorded, and the
+    /// service's own work (`system:approvals`).
+    #[default]
+    Unspecified,
+    /// `authorization: Bearer <API key>`.
+    ApiKey,
+    /// `authorization: Bearer <JWT>`.
+    Jwt,
+    /// A verified TLS client certificate mapped by `[[auth.client_certs]]`.
+    ClientCertificate,
+    /// Local development: the caller named itself with `x-approvals-actor`.
+    Development,
+}
+
+impl AuthMethod {
+    pub const ALL: [AuthMethod; 5] = [
+        AuthMethod::Unspecified,
+        AuthMethod::ApiKey,
+        AuthMethod::Jwt,
+        AuthMethod::ClientCertificate,
+        AuthMethod::Development,
+    ];
+
+    /// The stored name (`API_KEY`); `None` for [`AuthMethod::Unspecified`], which is stored as
+    /// NULL and left out of the audit record.
+    pub fn stored(self) -> Option<&'static str> {
+        match self {
+            AuthMethod::Unspecified => None,
+            AuthMethod::ApiKey => Some("API_KEY"),
+            AuthMethod::Jwt => Some("JWT"),
+            AuthMethod::ClientCertificate => Some("CLIENT_CERTIFICATE"),
+            AuthMethod::Development => Some("DEVELOPMENT"),
+        }
+    }
+
+    /// The inverse of [`AuthMethod::stored`].
+    pub fn parse(stored: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.stored() == Some(stored))
+    }
+
+    pub fn is_unspecified(&self) -> bool {
+        *self == AuthMethod::Unspecified
+    }
+}
+
 /// Who answers for a decision: the acting credential's principal when it only asserted the
 /// identity, else the principal itself. Two approvals with one party are not independent.
 pub(crate) fn party<'a>(
@@ -122,6 +173,8 @@ pub struct Actor {
     pub groups: Vec<String>,
     pub acting_principal: Option<Principal>,
     pub proof: IdentityProof,
+    /// How the calling credential was presented (unspecified for the service's own work).
+    pub auth_method: AuthMethod,
 }
 
 impl Actor {
@@ -132,6 +185,7 @@ impl Actor {
             groups,
             acting_principal: None,
             proof: IdentityProof::Credential,
+            auth_method: AuthMethod::Unspecified,
         }
     }
 

@@ -82,6 +82,7 @@ fn event_of(request: &ChangeRequest, with_request: bool) -> Event {
         kind: EventKind::Updated,
         actor: request.created_by.clone(),
         acting_principal: None,
+        auth_method: Default::default(),
         from_state: State::Draft,
         to_state: request.state,
         time: NOW,

@@ -268,6 +268,7 @@ fn reviews_strategy() -> impl Strategy<Value = Vec<Review>> {
                     reviewer_groups: groups.into_iter().map(str::to_owned).collect(),
                     acting_principal: None,
                     proof: Default::default(),
+                    auth_method: Default::default(),
                     level: 0,
                 });
             }
@@ -325,6 +326,7 @@ proptest! {
             reviewer_groups: groups.into_iter().map(str::to_owned).collect(),
             acting_principal: None,
             proof: Default::default(),
+            auth_method: Default::default(),
             level: 0,
         });
         prop_assert!(!before || policy.quorum_reached(&more));

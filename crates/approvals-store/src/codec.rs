@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use approvals_domain::{
-    ChangeRequest, Comment, Event, EventDraft, EventKind, Principal, State, Timestamp,
+    AuthMethod, ChangeRequest, Comment, Event, EventDraft, EventKind, Principal, State, Timestamp,
     audit::{AuditRecord, EventFields, Hash, StoredEvent, hash_from_slice},
 };
 use sea_orm::{
@@ -24,7 +24,7 @@ pub struct IdempotencyKey {
     pub fingerprint: String,
 }
 
-pub(crate) const EVENT_COLUMNS: [&str; 13] = [
+pub(crate) const EVENT_COLUMNS: [&str; 14] = [
     ev::REVISION,
     ev::CHANGE_REQUEST_ID,
     ev::PROJECT,
@@ -38,6 +38,7 @@ pub(crate) const EVENT_COLUMNS: [&str; 13] = [
     ev::DETAIL,
     ev::SNAPSHOT,
     ev::COMMENT_COUNT,
+    ev::AUTH_METHOD,
 ];
 
 /// The values of an event row, in the order of `EVENT_COLUMNS[1..]` (all but the revision),
@@ -67,6 +68,7 @@ pub(crate) fn event_values(
         detail: &event.detail,
         snapshot: &snapshot,
         comment_count: Some(comment_count),
+        auth_method: event.auth_method.stored().unwrap_or(""),
     }
     .encode();
     let values = vec![
@@ -86,6 +88,7 @@ pub(crate) fn event_values(
         event.detail.clone().into(),
         snapshot.into(),
         comment_count.into(),
+        event.auth_method.stored().map(str::to_owned).into(),
     ];
     Ok((values, record))
 }
@@ -111,6 +114,7 @@ pub(crate) fn decode_stored_event(row: &QueryResult) -> Result<StoredEvent, Stor
         detail: row.try_get("", ev::DETAIL)?,
         snapshot: row.try_get("", ev::SNAPSHOT)?,
         comment_count: row.try_get("", ev::COMMENT_COUNT)?,
+        auth_method: row.try_get("", ev::AUTH_METHOD)?,
     };
     Ok(StoredEvent {
         revision: row.try_get("", ev::REVISION)?,
@@ -234,6 +238,7 @@ pub(crate) fn decode_event(row: &QueryResult, with_snapshot: bool) -> Result<Eve
     let to: String = row.try_get("", ev::TO_STATE)?;
     let actor: String = row.try_get("", ev::ACTOR)?;
     let acting: Option<String> = row.try_get("", ev::ACTING_PRINCIPAL)?;
+    let auth_method: Option<String> = row.try_get("", ev::AUTH_METHOD)?;
     let corrupt =
         |what: &str| StoreError::Internal(format!("event {revision} has an unknown {what}"));
     let (change_request, comments_apart) = if with_snapshot {
@@ -258,6 +263,10 @@ pub(crate) fn decode_event(row: &QueryResult, with_snapshot: bool) -> Result<Eve
         acting_principal: acting
             .map(|p| Principal::parse(&p).map_err(|_| corrupt("acting principal")))
             .transpose()?,
+        auth_method: auth_method
+            .map(|m| AuthMethod::parse(&m).ok_or_else(|| corrupt("auth method")))
+            .transpose()?
+            .unwrap_or_default(),
         from_state: State::parse(&from).ok_or_else(|| corrupt("from_state"))?,
         to_state: State::parse(&to).ok_or_else(|| corrupt("to_state"))?,
         time: Timestamp::from_micros(row.try_get("", ev::EVENT_TIME)?),

@@ -23,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(EventCommentCounts),
             Box::new(AuditChain),
             Box::new(RelayState),
+            Box::new(EventAuthMethod),
         ]
     }
 }
@@ -454,5 +455,30 @@ impl MigrationTrait for RelayState {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// How the credential that made each event was presented (`API_KEY`, `JWT`,
+/// `CLIENT_CERTIFICATE`, `DEVELOPMENT`). Additive: NULL in events written before and in the
+/// service's own events. (Reviews keep theirs in the request's stored body.)
+struct EventAuthMethod;
+
+impl MigrationName for EventAuthMethod {
+    fn name(&self) -> &str {
+        "m0007_auth_method"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for EventAuthMethod {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(EVENTS)
+                    .add_column(ColumnDef::new(ev::AUTH_METHOD).text().null())
+                    .to_owned(),
+            )
+            .await
     }
 }

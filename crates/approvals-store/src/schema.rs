@@ -61,6 +61,9 @@ pub mod ev {
     /// comments are append-only and the request row holds them all, so the snapshot's are the
     /// first `comment_count` of those. NULL in rows written before: their snapshot has them.
     pub const COMMENT_COUNT: &str = "comment_count";
+    /// How the credential that made the change was presented (`AuthMethod::stored`: `API_KEY`,
+    /// ...). NULL when not recorded: rows written before, and the service's own events.
+    pub const AUTH_METHOD: &str = "auth_method";
     /// The hash of the request's previous event (32 zero bytes for its first), and this
     /// event's hash (see `approvals_domain::audit`). NULL in events written before hashing.
     pub const PREV_HASH: &str = "prev_hash";
