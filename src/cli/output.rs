@@ -6,7 +6,6 @@ use std::{io::IsTerminal, sync::OnceLock};
 
 use comfy_table::{Table, presets};
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 use serde_json::Value as Json;
 
 use super::{CliError, Format};
@@ -24,28 +23,10 @@ pub mod names {
     pub const CHANGE: &str = "approvals.v1.Change";
 }
 
-fn pool() -> Result<&'static DescriptorPool, CliError> {
-    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
-    POOL.get_or_init(|| DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| CliError::failure(format!("descriptor set: {e}")))
-}
-
-fn descriptor(name: &str) -> Result<MessageDescriptor, CliError> {
-    pool()?
-        .get_message_by_name(name)
-        .ok_or_else(|| CliError::failure(format!("no message {name} in the descriptor set")))
-}
-
 /// A message as its proto JSON (fields at their defaults left out, or all of them with
 /// `defaults`).
 pub fn to_json_with(message: &impl Message, name: &str, defaults: bool) -> Result<Json, CliError> {
-    let dynamic = DynamicMessage::decode(descriptor(name)?, message.encode_to_vec().as_slice())
-        .map_err(|e| CliError::failure(format!("{name}: {e}")))?;
-    let options = SerializeOptions::new().skip_default_fields(!defaults);
-    dynamic
-        .serialize_with_options(serde_json::value::Serializer, &options)
-        .map_err(|e| CliError::failure(format!("{name}: {e}")))
+    crate::client::json::to_json(message, name, defaults).map_err(CliError::failure)
 }
 
 pub fn to_json(message: &impl Message, name: &str) -> Result<Json, CliError> {
@@ -54,9 +35,7 @@ pub fn to_json(message: &impl Message, name: &str) -> Result<Json, CliError> {
 
 /// A message from its proto JSON (field names as in the proto or in lowerCamelCase).
 pub fn from_json<M: Message + Default>(json: Json, name: &str) -> Result<M, String> {
-    let descriptor = descriptor(name).map_err(|e| e.render())?;
-    let dynamic = DynamicMessage::deserialize(descriptor, json).map_err(|e| e.to_string())?;
-    dynamic.transcode_to::<M>().map_err(|e| e.to_string())
+    crate::client::json::from_json(json, name)
 }
 
 /// Prints a message as JSON or YAML.

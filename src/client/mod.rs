@@ -9,6 +9,8 @@
 //!   `authorization: Bearer <token>`. [`Credential::from_env`] reads `APPROVALS_API_KEY`, then
 //!   `APPROVALS_TOKEN`.
 
+pub mod json;
+
 use std::{fmt, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};

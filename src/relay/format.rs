@@ -1,10 +1,6 @@
 //! What a sink receives: a CloudEvents 1.0 structured JSON event (`application/cloudevents+json`,
 //! built with the CloudEvents SDK) or a Slack incoming-webhook message (text and blocks).
 
-use std::sync::OnceLock;
-
-use prost::Message as _;
-use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::{Value, json};
 
 use super::config::{Format, SinkConfig};
@@ -39,24 +35,10 @@ fn state_name(state: i32) -> String {
         .to_ascii_lowercase()
 }
 
-fn pool() -> Result<&'static DescriptorPool, String> {
-    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET).map_err(|e| format!("descriptors: {e}"))
-    })
-    .as_ref()
-    .map_err(Clone::clone)
-}
-
 /// The event in proto JSON (the canonical mapping: lowerCamelCase names, enums by name,
 /// Timestamps as RFC 3339, default values left out), from the service's own descriptors.
 pub fn event_json(event: &pb::Event) -> Result<Value, String> {
-    let descriptor = pool()?
-        .get_message_by_name("approvals.v1.Event")
-        .ok_or("approvals.v1.Event is not in the descriptor set")?;
-    let message = DynamicMessage::decode(descriptor, event.encode_to_vec().as_slice())
-        .map_err(|e| format!("event: {e}"))?;
-    serde_json::to_value(&message).map_err(|e| format!("event JSON: {e}"))
+    crate::client::json::to_json(event, "approvals.v1.Event", false)
 }
 
 fn time(event: &pb::Event) -> chrono::DateTime<chrono::Utc> {
