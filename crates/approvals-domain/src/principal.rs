@@ -58,6 +58,12 @@ impl Principal {
         &self.0
     }
 
+    /// A principal the service builds itself (`policy:NAME` for a policy's own reviews), never
+    /// parsed from a caller's input.
+    pub(crate) fn from_trusted(text: String) -> Self {
+        Self(text)
+    }
+
     pub fn system() -> Self {
         Self(SYSTEM_PRINCIPAL.to_owned())
     }
