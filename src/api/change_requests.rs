@@ -344,7 +344,10 @@ impl ChangeRequests for ChangeRequestsService {
     ) -> Answer<pb::ChangeRequest> {
         let (caller, req) = called(request)?;
         let submit = Box::new(|r: &mut ChangeRequest, actor: &Actor, now| r.submit(actor, now));
-        let submitted = match self.command(&caller, &req.id, Some(&req.etag), submit).await {
+        let submitted = match self
+            .command(&caller, &req.id, Some(&req.etag), submit)
+            .await
+        {
             Ok(submitted) => self
                 .context
                 .engine

@@ -7,7 +7,8 @@ pub use self::json::{from_struct, struct_to_json, to_struct};
 
 use approvals_domain::{
     Actor, AuthMethod, Change, ChangeInput, ChangeRequest, Comment, Decision, Event, EventKind,
-    IdentityProof, Principal, Review, Risk, State, Timestamp, ValidationStatus, validation::Violations,
+    IdentityProof, Principal, Review, Risk, State, Timestamp, ValidationStatus,
+    validation::Violations,
 };
 
 use crate::{error::ApiError, pb};

@@ -1,8 +1,9 @@
 //! Conversions between `approvals.v1.Policy` and the domain's policies and snapshots.
 
 use approvals_domain::{
-    AntiCollusion, ApplyMode, AutomaticReview, Decision, Risk, RiskRule, GroupRequirement, JustificationRule, Level, Policy, PolicyRules,
-    PolicySnapshot, Principal, Timestamp, parse_policy_principal, validation::Violations,
+    AntiCollusion, ApplyMode, AutomaticReview, Decision, GroupRequirement, JustificationRule,
+    Level, Policy, PolicyRules, PolicySnapshot, Principal, Risk, RiskRule, Timestamp,
+    parse_policy_principal, validation::Violations,
 };
 
 use super::{from_struct, timestamp, to_struct};
@@ -122,7 +123,11 @@ fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
             }
             .into(),
             reason: r.reason.clone(),
-            group: r.group.as_ref().map(ToString::to_string).unwrap_or_default(),
+            group: r
+                .group
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         })
         .collect();
     out.allow_self_approval = rules.allow_self_approval;
@@ -317,23 +322,23 @@ pub fn set_field(policy: &mut Policy, body: &pb::Policy, path: &str, v: &mut Vio
         }
         "condition" => rules.condition = body.condition.clone(),
         "risk_rules" => {
-            rules.risk_rules = body
-                .risk_rules
-                .iter()
-                .enumerate()
-                .map(|(i, r)| RiskRule {
-                    condition: r.condition.clone(),
-                    risk: super::from_risk(&format!("{field}[{i}].risk"), r.risk)
-                        .unwrap_or_else(|_| {
-                            v.add(
-                                format!("{field}[{i}].risk"),
-                                format!("{} is not a risk (RISK_LOW .. RISK_HIGH)", r.risk),
-                            );
-                            // Refused already; not named twice.
-                            Risk::High
-                        }),
-                })
-                .collect();
+            rules.risk_rules =
+                body.risk_rules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| RiskRule {
+                        condition: r.condition.clone(),
+                        risk: super::from_risk(&format!("{field}[{i}].risk"), r.risk)
+                            .unwrap_or_else(|_| {
+                                v.add(
+                                    format!("{field}[{i}].risk"),
+                                    format!("{} is not a risk (RISK_LOW .. RISK_HIGH)", r.risk),
+                                );
+                                // Refused already; not named twice.
+                                Risk::High
+                            }),
+                    })
+                    .collect();
         }
         "pre_approved" => rules.pre_approved = body.pre_approved,
         "automatic_reviews" => {

@@ -5,8 +5,8 @@ use crate::{
     IdentityProof, PolicySnapshot, Principal, ReciprocalApproval, Schedule, ScheduleStatus, State,
     Timestamp,
     condition::{ChangeFacts, RequestFacts},
-    rules::Risk,
     principal::party,
+    rules::Risk,
     validation::{self, Violations},
 };
 

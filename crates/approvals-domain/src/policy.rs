@@ -515,7 +515,10 @@ impl PolicySnapshot {
         let mut push = |prefix: &str, list: &[GroupRequirement]| {
             for (j, r) in list.iter().enumerate() {
                 if let Some(after) = r.escalate_after_micros
-                    && self.applies(&format!("{prefix}requirements[{j}].condition"), &r.condition)
+                    && self.applies(
+                        &format!("{prefix}requirements[{j}].condition"),
+                        &r.condition,
+                    )
                 {
                     all.push((format!("{prefix}requirements[{j}]"), after));
                 }
@@ -717,7 +720,12 @@ impl PolicySnapshot {
                     .iter()
                     .filter(|path| path.starts_with(&prefix))
                     .filter_map(|path| self.requirement_at(path))
-                    .map(|r| (r.group_name(), policy_rules::bare_names(&r.escalate_to).collect()))
+                    .map(|r| {
+                        (
+                            r.group_name(),
+                            policy_rules::bare_names(&r.escalate_to).collect(),
+                        )
+                    })
                     .collect();
                 let widened: Vec<Vec<String>> = groups
                     .iter()

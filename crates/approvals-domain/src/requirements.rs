@@ -362,7 +362,10 @@ mod tests {
     }
 
     fn requirement(group: &str, n: u32) -> GroupRequirement {
-        GroupRequirement::new(Principal::parse(&format!("group:{group}")).expect("group"), n)
+        GroupRequirement::new(
+            Principal::parse(&format!("group:{group}")).expect("group"),
+            n,
+        )
     }
 
     #[test]

@@ -115,9 +115,16 @@ pub(crate) fn validate(v: &mut Violations, prefix: &str, rules: &crate::PolicyRu
             v.add(at("condition"), err);
         }
         if rule.reason.trim().is_empty() {
-            v.add(at("reason"), "is required: it is recorded as the review's comment");
+            v.add(
+                at("reason"),
+                "is required: it is recorded as the review's comment",
+            );
         } else {
-            v.text(&at("reason"), &rule.reason, crate::validation::MAX_TEXT_BYTES);
+            v.text(
+                &at("reason"),
+                &rule.reason,
+                crate::validation::MAX_TEXT_BYTES,
+            );
         }
         if let Some(group) = &rule.group
             && group.kind() != PrincipalKind::Group
@@ -208,7 +215,14 @@ impl ChangeRequest {
                 "pre-approved standard change (policy {:?})",
                 self.policy.name
             );
-            self.reviews.push(machine_review(&actor, Decision::Approve, &comment, None, level, now));
+            self.reviews.push(machine_review(
+                &actor,
+                Decision::Approve,
+                &comment,
+                None,
+                level,
+                now,
+            ));
             let to = self.approved_state();
             return Some(self.moved(EventKind::Reviewed, &actor, to, now, comment));
         }
