@@ -22,8 +22,7 @@ pub struct Principal(String);
 
 impl Principal {
     /// Parses `user:NAME`, `service:NAME`, `group:NAME`, `system:NAME` or `policy:NAME`. The
-    /// name is 1 to 256
-    /// characters with no whitespace or control characters.
+    /// name is 1 to 256 characters with no whitespace or control characters.
     pub fn parse(text: &str) -> Result<Self, String> {
         let Some((kind, name)) = text.split_once(':') else {
             return Err(format!(
