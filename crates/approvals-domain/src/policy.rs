@@ -500,7 +500,7 @@ impl PolicySnapshot {
             .enumerate()
             .filter(|(i, _)| {
                 let path = format!("risk_rules[{i}].condition");
-                self.matched_conditions.iter().any(|m| *m == path)
+                self.matched_conditions.contains(&path)
             })
             .map(|(_, r)| r.risk)
             .max()
