@@ -239,7 +239,14 @@ impl ChangeRequestsService {
             .store
             .create(change_request, event, key)
             .await?;
-        Ok(view(&created.change_request, caller))
+        // A pre-approved standard change, or an automatic review, right away (a retried
+        // request_id finds it done).
+        let request = self
+            .context
+            .engine
+            .run_policy_work(created.change_request)
+            .await?;
+        Ok(view(&request, caller))
     }
 
     async fn edit(
@@ -259,6 +266,8 @@ impl ChangeRequestsService {
         });
         // An update without an etag is allowed (last writer wins); `command` checks one given.
         let updated = self.command(caller, &id, etag.as_deref(), edit).await?;
+        // An edit that sent it back to review runs the policy's own reviews again.
+        let updated = self.context.engine.run_policy_work(updated).await?;
         Ok(view(&updated, caller))
     }
 }
@@ -335,11 +344,19 @@ impl ChangeRequests for ChangeRequestsService {
     ) -> Answer<pb::ChangeRequest> {
         let (caller, req) = called(request)?;
         let submit = Box::new(|r: &mut ChangeRequest, actor: &Actor, now| r.submit(actor, now));
-        answer_seen(
-            self.command(&caller, &req.id, Some(&req.etag), submit)
-                .await,
-            &caller,
-        )
+        let submitted = match self
+            .command(&caller, &req.id, Some(&req.etag), submit)
+            .await
+        {
+            Ok(submitted) => self
+                .context
+                .engine
+                .run_policy_work(submitted)
+                .await
+                .map_err(ApiError::from),
+            Err(err) => Err(err),
+        };
+        answer_seen(submitted, &caller)
     }
 
     async fn approve_change_request(

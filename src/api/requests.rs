@@ -52,6 +52,7 @@ macro_rules! filter_fields {
             resource_type: &$req.resource_type,
             resource_id: &$req.resource_id,
             states: &$req.states,
+            risks: &$req.risks,
         }
     };
 }
@@ -65,6 +66,7 @@ struct FilterFields<'a> {
     resource_type: &'a str,
     resource_id: &'a str,
     states: &'a [i32],
+    risks: &'a [i32],
 }
 
 impl FilterFields<'_> {
@@ -90,6 +92,14 @@ impl FilterFields<'_> {
             .collect::<Result<Vec<State>, _>>()?;
         states.sort_by_key(|s| s.as_str());
         states.dedup();
+        let mut risks = self
+            .risks
+            .iter()
+            .enumerate()
+            .map(|(i, r)| convert::from_risk(&format!("risks[{i}]"), *r))
+            .collect::<Result<Vec<_>, _>>()?;
+        risks.sort();
+        risks.dedup();
         Ok(RequestFilter {
             project: self.project.to_owned(),
             environment: optional(self.environment),
@@ -99,6 +109,7 @@ impl FilterFields<'_> {
             requester: None,
             states,
             id: None,
+            risks,
         })
     }
 }

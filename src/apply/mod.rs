@@ -20,7 +20,7 @@ use std::{
 };
 
 use approvals_domain::{
-    ApplyOutcome, ApplyWiring, ChangeRequest, ResourceVersion, State, validation,
+    ApplyMode, ApplyOutcome, ApplyWiring, ChangeRequest, ResourceVersion, State, validation,
 };
 use approvals_store::{Step, Store, StoreError};
 use tokio::task::JoinHandle;
@@ -390,6 +390,37 @@ impl ApplyEngine {
             .await
     }
 
+    /// The policy's own work on a request that just entered review (see
+    /// `approvals_domain::rules`): records it, and starts the apply of an AUTO request it
+    /// approved, waiting for it as an approval does. Returns the request as it then stands.
+    pub async fn run_policy_work(
+        self: &Arc<Self>,
+        request: ChangeRequest,
+    ) -> Result<ChangeRequest, StoreError> {
+        if !request.policy_work_pending {
+            return Ok(request);
+        }
+        let now = self.clock.now();
+        let reviewed = self
+            .store
+            .step(&request.id, |r| {
+                Ok(match r.run_policy_work(now) {
+                    Some(event) => Step::Event(event),
+                    None => Step::Unchanged,
+                })
+            })
+            .await?;
+        if reviewed.state != State::Approved || reviewed.apply_mode() != ApplyMode::Auto {
+            return Ok(reviewed);
+        }
+        let started = self.start_automatic(&reviewed).await?;
+        if started.runs_under(&self.replica) {
+            self.run_and_wait(started).await
+        } else {
+            Ok(started)
+        }
+    }
+
     /// The background worker: every `apply.poll_interval`, claims due requests.
     pub fn spawn_worker(self: &Arc<Self>) -> JoinHandle<()> {
         let engine = self.clone();
@@ -422,6 +453,11 @@ impl ApplyEngine {
                     return Step::Unchanged;
                 }
                 if let Some(event) = r.expire(now) {
+                    return Step::Event(event);
+                }
+                // The policy's own work on a request in review (pre-approval, automatic
+                // reviews; normally done by the call that put it there), then escalations.
+                if let Some(event) = r.run_policy_work(now).or_else(|| r.escalate(now)) {
                     return Step::Event(event);
                 }
                 if r.state == State::Applying {

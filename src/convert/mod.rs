@@ -7,7 +7,8 @@ pub use self::json::{from_struct, struct_to_json, to_struct};
 
 use approvals_domain::{
     Actor, AuthMethod, Change, ChangeInput, ChangeRequest, Comment, Decision, Event, EventKind,
-    IdentityProof, Principal, Review, State, Timestamp, ValidationStatus, validation::Violations,
+    IdentityProof, Principal, Review, Risk, State, Timestamp, ValidationStatus,
+    validation::Violations,
 };
 
 use crate::{error::ApiError, pb};
@@ -53,6 +54,28 @@ pub fn from_state(field: &str, value: i32) -> Result<State, ApiError> {
     })
 }
 
+pub fn risk(r: Risk) -> pb::Risk {
+    match r {
+        Risk::Unspecified => pb::Risk::Unspecified,
+        Risk::Low => pb::Risk::Low,
+        Risk::Medium => pb::Risk::Medium,
+        Risk::High => pb::Risk::High,
+    }
+}
+
+/// A risk label from a request (`field` names it); an unknown number is INVALID_ARGUMENT.
+pub fn from_risk(field: &str, value: i32) -> Result<Risk, ApiError> {
+    pb::Risk::try_from(value)
+        .ok()
+        .and_then(|p| Risk::ALL.into_iter().find(|r| risk(*r) == p))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                format!("{value} is not a risk (RISK_UNSPECIFIED .. RISK_HIGH)"),
+            )
+        })
+}
+
 fn decision(d: Decision) -> pb::Decision {
     match d {
         Decision::Approve => pb::Decision::Approve,
@@ -80,6 +103,7 @@ pub fn event_kind(k: EventKind) -> pb::EventKind {
         EventKind::ConflictDetected => P::ConflictDetected,
         EventKind::Bypassed => P::Bypassed,
         EventKind::Completed => P::Completed,
+        EventKind::Escalated => P::Escalated,
     }
 }
 
@@ -247,6 +271,8 @@ pub fn change_request(r: &ChangeRequest, viewer: Option<&Actor>) -> pb::ChangeRe
         created_by_acting_principal: principal_or_empty(r.created_by_acting_principal.as_ref()),
         created_by_identity_proof: identity_proof(r.created_by_proof).into(),
         justification: r.justification.clone(),
+        risk: risk(r.risk).into(),
+        escalated_requirements: r.escalated.clone(),
         ..Default::default()
     };
     let progress = r.level_progress();

@@ -1,15 +1,16 @@
 //! Conversions between `approvals.v1.Policy` and the domain's policies and snapshots.
 
 use approvals_domain::{
-    AntiCollusion, ApplyMode, GroupRequirement, JustificationRule, Level, Policy, PolicyRules,
-    PolicySnapshot, Principal, Timestamp, parse_policy_principal, validation::Violations,
+    AntiCollusion, ApplyMode, AutomaticReview, Decision, GroupRequirement, JustificationRule,
+    Level, Policy, PolicyRules, PolicySnapshot, Principal, Risk, RiskRule, Timestamp,
+    parse_policy_principal, validation::Violations,
 };
 
 use super::{from_struct, timestamp, to_struct};
 use crate::pb;
 
 /// The fields of a policy a caller may set (all but `name` and the output-only ones).
-pub const WRITABLE_PATHS: [&str; 23] = [
+pub const WRITABLE_PATHS: [&str; 26] = [
     "project",
     "environment",
     "action_key",
@@ -33,6 +34,9 @@ pub const WRITABLE_PATHS: [&str; 23] = [
     "anti_collusion",
     "count_approver_once",
     "condition",
+    "risk_rules",
+    "pre_approved",
+    "automatic_reviews",
 ];
 
 fn apply_mode(mode: ApplyMode) -> pb::ApplyMode {
@@ -65,6 +69,8 @@ fn group_requirements(list: &[GroupRequirement]) -> Vec<pb::GroupRequirement> {
             group: r.group.to_string(),
             min_approvals: to_i32(r.min_approvals),
             condition: r.condition.clone(),
+            escalate_after: r.escalate_after_micros.map(duration),
+            escalate_to: strings(&r.escalate_to),
         })
         .collect()
 }
@@ -97,6 +103,33 @@ fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
     });
     out.count_approver_once = Some(rules.count_approver_once);
     out.condition = rules.condition.clone();
+    out.risk_rules = rules
+        .risk_rules
+        .iter()
+        .map(|r| pb::RiskRule {
+            condition: r.condition.clone(),
+            risk: super::risk(r.risk).into(),
+        })
+        .collect();
+    out.pre_approved = rules.pre_approved;
+    out.automatic_reviews = rules
+        .automatic_reviews
+        .iter()
+        .map(|r| pb::AutomaticReview {
+            condition: r.condition.clone(),
+            decision: match r.decision {
+                Decision::Approve => pb::Decision::Approve,
+                Decision::Reject => pb::Decision::Reject,
+            }
+            .into(),
+            reason: r.reason.clone(),
+            group: r
+                .group
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        })
+        .collect();
     out.allow_self_approval = rules.allow_self_approval;
     out.rejections_to_reject = to_i32(rules.rejections_to_reject);
     out.default_ttl = rules.default_ttl_micros.map(duration);
@@ -192,10 +225,21 @@ fn requirements(
                     return None;
                 }
             };
+            let escalate_after_micros = r.escalate_after.as_ref().map(|d| {
+                approvals_domain::duration_micros(d.seconds, d.nanos).unwrap_or_else(|| {
+                    v.add(
+                        format!("{field}[{i}].escalate_after"),
+                        approvals_domain::DURATION_RANGE,
+                    );
+                    1
+                })
+            });
             Some(GroupRequirement {
                 group,
                 min_approvals: count(&format!("{field}[{i}].min_approvals"), r.min_approvals, v),
                 condition: r.condition.clone(),
+                escalate_after_micros,
+                escalate_to: principals(&format!("{field}[{i}].escalate_to"), &r.escalate_to, v),
             })
         })
         .collect()
@@ -277,6 +321,64 @@ pub fn set_field(policy: &mut Policy, body: &pb::Policy, path: &str, v: &mut Vio
             });
         }
         "condition" => rules.condition = body.condition.clone(),
+        "risk_rules" => {
+            rules.risk_rules =
+                body.risk_rules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| RiskRule {
+                        condition: r.condition.clone(),
+                        risk: super::from_risk(&format!("{field}[{i}].risk"), r.risk)
+                            .unwrap_or_else(|_| {
+                                v.add(
+                                    format!("{field}[{i}].risk"),
+                                    format!("{} is not a risk (RISK_LOW .. RISK_HIGH)", r.risk),
+                                );
+                                // Refused already; not named twice.
+                                Risk::High
+                            }),
+                    })
+                    .collect();
+        }
+        "pre_approved" => rules.pre_approved = body.pre_approved,
+        "automatic_reviews" => {
+            rules.automatic_reviews = body
+                .automatic_reviews
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let at = format!("{field}[{i}]");
+                    let decision = match pb::Decision::try_from(r.decision) {
+                        Ok(pb::Decision::Approve) => Decision::Approve,
+                        Ok(pb::Decision::Reject) => Decision::Reject,
+                        _ => {
+                            v.add(
+                                format!("{at}.decision"),
+                                "must be DECISION_APPROVE or DECISION_REJECT",
+                            );
+                            Decision::Reject
+                        }
+                    };
+                    let group = if r.group.is_empty() {
+                        None
+                    } else {
+                        match parse_policy_principal(&format!("{at}.group"), &r.group) {
+                            Ok(group) => Some(group),
+                            Err(violation) => {
+                                v.add(violation.field, violation.description);
+                                None
+                            }
+                        }
+                    };
+                    AutomaticReview {
+                        condition: r.condition.clone(),
+                        decision,
+                        reason: r.reason.clone(),
+                        group,
+                    }
+                })
+                .collect();
+        }
         "count_approver_once" => {
             rules.count_approver_once = body.count_approver_once.unwrap_or(true);
         }

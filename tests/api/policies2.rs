@@ -401,6 +401,7 @@ async fn a_cel_condition_adds_a_requirement() {
                     group: "group:security".into(),
                     min_approvals: 1,
                     condition: "changes.exists(c, c.payload.rollout >)".into(),
+                    ..Default::default()
                 }],
                 condition: "launch(project)".into(),
                 ..policy("broken")
@@ -427,6 +428,7 @@ async fn a_cel_condition_adds_a_requirement() {
                 group: "group:security".into(),
                 min_approvals: 1,
                 condition: "changes.exists(c, c.payload.rollout > 50)".into(),
+                ..Default::default()
             }],
             ..policy("rollouts")
         },

@@ -675,7 +675,7 @@ impl ChangeRequest {
     }
 
     /// When the service next has work on this request: a schedule's time, an expiry, an AUTO
-    /// apply to start, or an apply run's lease to take over. `None`: nothing planned.
+    /// apply to start, an apply run's lease to take over, the policy's own work or an escalation. `None`: nothing planned.
     pub fn next_due_time(&self) -> Option<Timestamp> {
         let expiry = self
             .expire_time
@@ -690,6 +690,10 @@ impl ChangeRequest {
                 .filter(|s| s.status == ScheduleStatus::Pending)
                 .map(|s| s.apply_time),
             State::Applying => self.apply_run.as_ref().map(|r| r.lease_until),
+            // The policy's own work (pre-approval, automatic reviews) at once, then the next
+            // escalation (see `crate::rules`).
+            State::InReview if self.policy_work_pending => Some(self.update_time),
+            State::InReview => self.next_escalation_time(),
             _ => None,
         };
         match (expiry, work) {

@@ -6,6 +6,7 @@ use crate::{
     Timestamp,
     condition::{ChangeFacts, RequestFacts},
     principal::party,
+    rules::Risk,
     validation::{self, Violations},
 };
 
@@ -156,6 +157,18 @@ pub struct ChangeRequest {
     /// The current (or last) apply run: its idempotency key, attempts and lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apply_run: Option<ApplyRun>,
+    /// The highest risk label of the policy's `risk_rules` that matched (see [`crate::rules`]).
+    #[serde(default, skip_serializing_if = "Risk::is_unspecified")]
+    pub risk: Risk,
+    /// When the request last entered review (escalations count from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_start_time: Option<Timestamp>,
+    /// The requirements escalated so far (paths such as `requirements[0]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub escalated: Vec<String>,
+    /// The policy's own work (pre-approval, automatic reviews) is still to run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub policy_work_pending: bool,
 }
 
 /// What a caller asks for in `CreateChangeRequest`.
@@ -408,7 +421,16 @@ impl ChangeRequest {
             bypassed_by: None,
             bypass_justification: None,
             apply_run: None,
+            risk: Risk::Unspecified,
+            review_start_time: None,
+            escalated: Vec::new(),
+            policy_work_pending: false,
         };
+        let mut request = request;
+        request.risk = request.policy.risk();
+        if state == State::InReview {
+            request.enter_review(now);
+        }
         request.ensure_document_fits()?;
         let event = request.event(EventKind::Created, actor, state, now, String::new());
         Ok((request, event))
@@ -525,15 +547,6 @@ impl ChangeRequest {
         })
     }
 
-    fn counting(&self, decision: Decision) -> u32 {
-        let count = self
-            .reviews
-            .iter()
-            .filter(|r| !r.dismissed && r.decision == decision)
-            .count();
-        u32::try_from(count).unwrap_or(u32::MAX)
-    }
-
     /// The caller's current decision (not dismissed).
     pub fn decision_of(&self, principal: &Principal) -> Option<Decision> {
         self.reviews
@@ -619,6 +632,7 @@ impl ChangeRequest {
     pub fn submit(&mut self, actor: &Actor, now: Timestamp) -> Result<EventDraft, DomainError> {
         self.ensure_allowed(Action::Submit)?;
         self.ensure_requester(actor, Action::Submit)?;
+        self.enter_review(now);
         Ok(self.moved(
             EventKind::Submitted,
             actor,
@@ -630,12 +644,16 @@ impl ChangeRequest {
 
     /// The level waiting for approvals (1-based; `None` once every level passed).
     pub fn current_level(&self) -> Option<u32> {
-        self.policy.current_level(&self.counted_approvals())
+        self.level_progress()
+            .iter()
+            .find(|p| !p.passed)
+            .map(|p| p.level)
     }
 
     /// Each level's progress (one level without `levels`).
     pub fn level_progress(&self) -> Vec<crate::LevelProgress> {
-        self.policy.level_progress(&self.counted_approvals())
+        self.policy
+            .level_progress_escalated(&self.counted_approvals(), &self.escalated)
     }
 
     /// Why `actor` may not approve now, if they may not: the state, the approvers (of the
@@ -686,13 +704,16 @@ impl ChangeRequest {
 
     /// Why `actor` may not review at the current level, if they may not.
     fn reviewer_refusal(&self, actor: &Actor) -> Option<DomainError> {
-        if !self.policy.may_review(actor) {
+        let level = self.review_level();
+        // Escalation adds reviewers: members of a group an escalated requirement (of the
+        // current level) was escalated to may review, whoever the approvers are.
+        let escalated = self.escalated_reviewer(actor, level);
+        if !escalated && !self.policy.may_review(actor) {
             return Some(DomainError::NotApprover {
                 principal: actor.principal.to_string(),
             });
         }
-        let level = self.review_level();
-        if level > 0 && !self.policy.may_review_at(actor, level) {
+        if level > 0 && !escalated && !self.policy.may_review_at(actor, level) {
             return Some(DomainError::NotLevelApprover {
                 principal: actor.principal.to_string(),
                 level,
@@ -807,19 +828,8 @@ impl ChangeRequest {
             self.reviews = previous;
             return Err(err);
         }
-        let to = if self.counting(Decision::Reject) >= self.policy.rules.rejections_to_reject.max(1)
-        {
-            State::Rejected
-        } else if self.policy.quorum_met(&self.counted_approvals()) {
-            // A request created with an apply_time is scheduled rather than approved.
-            if self.schedule.is_some() && self.apply_mode() != crate::policy::ApplyMode::External {
-                State::Scheduled
-            } else {
-                State::Approved
-            }
-        } else {
-            State::InReview
-        };
+        // A request created with an apply_time is scheduled rather than approved.
+        let to = self.state_after_review();
         let detail = if level > 0 {
             format!("level {level}: {comment}")
         } else {
@@ -1041,6 +1051,7 @@ impl ChangeRequest {
             let mut policy = self.policy.clone();
             policy.evaluate_conditions(&self.facts(&actor.groups));
             self.policy = policy;
+            self.risk = self.policy.risk();
         }
         let to = if resolving {
             // Back to review: what was approved is not what is there now.
@@ -1057,6 +1068,14 @@ impl ChangeRequest {
                 review.dismissed = true;
                 dismissed += 1;
             }
+        }
+        if to == State::InReview && (resolving || dismissed > 0) {
+            // Reviews start over: so do the policy's own (its escalations stay recorded).
+            self.policy_work_pending =
+                self.policy.rules.pre_approved || !self.policy.rules.automatic_reviews.is_empty();
+        }
+        if resolving {
+            self.review_start_time = Some(now);
         }
         let detail = if dismissed > 0 {
             format!("{dismissed} earlier review(s) dismissed")

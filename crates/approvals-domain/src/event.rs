@@ -23,10 +23,12 @@ pub enum EventKind {
     ConflictDetected,
     Bypassed,
     Completed,
+    /// A group requirement escalated (see [`crate::rules`]).
+    Escalated,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 17] = [
+    pub const ALL: [EventKind; 18] = [
         EventKind::Created,
         EventKind::Updated,
         EventKind::Submitted,
@@ -44,6 +46,7 @@ impl EventKind {
         EventKind::ConflictDetected,
         EventKind::Bypassed,
         EventKind::Completed,
+        EventKind::Escalated,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -65,6 +68,7 @@ impl EventKind {
             EventKind::ConflictDetected => "CONFLICT_DETECTED",
             EventKind::Bypassed => "BYPASSED",
             EventKind::Completed => "COMPLETED",
+            EventKind::Escalated => "ESCALATED",
         }
     }
 

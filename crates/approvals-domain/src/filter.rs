@@ -2,7 +2,7 @@
 //! on domain values (a request as it stands, or an event of the log) and translated to SQL by
 //! the store.
 
-use crate::{ChangeRequest, Event, State};
+use crate::{ChangeRequest, Event, Risk, State};
 
 /// A filter of change requests: a request matches when it matches every field that is set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,6 +22,9 @@ pub struct RequestFilter {
     pub states: Vec<State>,
     /// One change request.
     pub id: Option<String>,
+    /// Any of these risk labels (`Risk::Unspecified`: requests no risk rule labelled); empty:
+    /// any risk.
+    pub risks: Vec<Risk>,
 }
 
 impl RequestFilter {
@@ -69,13 +72,14 @@ impl RequestFilter {
             || self.requester.is_some()
             || self.resource_type.is_some()
             || self.resource_id.is_some()
+            || !self.risks.is_empty()
     }
 
     fn matches_state(&self, state: State) -> bool {
         self.states.is_empty() || self.states.contains(&state)
     }
 
-    /// The fields an event's columns do not hold: action key, requester, resources.
+    /// The fields an event's columns do not hold: action key, requester, resources, risk.
     fn matches_request_only(&self, request: &ChangeRequest) -> bool {
         is_unset_or(&self.action_key, &request.action_key)
             && self
@@ -83,6 +87,7 @@ impl RequestFilter {
                 .as_ref()
                 .is_none_or(|p| request.created_by.as_str() == p)
             && self.matches_resources(request)
+            && (self.risks.is_empty() || self.risks.contains(&request.risk))
     }
 }
 

@@ -13,6 +13,7 @@ mod filter;
 mod policy;
 mod principal;
 pub mod requirements;
+pub mod rules;
 mod state;
 mod time;
 pub mod validation;
@@ -35,5 +36,6 @@ pub use principal::{Actor, AuthMethod, IdentityProof, Principal, PrincipalKind, 
 pub use requirements::{
     AntiCollusion, JustificationRule, Level, LevelProgress, ReciprocalApproval,
 };
+pub use rules::{AutomaticReview, Risk, RiskRule, policy_principal};
 pub use state::{Action, Decision, State};
 pub use time::{DURATION_RANGE, TIMESTAMP_RANGE, Timestamp, duration_micros};

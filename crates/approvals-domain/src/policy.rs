@@ -14,6 +14,7 @@ use crate::{
     condition::{self, Outcome, RequestFacts},
     error::FieldViolation,
     requirements::{self, AntiCollusion, JustificationRule, Level, LevelProgress},
+    rules::{self as policy_rules, AutomaticReview, Risk, RiskRule},
     validation::Violations,
 };
 
@@ -38,9 +39,28 @@ pub struct GroupRequirement {
     /// it matches. Empty: always.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub condition: String,
+    /// Escalation (see [`crate::rules`]): after the request has been in review this many
+    /// microseconds without being approved, members of `escalate_to` may approve too, counting
+    /// toward this requirement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalate_after_micros: Option<i64>,
+    /// The groups (`group:NAME`) the requirement escalates to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub escalate_to: Vec<Principal>,
 }
 
 impl GroupRequirement {
+    /// A requirement of `min_approvals` from `group`, without condition or escalation.
+    pub fn new(group: Principal, min_approvals: u32) -> Self {
+        Self {
+            group,
+            min_approvals,
+            condition: String::new(),
+            escalate_after_micros: None,
+            escalate_to: Vec::new(),
+        }
+    }
+
     /// The bare group name, as callers' groups are recorded (`sre` for `group:sre`).
     pub fn group_name(&self) -> &str {
         self.group
@@ -110,6 +130,16 @@ pub struct PolicyRules {
     /// next most specific policy). Empty: every request it is selected for.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub condition: String,
+    /// Risk labels by condition (see [`crate::rules`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub risk_rules: Vec<RiskRule>,
+    /// A standard change: requests this policy governs are approved by the policy itself as
+    /// they enter review.
+    #[serde(default)]
+    pub pre_approved: bool,
+    /// Machine reviews by condition (see [`crate::rules`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub automatic_reviews: Vec<AutomaticReview>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -141,6 +171,9 @@ impl Default for PolicyRules {
             anti_collusion: None,
             count_approver_once: true,
             condition: String::new(),
+            risk_rules: Vec::new(),
+            pre_approved: false,
+            automatic_reviews: Vec::new(),
         }
     }
 }
@@ -298,6 +331,7 @@ fn validate_rules(v: &mut Violations, prefix: &str, rules: &PolicyRules) {
         }
     }
     requirements::validate(v, prefix, rules);
+    policy_rules::validate(v, prefix, rules);
 }
 
 /// The most specific policy matching a request, if any (see the module documentation).
@@ -443,7 +477,81 @@ impl PolicySnapshot {
                 }
             }
         }
+        for (i, r) in rules.risk_rules.iter().enumerate() {
+            all.push((format!("risk_rules[{i}].condition"), r.condition.as_str()));
+        }
+        for (i, r) in rules.automatic_reviews.iter().enumerate() {
+            if !r.condition.is_empty() {
+                all.push((
+                    format!("automatic_reviews[{i}].condition"),
+                    r.condition.as_str(),
+                ));
+            }
+        }
         all
+    }
+
+    /// The risk of the request: the highest label among the `risk_rules` whose condition
+    /// matched (see [`Self::evaluate_conditions`]); unspecified when none did.
+    pub fn risk(&self) -> Risk {
+        self.rules
+            .risk_rules
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                let path = format!("risk_rules[{i}].condition");
+                self.matched_conditions.contains(&path)
+            })
+            .map(|(_, r)| r.risk)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Every requirement with an escalation, by path (`requirements[0]`,
+    /// `levels[1].requirements[0]`), with its `escalate_after`; only those whose condition (and
+    /// level's condition) matched.
+    pub fn escalating_requirements(&self) -> Vec<(String, i64)> {
+        let mut all = Vec::new();
+        let mut push = |prefix: &str, list: &[GroupRequirement]| {
+            for (j, r) in list.iter().enumerate() {
+                if let Some(after) = r.escalate_after_micros
+                    && self.applies(
+                        &format!("{prefix}requirements[{j}].condition"),
+                        &r.condition,
+                    )
+                {
+                    all.push((format!("{prefix}requirements[{j}]"), after));
+                }
+            }
+        };
+        if self.has_levels() {
+            for (i, level) in self.rules.levels.iter().enumerate() {
+                if self.applies(&format!("levels[{i}].condition"), &level.condition) {
+                    push(&format!("levels[{i}]."), &level.requirements);
+                }
+            }
+        } else {
+            push("", &self.rules.requirements);
+        }
+        all
+    }
+
+    /// The requirement at `path` (`requirements[0]`, `levels[1].requirements[0]`).
+    pub fn requirement_at(&self, path: &str) -> Option<&GroupRequirement> {
+        let index = |text: &str| -> Option<usize> {
+            text.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+        };
+        match path.strip_prefix("levels") {
+            Some(rest) => {
+                let (level, requirement) = rest.split_once("].requirements")?;
+                let level = self.rules.levels.get(index(&format!("{level}]"))?)?;
+                level.requirements.get(index(requirement)?)
+            }
+            None => self
+                .rules
+                .requirements
+                .get(index(path.strip_prefix("requirements")?)?),
+        }
     }
 
     /// Evaluates every condition over the request and records the outcomes
@@ -578,6 +686,17 @@ impl PolicySnapshot {
     /// at (`Review::level`); a level passes when it is met and every earlier one passed.
     /// `approvals` are the ones that count ([`crate::ChangeRequest::counted_approvals`]).
     pub fn level_progress(&self, approvals: &[&Review]) -> Vec<LevelProgress> {
+        self.level_progress_escalated(approvals, &[])
+    }
+
+    /// [`Self::level_progress`] with the requirements at the paths `escalated` escalated: an
+    /// approver holding one of a requirement's `escalate_to` groups counts toward it as if they
+    /// held its group.
+    pub fn level_progress_escalated(
+        &self,
+        approvals: &[&Review],
+        escalated: &[String],
+    ) -> Vec<LevelProgress> {
         let mut earlier_passed = true;
         self.stages()
             .iter()
@@ -592,10 +711,47 @@ impl PolicySnapshot {
                     .iter()
                     .map(|r| r.reviewer_groups.as_slice())
                     .collect();
+                let prefix = if self.has_levels() {
+                    format!("levels[{}].requirements[", number.saturating_sub(1))
+                } else {
+                    "requirements[".to_owned()
+                };
+                let escalations: Vec<(&str, Vec<&str>)> = escalated
+                    .iter()
+                    .filter(|path| path.starts_with(&prefix))
+                    .filter_map(|path| self.requirement_at(path))
+                    .map(|r| {
+                        (
+                            r.group_name(),
+                            policy_rules::bare_names(&r.escalate_to).collect(),
+                        )
+                    })
+                    .collect();
+                let widened: Vec<Vec<String>> = groups
+                    .iter()
+                    .map(|held| {
+                        let mut held = held.to_vec();
+                        for (group, to) in &escalations {
+                            if to.iter().any(|t| held.iter().any(|h| h == t))
+                                && !held.iter().any(|h| h == group)
+                            {
+                                held.push((*group).to_owned());
+                            }
+                        }
+                        held
+                    })
+                    .collect();
+                let widened: Vec<&[String]> = widened.iter().map(Vec::as_slice).collect();
                 let count = u32::try_from(at_level.len()).unwrap_or(u32::MAX);
                 let met = count >= level.min_approvals.max(1)
                     && requirements::groups_met(
                         &level.requirements,
+                        0,
+                        &widened,
+                        self.rules.count_approver_once,
+                    )
+                    && requirements::groups_met(
+                        &[],
                         level.distinct_groups,
                         &groups,
                         self.rules.count_approver_once,
@@ -627,6 +783,13 @@ impl PolicySnapshot {
     /// `distinct_groups`.
     pub fn quorum_met(&self, approvals: &[&Review]) -> bool {
         self.current_level(approvals).is_none()
+    }
+
+    /// [`Self::quorum_met`] with the requirements at the paths `escalated` escalated.
+    pub fn quorum_met_escalated(&self, approvals: &[&Review], escalated: &[String]) -> bool {
+        self.level_progress_escalated(approvals, escalated)
+            .iter()
+            .all(|p| p.passed)
     }
 
     /// Whether `actor` may review at `level` (1-based): among the policy's approvers and the
@@ -853,11 +1016,10 @@ mod tests {
     #[test]
     fn validation_names_every_bad_field() {
         let mut p = policy("bad name", "", "feature*.x");
-        p.rules.requirements = vec![GroupRequirement {
-            group: Principal::parse("user:bob").expect("principal"),
-            min_approvals: 0,
-            condition: String::new(),
-        }];
+        p.rules.requirements = vec![GroupRequirement::new(
+            Principal::parse("user:bob").expect("principal"),
+            0,
+        )];
         p.rules.default_ttl_micros = Some(0);
         p.rules.intent_schema =
             Some(serde_json::from_str(r#"{"type": "no-such-type"}"#).expect("json"));

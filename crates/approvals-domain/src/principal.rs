@@ -21,15 +21,17 @@ pub enum PrincipalKind {
 pub struct Principal(String);
 
 impl Principal {
-    /// Parses `user:NAME`, `service:NAME`, `group:NAME` or `system:NAME`. The name is 1 to 256
-    /// characters with no whitespace or control characters.
+    /// Parses `user:NAME`, `service:NAME`, `group:NAME`, `system:NAME` or `policy:NAME`. The
+    /// name is 1 to 256 characters with no whitespace or control characters.
     pub fn parse(text: &str) -> Result<Self, String> {
         let Some((kind, name)) = text.split_once(':') else {
             return Err(format!(
                 "{text:?} is not a principal: expected user:NAME, service:NAME or group:NAME"
             ));
         };
-        if !matches!(kind, "user" | "service" | "group" | "system") {
+        // `policy:NAME` is how a policy's own reviews are recorded (see `crate::rules`); like
+        // `system:`, it is read back from the store but can never call or be listed.
+        if !matches!(kind, "user" | "service" | "group" | "system" | "policy") {
             return Err(format!(
                 "{text:?} has unknown principal kind {kind:?}: expected user, service or group"
             ));
@@ -56,6 +58,12 @@ impl Principal {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// A principal the service builds itself (`policy:NAME` for a policy's own reviews), never
+    /// parsed from a caller's input.
+    pub(crate) fn from_trusted(text: String) -> Self {
+        Self(text)
     }
 
     pub fn system() -> Self {

@@ -362,11 +362,10 @@ mod tests {
     }
 
     fn requirement(group: &str, n: u32) -> GroupRequirement {
-        GroupRequirement {
-            group: Principal::parse(&format!("group:{group}")).expect("group"),
-            min_approvals: n,
-            condition: String::new(),
-        }
+        GroupRequirement::new(
+            Principal::parse(&format!("group:{group}")).expect("group"),
+            n,
+        )
     }
 
     #[test]

@@ -143,6 +143,7 @@ fn filter() -> impl Strategy<Value = RequestFilter> {
                 requester,
                 states,
                 id,
+                risks: Vec::new(),
             },
         )
 }
@@ -221,6 +222,7 @@ proptest! {
             requester: own(mask[4], request.created_by.as_str()),
             states: if mask[5] { vec![request.state] } else { vec![] },
             id: own(mask[6], &request.id),
+            risks: Vec::new(),
         };
         prop_assert!(filter.matches(&request));
         let other_project = RequestFilter { project: "elsewhere".into(), ..filter.clone() };

@@ -20,11 +20,7 @@ fn principal(text: &str) -> Principal {
 }
 
 fn requirement(group: &str, min_approvals: u32) -> GroupRequirement {
-    GroupRequirement {
-        group: principal(&format!("group:{group}")),
-        min_approvals,
-        condition: String::new(),
-    }
+    GroupRequirement::new(principal(&format!("group:{group}")), min_approvals)
 }
 
 fn snapshot(rules: PolicyRules) -> PolicySnapshot {

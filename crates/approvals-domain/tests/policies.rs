@@ -19,11 +19,7 @@ fn principal(text: &str) -> Principal {
 }
 
 fn requirement(group: &str, min_approvals: u32) -> GroupRequirement {
-    GroupRequirement {
-        group: principal(group),
-        min_approvals,
-        condition: String::new(),
-    }
+    GroupRequirement::new(principal(group), min_approvals)
 }
 
 fn snapshot(rules: PolicyRules) -> PolicySnapshot {

@@ -126,7 +126,7 @@ pub(crate) fn decode_stored_event(row: &QueryResult) -> Result<StoredEvent, Stor
 
 /// The columns of a new request's row, all but the revision (which the event assigns; the
 /// stored body's revision is never read, the column's is).
-pub(crate) const REQUEST_COLUMNS: [&str; 13] = [
+pub(crate) const REQUEST_COLUMNS: [&str; 14] = [
     cr::ID,
     cr::PROJECT,
     cr::ENVIRONMENT,
@@ -140,6 +140,7 @@ pub(crate) const REQUEST_COLUMNS: [&str; 13] = [
     cr::REQUEST_ID,
     cr::REQUEST_FINGERPRINT,
     cr::BODY,
+    cr::RISK,
 ];
 
 /// The values of a new request's row, in the order of `REQUEST_COLUMNS`.
@@ -161,7 +162,13 @@ pub(crate) fn request_values(
         key.map(|k| k.request_id.clone()).into(),
         key.map(|k| k.fingerprint.clone()).into(),
         serde_json::to_string(request)?.into(),
+        risk_value(request).into(),
     ])
+}
+
+/// The `risk` column's value: NULL for a request without a risk label.
+pub(crate) fn risk_value(request: &ChangeRequest) -> Option<String> {
+    (!request.risk.is_unspecified()).then(|| request.risk.as_str().to_owned())
 }
 
 pub(crate) fn select_request(id: &str) -> SelectStatement {

@@ -6,10 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use approvals_domain::{ChangeRequest, RequestFilter};
+use approvals_domain::{ChangeRequest, RequestFilter, Risk};
 use sea_orm::{
     ConnectionTrait, DbBackend, Statement,
-    sea_query::{Alias, Expr, ExprTrait, Func, Order, Query, SelectStatement},
+    sea_query::{Alias, Cond, Expr, ExprTrait, Func, Order, Query, SelectStatement},
 };
 
 use crate::{
@@ -334,6 +334,22 @@ pub(crate) fn apply_filter(query: &mut SelectStatement, filter: &RequestFilter) 
     }
     if !filter.states.is_empty() {
         query.and_where(Expr::col(cr::STATE).is_in(filter.states.iter().map(|s| s.as_str())));
+    }
+    if !filter.risks.is_empty() {
+        let labelled: Vec<&str> = filter
+            .risks
+            .iter()
+            .filter(|r| !r.is_unspecified())
+            .map(|r| r.as_str())
+            .collect();
+        let mut any = Cond::any();
+        if !labelled.is_empty() {
+            any = any.add(Expr::col(cr::RISK).is_in(labelled));
+        }
+        if filter.risks.iter().any(Risk::is_unspecified) {
+            any = any.add(Expr::col(cr::RISK).is_null());
+        }
+        query.cond_where(any);
     }
     if filter.resource_type.is_some() || filter.resource_id.is_some() {
         let mut touching = Query::select();

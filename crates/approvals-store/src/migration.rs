@@ -24,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(AuditChain),
             Box::new(RelayState),
             Box::new(EventAuthMethod),
+            Box::new(PolicyRules),
         ]
     }
 }
@@ -477,6 +478,30 @@ impl MigrationTrait for EventAuthMethod {
                 Table::alter()
                     .table(EVENTS)
                     .add_column(ColumnDef::new(ev::AUTH_METHOD).text().null())
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Risk labels (issue 25): a column so that lists filter by risk in SQL. Additive: NULL (no
+/// label) in requests written before.
+struct PolicyRules;
+
+impl MigrationName for PolicyRules {
+    fn name(&self) -> &str {
+        "m0008_policy_rules"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for PolicyRules {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(CHANGE_REQUESTS)
+                    .add_column(ColumnDef::new(cr::RISK).text().null())
                     .to_owned(),
             )
             .await

@@ -23,6 +23,8 @@ pub mod cr {
     /// The hash of the request's latest event (its chain head), so the next event needs no
     /// extra read; NULL before the request's first hashed event.
     pub const AUDIT_HEAD: &str = "audit_head";
+    /// The request's risk label (`LOW`, `MEDIUM`, `HIGH`); NULL when it has none.
+    pub const RISK: &str = "risk";
 }
 
 pub const RESOURCE_VERSIONS: &str = "resource_versions";

@@ -191,6 +191,7 @@ impl WriteTxn<'_> {
                 request.next_due_time().map(Timestamp::as_micros),
             )
             .value(cr::REVISION, request.revision)
+            .value(cr::RISK, crate::codec::risk_value(request))
             .value(cr::BODY, serde_json::to_string(&request)?)
             .and_where(Expr::col(cr::ID).eq(request.id.as_str()))
             .and_where(Expr::col(cr::REVISION).eq(previous_revision))
