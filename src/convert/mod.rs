@@ -247,6 +247,10 @@ pub fn change_request(r: &ChangeRequest, viewer: Option<&Actor>) -> pb::ChangeRe
         created_by_acting_principal: principal_or_empty(r.created_by_acting_principal.as_ref()),
         created_by_identity_proof: identity_proof(r.created_by_proof).into(),
         justification: r.justification.clone(),
+        attestation: r
+            .attestation
+            .as_ref()
+            .map(crate::audit::attestation::to_proto),
         ..Default::default()
     };
     let progress = r.level_progress();

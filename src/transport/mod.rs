@@ -222,6 +222,12 @@ pub async fn run_with_clock(
         clock,
         min_approvals: config.min_approvals,
         allowed_endpoints: config.apply.allowed_endpoints.clone(),
+        attestor: signing_key.as_ref().map(|key| {
+            Arc::new(crate::audit::attestation::Attestor::new(
+                key.clone(),
+                config.audit.attestation_ttl,
+            ))
+        }),
     });
     let change_requests = WatchRoute::new(
         ChangeRequestsService::new(context.clone()),

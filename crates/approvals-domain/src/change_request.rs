@@ -156,6 +156,10 @@ pub struct ChangeRequest {
     /// The current (or last) apply run: its idempotency key, attempts and lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apply_run: Option<ApplyRun>,
+    /// The signed attestation of the approval (issued on quorum or break-glass by a server
+    /// with a signing key); dropped when the request goes back to review.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<crate::attestation::Envelope>,
 }
 
 /// What a caller asks for in `CreateChangeRequest`.
@@ -407,6 +411,7 @@ impl ChangeRequest {
             }),
             bypassed_by: None,
             bypass_justification: None,
+            attestation: None,
             apply_run: None,
         };
         request.ensure_document_fits()?;
@@ -612,6 +617,10 @@ impl ChangeRequest {
         let from = self.state;
         self.state = to;
         self.update_time = now;
+        if to == State::InReview {
+            // What was attested is not what will be approved next.
+            self.attestation = None;
+        }
         self.event(kind, actor, from, now, detail)
     }
 
