@@ -169,6 +169,9 @@ pub struct AuditConfig {
     /// apply time, when that is later); appliers refuse it afterwards.
     #[serde(with = "fields::duration::positive")]
     pub attestation_ttl: Duration,
+    /// Benchmarks only (`approvals-bench --create-hashing off`): `false` writes each request's
+    /// CREATED event without a hash, to measure what hashing costs a create. Leave it `true`.
+    pub bench_create_hashing: bool,
 }
 
 impl Default for AuditConfig {
@@ -177,6 +180,7 @@ impl Default for AuditConfig {
             checkpoint_interval: Duration::from_secs(60),
             signing_key_file: String::new(),
             attestation_ttl: Duration::from_secs(7 * 24 * 3600),
+            bench_create_hashing: true,
         }
     }
 }

@@ -123,6 +123,12 @@ pub async fn shutdown_signal() {
 pub async fn open_store(config: &Config) -> Result<Store, ServeError> {
     let store = Store::connect(&config.database_settings()).await?;
     store.migrate().await?;
+    if !config.audit.bench_create_hashing {
+        tracing::warn!(
+            "audit.bench_create_hashing = false: creates write unhashed events (benchmarks only)"
+        );
+        return Ok(store.without_create_hashing());
+    }
     Ok(store)
 }
 
