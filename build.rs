@@ -6,6 +6,7 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 const PROTOS: &[&str] = &[
+    "proto/approvals/v1/attestation.proto",
     "proto/approvals/v1/resources.proto",
     "proto/approvals/v1/change_requests.proto",
     "proto/approvals/v1/applier.proto",

@@ -59,6 +59,10 @@ pub enum ApiError {
         "change request {id} has no hashed event at or below revision {revision}, the checkpoint's: ask for a later checkpoint"
     )]
     AuditNotCovered { id: String, revision: i64 },
+    #[error(
+        "change request {id} has no attestation: it is not approved, an edit sent it back to review, or it was approved while the server had no audit.signing_key_file"
+    )]
+    AttestationNotFound { id: String },
 }
 
 fn credentials_expired_message(resume: Option<i64>) -> String {
@@ -208,6 +212,12 @@ impl From<ApiError> for Status {
                 message,
                 "AUDIT_NOT_COVERED",
                 &[("id", id), ("revision", revision.to_string())],
+            ),
+            ApiError::AttestationNotFound { id } => status(
+                Code::NotFound,
+                message,
+                "ATTESTATION_NOT_FOUND",
+                &[("id", id)],
             ),
             ApiError::MethodNotAllowed(method) => status(
                 Code::PermissionDenied,

@@ -50,6 +50,9 @@ enum Command {
     /// The verifiable history: keys, export, verify (see the README, "Audit").
     #[command(subcommand)]
     Audit(approvals::audit::command::AuditCommand),
+    /// Approval attestations: verify one offline (see the README, "Attestations").
+    #[command(subcommand)]
+    Attest(approvals::audit::command::AttestCommand),
     /// Relay events to webhooks and Slack (a client of the API; see the README's "Relay").
     Relay(approvals::relay::cli::RelayArgs),
     /// Certificates for local use.
@@ -270,6 +273,7 @@ async fn main() -> ExitCode {
             );
         }
         Some(Command::Audit(command)) => return approvals::audit::command::run(command).await,
+        Some(Command::Attest(command)) => return approvals::audit::command::run_attest(command),
         Some(Command::Relay(args)) => return approvals::relay::cli::main(args).await,
         Some(Command::Certs(command)) => return dev_certificates(command),
         Some(Command::Config(ConfigCommand::Check(args))) => {

@@ -109,6 +109,23 @@ impl AuditService {
         })
     }
 
+    /// The request's current attestation; without one, AUDIT_NOT_CONFIGURED on a server
+    /// with no key, ATTESTATION_NOT_FOUND otherwise.
+    async fn attestation(
+        &self,
+        caller: &Caller,
+        req: pb::GetAttestationRequest,
+    ) -> Result<pb::Attestation, ApiError> {
+        let id = requests::id("change_request_id", &req.change_request_id)?;
+        let request = self.context.store.get(&id).await?;
+        caller.ensure_sees(&request)?;
+        match &request.attestation {
+            Some(envelope) => Ok(crate::audit::attestation::to_proto(envelope)),
+            None if self.public_key.is_none() => Err(ApiError::AuditNotConfigured),
+            None => Err(ApiError::AttestationNotFound { id }),
+        }
+    }
+
     fn public_key(&self) -> Result<pb::AuditPublicKey, ApiError> {
         let key = self.public_key.ok_or(ApiError::AuditNotConfigured)?;
         let pem = crate::audit::public_key_pem(&key)
@@ -162,5 +179,13 @@ impl Audit for AuditService {
     ) -> Answer<pb::AuditPublicKey> {
         let (_caller, _req) = called(request)?;
         answer(self.public_key())
+    }
+
+    async fn get_attestation(
+        &self,
+        request: Request<pb::GetAttestationRequest>,
+    ) -> Answer<pb::Attestation> {
+        let (caller, req) = called(request)?;
+        answer(self.attestation(&caller, req).await)
     }
 }

@@ -65,6 +65,7 @@ impl ChangeRequestsService {
                     r.check_etag(Some(etag))?;
                 }
                 let event = command(r, &actor, now)?;
+                self.context.attest_if_due(r, &event, now);
                 fits_a_message(r)?;
                 Ok(event)
             })
@@ -192,8 +193,10 @@ impl ChangeRequestsService {
             .step(&id, |r| {
                 caller.ensure_sees(r)?;
                 r.check_etag(Some(&req.etag))?;
-                r.start_manual_apply(&actor, &wiring, bypass, key, &replica, lease, now)
-                    .map(Step::Event)
+                let event =
+                    r.start_manual_apply(&actor, &wiring, bypass, key, &replica, lease, now)?;
+                self.context.attest_if_due(r, &event, now);
+                Ok(Step::Event(event))
             })
             .await?;
         let after = engine.run_and_wait(started).await?;

@@ -36,6 +36,25 @@ pub struct Context {
     pub min_approvals: u32,
     /// `apply.allowed_endpoints`: the only applier endpoints a policy may name.
     pub allowed_endpoints: AllowedEndpoints,
+    /// Signs approval attestations; `None` without `audit.signing_key_file`.
+    pub attestor: Option<Arc<crate::audit::attestation::Attestor>>,
+}
+
+impl Context {
+    /// Attests `request` when `event` (the command just run on it) reached quorum or applied
+    /// it break-glass, and the server has a key.
+    pub fn attest_if_due(
+        &self,
+        request: &mut approvals_domain::ChangeRequest,
+        event: &approvals_domain::EventDraft,
+        now: approvals_domain::Timestamp,
+    ) {
+        if let Some(attestor) = &self.attestor
+            && request.attestation_due(event)
+        {
+            attestor.attest(request, now);
+        }
+    }
 }
 
 /// What a handler answers.

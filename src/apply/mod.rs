@@ -309,6 +309,10 @@ impl ApplyEngine {
             idempotency_key: key.to_owned(),
             change_request: Some(convert::change_request(request, None)),
             approvers: request.approvers(),
+            attestation: request
+                .attestation
+                .as_ref()
+                .map(crate::audit::attestation::to_proto),
         };
         match tokio::time::timeout(self.settings.call_timeout, client.apply_changes(message)).await
         {

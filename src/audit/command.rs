@@ -128,3 +128,110 @@ async fn run_inner(command: AuditCommand) -> Result<ExitCode, String> {
         }
     }
 }
+
+#[derive(Subcommand)]
+pub enum AttestCommand {
+    /// Check an approval attestation (a DSSE envelope in JSON, as GetAttestation returns it):
+    /// its signature, its expiry and, when given, the change request it is of and the payloads
+    /// it approved. Exit 0 when it verifies, 1 when it is refused, 2 on an error.
+    Verify {
+        /// The envelope: `{"payloadType", "payload", "signatures"}`.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The audit public key (PEM), as `approvals audit public-key` prints it.
+        #[arg(long, value_name = "KEY")]
+        public_key: PathBuf,
+        /// Refuse an attestation of any other change request.
+        #[arg(long, value_name = "ID")]
+        change_request_id: Option<String>,
+        /// A JSON file with the payload object of one change, once per change in the request's
+        /// order: refuse when any differs from what was approved.
+        #[arg(long, value_name = "FILE")]
+        payload: Vec<PathBuf>,
+        /// Check expiry at this RFC 3339 time instead of now.
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
+    },
+}
+
+/// Runs one `approvals attest` command: exit 0 when it verifies, 1 when refused, 2 on an error.
+pub fn run_attest(command: AttestCommand) -> ExitCode {
+    match attest_inner(command) {
+        Ok(Ok(summary)) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(refusal)) => {
+            eprintln!("approvals attest: refused: {refusal}");
+            ExitCode::from(1)
+        }
+        Err(message) => {
+            eprintln!("approvals attest: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+type Refusal = super::attestation::AttestationError;
+
+fn attest_inner(command: AttestCommand) -> Result<Result<String, Refusal>, String> {
+    let AttestCommand::Verify {
+        file,
+        public_key,
+        change_request_id,
+        payload,
+        at,
+    } = command;
+    let key = super::read_public_key(&public_key)?;
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let envelope: super::attestation::Envelope = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{} is not a DSSE envelope ({{\"payloadType\", \"payload\", \"signatures\"}}): {e}",
+            file.display()
+        )
+    })?;
+    let mut payloads = Vec::with_capacity(payload.len());
+    for path in &payload {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(serde_json::Value::Object(map)) => payloads.push(map),
+            Ok(_) => return Err(format!("{} is not a JSON object", path.display())),
+            Err(e) => return Err(format!("{} is not JSON: {e}", path.display())),
+        }
+    }
+    let now = match at {
+        Some(text) => humantime::parse_rfc3339_weak(&text)
+            .map_err(|e| format!("--at {text:?} is not an RFC 3339 time: {e}"))?,
+        None => std::time::SystemTime::now(),
+    };
+    let changes: Vec<_> = payloads
+        .iter()
+        .map(super::attestation::ExpectedChange::payload)
+        .collect();
+    let expected = super::attestation::Expected {
+        change_request_id: change_request_id.as_deref(),
+        changes: (!changes.is_empty()).then_some(&changes[..]),
+    };
+    Ok(
+        super::attestation::verify(&envelope, &key, now, &expected).map(|verified| {
+            let p = &verified.statement.predicate;
+            let approvers: Vec<&str> = p.approvers.iter().map(|a| a.principal.as_str()).collect();
+            let mut summary = format!(
+                "verified: change request {} ({} {} {}), {} change(s){}, approved by {}{}, expires {}",
+                p.change_request_id,
+                p.project,
+                if p.environment.is_empty() { "-" } else { &p.environment },
+                p.action_key,
+                p.changes.len(),
+                if changes.is_empty() { " (payloads not checked: give --payload)" } else { ", payloads match" },
+                if approvers.is_empty() { "nobody".to_owned() } else { approvers.join(", ") },
+                p.bypass.as_ref().map(|b| format!(", break-glass by {}: {}", b.by, b.justification)).unwrap_or_default(),
+                p.expire_time,
+            );
+            summary.push_str(&format!(" (keyid {})", verified.keyid));
+            summary
+        }),
+    )
+}

@@ -3,6 +3,7 @@
 //! (export and verify, which read the database directly through the store: they are operator
 //! tools). The hashes themselves are pure functions in `approvals_domain::audit`.
 
+pub mod attestation;
 pub mod command;
 pub mod verify;
 

@@ -65,6 +65,7 @@ pub const METHODS: &[Method] = &[
     unary("/approvals.v1.Audit/GetAuditCheckpoint", READ),
     unary("/approvals.v1.Audit/GetAuditProof", READ),
     unary("/approvals.v1.Audit/GetAuditPublicKey", READ),
+    unary("/approvals.v1.Audit/GetAttestation", READ),
     unary("/approvals.v1.RelayState/AcquireSinkLease", RELAY),
     unary("/approvals.v1.RelayState/ReleaseSinkLease", RELAY),
     unary("/approvals.v1.RelayState/CommitSinkCursor", RELAY),

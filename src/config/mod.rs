@@ -153,8 +153,8 @@ impl Default for TelemetryConfig {
     }
 }
 
-/// The audit log's checkpoints (see the README, "Audit"). Events are hash-chained whatever
-/// this says.
+/// The audit log's checkpoints and the approval attestations (see the README, "Audit").
+/// Events are hash-chained whatever this says.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
@@ -165,6 +165,13 @@ pub struct AuditConfig {
     /// keygen`, or `openssl genpkey -algorithm ed25519`). Empty: no checkpoints, and
     /// GetAuditCheckpoint / GetAuditPublicKey answer AUDIT_NOT_CONFIGURED.
     pub signing_key_file: String,
+    /// How long an approval attestation stays valid after it is issued (or after the planned
+    /// apply time, when that is later); appliers refuse it afterwards.
+    #[serde(with = "fields::duration::positive")]
+    pub attestation_ttl: Duration,
+    /// Benchmarks only (`approvals-bench --create-hashing off`): `false` writes each request's
+    /// CREATED event without a hash, to measure what hashing costs a create. Leave it `true`.
+    pub bench_create_hashing: bool,
 }
 
 impl Default for AuditConfig {
@@ -172,6 +179,8 @@ impl Default for AuditConfig {
         Self {
             checkpoint_interval: Duration::from_secs(60),
             signing_key_file: String::new(),
+            attestation_ttl: Duration::from_secs(7 * 24 * 3600),
+            bench_create_hashing: true,
         }
     }
 }

@@ -273,6 +273,10 @@ pub fn change_request(r: &ChangeRequest, viewer: Option<&Actor>) -> pb::ChangeRe
         justification: r.justification.clone(),
         risk: risk(r.risk).into(),
         escalated_requirements: r.escalated.clone(),
+        attestation: r
+            .attestation
+            .as_ref()
+            .map(crate::audit::attestation::to_proto),
         ..Default::default()
     };
     let progress = r.level_progress();

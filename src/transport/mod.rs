@@ -123,6 +123,12 @@ pub async fn shutdown_signal() {
 pub async fn open_store(config: &Config) -> Result<Store, ServeError> {
     let store = Store::connect(&config.database_settings()).await?;
     store.migrate().await?;
+    if !config.audit.bench_create_hashing {
+        tracing::warn!(
+            "audit.bench_create_hashing = false: creates write unhashed events (benchmarks only)"
+        );
+        return Ok(store.without_create_hashing());
+    }
     Ok(store)
 }
 
@@ -222,6 +228,12 @@ pub async fn run_with_clock(
         clock,
         min_approvals: config.min_approvals,
         allowed_endpoints: config.apply.allowed_endpoints.clone(),
+        attestor: signing_key.as_ref().map(|key| {
+            Arc::new(crate::audit::attestation::Attestor::new(
+                key.clone(),
+                config.audit.attestation_ttl,
+            ))
+        }),
     });
     let change_requests = WatchRoute::new(
         ChangeRequestsService::new(context.clone()),

@@ -25,6 +25,7 @@ const FILES: &[&str] = &[
     "approvals/v1/change_requests.proto",
     "approvals/v1/policies.proto",
     "approvals/v1/audit.proto",
+    "approvals/v1/attestation.proto",
     "approvals/v1/applier.proto",
     "approvals/v1/relay.proto",
 ];

@@ -7,6 +7,7 @@ mod common;
 mod api_reference;
 mod applier_endpoints;
 mod apply;
+mod attestation;
 mod audit;
 
 mod auth;

@@ -128,6 +128,17 @@ struct Cli {
     /// ratio to the plain-text row. Not with --target.
     #[arg(long)]
     tls: bool,
+    /// `off`: the server this bench starts writes each create's event without a hash
+    /// (`audit.bench_create_hashing = false`), to compare create throughput with hashing on;
+    /// run it interleaved with `on` (see the README, "Audit", Cost).
+    #[arg(long, value_enum, default_value = "on")]
+    create_hashing: Toggle,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Toggle {
+    On,
+    Off,
 }
 
 impl Cli {
@@ -453,6 +464,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
                 db_connections: cli.server_db_connections,
                 log: &log,
                 tls_dir: None,
+                create_hashing: cli.create_hashing == Toggle::On,
             })
             .await;
             let process = match process {
@@ -522,6 +534,7 @@ async fn over_tls(cli: &Cli, plain: &[Row]) -> Result<Vec<Row>, String> {
         db_connections: cli.server_db_connections,
         log: &log,
         tls_dir: Some(&dir),
+        create_hashing: cli.create_hashing == Toggle::On,
     })
     .await;
     let result = match process {

@@ -132,6 +132,8 @@ pub struct ServerOptions<'a> {
     /// Serve TLS with the throwaway certificates `approvals::tls::dev` wrote into this
     /// directory (server.pem, server-key.pem; clients verify with ca.pem).
     pub tls_dir: Option<&'a Path>,
+    /// `false`: the server writes creates' events unhashed (`audit.bench_create_hashing`).
+    pub create_hashing: bool,
 }
 
 impl ServerProcess {
@@ -174,6 +176,9 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if !options.create_hashing {
+            command.env("APPROVALS_AUDIT_BENCH_CREATE_HASHING", "false");
+        }
         if let Some(n) = options.db_connections {
             command.env("APPROVALS_DATABASE_MAX_CONNECTIONS", n.to_string());
         }

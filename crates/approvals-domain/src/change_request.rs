@@ -169,6 +169,10 @@ pub struct ChangeRequest {
     /// The policy's own work (pre-approval, automatic reviews) is still to run.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub policy_work_pending: bool,
+    /// The signed attestation of the approval (issued on quorum or break-glass by a server
+    /// with a signing key); dropped when the request goes back to review.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<crate::attestation::Envelope>,
 }
 
 /// What a caller asks for in `CreateChangeRequest`.
@@ -420,6 +424,7 @@ impl ChangeRequest {
             }),
             bypassed_by: None,
             bypass_justification: None,
+            attestation: None,
             apply_run: None,
             risk: Risk::Unspecified,
             review_start_time: None,
@@ -625,6 +630,10 @@ impl ChangeRequest {
         let from = self.state;
         self.state = to;
         self.update_time = now;
+        if to == State::InReview {
+            // What was attested is not what will be approved next.
+            self.attestation = None;
+        }
         self.event(kind, actor, from, now, detail)
     }
 

@@ -4,6 +4,7 @@
 //! every rule here is testable on its own.
 
 mod apply;
+pub mod attestation;
 pub mod audit;
 mod change_request;
 pub mod condition;

@@ -48,6 +48,7 @@ pub(crate) const EVENT_COLUMNS: [&str; 14] = [
 pub(crate) fn event_values(
     request: &mut ChangeRequest,
     event: &EventDraft,
+    hashed: bool,
 ) -> Result<(Vec<sea_orm::Value>, Vec<u8>), StoreError> {
     let comments = std::mem::take(&mut request.comments);
     let snapshot = serde_json::to_string(&*request);
@@ -55,22 +56,26 @@ pub(crate) fn event_values(
     let snapshot = snapshot?;
     let comment_count = i64::try_from(request.comments.len())
         .map_err(|_| StoreError::Internal("too many comments to count".into()))?;
-    let record = AuditRecord {
-        change_request_id: &request.id,
-        project: &request.project,
-        environment: &request.environment,
-        kind: event.kind.as_str(),
-        actor: event.actor.as_str(),
-        acting_principal: event.acting_principal.as_ref().map_or("", |p| p.as_str()),
-        from_state: event.from_state.as_str(),
-        to_state: event.to_state.as_str(),
-        event_time_micros: event.time.as_micros(),
-        detail: &event.detail,
-        snapshot: &snapshot,
-        comment_count: Some(comment_count),
-        auth_method: event.auth_method.stored().unwrap_or(""),
-    }
-    .encode();
+    let record = if !hashed {
+        Vec::new()
+    } else {
+        AuditRecord {
+            change_request_id: &request.id,
+            project: &request.project,
+            environment: &request.environment,
+            kind: event.kind.as_str(),
+            actor: event.actor.as_str(),
+            acting_principal: event.acting_principal.as_ref().map_or("", |p| p.as_str()),
+            from_state: event.from_state.as_str(),
+            to_state: event.to_state.as_str(),
+            event_time_micros: event.time.as_micros(),
+            detail: &event.detail,
+            snapshot: &snapshot,
+            comment_count: Some(comment_count),
+            auth_method: event.auth_method.stored().unwrap_or(""),
+        }
+        .encode()
+    };
     let values = vec![
         request.id.clone().into(),
         request.project.clone().into(),

@@ -54,6 +54,8 @@ pub struct Store {
     /// SQLite it is a count, a minute old at most.
     pub(crate) estimates: Arc<std::sync::Mutex<HashMap<String, (Instant, i64)>>>,
     pub(crate) url: Arc<str>,
+    /// Whether a create hashes its CREATED event (see [`Store::without_create_hashing`]).
+    pub(crate) create_hashing: bool,
 }
 
 impl Store {
@@ -114,7 +116,17 @@ impl Store {
             written: Arc::new(AtomicI64::new(0)),
             estimates: Arc::default(),
             url: settings.url.as_str().into(),
+            create_hashing: true,
         })
+    }
+
+    /// For the benchmark's hashing comparison only (`audit.bench_create_hashing = false`):
+    /// creates write their CREATED event without a hash, so the cost of hashing can be measured
+    /// against the same server. Such requests' chains start at their second event, which
+    /// `audit verify` accepts as it accepts events written before hashing existed.
+    pub fn without_create_hashing(mut self) -> Self {
+        self.create_hashing = false;
+        self
     }
 
     pub fn backend(&self) -> Backend {

@@ -78,6 +78,7 @@ impl Store {
             request,
             event,
             key,
+            hashed: self.create_hashing,
         };
         let revision = rows::insert_in_one_statement(&self.db, new).await?;
         self.note_written(revision);
@@ -97,6 +98,7 @@ impl Store {
                 request,
                 event,
                 key,
+                hashed: self.create_hashing,
             }];
             let revision = rows::insert(&w.txn, &mut new).await?;
             w.note_appended(revision);

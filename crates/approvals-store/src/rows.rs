@@ -29,6 +29,9 @@ pub(crate) struct NewRequest<'a> {
     pub(crate) request: &'a mut ChangeRequest,
     pub(crate) event: &'a EventDraft,
     pub(crate) key: Option<&'a IdempotencyKey>,
+    /// Hash the CREATED event (always, but in the bench's comparison run: see
+    /// [`Store::without_create_hashing`](crate::Store::without_create_hashing)).
+    pub(crate) hashed: bool,
 }
 
 /// Writes `new` with one multi-row statement per table, in `db` (a transaction, for them to be
@@ -48,10 +51,15 @@ pub(crate) async fn insert(
         .returning(Query::returning().columns([ev::REVISION, ev::CHANGE_REQUEST_ID]));
     let mut records = HashMap::with_capacity(new.len());
     for row in new.iter_mut() {
-        let (values, record) = event_values(row.request, row.event)?;
+        let (values, record) = event_values(row.request, row.event, row.hashed)?;
         events.values_panic(values.into_iter().map(Expr::val));
         records.insert(row.request.id.clone(), record);
     }
+    let hashed: std::collections::HashSet<String> = new
+        .iter()
+        .filter(|row| row.hashed)
+        .map(|row| row.request.id.clone())
+        .collect();
     let mut revisions = HashMap::with_capacity(new.len());
     for row in db.query_all(&events).await? {
         let id: String = row.try_get("", ev::CHANGE_REQUEST_ID)?;
@@ -61,7 +69,7 @@ pub(crate) async fn insert(
     // Each request's first event: chained after GENESIS, its hash written by one statement.
     let mut hashes = HashMap::with_capacity(new.len());
     let mut case = Expr::case(Expr::col(ev::REVISION).eq(-1), Expr::val(Vec::<u8>::new()));
-    for (id, revision) in &revisions {
+    for (id, revision) in revisions.iter().filter(|(id, _)| hashed.contains(*id)) {
         let record = records.get(id).ok_or_else(|| {
             StoreError::Internal(format!("the event insert returned an unknown request {id}"))
         })?;
@@ -78,7 +86,9 @@ pub(crate) async fn insert(
         .value(ev::HASH, case)
         .and_where(Expr::col(ev::REVISION).is_in(revisions.values().copied()))
         .to_owned();
-    db.execute(&update).await?;
+    if !hashes.is_empty() {
+        db.execute(&update).await?;
+    }
 
     let mut requests = Query::insert();
     requests.into_table(CHANGE_REQUESTS).columns(
@@ -132,6 +142,7 @@ pub(crate) async fn insert_in_one_statement(
         request,
         event,
         key,
+        hashed,
     } = new;
     let mut values: Vec<sea_orm::Value> = Vec::new();
     let mut placeholders = |row: Vec<sea_orm::Value>| {
@@ -141,11 +152,18 @@ pub(crate) async fn insert_in_one_statement(
         list.join(", ")
     };
     let event_columns = EVENT_COLUMNS[1..].join(", ");
-    let (event_values, record) = event_values(request, event)?;
+    let (event_values, record) = event_values(request, event, hashed)?;
     let event_row = placeholders(event_values);
     let audit = placeholders(vec![GENESIS.to_vec().into(), record.into()]);
     let (prev, record) = audit.split_once(", ").unwrap_or_default();
-    let (prev, record) = (prev.to_owned(), record.to_owned());
+    let (prev, hash) = if hashed {
+        (
+            prev.to_owned(),
+            format!("sha256({prev} || int8send(rev.r) || {record})"),
+        )
+    } else {
+        ("NULL::bytea".to_owned(), "NULL::bytea".to_owned())
+    };
     let request_row = placeholders(request_values(request, key)?);
     // The log reader relies on a writer having its xid before it takes a revision (see
     // log.rs): the materialised `xid` row is produced before the event row's identity value is
@@ -157,7 +175,7 @@ pub(crate) async fn insert_in_one_statement(
          AS r FROM xid), \
          event AS (INSERT INTO {EVENTS} \
          ({revision}, {event_columns}, {prev_col}, {hash_col}) OVERRIDING SYSTEM VALUE \
-         SELECT rev.r, {event_row}, {prev}, sha256({prev} || int8send(rev.r) || {record}) \
+         SELECT rev.r, {event_row}, {prev}, {hash} \
          FROM rev RETURNING {revision}, {hash_col}), \
          request AS (INSERT INTO {CHANGE_REQUESTS} ({request_columns}, {revision}, {head_col}) \
          SELECT {request_row}, event.{revision}, event.{hash_col} FROM event)",

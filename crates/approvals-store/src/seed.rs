@@ -30,6 +30,7 @@ pub async fn insert_created(
             request,
             event,
             key: None,
+            hashed: true,
         })
         .collect();
     rows::insert(db, &mut new).await?;
@@ -47,6 +48,7 @@ pub async fn insert_created_in_one_statement(
         request,
         event,
         key: None,
+        hashed: true,
     };
     rows::insert_in_one_statement(db, new).await?;
     Ok(())

@@ -227,7 +227,7 @@ impl WriteTxn<'_> {
         event: &EventDraft,
     ) -> Result<(i64, Hash), StoreError> {
         let prev = self.head_of(&request.id).await?.unwrap_or(GENESIS);
-        let (values, record) = event_values(request, event)?;
+        let (values, record) = event_values(request, event, true)?;
         let (revision, hash) = if self.backend() == Backend::Postgres {
             let mut params = values;
             let n = params.len();
