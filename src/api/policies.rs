@@ -3,7 +3,7 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use approvals_domain::{DomainError, Policy, validation::Violations};
+use approvals_domain::{DomainError, Policy, governance, validation::Violations};
 use approvals_store::PolicyFilter;
 use tonic::Request;
 
@@ -52,7 +52,10 @@ fn required_name(field: &str, name: &str) -> Result<(), ApiError> {
 }
 
 /// Every bad field at once: those found converting the message, then the policy's own checks.
-fn validate_into(policy: &Policy, mut violations: Violations) -> Result<(), DomainError> {
+pub(super) fn validate_into(
+    policy: &Policy,
+    mut violations: Violations,
+) -> Result<(), DomainError> {
     match policy.validate("policy.") {
         Err(DomainError::InvalidArgument(list)) => {
             for violation in list {
@@ -146,6 +149,8 @@ impl PoliciesService {
             .update_policy(&body.name, |current| {
                 caller.ensure_sees_policy(current)?;
                 current.check_etag(Some(&etag))?;
+                // Protecting is allowed directly; every change of a protected one is four eyes.
+                governance::check_direct_change(current)?;
                 let mut v = Violations::default();
                 for path in WRITABLE_PATHS.iter().filter(|p| paths.contains(*p)) {
                     policy::set_field(current, &body, path, &mut v);
@@ -171,7 +176,8 @@ impl PoliciesService {
             .store
             .delete_policy(&req.name, |current| {
                 caller.ensure_sees_policy(current)?;
-                current.check_etag(Some(&req.etag))
+                current.check_etag(Some(&req.etag))?;
+                governance::check_direct_change(current)
             })
             .await?;
         Ok(())

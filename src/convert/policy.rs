@@ -1,15 +1,16 @@
 //! Conversions between `approvals.v1.Policy` and the domain's policies and snapshots.
 
 use approvals_domain::{
-    AntiCollusion, ApplyMode, GroupRequirement, JustificationRule, Level, Policy, PolicyRules,
-    PolicySnapshot, Principal, Timestamp, parse_policy_principal, validation::Violations,
+    AntiCollusion, ApplyMode, GroupRequirement, JustificationRule, Level, Policy, PolicyMode,
+    PolicyRules, PolicySnapshot, Principal, Timestamp, parse_policy_principal,
+    validation::Violations,
 };
 
 use super::{from_struct, timestamp, to_struct};
 use crate::pb;
 
 /// The fields of a policy a caller may set (all but `name` and the output-only ones).
-pub const WRITABLE_PATHS: [&str; 23] = [
+pub const WRITABLE_PATHS: [&str; 25] = [
     "project",
     "environment",
     "action_key",
@@ -33,6 +34,8 @@ pub const WRITABLE_PATHS: [&str; 23] = [
     "anti_collusion",
     "count_approver_once",
     "condition",
+    "protected",
+    "mode",
 ];
 
 fn apply_mode(mode: ApplyMode) -> pb::ApplyMode {
@@ -108,6 +111,13 @@ fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
     out.executors = strings(&rules.executors);
     out.forbid_bypass = rules.forbid_bypass;
     out.independent_approvals = Some(rules.independent_approvals);
+    out.protected = rules.protected;
+    out.mode = match rules.mode {
+        PolicyMode::Unspecified => pb::PolicyMode::Unspecified,
+        PolicyMode::Enforce => pb::PolicyMode::Enforce,
+        PolicyMode::Shadow => pb::PolicyMode::Shadow,
+    }
+    .into();
 }
 
 pub fn policy(p: &Policy) -> pb::Policy {
@@ -277,6 +287,18 @@ pub fn set_field(policy: &mut Policy, body: &pb::Policy, path: &str, v: &mut Vio
             });
         }
         "condition" => rules.condition = body.condition.clone(),
+        "protected" => rules.protected = body.protected,
+        "mode" => {
+            rules.mode = match pb::PolicyMode::try_from(body.mode) {
+                Ok(pb::PolicyMode::Unspecified) => PolicyMode::Unspecified,
+                Ok(pb::PolicyMode::Enforce) => PolicyMode::Enforce,
+                Ok(pb::PolicyMode::Shadow) => PolicyMode::Shadow,
+                Err(_) => {
+                    v.add(field.as_str(), format!("{} is not a PolicyMode", body.mode));
+                    PolicyMode::Unspecified
+                }
+            };
+        }
         "count_approver_once" => {
             rules.count_approver_once = body.count_approver_once.unwrap_or(true);
         }

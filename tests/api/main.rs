@@ -19,6 +19,7 @@ mod list;
 mod now;
 mod policies;
 mod policies2;
+mod policies_governance;
 mod process;
 mod reads;
 mod relay;

@@ -156,6 +156,9 @@ pub struct ChangeRequest {
     /// The current (or last) apply run: its idempotency key, attempts and lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apply_run: Option<ApplyRun>,
+    /// What the shadow policies matching the request would have asked (set at creation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadow_verdicts: Vec<crate::ShadowVerdict>,
 }
 
 /// What a caller asks for in `CreateChangeRequest`.
@@ -408,6 +411,7 @@ impl ChangeRequest {
             bypassed_by: None,
             bypass_justification: None,
             apply_run: None,
+            shadow_verdicts: Vec::new(),
         };
         request.ensure_document_fits()?;
         let event = request.event(EventKind::Created, actor, state, now, String::new());

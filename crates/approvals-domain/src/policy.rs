@@ -13,6 +13,7 @@ use crate::{
     Actor, ChangeInput, DomainError, Principal, PrincipalKind, Review, Timestamp,
     condition::{self, Outcome, RequestFacts},
     error::FieldViolation,
+    governance::PolicyMode,
     requirements::{self, AntiCollusion, JustificationRule, Level, LevelProgress},
     validation::Violations,
 };
@@ -110,6 +111,17 @@ pub struct PolicyRules {
     /// next most specific policy). Empty: every request it is selected for.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub condition: String,
+    /// Changed only through a change request on project `_policies` (four eyes); direct
+    /// updates and deletes are refused ([`crate::governance::check_direct_change`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub protected: bool,
+    /// Enforced, or only evaluated (shadow mode).
+    #[serde(default, skip_serializing_if = "is_unspecified_mode")]
+    pub mode: PolicyMode,
+}
+
+fn is_unspecified_mode(mode: &PolicyMode) -> bool {
+    *mode == PolicyMode::Unspecified
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -141,6 +153,8 @@ impl Default for PolicyRules {
             anti_collusion: None,
             count_approver_once: true,
             condition: String::new(),
+            protected: false,
+            mode: PolicyMode::Unspecified,
         }
     }
 }
@@ -309,6 +323,8 @@ pub fn select_policy<'a>(
 ) -> Option<&'a Policy> {
     policies
         .iter()
+        // A shadow policy is evaluated beside the one enforced, never selected.
+        .filter(|p| !p.rules.mode.is_shadow())
         .filter_map(|p| {
             p.specificity(project, environment, action_key)
                 .map(|s| (s, p))
