@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    DomainError, Policy, PolicySnapshot,
+    ChangeRequest, DomainError, Policy, PolicySnapshot,
     condition::{self, RequestFacts},
 };
 
@@ -151,4 +151,62 @@ pub fn shadow_verdicts(
         .collect();
     out.sort_by(|a, b| a.policy.cmp(&b.policy));
     out
+}
+
+/// How a draft policy would have changed the outcome of a past request (see [`replay`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayOutcome {
+    /// The draft does not match the request.
+    NotMatched,
+    /// It matches, and the request's approvals pass (or fail) it as they did the enforced
+    /// rules, with no more approvals required.
+    Unchanged,
+    /// The request's approvals passed the enforced rules and would not pass the draft.
+    WouldBlock,
+    /// Neither passes differently, but the draft requires more approvals.
+    NeedsMoreApprovals,
+    /// The request's approvals did not pass the enforced rules and would pass the draft.
+    WouldPass,
+}
+
+/// One replayed request: its outcome and the approvals each side requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    pub outcome: ReplayOutcome,
+    pub enforced_required: u32,
+    pub draft_required: u32,
+}
+
+/// Evaluates `draft` against a past request as it stands (its reviews, its enforced snapshot),
+/// without changing it. The requester's groups at creation are not recorded on the request:
+/// conditions over `requester_groups` see `groups`.
+pub fn replay(
+    draft: &Policy,
+    request: &ChangeRequest,
+    groups: &[String],
+    server_min_approvals: u32,
+) -> Replayed {
+    let enforced_required = required_approvals(&request.policy);
+    let facts = request.facts(groups);
+    let Some(snapshot) = would_snapshot(draft, &facts, server_min_approvals) else {
+        return Replayed {
+            outcome: ReplayOutcome::NotMatched,
+            enforced_required,
+            draft_required: 0,
+        };
+    };
+    let draft_required = required_approvals(&snapshot);
+    let enforced_met = request.policy.quorum_reached(&request.reviews);
+    let draft_met = snapshot.quorum_reached(&request.reviews);
+    let outcome = match (enforced_met, draft_met) {
+        (true, false) => ReplayOutcome::WouldBlock,
+        (false, true) => ReplayOutcome::WouldPass,
+        _ if draft_required > enforced_required => ReplayOutcome::NeedsMoreApprovals,
+        _ => ReplayOutcome::Unchanged,
+    };
+    Replayed {
+        outcome,
+        enforced_required,
+        draft_required,
+    }
 }
