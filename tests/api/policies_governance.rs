@@ -251,3 +251,136 @@ async fn shadow_verdicts_are_recorded_without_enforcing() {
     assert_eq!(approved.shadow_verdicts, request.shadow_verdicts);
     server.stop().await;
 }
+
+/// A replay over 1,000 historical requests: counts of matched requests and of changed
+/// outcomes, bounded examples, a bounded read that resumes, and nothing written.
+#[tokio::test]
+async fn replay_reports_changed_outcomes_over_a_thousand_requests() {
+    use futures::StreamExt;
+
+    let server = TestServer::start().await;
+    create_policy(&server, policy("current")).await;
+    let alice = requests(&server, Headers::actor("user:alice")).await;
+    let bob = requests(&server, Headers::actor("user:bob")).await;
+    const REQUESTS: usize = 1_000;
+    const APPROVED: usize = 40;
+    let ids: Vec<String> = futures::stream::iter(0..REQUESTS)
+        .map(|i| {
+            let mut alice = alice.clone();
+            let mut bob = bob.clone();
+            async move {
+                let created = alice
+                    .create_change_request(new_request())
+                    .await
+                    .expect("create")
+                    .into_inner();
+                if i < APPROVED {
+                    bob.approve_change_request(pb::ApproveChangeRequestRequest {
+                        id: created.id.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("approve");
+                }
+                created.id
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert_eq!(ids.len(), REQUESTS);
+
+    let mut root = admin(&server).await;
+    let draft = pb::Policy {
+        min_approvals: 2,
+        ..policy("")
+    };
+    let head_before = root
+        .list_policies(pb::ListPoliciesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    let report = root
+        .replay_policy(pb::ReplayPolicyRequest {
+            policy: Some(draft.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(report.evaluated, REQUESTS as i64);
+    assert_eq!(report.matched, REQUESTS as i64);
+    assert_eq!(
+        report.would_block, APPROVED as i64,
+        "one approval no longer passes"
+    );
+    assert_eq!(
+        report.would_need_more_approvals,
+        (REQUESTS - APPROVED) as i64,
+        "the open ones would need two"
+    );
+    assert_eq!(report.would_pass, 0);
+    assert_eq!(report.next_revision, 0, "the whole log was read");
+    assert_eq!(report.examples.len(), 10, "the default bound");
+    let example = &report.examples[0];
+    assert_eq!(example.enforced_policy, "current");
+    assert_eq!(
+        (
+            example.enforced_required_approvals,
+            example.draft_required_approvals
+        ),
+        (1, 2)
+    );
+
+    // A draft for another action matches nothing; a bounded read says where to resume.
+    let other = root
+        .replay_policy(pb::ReplayPolicyRequest {
+            policy: Some(pb::Policy {
+                action_key: "deploy.*".into(),
+                ..draft.clone()
+            }),
+            max_events: 100,
+            max_examples: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(other.matched, 0);
+    assert!(other.evaluated > 0 && other.evaluated <= 100);
+    assert!(other.next_revision > 0, "more of the log remains");
+    let refused = root
+        .replay_policy(pb::ReplayPolicyRequest {
+            policy: Some(pb::Policy {
+                min_approvals: -1,
+                ..draft.clone()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a bad draft");
+    assert_invalid(&refused, &["policy.min_approvals"]);
+
+    // Read-only: no policy created, no request changed.
+    let head_after = root
+        .list_policies(pb::ListPoliciesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(head_before, head_after);
+    let listed = alice
+        .clone()
+        .list_change_requests(pb::ListChangeRequestsRequest {
+            project: "web".into(),
+            states: vec![pb::State::Approved.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(
+        listed.total_size, APPROVED as i32,
+        "the requests are unchanged"
+    );
+    server.stop().await;
+}

@@ -106,7 +106,10 @@ fn draft(min: u32, condition: &str) -> Policy {
 #[test]
 fn a_protected_policy_refuses_direct_changes() {
     let mut p = policy("p", "*", PolicyRules::default());
-    assert!(governance::check_direct_change(&p).is_ok(), "protecting is direct");
+    assert!(
+        governance::check_direct_change(&p).is_ok(),
+        "protecting is direct"
+    );
     p.rules.protected = true;
     assert!(matches!(
         governance::check_direct_change(&p),
@@ -133,7 +136,10 @@ fn a_stricter_draft_would_block_what_passed() {
     let r = request(1, 50, 1);
     let replayed = governance::replay(&draft(2, ""), &r, &[], 1);
     assert_eq!(replayed.outcome, ReplayOutcome::WouldBlock);
-    assert_eq!((replayed.enforced_required, replayed.draft_required), (1, 2));
+    assert_eq!(
+        (replayed.enforced_required, replayed.draft_required),
+        (1, 2)
+    );
     let open = request(3, 50, 1);
     let laxer = policy("draft", "feature_flag.*", PolicyRules::default());
     assert_eq!(
