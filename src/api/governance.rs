@@ -26,7 +26,7 @@ pub enum PolicyChange {
     /// Replace the writable fields of the named policy with those of `body`.
     Update {
         name: String,
-        body: pb::Policy,
+        body: Box<pb::Policy>,
     },
     Delete {
         name: String,
@@ -114,7 +114,10 @@ pub fn parse(
                 v.add(format!("{at}.payload.{field}"), violation.description);
             }
         }
-        out.push(PolicyChange::Update { name, body });
+        out.push(PolicyChange::Update {
+            name,
+            body: Box::new(body),
+        });
     }
     v.into_result()?;
     Ok(out)
