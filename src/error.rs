@@ -408,6 +408,12 @@ impl From<ApiError> for Status {
                         "POLICY_NOT_FOUND",
                         &[("name", name)],
                     ),
+                    DomainError::PolicyProtected { name } => status(
+                        Code::FailedPrecondition,
+                        message,
+                        "POLICY_PROTECTED",
+                        &[("name", name)],
+                    ),
                     DomainError::ProjectNotAllowed { project } => status(
                         Code::PermissionDenied,
                         message,

@@ -15,7 +15,7 @@ use prost::Message;
 use tonic::{Request, Response};
 
 use super::{
-    Answer, Context, answer, called,
+    Answer, Context, answer, called, governance,
     requests::{self, Application, Completion, Creation, Edit},
 };
 use crate::{
@@ -156,6 +156,13 @@ impl ChangeRequestsService {
                 }),
             )
             .await?;
+        if reviewed.state == State::Approved
+            && approvals_domain::governance::is_policy_change(&reviewed.project)
+        {
+            // The service applies policy changes itself, whatever the apply mode.
+            let applied = governance::apply(&self.context, &reviewed).await?;
+            return Ok(view(&applied, caller));
+        }
         if reviewed.state != State::Approved || reviewed.apply_mode() != ApplyMode::Auto {
             return Ok(view(&reviewed, caller));
         }
@@ -212,6 +219,20 @@ impl ChangeRequestsService {
             caller.ensure_project(&req.project)?;
         }
         let Creation { new, key } = Creation::try_from(req)?;
+        if approvals_domain::governance::is_policy_change(&new.project) {
+            // Policy changes are policy administration, under four eyes.
+            caller.require(Scope::Admin, "CreateChangeRequest")?;
+            let named: Vec<governance::Named<'_>> = new
+                .changes
+                .iter()
+                .map(|c| governance::Named {
+                    resource_type: &c.resource_type,
+                    resource_id: &c.resource_id,
+                    payload: &c.payload,
+                })
+                .collect();
+            governance::check_new(&self.context, caller, &new.action_key, &named).await?;
+        }
         // A project the domain refuses (empty, or with a NUL that PostgreSQL cannot compare) is
         // never looked up: the create below names it, with every other bad field.
         let mut project = Violations::default();
@@ -222,13 +243,16 @@ impl ChangeRequestsService {
             Vec::new()
         };
         let actor = caller.actor();
-        let policy = PolicySnapshot::select_for(
+        let facts = new.facts(&actor.principal, &actor.groups);
+        let policy = PolicySnapshot::select_for(&policies, &facts, self.context.min_approvals);
+        let shadow_verdicts = approvals_domain::governance::shadow_verdicts(
             &policies,
-            &new.facts(&actor.principal, &actor.groups),
+            &facts,
             self.context.min_approvals,
         );
+        drop(facts);
         let clock = &self.context.clock;
-        let (change_request, event) = ChangeRequest::create(
+        let (mut change_request, event) = ChangeRequest::create(
             clock.new_id(),
             new,
             &caller.actor(),
@@ -236,6 +260,7 @@ impl ChangeRequestsService {
             clock.now(),
             &mut || clock.new_id(),
         )?;
+        change_request.shadow_verdicts = shadow_verdicts;
         fits_a_message(&change_request)?;
         let created = self
             .context

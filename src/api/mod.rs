@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod change_requests;
+mod governance;
 mod page_token;
 pub mod policies;
 pub mod read_cache;

@@ -3,7 +3,11 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use approvals_domain::{DomainError, Policy, validation::Violations};
+use approvals_domain::{
+    DomainError, Policy,
+    governance::{self, ReplayOutcome},
+    validation::Violations,
+};
 use approvals_store::PolicyFilter;
 use tonic::Request;
 
@@ -52,7 +56,10 @@ fn required_name(field: &str, name: &str) -> Result<(), ApiError> {
 }
 
 /// Every bad field at once: those found converting the message, then the policy's own checks.
-fn validate_into(policy: &Policy, mut violations: Violations) -> Result<(), DomainError> {
+pub(super) fn validate_into(
+    policy: &Policy,
+    mut violations: Violations,
+) -> Result<(), DomainError> {
     match policy.validate("policy.") {
         Err(DomainError::InvalidArgument(list)) => {
             for violation in list {
@@ -146,6 +153,8 @@ impl PoliciesService {
             .update_policy(&body.name, |current| {
                 caller.ensure_sees_policy(current)?;
                 current.check_etag(Some(&etag))?;
+                // Protecting is allowed directly; every change of a protected one is four eyes.
+                governance::check_direct_change(current)?;
                 let mut v = Violations::default();
                 for path in WRITABLE_PATHS.iter().filter(|p| paths.contains(*p)) {
                     policy::set_field(current, &body, path, &mut v);
@@ -171,10 +180,157 @@ impl PoliciesService {
             .store
             .delete_policy(&req.name, |current| {
                 caller.ensure_sees_policy(current)?;
-                current.check_etag(Some(&req.etag))
+                current.check_etag(Some(&req.etag))?;
+                governance::check_direct_change(current)
             })
             .await?;
         Ok(())
+    }
+}
+
+const DEFAULT_REPLAY_EVENTS: u64 = 10_000;
+const MAX_REPLAY_EVENTS: u64 = 20_000;
+const DEFAULT_EXAMPLES: usize = 10;
+const MAX_EXAMPLES: usize = 100;
+/// Events read per query while replaying.
+const REPLAY_BATCH: u64 = 1_000;
+
+fn bounded(field: &str, value: i32, default: u64, max: u64) -> Result<u64, ApiError> {
+    match value {
+        v if v < 0 => Err(ApiError::invalid(field, "must not be negative")),
+        0 => Ok(default),
+        v => Ok(u64::try_from(v).unwrap_or(max).min(max)),
+    }
+}
+
+impl PoliciesService {
+    /// ReplayPolicy: reads at most `max_events` of the log (read-only) and evaluates the draft
+    /// on each request's latest state read.
+    async fn replay(
+        &self,
+        caller: &Caller,
+        req: pb::ReplayPolicyRequest,
+    ) -> Result<pb::ReplayPolicyResponse, ApiError> {
+        let Some(body) = req.policy else {
+            return Err(ApiError::invalid("policy", "is required"));
+        };
+        let mut violations = Violations::default();
+        let mut draft = policy::new_policy(
+            &body,
+            String::new(),
+            self.context.clock.now(),
+            &mut violations,
+        );
+        if draft.name.trim().is_empty() {
+            draft.name = "draft".into();
+        }
+        // Replayed as enforced, whatever mode the draft names.
+        draft.rules.mode = approvals_domain::PolicyMode::Enforce;
+        self.check_applier_endpoint(&draft, &mut violations);
+        if req.since_revision < 0 {
+            violations.add("since_revision", "must not be negative");
+        }
+        validate_into(&draft, violations)?;
+        caller.ensure_project(&draft.project)?;
+        let since_time =
+            super::requests::optional_timestamp("since_time", req.since_time.as_ref())?;
+        let max_events = bounded(
+            "max_events",
+            req.max_events,
+            DEFAULT_REPLAY_EVENTS,
+            MAX_REPLAY_EVENTS,
+        )?;
+        let max_examples = usize::try_from(bounded(
+            "max_examples",
+            req.max_examples,
+            DEFAULT_EXAMPLES as u64,
+            MAX_EXAMPLES as u64,
+        )?)
+        .unwrap_or(MAX_EXAMPLES);
+
+        // Every revision up to the head counts as settled: a replay reads history, and a write
+        // still in flight is simply left to a later replay.
+        let store = &self.context.store;
+        let head = store.head_revision().await?;
+        let mut reader = store.log_reader_settled(req.since_revision, head);
+        let mut order: Vec<String> = Vec::new();
+        let mut latest: std::collections::HashMap<String, approvals_domain::ChangeRequest> =
+            std::collections::HashMap::new();
+        let mut read = 0u64;
+        let mut exhausted = false;
+        while read < max_events {
+            let batch = reader
+                .next_batch(REPLAY_BATCH.min(max_events - read))
+                .await?;
+            read += batch.events.len() as u64;
+            for event in batch.events {
+                let Some(request) = event.change_request else {
+                    continue;
+                };
+                if since_time.is_some_and(|t| event.time < t) {
+                    continue;
+                }
+                if !latest.contains_key(&request.id) {
+                    order.push(request.id.clone());
+                }
+                latest.insert(request.id.clone(), request);
+            }
+            if !batch.full {
+                exhausted = true;
+                break;
+            }
+        }
+        let mut out = pb::ReplayPolicyResponse {
+            next_revision: if exhausted { 0 } else { reader.position() },
+            ..Default::default()
+        };
+        let min = self.context.min_approvals;
+        for id in &order {
+            let Some(request) = latest.get(id) else {
+                continue;
+            };
+            if caller.ensure_sees(request).is_err() {
+                continue;
+            }
+            out.evaluated += 1;
+            let replayed = governance::replay(&draft, request, &[], min);
+            let outcome = match replayed.outcome {
+                ReplayOutcome::NotMatched => continue,
+                ReplayOutcome::Unchanged => {
+                    out.matched += 1;
+                    out.unchanged += 1;
+                    continue;
+                }
+                ReplayOutcome::WouldBlock => {
+                    out.would_block += 1;
+                    pb::ReplayOutcome::WouldBlock
+                }
+                ReplayOutcome::NeedsMoreApprovals => {
+                    out.would_need_more_approvals += 1;
+                    pb::ReplayOutcome::NeedsMoreApprovals
+                }
+                ReplayOutcome::WouldPass => {
+                    out.would_pass += 1;
+                    pb::ReplayOutcome::WouldPass
+                }
+            };
+            out.matched += 1;
+            if out.examples.len() < max_examples {
+                out.examples.push(pb::ReplayExample {
+                    change_request_id: request.id.clone(),
+                    outcome: outcome.into(),
+                    state: crate::convert::state(request.state)
+                        .as_str_name()
+                        .to_owned(),
+                    enforced_policy: request.policy.name.clone(),
+                    enforced_required_approvals: i32::try_from(replayed.enforced_required)
+                        .unwrap_or(i32::MAX),
+                    draft_required_approvals: i32::try_from(replayed.draft_required)
+                        .unwrap_or(i32::MAX),
+                });
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -232,5 +388,13 @@ impl Policies for PoliciesService {
     async fn delete_policy(&self, request: Request<pb::DeletePolicyRequest>) -> Answer<()> {
         let (caller, req) = called(request)?;
         answer(self.delete(&caller, req).await)
+    }
+
+    async fn replay_policy(
+        &self,
+        request: Request<pb::ReplayPolicyRequest>,
+    ) -> Answer<pb::ReplayPolicyResponse> {
+        let (caller, req) = called(request)?;
+        answer(self.replay(&caller, req).await)
     }
 }

@@ -35,7 +35,7 @@ fn optional(value: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_owned())
 }
 
-fn optional_timestamp(
+pub(super) fn optional_timestamp(
     field: &str,
     time: Option<&prost_types::Timestamp>,
 ) -> Result<Option<Timestamp>, ApiError> {

@@ -62,6 +62,7 @@ pub const METHODS: &[Method] = &[
     unary("/approvals.v1.Policies/CreatePolicy", ADMIN),
     unary("/approvals.v1.Policies/UpdatePolicy", ADMIN),
     unary("/approvals.v1.Policies/DeletePolicy", ADMIN),
+    unary("/approvals.v1.Policies/ReplayPolicy", ADMIN),
     unary("/approvals.v1.Audit/GetAuditCheckpoint", READ),
     unary("/approvals.v1.Audit/GetAuditProof", READ),
     unary("/approvals.v1.Audit/GetAuditPublicKey", READ),

@@ -256,6 +256,18 @@ pub fn change_request(r: &ChangeRequest, viewer: Option<&Actor>) -> pb::ChangeRe
         etag: r.etag(),
         revision: r.revision,
         policy_snapshot: Some(policy::snapshot(&r.policy)),
+        shadow_verdicts: r
+            .shadow_verdicts
+            .iter()
+            .map(|v| pb::ShadowVerdict {
+                policy: v.policy.clone(),
+                required_approvals: i32::try_from(v.required_approvals).unwrap_or(i32::MAX),
+                required_groups: v.required_groups.clone(),
+                would_block: v.would_block,
+                would_auto_approve: v.would_auto_approve,
+                matched_conditions: v.matched_conditions.clone(),
+            })
+            .collect(),
         validate_time: r.validate_time.map(timestamp),
         schedule: r.schedule.as_ref().map(schedule),
         bypassed_by: r

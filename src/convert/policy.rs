@@ -2,7 +2,7 @@
 
 use approvals_domain::{
     AntiCollusion, ApplyMode, AutomaticReview, Decision, GroupRequirement, JustificationRule,
-    Level, Policy, PolicyRules, PolicySnapshot, Principal, Risk, RiskRule, Timestamp,
+    Level, Policy, PolicyMode, PolicyRules, PolicySnapshot, Principal, Risk, RiskRule, Timestamp,
     parse_policy_principal, validation::Violations,
 };
 
@@ -10,7 +10,7 @@ use super::{from_struct, timestamp, to_struct};
 use crate::pb;
 
 /// The fields of a policy a caller may set (all but `name` and the output-only ones).
-pub const WRITABLE_PATHS: [&str; 26] = [
+pub const WRITABLE_PATHS: [&str; 28] = [
     "project",
     "environment",
     "action_key",
@@ -37,6 +37,8 @@ pub const WRITABLE_PATHS: [&str; 26] = [
     "risk_rules",
     "pre_approved",
     "automatic_reviews",
+    "protected",
+    "mode",
 ];
 
 fn apply_mode(mode: ApplyMode) -> pb::ApplyMode {
@@ -141,6 +143,13 @@ fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
     out.executors = strings(&rules.executors);
     out.forbid_bypass = rules.forbid_bypass;
     out.independent_approvals = Some(rules.independent_approvals);
+    out.protected = rules.protected;
+    out.mode = match rules.mode {
+        PolicyMode::Unspecified => pb::PolicyMode::Unspecified,
+        PolicyMode::Enforce => pb::PolicyMode::Enforce,
+        PolicyMode::Shadow => pb::PolicyMode::Shadow,
+    }
+    .into();
 }
 
 pub fn policy(p: &Policy) -> pb::Policy {
@@ -378,6 +387,18 @@ pub fn set_field(policy: &mut Policy, body: &pb::Policy, path: &str, v: &mut Vio
                     }
                 })
                 .collect();
+        }
+        "protected" => rules.protected = body.protected,
+        "mode" => {
+            rules.mode = match pb::PolicyMode::try_from(body.mode) {
+                Ok(pb::PolicyMode::Unspecified) => PolicyMode::Unspecified,
+                Ok(pb::PolicyMode::Enforce) => PolicyMode::Enforce,
+                Ok(pb::PolicyMode::Shadow) => PolicyMode::Shadow,
+                Err(_) => {
+                    v.add(field.as_str(), format!("{} is not a PolicyMode", body.mode));
+                    PolicyMode::Unspecified
+                }
+            };
         }
         "count_approver_once" => {
             rules.count_approver_once = body.count_approver_once.unwrap_or(true);

@@ -9,7 +9,6 @@ mod applier_endpoints;
 mod apply;
 mod attestation;
 mod audit;
-
 mod auth;
 mod cli;
 mod errors;
@@ -20,6 +19,7 @@ mod list;
 mod now;
 mod policies;
 mod policies2;
+mod policies_governance;
 mod policies_rules;
 mod process;
 mod reads;

@@ -506,6 +506,26 @@ impl ChangeRequest {
         }
     }
 
+    /// The service applied the approved request itself (a policy change on `_policies`):
+    /// APPROVED -> APPLIED by `system:approvals`.
+    pub fn applied_by_service(
+        &mut self,
+        now: Timestamp,
+        detail: String,
+    ) -> Result<EventDraft, DomainError> {
+        if self.state != State::Approved {
+            return Err(DomainError::CannotApply(format!(
+                "the service applies a policy change once it is APPROVED; it is {}",
+                self.state
+            )));
+        }
+        let system = Actor::system();
+        self.apply_error = None;
+        self.applied_by = Some(system.principal.clone());
+        self.apply_time = Some(now);
+        Ok(self.moved(EventKind::Applied, &system, State::Applied, now, detail))
+    }
+
     /// An EXTERNAL request's executor reports the outcome.
     pub fn complete(
         &mut self,

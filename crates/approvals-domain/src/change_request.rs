@@ -173,6 +173,9 @@ pub struct ChangeRequest {
     /// with a signing key); dropped when the request goes back to review.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attestation: Option<crate::attestation::Envelope>,
+    /// What the shadow policies matching the request would have asked (set at creation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadow_verdicts: Vec<crate::ShadowVerdict>,
 }
 
 /// What a caller asks for in `CreateChangeRequest`.
@@ -430,6 +433,7 @@ impl ChangeRequest {
             review_start_time: None,
             escalated: Vec::new(),
             policy_work_pending: false,
+            shadow_verdicts: Vec::new(),
         };
         let mut request = request;
         request.risk = request.policy.risk();

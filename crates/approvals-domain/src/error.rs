@@ -63,6 +63,11 @@ pub enum DomainError {
     /// A policy the caller may not see: answered exactly as an unknown name.
     #[error("policy {name:?} not found")]
     PolicyNotFound { name: String },
+    /// A direct update or delete of a protected policy.
+    #[error(
+        "policy {name:?} is protected: change it through a change request of action policy.update or policy.delete on project _policies"
+    )]
+    PolicyProtected { name: String },
     #[error("the caller may not act in project {project:?}")]
     ProjectNotAllowed { project: String },
     #[error(

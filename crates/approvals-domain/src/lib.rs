@@ -11,6 +11,7 @@ pub mod condition;
 mod error;
 mod event;
 mod filter;
+pub mod governance;
 mod policy;
 mod principal;
 pub mod requirements;
@@ -29,6 +30,7 @@ pub use change_request::{
 pub use error::{DomainError, FieldViolation};
 pub use event::{Event, EventDraft, EventKind};
 pub use filter::{RequestFilter, touches_resource};
+pub use governance::{PolicyMode, ShadowVerdict};
 pub use policy::{
     ApplyMode, GroupRequirement, Policy, PolicyRules, PolicySnapshot, ReviewRules, Specificity,
     parse_policy_principal, select_policy,

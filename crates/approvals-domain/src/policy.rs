@@ -13,6 +13,7 @@ use crate::{
     Actor, ChangeInput, DomainError, Principal, PrincipalKind, Review, Timestamp,
     condition::{self, Outcome, RequestFacts},
     error::FieldViolation,
+    governance::PolicyMode,
     requirements::{self, AntiCollusion, JustificationRule, Level, LevelProgress},
     rules::{self as policy_rules, AutomaticReview, Risk, RiskRule},
     validation::Violations,
@@ -140,6 +141,17 @@ pub struct PolicyRules {
     /// Machine reviews by condition (see [`crate::rules`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub automatic_reviews: Vec<AutomaticReview>,
+    /// Changed only through a change request on project `_policies` (four eyes); direct
+    /// updates and deletes are refused ([`crate::governance::check_direct_change`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub protected: bool,
+    /// Enforced, or only evaluated (shadow mode).
+    #[serde(default, skip_serializing_if = "is_unspecified_mode")]
+    pub mode: PolicyMode,
+}
+
+fn is_unspecified_mode(mode: &PolicyMode) -> bool {
+    *mode == PolicyMode::Unspecified
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -174,6 +186,8 @@ impl Default for PolicyRules {
             risk_rules: Vec::new(),
             pre_approved: false,
             automatic_reviews: Vec::new(),
+            protected: false,
+            mode: PolicyMode::Unspecified,
         }
     }
 }
@@ -343,6 +357,8 @@ pub fn select_policy<'a>(
 ) -> Option<&'a Policy> {
     policies
         .iter()
+        // A shadow policy is evaluated beside the one enforced, never selected.
+        .filter(|p| !p.rules.mode.is_shadow())
         .filter_map(|p| {
             p.specificity(project, environment, action_key)
                 .map(|s| (s, p))
