@@ -93,9 +93,8 @@ fn draft(min: u32, condition: &str) -> Policy {
         PolicyRules {
             min_approvals: min,
             requirements: vec![GroupRequirement {
-                group: Principal::parse("group:security").expect("group"),
-                min_approvals: 1,
                 condition: condition.into(),
+                ..GroupRequirement::new(Principal::parse("group:security").expect("group"), 1)
             }],
             mode: PolicyMode::Shadow,
             ..PolicyRules::default()
