@@ -5,6 +5,7 @@
 
 mod apply;
 pub mod audit;
+pub mod calendar;
 mod change_request;
 pub mod condition;
 mod error;
