@@ -286,6 +286,59 @@ impl Calendar {
     }
 }
 
+/// Which calendar keeps a request from applying at `at`, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked<'a> {
+    /// The name of the first closed calendar.
+    pub calendar: &'a str,
+    /// The first instant at or after `at` when every calendar is open, within the horizon.
+    pub next_open_time: Option<Timestamp>,
+}
+
+/// The earliest instant a request may apply: no earlier than `earliest` (approval plus the
+/// policy's `apply_delay`) and when every calendar of its snapshot is open. `Ok(at)` when open
+/// at `earliest`; otherwise the first closed calendar and the next instant all are open.
+pub fn when_all_open<'a>(
+    calendars: &'a [(String, Calendar)],
+    earliest: Timestamp,
+) -> Result<Timestamp, Blocked<'a>> {
+    let blocker = calendars
+        .iter()
+        .find(|(_, cal)| !cal.state_at(earliest).open)
+        .map(|(name, _)| name.as_str());
+    let Some(calendar) = blocker else {
+        return Ok(earliest);
+    };
+    // Move to the next open instant of each calendar in turn until all agree; each round
+    // moves forward, and the horizon bounds the number of rounds.
+    let mut at = earliest;
+    let limit = earliest.saturating_add_micros(HORIZON_MICROS);
+    let next_open_time = loop {
+        let mut moved = false;
+        let mut gone = false;
+        for (_, cal) in calendars {
+            match cal.next_open_at_or_after(at) {
+                Some(t) if t == at => {}
+                Some(t) => {
+                    at = t;
+                    moved = true;
+                }
+                None => gone = true,
+            }
+        }
+        if gone || at > limit {
+            break None;
+        }
+        if !moved {
+            break Some(at);
+        }
+    };
+    Err(Blocked {
+        calendar,
+        next_open_time,
+    })
+}
+
 /// Wall time in `zone` to a [`Timestamp`], for tests and callers holding local times. `None`
 /// when the wall time does not exist or is ambiguous (a daylight-saving change).
 pub fn local_timestamp(
@@ -315,7 +368,7 @@ mod tests {
                 kind: WindowKind::Open,
                 reason: "business hours".into(),
                 span: EntrySpan::Recurrence {
-                    start: local_timestamp(zone, first, (9, 0, 0)).unwrap(),
+                    start: local_timestamp(zone, first, (9, 0, 0)).expect("a wall time"),
                     rrule: "FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR".into(),
                     duration_micros: 8 * HOUR,
                 },
@@ -324,7 +377,7 @@ mod tests {
     }
 
     fn at(zone: &str, date: (i32, u32, u32), time: (u32, u32, u32)) -> Timestamp {
-        local_timestamp(zone, date, time).unwrap()
+        local_timestamp(zone, date, time).expect("a wall time")
     }
 
     /// Berlin moves to summer time on Sunday 2026-03-29; the window on Monday 03-30 is still
@@ -332,7 +385,7 @@ mod tests {
     #[test]
     fn berlin_window_keeps_local_hours_across_the_spring_change() {
         let z = "Europe/Berlin";
-        let cal = Calendar::compile(&weekdays_9_to_17(z, (2026, 3, 2))).unwrap();
+        let cal = Calendar::compile(&weekdays_9_to_17(z, (2026, 3, 2))).expect("valid");
         let friday = cal.state_at(at(z, (2026, 3, 27), (16, 59, 0)));
         assert!(friday.open);
         assert_eq!(friday.deciding_entry, Some(0));
@@ -348,7 +401,7 @@ mod tests {
         assert_eq!(
             monday_nine.as_micros(),
             DateTime::parse_from_rfc3339("2026-03-30T07:00:00Z")
-                .unwrap()
+                .expect("valid")
                 .timestamp_micros()
         );
         assert!(!cal.state_at(at(z, (2026, 3, 30), (8, 59, 59))).open);
@@ -356,9 +409,9 @@ mod tests {
         // Autumn: 2026-10-25 back to winter time; Monday 10-26 09:00 is 08:00 UTC.
         let sunday = cal.state_at(at(z, (2026, 10, 25), (12, 0, 0)));
         assert_eq!(
-            sunday.next_open_time.unwrap().as_micros(),
+            sunday.next_open_time.expect("valid").as_micros(),
             DateTime::parse_from_rfc3339("2026-10-26T08:00:00Z")
-                .unwrap()
+                .expect("valid")
                 .timestamp_micros()
         );
     }
@@ -372,7 +425,7 @@ mod tests {
         if let EntrySpan::Recurrence { rrule, .. } = &mut rules.entries[0].span {
             *rrule = "FREQ=DAILY".into();
         }
-        let cal = Calendar::compile(&rules).unwrap();
+        let cal = Calendar::compile(&rules).expect("valid");
         for day in [(2026, 3, 8), (2026, 11, 1)] {
             let open = cal.state_at(at(z, day, (9, 0, 0)));
             assert!(open.open, "{day:?}");
@@ -390,7 +443,11 @@ mod tests {
         }
         // 13:00 UTC is 09:00 EDT on 03-08 (summer time) and 08:00 EST on 11-01.
         let t = |s: &str| {
-            Timestamp::from_micros(DateTime::parse_from_rfc3339(s).unwrap().timestamp_micros())
+            Timestamp::from_micros(
+                DateTime::parse_from_rfc3339(s)
+                    .expect("valid")
+                    .timestamp_micros(),
+            )
         };
         assert!(cal.state_at(t("2026-03-08T13:00:00Z")).open);
         assert!(!cal.state_at(t("2026-11-01T13:00:00Z")).open);
@@ -413,7 +470,7 @@ mod tests {
                 },
             }],
         };
-        let cal = Calendar::compile(&rules).unwrap();
+        let cal = Calendar::compile(&rules).expect("valid");
         let saturday = cal.state_at(at(z, (2026, 6, 13), (0, 30, 0)));
         assert!(!saturday.open);
         assert_eq!(saturday.deciding_entry, Some(0));
@@ -451,7 +508,7 @@ mod tests {
                 end: at(z, (2026, 6, 3), (15, 0, 0)),
             },
         });
-        let cal = Calendar::compile(&rules).unwrap();
+        let cal = Calendar::compile(&rules).expect("valid");
         let s = cal.state_at(at(z, (2026, 6, 3), (12, 30, 0)));
         assert!(!s.open);
         assert_eq!(s.deciding_entry, Some(1));
@@ -490,12 +547,49 @@ mod tests {
         assert_eq!(v[0].field, "entries[0].rrule");
     }
 
+    /// Two calendars: business hours and a freeze. The request waits for an instant both are
+    /// open; with none, the first closed calendar is named.
+    #[test]
+    fn all_calendars_must_be_open() {
+        let z = "UTC";
+        let hours = Calendar::compile(&weekdays_9_to_17(z, (2026, 6, 1))).expect("valid");
+        let freeze = Calendar::compile(&CalendarRules {
+            time_zone: z.into(),
+            default: WindowKind::Open,
+            entries: vec![CalendarEntry {
+                kind: WindowKind::Closed,
+                reason: "launch".into(),
+                span: EntrySpan::Range {
+                    start: at(z, (2026, 6, 3), (8, 0, 0)),
+                    end: at(z, (2026, 6, 4), (12, 0, 0)),
+                },
+            }],
+        })
+        .expect("valid");
+        let cals = vec![("hours".to_string(), hours), ("freeze".to_string(), freeze)];
+        let open = at(z, (2026, 6, 2), (10, 0, 0));
+        assert_eq!(when_all_open(&cals, open), Ok(open));
+        // Wednesday 07:00: hours closed, then the freeze until Thursday 12:00.
+        let blocked = when_all_open(&cals, at(z, (2026, 6, 3), (7, 0, 0))).expect_err("closed");
+        assert_eq!(blocked.calendar, "hours");
+        assert_eq!(
+            blocked.next_open_time,
+            Some(at(z, (2026, 6, 4), (12, 0, 0)))
+        );
+        let blocked = when_all_open(&cals, at(z, (2026, 6, 3), (10, 0, 0))).expect_err("closed");
+        assert_eq!(blocked.calendar, "freeze");
+        assert_eq!(
+            blocked.next_open_time,
+            Some(at(z, (2026, 6, 4), (12, 0, 0)))
+        );
+    }
+
     fn entry() -> impl Strategy<Value = CalendarEntry> {
         let base = 1_780_000_000_000_000i64; // 2026-05-28
         (
             any::<bool>(),
             0i64..(30 * 24),
-            1i64..(72),
+            1i64..72,
             prop::sample::select(vec![
                 None,
                 Some("FREQ=DAILY"),
@@ -540,7 +634,7 @@ mod tests {
                 default: if default_open { WindowKind::Open } else { WindowKind::Closed },
                 entries,
             };
-            let cal = Calendar::compile(&rules).unwrap();
+            let cal = Calendar::compile(&rules).expect("valid");
             let now = Timestamp::from_micros(1_780_000_000_000_000 + offset_min * 60_000_000);
             let state = cal.state_at(now);
             if let Some(next) = state.next_open_time {
