@@ -8,6 +8,7 @@ mod api_reference;
 mod applier_endpoints;
 mod apply;
 mod audit;
+mod calendars;
 
 mod auth;
 mod cli;

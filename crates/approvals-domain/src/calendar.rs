@@ -9,6 +9,7 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use rrule::{RRule, RRuleSet, Unvalidated};
+use serde::{Deserialize, Serialize};
 
 use crate::{DomainError, FieldViolation, Timestamp};
 
@@ -20,20 +21,21 @@ pub const HORIZON_MICROS: i64 = 400 * 24 * 3600 * 1_000_000;
 const MAX_OCCURRENCES: u16 = u16::MAX;
 
 /// Open or closed: a calendar's default and each entry's effect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum WindowKind {
     Open,
     Closed,
 }
 
 /// When an entry applies.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntrySpan {
     /// `[start, end)`.
     Range { start: Timestamp, end: Timestamp },
     /// Occurrences of `rrule` (the value of an RFC 5545 RRULE line, e.g.
-    /// `FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR`) starting at `start` (the first occurrence, DTSTART,
-    /// read as wall time in the calendar's zone), each lasting `duration_micros`.
+    /// `FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR`) starting at `start` (the first occurrence, DTSTART;
+    /// later ones keep its wall-clock time in the calendar's zone), each lasting
+    /// `duration_micros`.
     Recurrence {
         start: Timestamp,
         rrule: String,
@@ -41,7 +43,7 @@ pub enum EntrySpan {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CalendarEntry {
     pub kind: WindowKind,
     pub reason: String,
@@ -49,11 +51,62 @@ pub struct CalendarEntry {
 }
 
 /// A calendar's rules, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CalendarRules {
     pub time_zone: String,
     pub default: WindowKind,
     pub entries: Vec<CalendarEntry>,
+}
+
+/// A stored calendar: its name (unique, what policies name it by), description and rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CalendarRecord {
+    pub name: String,
+    pub description: String,
+    pub rules: CalendarRules,
+    pub revision: i64,
+    pub create_time: Timestamp,
+    pub update_time: Timestamp,
+}
+
+impl CalendarRecord {
+    /// Validates the name (letters, digits, `-`, `_`, `.`; 1 to 63 characters) and compiles
+    /// the rules; every violation at once, fields prefixed by `prefix` (`calendar.`).
+    pub fn validate(&self, prefix: &str) -> Result<Calendar, DomainError> {
+        let mut violations = Vec::new();
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 63
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !name_ok {
+            violations.push(FieldViolation {
+                field: format!("{prefix}name"),
+                description:
+                    "is required: letters, digits, '-', '_' and '.', at most 63 characters"
+                        .to_owned(),
+            });
+        }
+        if self.description.chars().any(|c| c == '\0') {
+            violations.push(FieldViolation {
+                field: format!("{prefix}description"),
+                description: "must not contain NUL".to_owned(),
+            });
+        }
+        match Calendar::compile(&self.rules) {
+            Ok(calendar) if violations.is_empty() => Ok(calendar),
+            Ok(_) => Err(DomainError::InvalidArgument(violations)),
+            Err(DomainError::InvalidArgument(list)) => {
+                violations.extend(list.into_iter().map(|v| FieldViolation {
+                    field: format!("{prefix}{}", v.field),
+                    description: v.description,
+                }));
+                Err(DomainError::InvalidArgument(violations))
+            }
+            Err(other) => Err(other),
+        }
+    }
 }
 
 /// A validated calendar, ready to answer [`Calendar::state_at`].
