@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "proto/approvals/v1/policies.proto",
     "proto/approvals/v1/audit.proto",
     "proto/approvals/v1/relay.proto",
+    "proto/approvals/v1/calendars.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

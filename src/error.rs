@@ -258,6 +258,22 @@ impl From<ApiError> for Status {
                     details.set_resource_info("approvals.v1.Policy", name, "", "not found");
                     (code, message, details)
                 }
+                StoreError::CalendarNotFound(name) => {
+                    let (code, message, mut details) = status(
+                        Code::NotFound,
+                        message,
+                        "CALENDAR_NOT_FOUND",
+                        &[("name", name.clone())],
+                    );
+                    details.set_resource_info("approvals.v1.Calendar", name, "", "not found");
+                    (code, message, details)
+                }
+                StoreError::CalendarNameTaken(name) => status(
+                    Code::AlreadyExists,
+                    message,
+                    "CALENDAR_ALREADY_EXISTS",
+                    &[("name", name)],
+                ),
                 StoreError::PolicyNameTaken(name) => status(
                     Code::AlreadyExists,
                     message,

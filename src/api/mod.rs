@@ -3,6 +3,7 @@
 //! errors are [`ApiError`]s, turned into a `Status` in one place (`crate::error`).
 
 pub mod audit;
+pub mod calendars;
 pub mod change_requests;
 mod governance;
 mod page_token;

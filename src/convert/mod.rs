@@ -1,5 +1,6 @@
 //! Conversions between the protobuf messages and the domain types.
 
+pub mod calendar;
 mod json;
 pub mod policy;
 

@@ -245,6 +245,10 @@ pub async fn run_with_clock(
     ));
     let relay_state = RelayStateServer::new(RelayStateService::new(context.clone()))
         .max_decoding_message_size(config.limits.max_message_bytes);
+    let calendars = pb::calendars_server::CalendarsServer::new(
+        crate::api::calendars::CalendarsService::new(context.clone()),
+    )
+    .max_decoding_message_size(config.limits.max_message_bytes);
     let policies = PoliciesServer::new(PoliciesService::new(context))
         .max_decoding_message_size(config.limits.max_message_bytes);
 
@@ -294,6 +298,7 @@ pub async fn run_with_clock(
         .add_service(reflection_v1alpha)
         .add_service(change_requests)
         .add_service(policies)
+        .add_service(calendars)
         .add_service(audit)
         .add_service(relay_state)
         .serve_with_incoming_shutdown(incoming, signal);

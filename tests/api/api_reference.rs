@@ -24,6 +24,7 @@ const FILES: &[&str] = &[
     "approvals/v1/resources.proto",
     "approvals/v1/change_requests.proto",
     "approvals/v1/policies.proto",
+    "approvals/v1/calendars.proto",
     "approvals/v1/audit.proto",
     "approvals/v1/attestation.proto",
     "approvals/v1/applier.proto",

@@ -259,3 +259,13 @@ impl Drop for JwksServer {
         self.task.abort();
     }
 }
+
+pub type CalendarsClient =
+    approvals::pb::calendars_client::CalendarsClient<InterceptedService<Channel, Headers>>;
+
+pub async fn calendars(server: &TestServer, headers: Headers) -> CalendarsClient {
+    approvals::pb::calendars_client::CalendarsClient::with_interceptor(
+        server.channel().await,
+        headers,
+    )
+}

@@ -10,6 +10,7 @@ mod apply;
 mod attestation;
 mod audit;
 mod auth;
+mod calendars;
 mod cli;
 mod errors;
 mod four_eyes;

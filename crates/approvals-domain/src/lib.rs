@@ -6,6 +6,7 @@
 mod apply;
 pub mod attestation;
 pub mod audit;
+pub mod calendar;
 mod change_request;
 pub mod condition;
 mod error;

@@ -13,6 +13,10 @@ pub enum StoreError {
         request_id: String,
         change_request_id: String,
     },
+    #[error("calendar {0:?} not found")]
+    CalendarNotFound(String),
+    #[error("a calendar named {0:?} exists already")]
+    CalendarNameTaken(String),
     #[error("policy {0:?} not found")]
     PolicyNotFound(String),
     #[error("a policy named {0:?} exists already")]

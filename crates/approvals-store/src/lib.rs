@@ -18,6 +18,7 @@
 
 mod applying;
 mod audit;
+mod calendars;
 mod codec;
 mod connect;
 mod error;

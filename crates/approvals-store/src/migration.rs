@@ -7,8 +7,8 @@ use sea_orm_migration::{
 };
 
 use crate::schema::{
-    CHANGE_REQUESTS, CHECKPOINTS, EVENTS, POLICIES, RELAY_DEAD_LETTERS, RELAY_SINKS,
-    RESOURCE_VERSIONS, RESOURCES, ckp, cr, dl, ev, pol, res, rs, rv,
+    CALENDARS, CHANGE_REQUESTS, CHECKPOINTS, EVENTS, POLICIES, RELAY_DEAD_LETTERS, RELAY_SINKS,
+    RESOURCE_VERSIONS, RESOURCES, cal, ckp, cr, dl, ev, pol, res, rs, rv,
 };
 
 pub struct Migrator;
@@ -25,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(RelayState),
             Box::new(EventAuthMethod),
             Box::new(PolicyRules),
+            Box::new(Calendars),
         ]
     }
 }
@@ -505,5 +506,33 @@ impl MigrationTrait for PolicyRules {
                     .to_owned(),
             )
             .await
+    }
+}
+
+/// Change calendars (issue 26): one row per calendar, its JSON document beside its name.
+struct Calendars;
+
+impl MigrationName for Calendars {
+    fn name(&self) -> &str {
+        "m0010_calendars"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Calendars {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(CALENDARS)
+                    .col(ColumnDef::new(cal::NAME).text().not_null().primary_key())
+                    .col(big(cal::REVISION))
+                    .col(big(cal::CREATE_TIME))
+                    .col(big(cal::UPDATE_TIME))
+                    .col(text(cal::BODY))
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
     }
 }

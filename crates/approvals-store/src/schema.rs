@@ -131,3 +131,14 @@ pub mod dl {
     /// 1 once RetryDeadLetter asked for a redelivery, else 0.
     pub const RETRY_REQUESTED: &str = "retry_requested";
 }
+
+/// Change calendars (issue 26): a JSON document per calendar.
+pub const CALENDARS: &str = "calendars";
+
+pub mod cal {
+    pub const NAME: &str = "name";
+    pub const REVISION: &str = "revision";
+    pub const CREATE_TIME: &str = "create_time";
+    pub const UPDATE_TIME: &str = "update_time";
+    pub const BODY: &str = "body";
+}
