@@ -511,6 +511,7 @@ mod tests {
             include_str!("../proto/approvals/v1/policies.proto"),
             include_str!("../proto/approvals/v1/audit.proto"),
             include_str!("../proto/approvals/v1/relay.proto"),
+            include_str!("../proto/approvals/v1/calendars.proto"),
         ]
         .concat();
         let source = include_str!("error.rs");
