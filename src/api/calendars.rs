@@ -13,9 +13,6 @@ use crate::{
     pb::{self, calendars_server::Calendars},
 };
 
-const DEFAULT_PAGE_SIZE: u64 = 50;
-const MAX_PAGE_SIZE: u64 = 1000;
-
 pub struct CalendarsService {
     context: Arc<Context>,
 }
@@ -73,7 +70,11 @@ impl CalendarsService {
         &self,
         req: pb::ListCalendarsRequest,
     ) -> Result<pb::ListCalendarsResponse, ApiError> {
-        let page_size = page_token::page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        let page_size = page_token::page_size(
+            req.page_size,
+            page_token::DEFAULT_PAGE_SIZE,
+            page_token::MAX_PAGE_SIZE,
+        )?;
         let digest = page_token::query_digest(&["calendars"]);
         let after = page_token::decode(&req.page_token, &digest)?;
         let (calendars, next) = self

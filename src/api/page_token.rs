@@ -40,6 +40,11 @@ pub fn decode(token: &str, digest: &str) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// The page size of the small collections (policies, calendars, relay sinks and dead letters)
+/// when the caller sends none, and the most one page holds.
+pub const DEFAULT_PAGE_SIZE: u64 = 50;
+pub const MAX_PAGE_SIZE: u64 = 1000;
+
 /// AIP-158 page size: 0 means the default, larger values are coerced down, negative is refused.
 pub fn page_size(value: i32, default: u64, max: u64) -> Result<u64, ApiError> {
     match value {

@@ -19,9 +19,6 @@ use crate::{
     pb::{self, policies_server::Policies},
 };
 
-const DEFAULT_PAGE_SIZE: u64 = 50;
-const MAX_PAGE_SIZE: u64 = 1000;
-
 pub struct PoliciesService {
     context: Arc<Context>,
 }
@@ -109,7 +106,11 @@ impl PoliciesService {
         if !req.project.is_empty() {
             caller.ensure_project(&req.project)?;
         }
-        let page_size = page_token::page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        let page_size = page_token::page_size(
+            req.page_size,
+            page_token::DEFAULT_PAGE_SIZE,
+            page_token::MAX_PAGE_SIZE,
+        )?;
         let digest = page_token::query_digest(&["policies", &req.project]);
         let after = page_token::decode(&req.page_token, &digest)?;
         let filter = PolicyFilter {

@@ -15,8 +15,6 @@ use crate::{
     pb::{self, relay_state_server::RelayState},
 };
 
-const DEFAULT_PAGE_SIZE: u64 = 50;
-const MAX_PAGE_SIZE: u64 = 1000;
 const MIN_LEASE_MICROS: i64 = 1_000_000;
 const MAX_LEASE_MICROS: i64 = 3_600_000_000;
 
@@ -225,7 +223,11 @@ impl RelayStateService {
         let mut v = Violations::default();
         v.no_nul("sink", &req.sink);
         v.into_result()?;
-        let page_size = page_token::page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        let page_size = page_token::page_size(
+            req.page_size,
+            page_token::DEFAULT_PAGE_SIZE,
+            page_token::MAX_PAGE_SIZE,
+        )?;
         let retry = if req.retry_requested { "retry" } else { "" };
         let digest = page_token::query_digest(&["dead_letters", &req.sink, retry]);
         let after = page_token::decode(&req.page_token, &digest)?;
