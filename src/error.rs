@@ -463,6 +463,31 @@ impl From<ApiError> for Status {
                     DomainError::CannotApply(_) => {
                         status(Code::FailedPrecondition, message, "NO_APPLIER", &[])
                     }
+                    DomainError::WindowClosed(closure) => {
+                        let mut metadata =
+                            vec![("calendar", closure.calendar), ("reason", closure.reason)];
+                        if let Some(open) = closure.next_open_time {
+                            metadata.push((
+                                "next_open_time",
+                                approvals_domain::calendar::rfc3339(open),
+                            ));
+                        }
+                        status(
+                            Code::FailedPrecondition,
+                            message,
+                            "CHANGE_WINDOW_CLOSED",
+                            &metadata,
+                        )
+                    }
+                    DomainError::ApplyDelay { apply_time } => status(
+                        Code::FailedPrecondition,
+                        message,
+                        "APPLY_DELAY_NOT_ELAPSED",
+                        &[(
+                            "apply_time",
+                            approvals_domain::calendar::rfc3339(apply_time),
+                        )],
+                    ),
                     DomainError::BypassForbidden { policy } => status(
                         Code::FailedPrecondition,
                         message,

@@ -111,7 +111,10 @@ impl CalendarsService {
 
     async fn delete(&self, req: pb::DeleteCalendarRequest) -> Result<(), ApiError> {
         required_name("name", &req.name)?;
-        self.context.store.delete_calendar(&req.name).await?;
+        self.context
+            .store
+            .delete_calendar(&req.name, self.context.clock.now())
+            .await?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use approvals_domain::{
     Actor, ApplyMode, ApplyWiring, ChangeRequest, Decision, DomainError, EventDraft,
     PolicySnapshot, ReciprocalApproval, State, Timestamp,
+    calendar::Windows,
     validation::{self, Violations},
 };
 use approvals_store::Step;
@@ -83,17 +84,18 @@ impl ChangeRequestsService {
             &mut ChangeRequest,
             &Actor,
             &ApplyWiring,
+            &Windows,
             Timestamp,
         ) -> Result<EventDraft, DomainError>
         + Send,
     ) -> Result<ChangeRequest, ApiError> {
         let id = requests::id("id", id)?;
-        let wiring = self.wiring(caller, &id).await?;
+        let (wiring, windows) = self.wiring(caller, &id).await?;
         self.command(
             caller,
             &id,
             etag,
-            Box::new(move |r, actor, now| command(r, actor, &wiring, now)),
+            Box::new(move |r, actor, now| command(r, actor, &wiring, &windows, now)),
         )
         .await
     }
@@ -124,10 +126,15 @@ impl ChangeRequestsService {
     }
 
     /// The apply wiring of a request the caller may see.
-    async fn wiring(&self, caller: &Caller, id: &str) -> Result<ApplyWiring, ApiError> {
+    /// How the request is applied, and the calendars it must wait for.
+    async fn wiring(&self, caller: &Caller, id: &str) -> Result<(ApplyWiring, Windows), ApiError> {
         let request = self.context.store.get(id).await?;
         caller.ensure_sees(&request)?;
-        Ok(self.context.engine.wiring(&request).await?)
+        let engine = &self.context.engine;
+        Ok((
+            engine.wiring(&request).await?,
+            engine.windows(&request).await?,
+        ))
     }
 
     async fn review(
@@ -189,7 +196,7 @@ impl ChangeRequestsService {
             Scope::Write
         };
         caller.require(needed, "ApplyChangeRequest")?;
-        let wiring = self.wiring(caller, &id).await?;
+        let (wiring, windows) = self.wiring(caller, &id).await?;
         let actor = caller.actor();
         let (now, key) = (self.context.clock.now(), self.context.clock.new_id());
         let engine = &self.context.engine;
@@ -200,8 +207,9 @@ impl ChangeRequestsService {
             .step(&id, |r| {
                 caller.ensure_sees(r)?;
                 r.check_etag(Some(&req.etag))?;
-                let event =
-                    r.start_manual_apply(&actor, &wiring, bypass, key, &replica, lease, now)?;
+                let event = r.start_manual_apply(
+                    &actor, &wiring, &windows, bypass, key, &replica, lease, now,
+                )?;
                 self.context.attest_if_due(r, &event, now);
                 Ok(Step::Event(event))
             })
@@ -452,10 +460,11 @@ impl ChangeRequests for ChangeRequestsService {
     ) -> Answer<pb::ChangeRequest> {
         let (caller, req) = called(request)?;
         requests::id("id", &req.id)?;
-        let apply_time = requests::apply_time(&req)?;
-        let schedule = |r: &mut ChangeRequest, actor: &Actor, wiring: &ApplyWiring, now| {
-            r.schedule(actor, wiring, apply_time, now)
-        };
+        let at = requests::schedule_at(&req)?;
+        let schedule =
+            |r: &mut ChangeRequest, actor: &Actor, wiring: &ApplyWiring, windows: &Windows, now| {
+                r.schedule(actor, wiring, windows, at, now)
+            };
         answer_seen(
             self.wired_command(&caller, &req.id, Some(&req.etag), schedule)
                 .await,
@@ -468,9 +477,10 @@ impl ChangeRequests for ChangeRequestsService {
         request: Request<pb::UnscheduleChangeRequestRequest>,
     ) -> Answer<pb::ChangeRequest> {
         let (caller, req) = called(request)?;
-        let unschedule = |r: &mut ChangeRequest, actor: &Actor, wiring: &ApplyWiring, now| {
-            r.unschedule(actor, wiring, now)
-        };
+        let unschedule =
+            |r: &mut ChangeRequest, actor: &Actor, wiring: &ApplyWiring, _: &Windows, now| {
+                r.unschedule(actor, wiring, now)
+            };
         answer_seen(
             self.wired_command(&caller, &req.id, Some(&req.etag), unschedule)
                 .await,
@@ -489,9 +499,10 @@ impl ChangeRequests for ChangeRequestsService {
             result_data,
             error,
         } = Completion::try_from(req)?;
-        let complete = move |r: &mut ChangeRequest, actor: &Actor, wiring: &ApplyWiring, now| {
-            r.complete(actor, wiring, success, result_data, error, now)
-        };
+        let complete =
+            move |r: &mut ChangeRequest, actor: &Actor, wiring: &ApplyWiring, _: &Windows, now| {
+                r.complete(actor, wiring, success, result_data, error, now)
+            };
         answer_seen(
             self.wired_command(&caller, &id, None, complete).await,
             &caller,

@@ -3,7 +3,7 @@
 //! has several fields to check, all of them are named at once.
 
 use approvals_domain::{
-    ChangeRequestPatch, NewChangeRequest, Principal, RequestFilter, State, Timestamp,
+    ChangeRequestPatch, NewChangeRequest, Principal, RequestFilter, ScheduleAt, State, Timestamp,
     validation::{self, Violations},
 };
 use approvals_store::IdempotencyKey;
@@ -434,11 +434,23 @@ impl TryFrom<pb::CompleteChangeRequestRequest> for Completion {
 }
 
 /// ScheduleChangeRequest's apply_time: required.
-pub fn apply_time(req: &pb::ScheduleChangeRequestRequest) -> Result<Timestamp, ApiError> {
-    let Some(apply_time) = req.apply_time.as_ref() else {
-        return Err(ApiError::invalid("apply_time", "is required"));
-    };
-    convert::from_timestamp("apply_time", apply_time)
+/// When a ScheduleChangeRequest asks to apply: `apply_time`, or `next_open_window`.
+pub fn schedule_at(req: &pb::ScheduleChangeRequestRequest) -> Result<ScheduleAt, ApiError> {
+    match (req.apply_time.as_ref(), req.next_open_window) {
+        (Some(_), true) => Err(ApiError::invalid(
+            "next_open_window",
+            "must not be set with apply_time: send one of them",
+        )),
+        (None, true) => Ok(ScheduleAt::NextOpenWindow),
+        (None, false) => Err(ApiError::invalid(
+            "apply_time",
+            "is required (or set next_open_window)",
+        )),
+        (Some(apply_time), false) => Ok(ScheduleAt::Time(convert::from_timestamp(
+            "apply_time",
+            apply_time,
+        )?)),
+    }
 }
 
 #[cfg(test)]

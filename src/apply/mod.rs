@@ -20,7 +20,8 @@ use std::{
 };
 
 use approvals_domain::{
-    ApplyMode, ApplyOutcome, ApplyWiring, ChangeRequest, ResourceVersion, State, validation,
+    ApplyMode, ApplyOutcome, ApplyWiring, ChangeRequest, ResourceVersion, ScheduleStatus, State,
+    calendar::Windows, validation,
 };
 use approvals_store::{Step, Store, StoreError};
 use tokio::task::JoinHandle;
@@ -88,6 +89,21 @@ impl ApplyEngine {
             }
         };
         Ok(ApplyWiring::of(request, current.as_ref()))
+    }
+
+    /// The change calendars `request`'s snapshot names, as stored now (none: no query).
+    pub async fn windows(&self, request: &ChangeRequest) -> Result<Windows, StoreError> {
+        let names = &request.policy.rules.calendars;
+        if names.is_empty() {
+            return Ok(Windows::none());
+        }
+        let records = self.store.calendars_named(names).await?;
+        Windows::from_records(&records).map_err(|err| {
+            StoreError::Internal(format!(
+                "a calendar of change request {} no longer compiles: {err}",
+                request.id
+            ))
+        })
     }
 
     /// Runs the apply of `request` (APPLYING, leased to this replica) in the background, and
@@ -379,19 +395,47 @@ impl ApplyEngine {
         request: &ChangeRequest,
     ) -> Result<ChangeRequest, StoreError> {
         let wiring = self.wiring(request).await?;
-        let key = self.clock.new_id();
+        let windows = self.windows(request).await?;
         let lease = self.lease_micros();
-        let now = self.clock.now();
-        self.store
-            .step(&request.id, |r| {
-                Ok(
-                    match r.start_automatic_apply(&wiring, key, &self.replica, lease, now) {
-                        Some(event) => Step::Event(event),
-                        None => Step::Unchanged,
-                    },
-                )
-            })
-            .await
+        // Twice at most: a schedule the calendars release resumes (one event), then, when its
+        // time has passed, starts (another).
+        let mut request = request.clone();
+        for _ in 0..2 {
+            let key = self.clock.new_id();
+            let now = self.clock.now();
+            let before = request.revision;
+            request = self
+                .store
+                .step(&request.id, |r| {
+                    Ok(
+                        match r.start_automatic_apply(
+                            &wiring,
+                            &windows,
+                            key,
+                            &self.replica,
+                            lease,
+                            now,
+                        ) {
+                            Some(event) => Step::Event(event),
+                            // A scheduled request re-checked early (a calendar changed) keeps
+                            // its plan: store its due time again, without an event.
+                            None if r.state == State::Scheduled => Step::Quiet,
+                            None => Step::Unchanged,
+                        },
+                    )
+                })
+                .await?;
+            let resumed = request.revision != before
+                && request.state == State::Scheduled
+                && request
+                    .schedule
+                    .as_ref()
+                    .is_some_and(|s| s.status == ScheduleStatus::Pending && s.apply_time <= now);
+            if !resumed {
+                break;
+            }
+        }
+        Ok(request)
     }
 
     /// The policy's own work on a request that just entered review (see

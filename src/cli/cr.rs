@@ -370,6 +370,7 @@ pub async fn run(args: CrArgs) -> Result<ExitCode, CliError> {
                     id: target.id,
                     apply_time: Some(apply_time),
                     etag: target.etag.unwrap_or_default(),
+                    next_open_window: false,
                 })
                 .await?
                 .into_inner();

@@ -105,6 +105,7 @@ pub fn event_kind(k: EventKind) -> pb::EventKind {
         EventKind::Bypassed => P::Bypassed,
         EventKind::Completed => P::Completed,
         EventKind::Escalated => P::Escalated,
+        EventKind::ScheduleResumed => P::ScheduleResumed,
     }
 }
 
@@ -128,6 +129,8 @@ fn schedule(s: &approvals_domain::Schedule) -> pb::Schedule {
         }
         .into(),
         reason: s.reason.clone(),
+        calendar: s.calendar.clone(),
+        next_open_time: s.next_open_time.map(timestamp),
     }
 }
 
@@ -277,6 +280,7 @@ pub fn change_request(r: &ChangeRequest, viewer: Option<&Actor>) -> pb::ChangeRe
             .map(ToString::to_string)
             .unwrap_or_default(),
         bypass_justification: r.bypass_justification.clone().unwrap_or_default(),
+        bypassed_calendar: r.bypassed_calendar.clone().unwrap_or_default(),
         apply_attempts: r
             .apply_run
             .as_ref()

@@ -10,7 +10,7 @@ use super::{from_struct, timestamp, to_struct};
 use crate::pb;
 
 /// The fields of a policy a caller may set (all but `name` and the output-only ones).
-pub const WRITABLE_PATHS: [&str; 28] = [
+pub const WRITABLE_PATHS: [&str; 30] = [
     "project",
     "environment",
     "action_key",
@@ -39,6 +39,8 @@ pub const WRITABLE_PATHS: [&str; 28] = [
     "automatic_reviews",
     "protected",
     "mode",
+    "calendars",
+    "apply_delay",
 ];
 
 fn apply_mode(mode: ApplyMode) -> pb::ApplyMode {
@@ -144,6 +146,8 @@ fn rules_into(rules: &PolicyRules, out: &mut pb::Policy) {
     out.forbid_bypass = rules.forbid_bypass;
     out.independent_approvals = Some(rules.independent_approvals);
     out.protected = rules.protected;
+    out.calendars = rules.calendars.clone();
+    out.apply_delay = rules.apply_delay_micros.map(duration);
     out.mode = match rules.mode {
         PolicyMode::Unspecified => pb::PolicyMode::Unspecified,
         PolicyMode::Enforce => pb::PolicyMode::Enforce,
@@ -389,6 +393,35 @@ pub fn set_field(policy: &mut Policy, body: &pb::Policy, path: &str, v: &mut Vio
                 .collect();
         }
         "protected" => rules.protected = body.protected,
+        "calendars" => {
+            for (i, name) in body.calendars.iter().enumerate() {
+                let at = format!("{field}[{i}]");
+                if name.trim().is_empty() {
+                    v.add(at, "must name a calendar");
+                } else if body.calendars[..i].contains(name) {
+                    v.add(at, format!("lists calendar {name:?} twice"));
+                } else {
+                    v.no_nul(&at, name);
+                }
+            }
+            rules.calendars = body.calendars.clone();
+        }
+        "apply_delay" => {
+            rules.apply_delay_micros = match &body.apply_delay {
+                None => None,
+                Some(d) => match approvals_domain::duration_micros(d.seconds, d.nanos) {
+                    Some(micros) if micros < 0 => {
+                        v.add(field.as_str(), "must not be negative");
+                        None
+                    }
+                    Some(micros) => Some(micros),
+                    None => {
+                        v.add(field.as_str(), approvals_domain::DURATION_RANGE);
+                        None
+                    }
+                },
+            };
+        }
         "mode" => {
             rules.mode = match pb::PolicyMode::try_from(body.mode) {
                 Ok(pb::PolicyMode::Unspecified) => PolicyMode::Unspecified,

@@ -19,6 +19,7 @@ use approvals::{
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, Request, Response, Status};
+use tonic_types::StatusExt;
 
 use crate::{callers::*, common::*};
 
@@ -1417,4 +1418,95 @@ async fn gets_show_the_attempts_of_an_apply_in_progress() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     approval.abort();
+}
+
+/// A calendar closed by default (no entries): nothing applies while it exists.
+async fn closed_calendar(server: &TestServer, name: &str) {
+    let mut admin = calendars(server, Headers::actor("user:admin")).await;
+    admin
+        .create_calendar(pb::CreateCalendarRequest {
+            calendar: Some(pb::Calendar {
+                name: name.into(),
+                time_zone: "Europe/Berlin".into(),
+                default: pb::WindowKind::Closed as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("create calendar");
+}
+
+#[tokio::test]
+async fn a_closed_calendar_refuses_a_manual_apply_and_suspends_an_auto_one_until_it_opens() {
+    let (applier, endpoint) = Applier::start(vec![]).await;
+    let server = TestServer::start_with(fast).await;
+    closed_calendar(&server, "freeze").await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+
+    // MANUAL: refused with the calendar named.
+    let manual = create_policy(
+        &server,
+        pb::Policy {
+            calendars: vec!["freeze".into()],
+            ..policy(pb::ApplyMode::Manual, &endpoint)
+        },
+    )
+    .await;
+    let created = create(&mut alice, new_request()).await;
+    approve(&mut bob, &created.id).await;
+    let err = alice
+        .apply_change_request(pb::ApplyChangeRequestRequest {
+            id: created.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the window is closed");
+    assert_error(&err, Code::FailedPrecondition, "CHANGE_WINDOW_CLOSED");
+    let info = err.get_details_error_info().expect("error info");
+    assert_eq!(
+        info.metadata.get("calendar").map(String::as_str),
+        Some("freeze")
+    );
+    assert!(applier.calls().is_empty());
+    let mut admin =
+        PoliciesClient::with_interceptor(server.channel().await, Caller::named("user:admin"));
+    admin
+        .delete_policy(pb::DeletePolicyRequest {
+            name: manual.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete the manual policy");
+
+    // AUTO: quorum schedules it, suspended by the calendar; deleting the freeze releases it.
+    create_policy(
+        &server,
+        pb::Policy {
+            calendars: vec!["freeze".into()],
+            ..policy(pb::ApplyMode::Auto, &endpoint)
+        },
+    )
+    .await;
+    let created = create(&mut alice, new_request()).await;
+    let approved = approve(&mut bob, &created.id).await;
+    assert_eq!(state(&approved), State::Scheduled);
+    let schedule = approved.schedule.expect("schedule");
+    assert_eq!(schedule.status, pb::ScheduleStatus::Suspended as i32);
+    assert_eq!(schedule.calendar, "freeze");
+    assert!(applier.calls().is_empty());
+    let mut cal = calendars(&server, Headers::actor("user:admin")).await;
+    cal.delete_calendar(pb::DeleteCalendarRequest {
+        name: "freeze".into(),
+    })
+    .await
+    .expect("delete the freeze");
+    wait_for(&mut alice, &created.id, State::Applied).await;
+    let kinds: Vec<EventKind> = kinds(&events(&mut alice, &created.id).await)
+        .into_iter()
+        .map(|(k, _, _)| k)
+        .collect();
+    assert!(kinds.contains(&EventKind::ScheduleSuspended), "{kinds:?}");
+    assert!(kinds.contains(&EventKind::ScheduleResumed), "{kinds:?}");
+    assert_eq!(applier.calls().len(), 1);
 }

@@ -7,7 +7,9 @@ use serde_json::{Map, Value};
 
 use crate::{
     Action, Actor, ChangeRequest, DomainError, EventDraft, EventKind, Policy, Principal, State,
-    Timestamp, policy::ApplyMode,
+    Timestamp,
+    calendar::{Closure, Windows, rfc3339},
+    policy::ApplyMode,
 };
 
 /// Status of a planned apply.
@@ -26,6 +28,54 @@ pub struct Schedule {
     pub status: ScheduleStatus,
     #[serde(default)]
     pub reason: String,
+    /// SUSPENDED by a change calendar: its name (empty for a conflict).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub calendar: String,
+    /// SUSPENDED by a change calendar: when every calendar opens again (it resumes then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_open_time: Option<Timestamp>,
+}
+
+impl Schedule {
+    /// Pending at `apply_time`, on behalf of `scheduled_by`.
+    pub fn pending(apply_time: Timestamp, scheduled_by: Principal) -> Self {
+        Self {
+            apply_time,
+            scheduled_by,
+            status: ScheduleStatus::Pending,
+            reason: String::new(),
+            calendar: String::new(),
+            next_open_time: None,
+        }
+    }
+
+    /// Suspended by `closure`; true when that changed anything.
+    fn suspend(&mut self, closure: &Closure) -> bool {
+        let reason = closure.describe();
+        let changed = self.status != ScheduleStatus::Suspended
+            || self.calendar != closure.calendar
+            || self.reason != reason
+            || self.next_open_time != closure.next_open_time;
+        self.status = ScheduleStatus::Suspended;
+        self.calendar = closure.calendar.clone();
+        self.reason = reason;
+        self.next_open_time = closure.next_open_time;
+        changed
+    }
+
+    /// Whether a change calendar (not a conflict) suspended it.
+    pub fn suspended_by_calendar(&self) -> bool {
+        self.status == ScheduleStatus::Suspended && !self.calendar.is_empty()
+    }
+}
+
+/// When ScheduleChangeRequest asks to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleAt {
+    Time(Timestamp),
+    /// The first instant at or after now (and after the policy's `apply_delay`) when every
+    /// calendar of the snapshot is open.
+    NextOpenWindow,
 }
 
 /// The apply in progress (state APPLYING), or the last one.
@@ -225,6 +275,7 @@ impl ChangeRequest {
         &mut self,
         actor: &Actor,
         wiring: &ApplyWiring,
+        windows: &Windows,
         bypass_justification: Option<String>,
         key: String,
         replica: &str,
@@ -243,6 +294,9 @@ impl ChangeRequest {
             self.ensure_no_conflict()?;
             self.bypassed_by = Some(actor.principal.clone());
             self.bypass_justification = Some(justification.clone());
+            // Break-glass overrides closed calendars and the apply delay; which calendar it
+            // overrode stays on the request.
+            self.bypassed_calendar = windows.closed_at(now).map(|c| c.calendar);
             self.begin_run(
                 actor.principal.clone(),
                 key,
@@ -264,6 +318,7 @@ impl ChangeRequest {
         self.ensure_applier(actor, wiring, Action::Apply)?;
         self.ensure_applier_endpoint(wiring)?;
         self.ensure_no_conflict()?;
+        self.ensure_may_apply_at(windows, now)?;
         self.begin_run(
             actor.principal.clone(),
             key,
@@ -279,6 +334,119 @@ impl ChangeRequest {
             now,
             String::new(),
         ))
+    }
+
+    /// The first instant the policy's `apply_delay` lets an approved request apply: its
+    /// approval (the latest counted approval; its entry into review, or its creation, when no
+    /// approval was needed) plus the delay. `None` without a delay.
+    pub fn apply_delay_until(&self) -> Option<Timestamp> {
+        let delay = self.policy.rules.apply_delay_micros.filter(|d| *d > 0)?;
+        let approved = self
+            .counted_approvals()
+            .into_iter()
+            .map(|r| r.create_time)
+            .max()
+            .or(self.review_start_time)
+            .unwrap_or(self.create_time);
+        Some(approved.saturating_add_micros(delay))
+    }
+
+    /// Refuses an apply at `now` within the apply delay or while a calendar is closed.
+    fn ensure_may_apply_at(&self, windows: &Windows, now: Timestamp) -> Result<(), DomainError> {
+        if let Some(until) = self.apply_delay_until()
+            && now < until
+        {
+            return Err(DomainError::ApplyDelay { apply_time: until });
+        }
+        match windows.closed_at(now) {
+            Some(closure) => Err(DomainError::WindowClosed(closure)),
+            None => Ok(()),
+        }
+    }
+
+    /// The calendars' and apply delay's say on the service's own apply, before it starts:
+    /// `Some` when the request is (re)scheduled, suspended or resumed instead (one event),
+    /// `None` when the apply may go on as planned (or there is nothing to do).
+    fn hold_for_windows(&mut self, windows: &Windows, now: Timestamp) -> Option<EventDraft> {
+        let system = Actor::system();
+        match (self.state, self.schedule.clone()) {
+            (State::Approved, _)
+                if self.apply_mode() == ApplyMode::Auto && self.apply_run.is_none() =>
+            {
+                let approver = self.quorum_approver()?;
+                let earliest = self.apply_delay_until().filter(|t| *t > now).unwrap_or(now);
+                let mut schedule = Schedule::pending(earliest, approver);
+                let (kind, detail) = match windows.closed_at(earliest) {
+                    Some(closure) => {
+                        schedule.suspend(&closure);
+                        if let Some(open) = closure.next_open_time {
+                            schedule.apply_time = open;
+                        }
+                        (EventKind::ScheduleSuspended, schedule.reason.clone())
+                    }
+                    None if earliest > now => (
+                        EventKind::Scheduled,
+                        format!("the policy's apply_delay: applies at {}", rfc3339(earliest)),
+                    ),
+                    None => return None,
+                };
+                self.schedule = Some(schedule);
+                Some(self.moved(kind, &system, State::Scheduled, now, detail))
+            }
+            (State::Scheduled, Some(mut schedule))
+                if schedule.status == ScheduleStatus::Pending =>
+            {
+                if let Some(until) = self.apply_delay_until()
+                    && schedule.apply_time < until
+                    && now < until
+                {
+                    schedule.apply_time = until;
+                    let detail = format!("the policy's apply_delay: applies at {}", rfc3339(until));
+                    self.schedule = Some(schedule);
+                    return Some(self.moved(
+                        EventKind::Scheduled,
+                        &system,
+                        State::Scheduled,
+                        now,
+                        detail,
+                    ));
+                }
+                let closure = windows.closed_at(schedule.apply_time.max(now))?;
+                schedule.suspend(&closure);
+                let detail = schedule.reason.clone();
+                self.schedule = Some(schedule);
+                Some(self.moved(
+                    EventKind::ScheduleSuspended,
+                    &system,
+                    State::Scheduled,
+                    now,
+                    detail,
+                ))
+            }
+            (State::Scheduled, Some(mut schedule)) if schedule.suspended_by_calendar() => {
+                let at = schedule.apply_time.max(now);
+                let (kind, detail) = match windows.closed_at(at) {
+                    Some(closure) => {
+                        if !schedule.suspend(&closure) {
+                            return None;
+                        }
+                        (EventKind::ScheduleSuspended, schedule.reason.clone())
+                    }
+                    None => {
+                        let detail = format!(
+                            "calendar {} is open again; applies at {}",
+                            schedule.calendar,
+                            rfc3339(at)
+                        );
+                        schedule = Schedule::pending(schedule.apply_time, schedule.scheduled_by);
+                        (EventKind::ScheduleResumed, detail)
+                    }
+                };
+                self.schedule = Some(schedule);
+                Some(self.moved(kind, &system, State::Scheduled, now, detail))
+            }
+            _ => None,
+        }
     }
 
     fn begin_run(
@@ -308,11 +476,17 @@ impl ChangeRequest {
     pub fn start_automatic_apply(
         &mut self,
         wiring: &ApplyWiring,
+        windows: &Windows,
         key: String,
         replica: &str,
         lease_micros: i64,
         now: Timestamp,
     ) -> Option<EventDraft> {
+        if self.conflict().is_none()
+            && let Some(event) = self.hold_for_windows(windows, now)
+        {
+            return Some(event);
+        }
         let system = Actor::system();
         let (applied_by, scheduled) = match (self.state, &self.schedule) {
             (State::Approved, _)
@@ -571,32 +745,74 @@ impl ChangeRequest {
     }
 
     /// APPROVED -> SCHEDULED, or a new time for a SCHEDULED request.
+    ///
+    /// A time within the policy's `apply_delay` is refused; a time inside a closed calendar
+    /// window is accepted and the schedule is SUSPENDED at once (it resumes when the calendars
+    /// open). `NextOpenWindow` picks the first instant every calendar is open (after the delay).
     pub fn schedule(
         &mut self,
         actor: &Actor,
         wiring: &ApplyWiring,
-        apply_time: Timestamp,
+        windows: &Windows,
+        at: ScheduleAt,
         now: Timestamp,
     ) -> Result<EventDraft, DomainError> {
-        self.check_apply_time("apply_time", apply_time, now)?;
+        let delay_until = self.apply_delay_until().filter(|t| *t > now);
+        let apply_time = match at {
+            ScheduleAt::Time(apply_time) => {
+                self.check_apply_time("apply_time", apply_time, now)?;
+                apply_time
+            }
+            ScheduleAt::NextOpenWindow => {
+                let earliest = delay_until.unwrap_or(now);
+                let apply_time = match windows.closed_at(earliest) {
+                    None => earliest,
+                    Some(Closure {
+                        next_open_time: Some(open),
+                        ..
+                    }) => open,
+                    Some(closure) => return Err(DomainError::WindowClosed(closure)),
+                };
+                if let Some(expire) = self.expire_time
+                    && apply_time > expire
+                {
+                    return Err(DomainError::invalid(
+                        "next_open_window",
+                        format!(
+                            "the next open window ({}) is after the change request's expire_time",
+                            rfc3339(apply_time)
+                        ),
+                    ));
+                }
+                apply_time
+            }
+        };
         self.ensure_allowed(Action::Schedule)?;
         self.ensure_not_expired(now)?;
         self.ensure_applier(actor, wiring, Action::Schedule)?;
         self.ensure_applier_endpoint(wiring)?;
         self.ensure_no_conflict()?;
-        self.schedule = Some(Schedule {
-            apply_time,
-            scheduled_by: actor.principal.clone(),
-            status: ScheduleStatus::Pending,
-            reason: String::new(),
-        });
-        Ok(self.moved(
-            EventKind::Scheduled,
-            actor,
-            State::Scheduled,
-            now,
-            String::new(),
-        ))
+        if let Some(until) = delay_until
+            && apply_time < until
+        {
+            return Err(DomainError::invalid(
+                "apply_time",
+                format!(
+                    "must not be before {}: the policy's apply_delay after approval",
+                    rfc3339(until)
+                ),
+            ));
+        }
+        let mut schedule = Schedule::pending(apply_time, actor.principal.clone());
+        let detail = match windows.closed_at(apply_time) {
+            Some(closure) => {
+                schedule.suspend(&closure);
+                schedule.reason.clone()
+            }
+            None => String::new(),
+        };
+        self.schedule = Some(schedule);
+        Ok(self.moved(EventKind::Scheduled, actor, State::Scheduled, now, detail))
     }
 
     /// SCHEDULED -> APPROVED, by the requester, an applier or whoever scheduled it.
@@ -675,8 +891,11 @@ impl ChangeRequest {
         if state == State::Scheduled
             && let Some(schedule) = &mut self.schedule
         {
+            // A conflict outranks a calendar: it does not resume by itself.
             schedule.status = ScheduleStatus::Suspended;
             schedule.reason = conflict.clone();
+            schedule.calendar.clear();
+            schedule.next_open_time = None;
             return Some(self.moved(
                 EventKind::ScheduleSuspended,
                 &Actor::system(),
@@ -704,11 +923,12 @@ impl ChangeRequest {
             State::Approved if self.apply_mode() == ApplyMode::Auto && self.apply_run.is_none() => {
                 Some(self.update_time)
             }
-            State::Scheduled => self
-                .schedule
-                .as_ref()
-                .filter(|s| s.status == ScheduleStatus::Pending)
-                .map(|s| s.apply_time),
+            State::Scheduled => self.schedule.as_ref().and_then(|s| match s.status {
+                ScheduleStatus::Pending => Some(s.apply_time),
+                // Re-checked when the calendars open (and whenever a calendar changes).
+                ScheduleStatus::Suspended if s.suspended_by_calendar() => s.next_open_time,
+                _ => None,
+            }),
             State::Applying => self.apply_run.as_ref().map(|r| r.lease_until),
             // The policy's own work (pre-approval, automatic reviews) at once, then the next
             // escalation (see `crate::rules`).

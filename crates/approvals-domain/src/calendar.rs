@@ -392,6 +392,92 @@ pub fn when_all_open<'a>(
     })
 }
 
+/// Why a request may not apply at an instant: the first closed calendar of its snapshot, the
+/// reason of the entry (or default) that closes it, and the first instant at or after that one
+/// when every calendar of the snapshot is open (within [`HORIZON_MICROS`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closure {
+    pub calendar: String,
+    pub reason: String,
+    pub next_open_time: Option<Timestamp>,
+}
+
+impl Closure {
+    /// "calendar freeze is closed (year-end freeze) until 2027-01-04T08:00:00Z".
+    pub fn describe(&self) -> String {
+        let until = match self.next_open_time {
+            Some(t) => format!("until {}", rfc3339(t)),
+            None => "with no open window in the next 400 days".to_owned(),
+        };
+        format!(
+            "calendar {} is closed ({}) {until}",
+            self.calendar, self.reason
+        )
+    }
+}
+
+/// The calendars a request's snapshot names, as they are stored now, compiled: what an apply
+/// checks. Names the snapshot lists but no calendar holds any longer close nothing (deleting a
+/// freeze releases what it held).
+#[derive(Debug, Clone, Default)]
+pub struct Windows {
+    calendars: Vec<(String, Calendar)>,
+    rules: Vec<CalendarRules>,
+}
+
+impl Windows {
+    /// No calendars: always open.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// The compiled `records`; a stored calendar that no longer compiles is an error (it was
+    /// valid when written).
+    pub fn from_records(records: &[CalendarRecord]) -> Result<Self, DomainError> {
+        let mut windows = Self::default();
+        for record in records {
+            let compiled = Calendar::compile(&record.rules)?;
+            windows.calendars.push((record.name.clone(), compiled));
+            windows.rules.push(record.rules.clone());
+        }
+        Ok(windows)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.calendars.is_empty()
+    }
+
+    /// `None` when every calendar is open at `at`; otherwise why not, and until when.
+    pub fn closed_at(&self, at: Timestamp) -> Option<Closure> {
+        let blocked = when_all_open(&self.calendars, at).err()?;
+        let index = self
+            .calendars
+            .iter()
+            .position(|(name, _)| name == blocked.calendar)?;
+        let state = self.calendars[index].1.state_at(at);
+        let reason = match state.deciding_entry {
+            Some(entry) => match self.rules[index].entries.get(entry) {
+                Some(e) if !e.reason.trim().is_empty() => e.reason.clone(),
+                _ => format!("entry {entry}"),
+            },
+            None => "closed by default".to_owned(),
+        };
+        Some(Closure {
+            calendar: blocked.calendar.to_owned(),
+            reason,
+            next_open_time: blocked.next_open_time,
+        })
+    }
+}
+
+/// RFC 3339 in UTC, as error metadata and event details show instants.
+pub fn rfc3339(t: Timestamp) -> String {
+    match utc(t.as_micros()) {
+        Some(dt) => dt.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        None => format!("{} microseconds since the epoch", t.as_micros()),
+    }
+}
+
 /// Wall time in `zone` to a [`Timestamp`], for tests and callers holding local times. `None`
 /// when the wall time does not exist or is ambiguous (a daylight-saving change).
 pub fn local_timestamp(

@@ -2,8 +2,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     Action, Actor, ApplyRun, AuthMethod, Decision, DomainError, EventDraft, EventKind,
-    IdentityProof, PolicySnapshot, Principal, ReciprocalApproval, Schedule, ScheduleStatus, State,
-    Timestamp,
+    IdentityProof, PolicySnapshot, Principal, ReciprocalApproval, Schedule, State, Timestamp,
     condition::{ChangeFacts, RequestFacts},
     principal::party,
     rules::Risk,
@@ -154,6 +153,9 @@ pub struct ChangeRequest {
     pub bypassed_by: Option<Principal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bypass_justification: Option<String>,
+    /// The closed change calendar a break-glass apply overrode, if one was closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bypassed_calendar: Option<String>,
     /// The current (or last) apply run: its idempotency key, attempts and lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apply_run: Option<ApplyRun>,
@@ -419,14 +421,12 @@ impl ChangeRequest {
             validation_errors: Vec::new(),
             validate_time: validated.map(|()| now),
             revision: 0,
-            schedule: new.apply_time.map(|apply_time| Schedule {
-                apply_time,
-                scheduled_by: actor.principal.clone(),
-                status: ScheduleStatus::Pending,
-                reason: String::new(),
-            }),
+            schedule: new
+                .apply_time
+                .map(|apply_time| Schedule::pending(apply_time, actor.principal.clone())),
             bypassed_by: None,
             bypass_justification: None,
+            bypassed_calendar: None,
             attestation: None,
             apply_run: None,
             risk: Risk::Unspecified,

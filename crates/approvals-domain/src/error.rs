@@ -92,6 +92,15 @@ pub enum DomainError {
     /// The request cannot be applied by the service (no applier, or an EXTERNAL request).
     #[error("{0}")]
     CannotApply(String),
+    /// A manual apply while a calendar of the request's snapshot is closed.
+    #[error("{}; apply it then, schedule it with next_open_window, or break glass", .0.describe())]
+    WindowClosed(crate::calendar::Closure),
+    /// A manual apply (or a schedule) before approval plus the policy's `apply_delay`.
+    #[error(
+        "the policy's apply_delay holds this change request until {}",
+        crate::calendar::rfc3339(*.apply_time)
+    )]
+    ApplyDelay { apply_time: crate::Timestamp },
     #[error("policy {policy:?} forbids break-glass applies")]
     BypassForbidden { policy: String },
     #[error("the change request has {limit} comments, the most it may hold")]

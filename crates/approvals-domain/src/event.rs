@@ -25,10 +25,12 @@ pub enum EventKind {
     Completed,
     /// A group requirement escalated (see [`crate::rules`]).
     Escalated,
+    /// A schedule a change calendar suspended is pending again: its calendars opened.
+    ScheduleResumed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 18] = [
+    pub const ALL: [EventKind; 19] = [
         EventKind::Created,
         EventKind::Updated,
         EventKind::Submitted,
@@ -47,6 +49,7 @@ impl EventKind {
         EventKind::Bypassed,
         EventKind::Completed,
         EventKind::Escalated,
+        EventKind::ScheduleResumed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +72,7 @@ impl EventKind {
             EventKind::Bypassed => "BYPASSED",
             EventKind::Completed => "COMPLETED",
             EventKind::Escalated => "ESCALATED",
+            EventKind::ScheduleResumed => "SCHEDULE_RESUMED",
         }
     }
 

@@ -22,7 +22,8 @@ mod time;
 pub mod validation;
 
 pub use apply::{
-    ApplyOutcome, ApplyRun, ApplyWiring, ResourceVersion, Schedule, ScheduleStatus, listed,
+    ApplyOutcome, ApplyRun, ApplyWiring, ResourceVersion, Schedule, ScheduleAt, ScheduleStatus,
+    listed,
 };
 pub use change_request::{
     Change, ChangeInput, ChangeRequest, ChangeRequestPatch, Comment, NewChangeRequest, Review,

@@ -148,6 +148,13 @@ pub struct PolicyRules {
     /// Enforced, or only evaluated (shadow mode).
     #[serde(default, skip_serializing_if = "is_unspecified_mode")]
     pub mode: PolicyMode,
+    /// Change calendars (by name) that must all be open for a request to apply (see
+    /// [`crate::calendar`]); part of the snapshot, their definitions read when applying.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calendars: Vec<String>,
+    /// An approved request applies no earlier than this many microseconds after its approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_delay_micros: Option<i64>,
 }
 
 fn is_unspecified_mode(mode: &PolicyMode) -> bool {
@@ -188,6 +195,8 @@ impl Default for PolicyRules {
             automatic_reviews: Vec::new(),
             protected: false,
             mode: PolicyMode::Unspecified,
+            calendars: Vec::new(),
+            apply_delay_micros: None,
         }
     }
 }

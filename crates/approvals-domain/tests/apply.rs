@@ -3,7 +3,7 @@
 use approvals_domain::{
     Actor, ApplyMode, ApplyOutcome, ApplyWiring, ChangeInput, ChangeRequest, Decision, DomainError,
     EventKind, NewChangeRequest, Policy, PolicyRules, PolicySnapshot, Principal, ResourceVersion,
-    ScheduleStatus, State, Timestamp,
+    ScheduleAt, ScheduleStatus, State, Timestamp, calendar::Windows,
 };
 
 const NOW: Timestamp = Timestamp::from_micros(1_700_000_000_000_000);
@@ -104,7 +104,14 @@ fn auto_requests_are_due_at_once_and_start_on_behalf_of_the_quorum_approver() {
     assert_eq!(r.state, State::Approved);
     assert_eq!(r.next_due_time(), Some(at(1)));
     let event = r
-        .start_automatic_apply(&wiring(), "k1".into(), "replica-a", 30 * SECOND, at(2))
+        .start_automatic_apply(
+            &wiring(),
+            &Windows::none(),
+            "k1".into(),
+            "replica-a",
+            30 * SECOND,
+            at(2),
+        )
         .expect("starts");
     assert_eq!(
         (event.kind, event.to_state, event.actor.as_str()),
@@ -116,8 +123,15 @@ fn auto_requests_are_due_at_once_and_start_on_behalf_of_the_quorum_approver() {
         "due again when the lease runs out"
     );
     assert!(
-        r.start_automatic_apply(&wiring(), "k2".into(), "replica-b", 30 * SECOND, at(3))
-            .is_none(),
+        r.start_automatic_apply(
+            &wiring(),
+            &Windows::none(),
+            "k2".into(),
+            "replica-b",
+            30 * SECOND,
+            at(3)
+        )
+        .is_none(),
         "started once"
     );
     assert!(
@@ -134,8 +148,15 @@ fn auto_requests_are_due_at_once_and_start_on_behalf_of_the_quorum_approver() {
 #[test]
 fn transient_failures_retry_then_give_up() {
     let mut r = approved(ApplyMode::Auto);
-    r.start_automatic_apply(&wiring(), "k".into(), "a", 30 * SECOND, at(2))
-        .expect("starts");
+    r.start_automatic_apply(
+        &wiring(),
+        &Windows::none(),
+        "k".into(),
+        "a",
+        30 * SECOND,
+        at(2),
+    )
+    .expect("starts");
     assert!(
         r.record_transient_failure("Unavailable".into(), 3, at(3), 30 * SECOND, at(2))
             .is_none()
@@ -160,8 +181,15 @@ fn transient_failures_retry_then_give_up() {
 #[test]
 fn finishing_records_outcomes_once_per_key() {
     let mut r = approved(ApplyMode::Auto);
-    r.start_automatic_apply(&wiring(), "k".into(), "a", 30 * SECOND, at(2))
-        .expect("starts");
+    r.start_automatic_apply(
+        &wiring(),
+        &Windows::none(),
+        "k".into(),
+        "a",
+        30 * SECOND,
+        at(2),
+    )
+    .expect("starts");
     assert!(
         r.finish_apply("other", ApplyOutcome::Failed { error: "x".into() }, at(3))
             .is_none(),
@@ -204,6 +232,7 @@ fn manual_apply_permissions_and_refusals() {
     let outsider = r.start_manual_apply(
         &actor("user:carol", &[]),
         &wiring(),
+        &Windows::none(),
         None,
         "k".into(),
         "a",
@@ -216,6 +245,7 @@ fn manual_apply_permissions_and_refusals() {
     let refused = r.start_manual_apply(
         &actor("user:alice", &[]),
         &no_endpoint,
+        &Windows::none(),
         None,
         "k".into(),
         "a",
@@ -230,6 +260,7 @@ fn manual_apply_permissions_and_refusals() {
         .start_manual_apply(
             &actor("user:dave", &["deployers"]),
             &wiring(),
+            &Windows::none(),
             None,
             "k".into(),
             "a",
@@ -248,6 +279,7 @@ fn break_glass_needs_a_policy_that_allows_it() {
     let refused = r.start_manual_apply(
         &actor("user:oncall", &[]),
         &forbidding,
+        &Windows::none(),
         Some("down".into()),
         "k".into(),
         "a",
@@ -259,6 +291,7 @@ fn break_glass_needs_a_policy_that_allows_it() {
         .start_manual_apply(
             &actor("user:oncall", &[]),
             &wiring(),
+            &Windows::none(),
             Some("down".into()),
             "k".into(),
             "a",
@@ -280,22 +313,34 @@ fn break_glass_needs_a_policy_that_allows_it() {
 fn schedules_and_expiry() {
     let mut r = approved(ApplyMode::Manual);
     let err = r
-        .schedule(&actor("user:alice", &[]), &wiring(), at(7200), at(2))
+        .schedule(
+            &actor("user:alice", &[]),
+            &wiring(),
+            &Windows::none(),
+            ScheduleAt::Time(at(7200)),
+            at(2),
+        )
         .expect_err("after expiry");
     assert!(matches!(err, DomainError::InvalidArgument(_)));
-    r.schedule(&actor("user:alice", &[]), &wiring(), at(60), at(2))
-        .expect("schedule");
+    r.schedule(
+        &actor("user:alice", &[]),
+        &wiring(),
+        &Windows::none(),
+        ScheduleAt::Time(at(60)),
+        at(2),
+    )
+    .expect("schedule");
     assert_eq!(
         (r.state, r.next_due_time()),
         (State::Scheduled, Some(at(60)))
     );
     assert!(
-        r.start_automatic_apply(&wiring(), "k".into(), "a", SECOND, at(59))
+        r.start_automatic_apply(&wiring(), &Windows::none(), "k".into(), "a", SECOND, at(59))
             .is_none(),
         "not yet"
     );
     let event = r
-        .start_automatic_apply(&wiring(), "k".into(), "a", SECOND, at(60))
+        .start_automatic_apply(&wiring(), &Windows::none(), "k".into(), "a", SECOND, at(60))
         .expect("at its time");
     assert_eq!(event.actor.as_str(), "user:alice");
 
@@ -358,8 +403,14 @@ fn conflicts_suspend_schedules_and_updates_resolve_them() {
     );
 
     let mut r = approved(ApplyMode::Manual);
-    r.schedule(&actor("user:alice", &[]), &wiring(), at(60), at(2))
-        .expect("schedule");
+    r.schedule(
+        &actor("user:alice", &[]),
+        &wiring(),
+        &Windows::none(),
+        ScheduleAt::Time(at(60)),
+        at(2),
+    )
+    .expect("schedule");
     let event = r
         .mark_conflicts("prod", &moved, "other", at(3))
         .expect("conflict");
@@ -376,6 +427,7 @@ fn conflicts_suspend_schedules_and_updates_resolve_them() {
     let refused = r.start_manual_apply(
         &actor("user:alice", &[]),
         &wiring(),
+        &Windows::none(),
         None,
         "k".into(),
         "a",

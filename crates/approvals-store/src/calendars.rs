@@ -1,7 +1,7 @@
 //! Change calendars (issue 26): one row per calendar, its JSON document beside its name; each
 //! use case one transaction.
 
-use approvals_domain::{DomainError, calendar::CalendarRecord};
+use approvals_domain::{DomainError, State, Timestamp, calendar::CalendarRecord};
 use sea_orm::{
     ConnectionTrait, QueryResult, SqlErr,
     sea_query::{Expr, ExprTrait, Order, Query, SelectStatement},
@@ -10,8 +10,25 @@ use sea_orm::{
 use crate::{
     Store,
     error::StoreError,
-    schema::{CALENDARS, cal},
+    schema::{CALENDARS, CHANGE_REQUESTS, cal, cr},
+    write::WriteTxn,
 };
+
+/// In the transaction that changes a calendar: every scheduled request whose snapshot names a
+/// calendar becomes due at `now`, so the apply worker's sweep (one replica per request, under
+/// its row lock) re-checks its schedule against the calendars as they now stand: suspends the
+/// ones a new closed window covers, resumes the ones it no longer covers (one event each).
+/// The body test is a cheap over-approximation (a false match is re-checked and left alone).
+async fn recheck_schedules(w: &WriteTxn<'_>, now: Timestamp) -> Result<(), StoreError> {
+    let update = Query::update()
+        .table(CHANGE_REQUESTS)
+        .value(cr::DUE_TIME, now.as_micros())
+        .and_where(Expr::col(cr::STATE).eq(State::Scheduled.as_str()))
+        .and_where(Expr::col(cr::BODY).like("%\"calendars\":[%"))
+        .to_owned();
+    w.txn.execute(&update).await?;
+    Ok(())
+}
 
 const COLUMNS: [&str; 2] = [cal::REVISION, cal::BODY];
 
@@ -70,7 +87,7 @@ impl Store {
                     err.into()
                 }
             })?;
-            Ok(())
+            recheck_schedules(w, calendar.update_time).await
         })
         .await?;
         Ok(calendar)
@@ -143,12 +160,14 @@ impl Store {
                     "calendar {name} changed during the transaction"
                 )));
             }
+            recheck_schedules(w, calendar.update_time).await?;
             Ok(calendar)
         })
         .await
     }
 
-    pub async fn delete_calendar(&self, name: &str) -> Result<(), StoreError> {
+    /// Deletes the named calendar; the schedules it held are re-checked from `now`.
+    pub async fn delete_calendar(&self, name: &str, now: Timestamp) -> Result<(), StoreError> {
         self.write(async |w| {
             let delete = Query::delete()
                 .from_table(CALENDARS)
@@ -157,8 +176,32 @@ impl Store {
             if w.txn.execute(&delete).await?.rows_affected() == 0 {
                 return Err(StoreError::CalendarNotFound(name.to_owned()));
             }
-            Ok(())
+            recheck_schedules(w, now).await
         })
         .await
+    }
+
+    /// The stored calendars among `names` (those that exist), in the order of `names`.
+    pub async fn calendars_named(
+        &self,
+        names: &[String],
+    ) -> Result<Vec<CalendarRecord>, StoreError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let query = Query::select()
+            .columns(COLUMNS)
+            .from(CALENDARS)
+            .and_where(Expr::col(cal::NAME).is_in(names.iter().map(String::as_str)))
+            .to_owned();
+        let mut found = self
+            .db
+            .query_all(&query)
+            .await?
+            .iter()
+            .map(decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        found.sort_by_key(|c| names.iter().position(|n| *n == c.name));
+        Ok(found)
     }
 }
