@@ -1510,3 +1510,148 @@ async fn a_closed_calendar_refuses_a_manual_apply_and_suspends_an_auto_one_until
     assert!(kinds.contains(&EventKind::ScheduleResumed), "{kinds:?}");
     assert_eq!(applier.calls().len(), 1);
 }
+
+#[tokio::test]
+async fn apply_delay_holds_a_manual_apply_and_bounds_schedules() {
+    let (applier, endpoint) = Applier::start(vec![]).await;
+    let server = TestServer::start_with(fast).await;
+    create_policy(
+        &server,
+        pb::Policy {
+            apply_delay: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            ..policy(pb::ApplyMode::Manual, &endpoint)
+        },
+    )
+    .await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(&mut alice, new_request()).await;
+    let approved = approve(&mut bob, &created.id).await;
+    assert_eq!(state(&approved), State::Approved);
+    let err = alice
+        .apply_change_request(pb::ApplyChangeRequestRequest {
+            id: created.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("within the apply delay");
+    assert_error(&err, Code::FailedPrecondition, "APPLY_DELAY_NOT_ELAPSED");
+    let info = err.get_details_error_info().expect("error info");
+    assert!(info.metadata.contains_key("apply_time"), "{info:?}");
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let err = alice
+        .schedule_change_request(pb::ScheduleChangeRequestRequest {
+            id: created.id.clone(),
+            apply_time: Some(prost_types::Timestamp {
+                seconds: now + 600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("before approval plus the delay");
+    assert_invalid(&err, &["apply_time"]);
+    let err = alice
+        .schedule_change_request(pb::ScheduleChangeRequestRequest {
+            id: created.id.clone(),
+            apply_time: Some(prost_types::Timestamp {
+                seconds: now + 7200,
+                nanos: 0,
+            }),
+            next_open_window: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("both");
+    assert_invalid(&err, &["next_open_window"]);
+    let scheduled = alice
+        .schedule_change_request(pb::ScheduleChangeRequestRequest {
+            id: created.id.clone(),
+            next_open_window: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the next window")
+        .into_inner();
+    assert_eq!(state(&scheduled), State::Scheduled);
+    let schedule = scheduled.schedule.expect("schedule");
+    assert_eq!(schedule.status, pb::ScheduleStatus::Pending as i32);
+    let at = schedule.apply_time.expect("apply_time").seconds;
+    assert!(
+        (now + 3590..=now + 3610).contains(&at),
+        "applies at approval plus one hour: {at} vs now {now}"
+    );
+    assert!(applier.calls().is_empty());
+}
+
+#[tokio::test]
+async fn two_replicas_apply_a_schedule_a_freeze_released_once() {
+    let (applier, endpoint) = Applier::start(vec![]).await;
+    let server = TestServer::start_with(fast).await;
+    let replica = TestServer::replica_of(&server, fast).await;
+    closed_calendar(&server, "year-end").await;
+    create_policy(
+        &server,
+        pb::Policy {
+            calendars: vec!["year-end".into()],
+            ..policy(pb::ApplyMode::Manual, &endpoint)
+        },
+    )
+    .await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = replica.client("user:bob").await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let created = create(&mut alice, new_request()).await;
+        approve(&mut bob, &created.id).await;
+        let scheduled = alice
+            .schedule_change_request(pb::ScheduleChangeRequestRequest {
+                id: created.id.clone(),
+                apply_time: Some(prost_types::Timestamp {
+                    seconds: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .expect("clock")
+                        .as_secs() as i64
+                        + 2,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("schedule inside the freeze")
+            .into_inner();
+        let schedule = scheduled.schedule.expect("schedule");
+        assert_eq!(schedule.status, pb::ScheduleStatus::Suspended as i32);
+        assert_eq!(schedule.calendar, "year-end");
+        ids.push(created.id);
+    }
+    // Past their time, still held by the freeze.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(applier.calls().is_empty());
+    let mut cal = calendars(&replica, Headers::actor("user:admin")).await;
+    cal.delete_calendar(pb::DeleteCalendarRequest {
+        name: "year-end".into(),
+    })
+    .await
+    .expect("lift the freeze");
+    for id in &ids {
+        wait_for(&mut alice, id, State::Applied).await;
+        let resumed = kinds(&events(&mut alice, id).await)
+            .into_iter()
+            .filter(|(k, _, _)| *k == EventKind::ScheduleResumed)
+            .count();
+        assert_eq!(resumed, 1, "one SCHEDULE_RESUMED event for {id}");
+    }
+    assert_eq!(
+        applier.calls().len(),
+        2,
+        "each applied once across replicas"
+    );
+}
