@@ -1655,3 +1655,59 @@ async fn two_replicas_apply_a_schedule_a_freeze_released_once() {
         "each applied once across replicas"
     );
 }
+
+#[tokio::test]
+async fn break_glass_applies_inside_a_closed_window_and_records_the_calendar() {
+    let (applier, endpoint) = Applier::start(vec![]).await;
+    let (bypass_key, bypass) = api_key("user:oncall", &["approvals:bypass"], &[], &[]);
+    let (writer_key, writer) = api_key("user:alice", &["approvals:write"], &[], &[]);
+    let (admin_key, admin) = api_key("user:admin", &["approvals:admin"], &[], &[]);
+    let server = TestServer::start_with(|c| {
+        fast(c);
+        c.auth = AuthConfig {
+            api_keys: vec![bypass, writer, admin],
+            ..AuthConfig::default()
+        };
+    })
+    .await;
+    let mut cal = calendars(&server, Headers::bearer(&admin_key)).await;
+    cal.create_calendar(pb::CreateCalendarRequest {
+        calendar: Some(pb::Calendar {
+            name: "incident".into(),
+            time_zone: "UTC".into(),
+            default: pb::WindowKind::Closed as i32,
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("calendar");
+    let mut admin = policies(&server, Headers::bearer(&admin_key)).await;
+    admin
+        .create_policy(pb::CreatePolicyRequest {
+            policy: Some(pb::Policy {
+                calendars: vec!["incident".into()],
+                ..policy(pb::ApplyMode::Manual, &endpoint)
+            }),
+        })
+        .await
+        .expect("policy");
+    let mut alice = requests(&server, Headers::bearer(&writer_key)).await;
+    let mut oncall = requests(&server, Headers::bearer(&bypass_key)).await;
+    let created = alice
+        .create_change_request(new_request())
+        .await
+        .expect("create")
+        .into_inner();
+    let applied = oncall
+        .apply_change_request(pb::ApplyChangeRequestRequest {
+            id: created.id.clone(),
+            bypass_justification: "prod is down".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("break glass")
+        .into_inner();
+    assert_eq!(state(&applied), State::Applied);
+    assert_eq!(applied.bypassed_calendar, "incident");
+    assert_eq!(applier.calls().len(), 1);
+}
