@@ -1420,9 +1420,14 @@ async fn gets_show_the_attempts_of_an_apply_in_progress() {
     approval.abort();
 }
 
-/// A calendar closed by default (no entries): nothing applies while it exists.
+/// A calendar closed by default (no entries), created by `user:admin`: nothing applies while
+/// it exists.
 async fn closed_calendar(server: &TestServer, name: &str) {
     let mut admin = calendars(server, Headers::actor("user:admin")).await;
+    create_closed_calendar(&mut admin, name).await;
+}
+
+async fn create_closed_calendar(admin: &mut CalendarsClient, name: &str) {
     admin
         .create_calendar(pb::CreateCalendarRequest {
             calendar: Some(pb::Calendar {
@@ -1671,16 +1676,7 @@ async fn break_glass_applies_inside_a_closed_window_and_records_the_calendar() {
     })
     .await;
     let mut cal = calendars(&server, Headers::bearer(&admin_key)).await;
-    cal.create_calendar(pb::CreateCalendarRequest {
-        calendar: Some(pb::Calendar {
-            name: "incident".into(),
-            time_zone: "UTC".into(),
-            default: pb::WindowKind::Closed as i32,
-            ..Default::default()
-        }),
-    })
-    .await
-    .expect("calendar");
+    create_closed_calendar(&mut cal, "incident").await;
     let mut admin = policies(&server, Headers::bearer(&admin_key)).await;
     admin
         .create_policy(pb::CreatePolicyRequest {

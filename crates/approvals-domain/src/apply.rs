@@ -69,6 +69,11 @@ impl Schedule {
     }
 }
 
+/// The detail of the event that schedules a request for the end of its apply delay.
+fn delay_detail(at: Timestamp) -> String {
+    format!("the policy's apply_delay: applies at {}", rfc3339(at))
+}
+
 /// When ScheduleChangeRequest asks to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScheduleAt {
@@ -342,10 +347,8 @@ impl ChangeRequest {
     pub fn apply_delay_until(&self) -> Option<Timestamp> {
         let delay = self.policy.rules.apply_delay_micros.filter(|d| *d > 0)?;
         let approved = self
-            .counted_approvals()
-            .into_iter()
+            .quorum_review()
             .map(|r| r.create_time)
-            .max()
             .or(self.review_start_time)
             .unwrap_or(self.create_time);
         Some(approved.saturating_add_micros(delay))
@@ -384,10 +387,7 @@ impl ChangeRequest {
                         }
                         (EventKind::ScheduleSuspended, schedule.reason.clone())
                     }
-                    None if earliest > now => (
-                        EventKind::Scheduled,
-                        format!("the policy's apply_delay: applies at {}", rfc3339(earliest)),
-                    ),
+                    None if earliest > now => (EventKind::Scheduled, delay_detail(earliest)),
                     None => return None,
                 };
                 self.schedule = Some(schedule);
@@ -401,7 +401,7 @@ impl ChangeRequest {
                     && now < until
                 {
                     schedule.apply_time = until;
-                    let detail = format!("the policy's apply_delay: applies at {}", rfc3339(until));
+                    let detail = delay_detail(until);
                     self.schedule = Some(schedule);
                     return Some(self.moved(
                         EventKind::Scheduled,
@@ -537,12 +537,16 @@ impl ChangeRequest {
         ))
     }
 
-    /// The approver whose approval reached quorum: the latest counting approval.
-    fn quorum_approver(&self) -> Option<Principal> {
+    /// The approval that reached quorum: the latest counting approval.
+    fn quorum_review(&self) -> Option<&crate::Review> {
         self.counted_approvals()
             .into_iter()
             .max_by_key(|r| r.create_time)
-            .map(|r| r.reviewer.clone())
+    }
+
+    /// The approver whose approval reached quorum.
+    fn quorum_approver(&self) -> Option<Principal> {
+        self.quorum_review().map(|r| r.reviewer.clone())
     }
 
     /// Principals whose approvals counted.
