@@ -1707,3 +1707,93 @@ async fn break_glass_applies_inside_a_closed_window_and_records_the_calendar() {
     assert_eq!(applied.bypassed_calendar, "incident");
     assert_eq!(applier.calls().len(), 1);
 }
+
+#[tokio::test]
+async fn a_freeze_created_while_requests_are_scheduled_suspends_them_and_its_end_releases_them() {
+    let (applier, endpoint) = Applier::start(vec![]).await;
+    let server = TestServer::start_with(fast).await;
+    // The policy names a calendar that does not exist yet: nothing closes the requests.
+    create_policy(
+        &server,
+        pb::Policy {
+            calendars: vec!["launch".into()],
+            ..policy(pb::ApplyMode::Manual, &endpoint)
+        },
+    )
+    .await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let apply_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+        + 3;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let created = create(&mut alice, new_request()).await;
+        approve(&mut bob, &created.id).await;
+        let scheduled = alice
+            .schedule_change_request(pb::ScheduleChangeRequestRequest {
+                id: created.id.clone(),
+                apply_time: Some(prost_types::Timestamp {
+                    seconds: apply_at,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("schedule")
+            .into_inner();
+        let schedule = scheduled.schedule.expect("schedule");
+        assert_eq!(schedule.status, pb::ScheduleStatus::Pending as i32);
+        ids.push(created.id);
+    }
+
+    // The freeze arrives: both schedules are suspended by the sweep, one event each.
+    let mut cal = calendars(&server, Headers::actor("user:admin")).await;
+    create_closed_calendar(&mut cal, "launch").await;
+    for id in &ids {
+        let started = std::time::Instant::now();
+        loop {
+            let read = get(&mut alice, id).await;
+            let schedule = read.schedule.expect("schedule");
+            if schedule.status == pb::ScheduleStatus::Suspended as i32 {
+                assert_eq!(schedule.calendar, "launch");
+                assert!(schedule.next_open_time.is_none(), "closed for good");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{id} was not suspended: {schedule:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Past their apply time, they stay held.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(applier.calls().is_empty());
+    for id in &ids {
+        let read = get(&mut alice, id).await;
+        assert_eq!(state(&read), State::Scheduled);
+    }
+
+    // The freeze is edited to open: both are released and applied, once each.
+    cal.update_calendar(pb::UpdateCalendarRequest {
+        calendar: Some(pb::Calendar {
+            name: "launch".into(),
+            time_zone: "Europe/Berlin".into(),
+            default: pb::WindowKind::Open as i32,
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("open the calendar");
+    for id in &ids {
+        wait_for(&mut alice, id, State::Applied).await;
+        let history = kinds(&events(&mut alice, id).await);
+        let count = |kind: EventKind| history.iter().filter(|(k, _, _)| *k == kind).count();
+        assert_eq!(count(EventKind::ScheduleSuspended), 1, "{id}: {history:?}");
+        assert_eq!(count(EventKind::ScheduleResumed), 1, "{id}: {history:?}");
+    }
+    assert_eq!(applier.calls().len(), 2, "each applied once");
+}
