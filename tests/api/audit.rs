@@ -581,3 +581,83 @@ async fn without_a_signing_key_events_are_chained_but_no_checkpoint_is_written()
     assert_eq!(events.len(), 1);
     assert!(events[0].hash.is_some());
 }
+
+/// Two replicas writing in turn into one database: on SQLite each insert guesses the log's
+/// head from what its own process wrote last, and the other replica's writes make that guess
+/// stale. Every event still gets the next revision (gap-free on SQLite, unique on both), a
+/// refused create takes none, and every chain verifies.
+#[tokio::test]
+async fn two_replicas_writing_in_turn_keep_one_gap_free_log_whose_chains_verify() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (private, public_key) = key_files(dir.path(), "audit");
+    let configure = |config: &mut approvals::config::Config| {
+        config.audit.signing_key_file = private.display().to_string();
+        config.audit.checkpoint_interval = Duration::from_millis(100);
+    };
+    let server = TestServer::start_with(configure).await;
+    let replica = TestServer::replica_of(&server, configure).await;
+    let mut on_server = server.client("user:alice").await;
+    let mut on_replica = replica.client("user:alice").await;
+    let mut reviewer = replica.client("user:bob").await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let client = if i % 2 == 0 {
+            &mut on_server
+        } else {
+            &mut on_replica
+        };
+        let created = create(
+            client,
+            pb::CreateChangeRequestRequest {
+                request_id: format!("turn-{i}"),
+                ..new_request()
+            },
+        )
+        .await;
+        client
+            .add_comment(pb::AddCommentRequest {
+                id: created.id.clone(),
+                text: format!("comment {i}"),
+            })
+            .await
+            .expect("comment");
+        ids.push(created.id);
+    }
+    // A create refused after its event row was written: it leaves no revision behind.
+    let err = on_server
+        .create_change_request(pb::CreateChangeRequestRequest {
+            request_id: "turn-0".into(),
+            title: "another body".into(),
+            ..new_request()
+        })
+        .await
+        .expect_err("request_id reused");
+    assert_error(&err, Code::AlreadyExists, "REQUEST_ID_REUSED");
+    for id in &ids {
+        approve(&mut reviewer, id).await;
+    }
+    create(&mut on_server, new_request()).await;
+
+    let store = store_of(&server).await;
+    let events = store.stored_events(0, None, 1000).await.expect("events");
+    let revisions: Vec<i64> = events.iter().map(|e| e.revision).collect();
+    assert_eq!(revisions.len(), 6 * 3 + 1, "{revisions:?}");
+    assert!(
+        revisions.windows(2).all(|w| w[0] < w[1]),
+        "unique, ascending: {revisions:?}"
+    );
+    if server.database_url.starts_with("sqlite") {
+        let expected: Vec<i64> = (revisions[0]..revisions[0] + revisions.len() as i64).collect();
+        assert_eq!(revisions, expected, "gap-free on SQLite");
+    }
+    assert!(
+        events.iter().all(|e| e.hash.is_some()),
+        "every event hashed"
+    );
+    let head = *revisions.last().expect("events");
+    wait_for_checkpoint(&server, head).await;
+    let key = audit::read_public_key(&public_key).expect("public key");
+    let report = verify::verify_database(&store, &key).await.expect("verify");
+    assert!(report.is_clean(), "{}", report.render());
+    assert_eq!(report.events, revisions.len());
+}

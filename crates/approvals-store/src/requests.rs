@@ -100,7 +100,7 @@ impl Store {
                 key,
                 hashed: self.create_hashing,
             }];
-            let revision = rows::insert(&w.txn, &mut new).await?;
+            let revision = rows::insert(&w.txn, &mut new, Some(self.written_head())).await?;
             w.note_appended(revision);
             Ok(())
         })

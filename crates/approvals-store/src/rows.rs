@@ -1,6 +1,7 @@
 //! The rows of new change requests, written the way every create writes them: the CREATED
-//! event first (its identity column gives the revision), then the request's row carrying that
-//! revision, then the rows of the resources its changes touch. Either one statement per table
+//! event first (on PostgreSQL its identity column gives the revision; on SQLite the insert
+//! names the next revision itself, so the row carries its hash from the start), then the
+//! request's row carrying that revision, then the rows of the resources its changes touch. Either one statement per table
 //! for any number of requests (SQLite's create, and the bulk seed), or, on PostgreSQL, the three
 //! in one statement (a create in one round trip). [`crate::seed`] offers both to benchmarks.
 
@@ -8,7 +9,7 @@ use std::collections::HashMap;
 
 use approvals_domain::{
     ChangeRequest, EventDraft,
-    audit::{GENESIS, event_hash},
+    audit::{GENESIS, Hash, event_hash},
 };
 use sea_orm::{
     ConnectionTrait, DbBackend, Statement,
@@ -36,13 +37,48 @@ pub(crate) struct NewRequest<'a> {
 
 /// Writes `new` with one multi-row statement per table, in `db` (a transaction, for them to be
 /// written together). Sets each request's revision; returns the highest (0 when `new` is empty).
+///
+/// On SQLite the events carry their hashes from the insert ([`insert_sqlite_events`], after
+/// `head_guess`); elsewhere the identity column draws the revisions and one update writes the
+/// hashes.
 pub(crate) async fn insert(
     db: &impl ConnectionTrait,
     new: &mut [NewRequest<'_>],
+    head_guess: Option<i64>,
 ) -> Result<i64, DbErrOr> {
     if new.is_empty() {
         return Ok(0);
     }
+    let (revisions, hashes) = if db.get_database_backend() == DbBackend::Sqlite {
+        let mut rows = Vec::with_capacity(new.len());
+        for row in new.iter_mut() {
+            let (values, record) = event_values(row.request, row.event, row.hashed)?;
+            rows.push(EventRow {
+                values,
+                chain: row.hashed.then_some((GENESIS, record)),
+            });
+        }
+        let written = insert_sqlite_events(db, &rows, head_guess).await?;
+        let mut revisions = HashMap::with_capacity(new.len());
+        let mut hashes = HashMap::with_capacity(new.len());
+        for (row, (revision, hash)) in new.iter().zip(written) {
+            revisions.insert(row.request.id.clone(), revision);
+            if let Some(hash) = hash {
+                hashes.insert(row.request.id.clone(), hash);
+            }
+        }
+        (revisions, hashes)
+    } else {
+        insert_events_then_hash(db, new).await?
+    };
+    insert_request_rows(db, new, &revisions, &hashes).await
+}
+
+/// The CREATED events of `new` through the identity column, then their hashes by one update.
+async fn insert_events_then_hash(
+    db: &impl ConnectionTrait,
+    new: &mut [NewRequest<'_>],
+) -> Result<(HashMap<String, i64>, HashMap<String, Hash>), DbErrOr> {
     let mut events = Query::insert();
     events
         .into_table(EVENTS)
@@ -89,7 +125,17 @@ pub(crate) async fn insert(
     if !hashes.is_empty() {
         db.execute(&update).await?;
     }
+    Ok((revisions, hashes))
+}
 
+/// The rows of `new` and of their resources, each request with its CREATED event's revision
+/// and hash. Returns the highest revision.
+async fn insert_request_rows(
+    db: &impl ConnectionTrait,
+    new: &mut [NewRequest<'_>],
+    revisions: &HashMap<String, i64>,
+    hashes: &HashMap<String, Hash>,
+) -> Result<i64, DbErrOr> {
     let mut requests = Query::insert();
     requests.into_table(CHANGE_REQUESTS).columns(
         REQUEST_COLUMNS
@@ -124,6 +170,101 @@ pub(crate) async fn insert(
         db.execute(&resources).await?;
     }
     Ok(head)
+}
+
+/// One event row for [`insert_sqlite_events`]: its values in the order of `EVENT_COLUMNS[1..]`
+/// (all but the revision), and, when it is hashed, the previous hash of its request's chain and
+/// its audit record.
+pub(crate) struct EventRow {
+    pub(crate) values: Vec<sea_orm::Value>,
+    pub(crate) chain: Option<(Hash, Vec<u8>)>,
+}
+
+/// SQLite: inserts `rows` in one statement with explicit revisions, the next ones after the
+/// log's head, and each hashed row's `prev_hash` and `hash` in the row itself, so the chain
+/// costs no statement of its own under SQLite's single write lock. Returns each row's revision
+/// and hash, in order.
+///
+/// The head is `head_guess` (the highest revision this process wrote) while that is still the
+/// head: the insert is guarded by `MAX(revision) = head_guess` and writes nothing otherwise
+/// (another process wrote, or a transaction of this one rolled back), and then the head is read
+/// and the insert made after it. The caller holds the write lock (`BEGIN IMMEDIATE`), so the
+/// head does not move in between, and revisions stay gap-free and unique.
+pub(crate) async fn insert_sqlite_events(
+    db: &impl ConnectionTrait,
+    rows: &[EventRow],
+    head_guess: Option<i64>,
+) -> Result<Vec<(i64, Option<Hash>)>, DbErrOr> {
+    if let Some(head) = head_guess
+        && let Some(written) = insert_sqlite_events_after(db, rows, head, true).await?
+    {
+        return Ok(written);
+    }
+    let head = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            format!(
+                "SELECT COALESCE(MAX({rev}), 0) AS head FROM {EVENTS}",
+                rev = ev::REVISION
+            ),
+        ))
+        .await?
+        .ok_or_else(|| StoreError::Internal("the log's head query returned no row".into()))?
+        .try_get::<i64>("", "head")?;
+    insert_sqlite_events_after(db, rows, head, false)
+        .await?
+        .ok_or_else(|| StoreError::Internal("the event insert wrote no row".into()).into())
+}
+
+/// [`insert_sqlite_events`] after `head`; `None` when `guarded` and `head` is not the head.
+async fn insert_sqlite_events_after(
+    db: &impl ConnectionTrait,
+    rows: &[EventRow],
+    head: i64,
+    guarded: bool,
+) -> Result<Option<Vec<(i64, Option<Hash>)>>, DbErrOr> {
+    let width = EVENT_COLUMNS.len() + 2;
+    let tuple = format!("({})", vec!["?"; width].join(", "));
+    let mut params = Vec::with_capacity(rows.len() * width + 1);
+    let mut written = Vec::with_capacity(rows.len());
+    let mut revision = head;
+    for row in rows {
+        revision += 1;
+        let hash = row
+            .chain
+            .as_ref()
+            .map(|(prev, record)| event_hash(prev, revision, record));
+        params.push(revision.into());
+        params.extend(row.values.iter().cloned());
+        params.push(row.chain.as_ref().map(|(prev, _)| prev.to_vec()).into());
+        params.push(hash.map(|h| h.to_vec()).into());
+        written.push((revision, hash));
+    }
+    let columns = format!(
+        "{}, {}, {}",
+        EVENT_COLUMNS.join(", "),
+        ev::PREV_HASH,
+        ev::HASH
+    );
+    let tuples = vec![tuple; rows.len()].join(", ");
+    let sql = if guarded {
+        params.push(head.into());
+        format!(
+            "INSERT INTO {EVENTS} ({columns}) SELECT * FROM (VALUES {tuples}) \
+             WHERE (SELECT COALESCE(MAX({rev}), 0) FROM {EVENTS}) = ?",
+            rev = ev::REVISION
+        )
+    } else {
+        format!("INSERT INTO {EVENTS} ({columns}) VALUES {tuples}")
+    };
+    let result = db
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            sql,
+            params,
+        ))
+        .await?;
+    Ok((result.rows_affected() == rows.len() as u64).then_some(written))
 }
 
 /// PostgreSQL: writes `new` in one statement, so a create is one round trip (it was six:

@@ -8,7 +8,7 @@ use std::{
 
 use approvals_domain::{
     ChangeRequest, EventDraft, Timestamp,
-    audit::{GENESIS, Hash, event_hash},
+    audit::{GENESIS, Hash},
 };
 use sea_orm::{
     ConnectionTrait, DatabaseTransaction, DbBackend, SqliteTransactionMode, Statement,
@@ -24,6 +24,7 @@ use crate::{
     },
     connect::{Backend, Store},
     error::StoreError,
+    rows::{EventRow, insert_sqlite_events},
     schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res},
 };
 
@@ -220,7 +221,8 @@ impl WriteTxn<'_> {
     ///
     /// PostgreSQL computes the hash in the statement that draws the revision
     /// (`sha256(prev || int8send(revision) || record)`, one round trip as before); SQLite, whose
-    /// writers are serialised, inserts, then writes the hash computed here.
+    /// writers are serialised, inserts the row with its revision and hash computed here, also
+    /// in one statement ([`insert_sqlite_events`]).
     pub(crate) async fn append_event(
         &self,
         request: &mut ChangeRequest,
@@ -262,27 +264,20 @@ impl WriteTxn<'_> {
                 .ok_or_else(|| StoreError::Internal("the event hash is not 32 bytes".into()))?;
             (revision, hash)
         } else {
-            let insert = Query::insert()
-                .into_table(EVENTS)
-                // Every column but the revision, which the identity column assigns.
-                .columns(EVENT_COLUMNS[1..].iter().copied())
-                .values_panic(values.into_iter().map(Expr::val))
-                .returning_col(ev::REVISION)
-                .to_owned();
-            let row =
-                self.txn.query_one(&insert).await?.ok_or_else(|| {
-                    StoreError::Internal("event insert returned no revision".into())
-                })?;
-            let revision: i64 = row.try_get("", ev::REVISION)?;
-            let hash = event_hash(&prev, revision, &record);
-            let update = Query::update()
-                .table(EVENTS)
-                .value(ev::PREV_HASH, prev.to_vec())
-                .value(ev::HASH, hash.to_vec())
-                .and_where(Expr::col(ev::REVISION).eq(revision))
-                .to_owned();
-            self.txn.execute(&update).await?;
-            (revision, hash)
+            let row = EventRow {
+                values,
+                chain: Some((prev, record)),
+            };
+            let written =
+                insert_sqlite_events(&self.txn, &[row], Some(self.store.written_head())).await?;
+            match written.first() {
+                Some(&(revision, Some(hash))) => (revision, hash),
+                _ => {
+                    return Err(StoreError::Internal(
+                        "the event insert returned no hash".into(),
+                    ));
+                }
+            }
         };
         self.heads_map().insert(request.id.clone(), Some(hash));
         self.note_appended(revision);
