@@ -43,8 +43,9 @@ pub struct Store {
     pub(crate) db: DatabaseConnection,
     pub(crate) backend: Backend,
     /// SQLite takes one writer at a time; queueing writers here, in order, is fairer and cheaper
-    /// than letting them spin on the busy timeout. Unused on PostgreSQL.
-    pub(crate) sqlite_writer: Arc<Mutex<()>>,
+    /// than letting them spin on the busy timeout, and lets them share one commit (see
+    /// [`Store::write`]). Unused on PostgreSQL.
+    pub(crate) sqlite_writer: crate::write::SqliteWriter,
     /// Counts this process's commits, so the log reader wakes at once after a local write.
     pub(crate) commits: Arc<watch::Sender<u64>>,
     /// The highest revision this process has appended to the log (committed or not).
@@ -111,7 +112,7 @@ impl Store {
         Ok(Self {
             db,
             backend,
-            sqlite_writer: Arc::new(Mutex::new(())),
+            sqlite_writer: Arc::new(Mutex::new(None)),
             commits: Arc::new(watch::channel(0).0),
             written: Arc::new(AtomicI64::new(0)),
             estimates: Arc::default(),

@@ -3,7 +3,10 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use approvals_domain::{
@@ -15,7 +18,7 @@ use sea_orm::{
     TransactionOptions, TransactionTrait,
     sea_query::{Expr, ExprTrait, LockType, Query, SelectStatement},
 };
-use tokio::sync::MutexGuard;
+use tokio::sync::{Mutex, watch};
 
 use crate::{
     codec::{
@@ -28,27 +31,80 @@ use crate::{
     schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res},
 };
 
-/// One write transaction in progress (see [`Store::write`]).
+/// One write in progress (see [`Store::write`]): a transaction of its own on PostgreSQL, a
+/// savepoint in the batch's transaction on SQLite.
 pub(crate) struct WriteTxn<'s> {
     store: &'s Store,
     pub(crate) txn: DatabaseTransaction,
     /// An event was appended to the log: the commit wakes the log reader.
     appended: AtomicBool,
-    /// SQLite: this writer's turn, held until the transaction ends.
-    _turn: Option<MutexGuard<'s, ()>>,
     /// The chain head of each request this transaction read (locked) or wrote, so appending
     /// its next event needs no extra read.
     heads: std::sync::Mutex<HashMap<String, Option<Hash>>>,
 }
 
+/// SQLite: the write transaction that the writers queued together share (group commit, see
+/// [`Store::write`]), and the outcome of its commit, for each of them.
+pub(crate) struct SqliteBatch {
+    txn: DatabaseTransaction,
+    /// A writer of the batch appended an event: the commit wakes the log reader.
+    appended: bool,
+    /// `Some` once the batch's commit has been tried.
+    done: watch::Sender<Option<Result<(), CommitError>>>,
+}
+
+/// The open batch, if any: whoever holds this lock is the one writer at work.
+pub(crate) type SqliteWriter = Arc<Mutex<Option<SqliteBatch>>>;
+
+/// Why a shared commit failed, as every writer of the batch reports it.
+#[derive(Clone, Debug)]
+struct CommitError {
+    unavailable: bool,
+    message: String,
+}
+
+impl From<StoreError> for CommitError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(message) => Self {
+                unavailable: true,
+                message,
+            },
+            other => Self {
+                unavailable: false,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+impl From<CommitError> for StoreError {
+    fn from(err: CommitError) -> Self {
+        if err.unavailable {
+            StoreError::Unavailable(err.message)
+        } else {
+            StoreError::Internal(format!("the shared commit failed: {}", err.message))
+        }
+    }
+}
+
 impl Store {
-    /// Runs `body` in one write transaction, and commits it when `body` succeeds or rolls it
-    /// back when it fails: every write of the store goes through here.
+    /// Runs `body` in a write transaction, and makes it durable when `body` succeeds or undoes
+    /// it when it fails: every write of the store goes through here.
     ///
-    /// - SQLite: writers take their turn in order (the store's queue), then `BEGIN IMMEDIATE`,
-    ///   so the transaction holds the database's write lock from its first statement and never
-    ///   fails on a lock upgrade halfway.
-    /// - PostgreSQL: a plain transaction; `body` locks the rows it changes
+    /// - SQLite (group commit): SQLite has one writer, so writers take their turn in order
+    ///   (the store's queue). The first writer to find no open batch begins one (`BEGIN
+    ///   IMMEDIATE`, so it holds the database's write lock from its first statement and never
+    ///   fails on a lock upgrade halfway) and starts its committer, which queues behind the
+    ///   writers already waiting. Each writer runs `body` in its own savepoint: released when
+    ///   `body` succeeds, rolled back when it fails, so a refused write (an etag mismatch, a
+    ///   request id reused, an invalid transition) undoes only itself. When the committer's
+    ///   turn comes it commits the batch once, and every writer of the batch returns after that
+    ///   commit (with its own error, or the commit's): one fsync for all of them, and nothing is
+    ///   acknowledged before it is durable. A writer alone in its batch commits at once. A
+    ///   writer dropped midway (its caller went away) loses only its savepoint; the committer is
+    ///   a task of its own and still commits the others.
+    /// - PostgreSQL: a plain transaction per call; `body` locks the rows it changes
     ///   ([`WriteTxn::lock`]: `SELECT ... FOR UPDATE`).
     ///
     /// A commit after an event was appended ([`WriteTxn::append_event`]) wakes this process's
@@ -60,28 +116,26 @@ impl Store {
         F: AsyncFnOnce(&WriteTxn<'_>) -> Result<T, E>,
         E: From<StoreError>,
     {
-        let turn = match self.backend {
-            Backend::Sqlite => Some(self.sqlite_writer.lock().await),
-            Backend::Postgres => None,
-        };
-        let txn = self
-            .db
-            .begin_with_options(TransactionOptions {
-                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                ..Default::default()
-            })
-            .await
-            .map_err(StoreError::from)?;
-        let write = WriteTxn {
-            store: self,
-            txn,
-            appended: AtomicBool::new(false),
-            _turn: turn,
-            heads: Default::default(),
-        };
+        match self.backend {
+            Backend::Sqlite => self.write_in_batch(body).await,
+            Backend::Postgres => self.write_alone(body).await,
+        }
+    }
+
+    async fn write_alone<T, E, F>(&self, body: F) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&WriteTxn<'_>) -> Result<T, E>,
+        E: From<StoreError>,
+    {
+        let txn = self.db.begin().await.map_err(StoreError::from)?;
+        let write = WriteTxn::new(self, txn);
         match body(&write).await {
             Ok(value) => {
-                write.commit().await?;
+                let appended = write.appended();
+                write.txn.commit().await.map_err(StoreError::from)?;
+                if appended {
+                    self.note_committed();
+                }
                 Ok(value)
             }
             Err(err) => {
@@ -90,17 +144,111 @@ impl Store {
             }
         }
     }
+
+    async fn write_in_batch<T, E, F>(&self, body: F) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&WriteTxn<'_>) -> Result<T, E>,
+        E: From<StoreError>,
+    {
+        let mut turn = self.sqlite_writer.clone().lock_owned().await;
+        let batch = match turn.take() {
+            Some(batch) => batch,
+            None => {
+                let txn = self
+                    .db
+                    .begin_with_options(TransactionOptions {
+                        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(StoreError::from)?;
+                tokio::spawn(commit_batch(self.clone()));
+                SqliteBatch {
+                    txn,
+                    appended: false,
+                    done: watch::channel(None).0,
+                }
+            }
+        };
+        let batch = turn.insert(batch);
+        let mut done = batch.done.subscribe();
+        let result = match batch.txn.begin().await {
+            Ok(savepoint) => {
+                let write = WriteTxn::new(self, savepoint);
+                match body(&write).await {
+                    Ok(value) => {
+                        let appended = write.appended();
+                        match write.txn.commit().await {
+                            Ok(()) => {
+                                batch.appended |= appended;
+                                Ok(value)
+                            }
+                            Err(err) => Err(E::from(StoreError::from(err))),
+                        }
+                    }
+                    Err(err) => {
+                        write.rollback().await;
+                        Err(err)
+                    }
+                }
+            }
+            Err(err) => Err(E::from(StoreError::from(err))),
+        };
+        // The next writer's turn, or the committer's.
+        drop(turn);
+        let outcome = loop {
+            if let Some(outcome) = done.borrow_and_update().clone() {
+                break outcome;
+            }
+            if done.changed().await.is_err() {
+                break Err(CommitError {
+                    unavailable: false,
+                    message: "the batch ended without a commit".into(),
+                });
+            }
+        };
+        match (result, outcome) {
+            (Ok(value), Ok(())) => Ok(value),
+            (Ok(_), Err(err)) => Err(E::from(StoreError::from(err))),
+            // A refused write reports its own error once the others are durable.
+            (Err(err), _) => Err(err),
+        }
+    }
 }
 
-impl WriteTxn<'_> {
-    async fn commit(self) -> Result<(), StoreError> {
-        let appended = self.appended.load(Ordering::Relaxed);
-        self.txn.commit().await?;
-        if appended {
-            self.store.note_committed();
+/// SQLite: the committer of the batch just begun. It queues for the writer's turn behind the
+/// writers waiting when the batch began, so they all join the batch; then it commits it once
+/// and tells each of them.
+async fn commit_batch(store: Store) {
+    let mut turn = store.sqlite_writer.clone().lock_owned().await;
+    let Some(batch) = turn.take() else {
+        return;
+    };
+    let outcome = batch
+        .txn
+        .commit()
+        .await
+        .map_err(|err| CommitError::from(StoreError::from(err)));
+    if outcome.is_ok() && batch.appended {
+        store.note_committed();
+    }
+    batch.done.send_replace(Some(outcome));
+    // The turn passes on after the commit.
+    drop(turn);
+}
+
+impl<'s> WriteTxn<'s> {
+    fn new(store: &'s Store, txn: DatabaseTransaction) -> Self {
+        Self {
+            store,
+            txn,
+            appended: AtomicBool::new(false),
+            heads: Default::default(),
         }
-        // The writer's turn ends here, after the commit.
-        Ok(())
+    }
+
+    fn appended(&self) -> bool {
+        self.appended.load(Ordering::Relaxed)
     }
 
     async fn rollback(self) {
@@ -108,7 +256,9 @@ impl WriteTxn<'_> {
             tracing::warn!(error = %err, "rollback failed");
         }
     }
+}
 
+impl WriteTxn<'_> {
     pub(crate) fn backend(&self) -> Backend {
         self.store.backend
     }

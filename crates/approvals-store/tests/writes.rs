@@ -252,3 +252,69 @@ async fn seeded_requests_read_back_as_created_ones() {
     let fourth = store.create(request, event, None).await.expect("create");
     assert_eq!(fourth.change_request.revision, head + 1);
 }
+
+/// Group commit: writers queued together share one commit, each in its own savepoint, so one
+/// refused write undoes only itself and the others commit with their events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writers_queued_together_share_a_commit_and_a_refused_one_undoes_only_itself() {
+    let (store, _file) = store().await;
+    const N: u32 = 32;
+    for n in 1..=N {
+        let (request, event) = new_request(&id(n), &format!("flag-{n}"));
+        store.create(request, event, None).await.expect("create");
+    }
+    let head = store.head_revision().await.expect("head");
+    let commits = *store.local_commits().borrow();
+    let writers: Vec<_> = (1..=N)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .mutate(&id(n), move |request| {
+                        if n % 2 == 0 {
+                            // Changes the request, then refuses: nothing of it may stay.
+                            request.title = "changed".into();
+                            Err(DomainError::invalid("title", "refused"))
+                        } else {
+                            request.cancel(&alice(), format!("cancel {n}"), NOW)
+                        }
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for (n, writer) in (1..=N).zip(writers) {
+        let result = writer.await.expect("join");
+        if n % 2 == 0 {
+            assert!(
+                matches!(result, Err(StoreError::Domain(_))),
+                "{n}: {result:?}"
+            );
+        } else {
+            assert_eq!(result.expect("cancel").state, State::Cancelled);
+        }
+    }
+    for n in 1..=N {
+        let stored = store.get(&id(n)).await.expect("get");
+        let events = store.events(&id(n), 0, 10, false).await.expect("events");
+        if n % 2 == 0 {
+            assert_eq!(stored.title, "Roll out", "{n}");
+            assert_eq!(stored.state, State::InReview, "{n}");
+            assert_eq!(events.len(), 1, "{n}: only CREATED");
+        } else {
+            assert_eq!(stored.state, State::Cancelled, "{n}");
+            assert_eq!(events.len(), 2, "{n}: CREATED, CANCELLED");
+        }
+    }
+    // One event per successful write, gap-free after the creates.
+    assert_eq!(
+        store.head_revision().await.expect("head"),
+        head + i64::from(N / 2)
+    );
+    let shared = *store.local_commits().borrow() - commits;
+    assert!(
+        shared < u64::from(N / 2),
+        "{} writes that appended an event committed {shared} times: none shared a commit",
+        N / 2
+    );
+}
