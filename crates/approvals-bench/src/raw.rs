@@ -176,13 +176,18 @@ impl RawPair {
                 pool.close().await;
             }
             Self::Sqlite { connection, path } => {
-                let mut connection = connection.lock().await;
+                let mut guard = connection.lock().await;
                 for sql in DROP_TABLES {
-                    if let Err(e) = sqlx::raw_sql(sql).execute(&mut *connection).await {
+                    if let Err(e) = sqlx::raw_sql(sql).execute(&mut *guard).await {
                         eprintln!("raw_pair: {sql}: {e}");
                     }
                 }
-                drop(connection);
+                drop(guard);
+                // The runs are over, so this is the connection's last handle: close it (the
+                // WAL checkpointed) before the files go.
+                if let Ok(connection) = Arc::try_unwrap(connection) {
+                    let _ = connection.into_inner().close().await;
+                }
                 remove_sqlite(&path);
             }
         }
