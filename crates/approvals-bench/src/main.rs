@@ -1026,8 +1026,16 @@ fn print_report(report: &Report) {
         report.load_average_start.unwrap_or(f64::NAN),
         report.load_average_end.unwrap_or(f64::NAN),
     );
+    // The scenario column as wide as its longest name, so every row's figures line up.
+    let width = report
+        .rows
+        .iter()
+        .map(|row| row.scenario.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     println!(
-        "{:<24} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}  {:<24} {:>6} {:>6}  target",
+        "{:<width$} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}  {:<24} {:>6} {:>6}  target",
         "scenario",
         "ops/s",
         "p50 ms",
@@ -1041,7 +1049,7 @@ fn print_report(report: &Report) {
     );
     for row in &report.rows {
         println!(
-            "{:<24} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7}  {:<24} {:>6} {:>6}  {}",
+            "{:<width$} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7}  {:<24} {:>6} {:>6}  {}",
             row.scenario,
             row.stats.per_second,
             row.stats.p50_ms,
