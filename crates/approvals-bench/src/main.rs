@@ -348,6 +348,10 @@ async fn raw_pair_rows(
     duration: Duration,
 ) -> Result<Vec<Row>, String> {
     let body: Arc<str> = template.body()?.into();
+    eprintln!(
+        "  raw_pair rows carry {} bytes each (the template request's JSON body)",
+        body.len()
+    );
     let widest = levels.iter().copied().max().unwrap_or(1);
     let pair = raw::RawPair::open(url, widest).await?;
     let mut rows = Vec::with_capacity(levels.len());
