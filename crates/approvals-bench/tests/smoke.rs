@@ -41,6 +41,22 @@ fn bench(name: &str, args: &[&str]) -> Option<serde_json::Value> {
     Some(report)
 }
 
+/// The report's row of `scenario`.
+fn row<'a>(report: &'a serde_json::Value, scenario: &str) -> &'a serde_json::Value {
+    report["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["scenario"] == scenario)
+        .unwrap_or_else(|| panic!("no {scenario} row in {report}"))
+}
+
+/// A measured row that made calls, none of which failed.
+fn assert_ran(row: &serde_json::Value) {
+    assert!(row["ops"].as_u64().unwrap_or(0) > 0, "{row}");
+    assert_eq!(row["errors"], 0, "{row}");
+}
+
 #[test]
 fn runs_a_few_hundred_calls_against_a_server() {
     let Some(report) = bench(
@@ -62,14 +78,8 @@ fn runs_a_few_hundred_calls_against_a_server() {
     ) else {
         return;
     };
-    let rows = report["rows"].as_array().expect("rows");
     for scenario in ["create", "get", "list_by_requester", "lifecycle"] {
-        let row = rows
-            .iter()
-            .find(|r| r["scenario"] == scenario)
-            .unwrap_or_else(|| panic!("no {scenario} row"));
-        assert!(row["ops"].as_u64().unwrap_or(0) > 0, "{scenario}: {row}");
-        assert_eq!(row["errors"], 0, "{scenario}: {row}");
+        assert_ran(row(&report, scenario));
     }
 }
 
@@ -95,16 +105,9 @@ fn the_raw_pair_ceiling_and_the_latency_sweep_run() {
     ) else {
         return;
     };
-    let rows = report["rows"].as_array().expect("rows");
-    let find = |scenario: &str| {
-        rows.iter()
-            .find(|r| r["scenario"] == scenario)
-            .unwrap_or_else(|| panic!("no {scenario} row in {rows:?}"))
-    };
-    let raw = find("raw_pair (ceiling)");
-    assert!(raw["ops"].as_u64().unwrap_or(0) > 0, "{raw}");
-    assert_eq!(raw["errors"], 0, "{raw}");
-    let create = find("create");
+    assert_ran(row(&report, "raw_pair (ceiling)"));
+    let create = row(&report, "create");
+    assert_ran(create);
     assert_eq!(create["ceiling"], "direct_insert (ceiling)", "{create}");
     assert!(create["ratio"].is_f64(), "{create}");
     assert!(create["raw_ratio"].is_f64(), "{create}");
@@ -129,10 +132,7 @@ fn the_raw_pair_ceiling_and_the_latency_sweep_run() {
             ("create", 64),
         ]
     );
-    for point in sweep {
-        assert!(point["ops"].as_u64().unwrap_or(0) > 0, "{point}");
-        assert_eq!(point["errors"], 0, "{point}");
-    }
+    sweep.iter().for_each(assert_ran);
 }
 
 /// The watch fan-out against the server the bench starts: every stream opens (the server's
