@@ -1,6 +1,7 @@
 //! approvals-bench: throughput, latency and watch fan-out of the approvals server, each figure
 //! held against a ceiling measured in the same run on the same machine (a bare tonic unary RPC,
-//! and the database's own rate for the same inserts without gRPC).
+//! the database's own rate for the same inserts without gRPC, and its bare rate for two rows per
+//! transaction in tables of nothing but a key and a body: see `raw.rs`).
 //!
 //! See the README's "Benchmark" section for how to run it and what each figure means.
 
@@ -116,7 +117,8 @@ struct Cli {
     /// server, weighs less on the figure) or `full` (the whole generated message).
     #[arg(long, value_enum, default_value = "revisions")]
     watch_decode: WatchDecode,
-    /// Scenarios to run (comma separated; default all).
+    /// Scenarios to run (comma separated; default all, or none but the sweep with
+    /// --latency-sweep).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Scenario>,
     /// Also write the results as JSON to this file.
