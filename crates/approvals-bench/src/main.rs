@@ -1,11 +1,13 @@
 //! approvals-bench: throughput, latency and watch fan-out of the approvals server, each figure
 //! held against a ceiling measured in the same run on the same machine (a bare tonic unary RPC,
-//! and the database's own rate for the same inserts without gRPC).
+//! the database's own rate for the same inserts without gRPC, and its bare rate for two rows per
+//! transaction in tables of nothing but a key and a body: see `raw.rs`).
 //!
 //! See the README's "Benchmark" section for how to run it and what each figure means.
 
 mod applier;
 mod load;
+mod raw;
 mod seed;
 mod server;
 mod watch;
@@ -47,6 +49,7 @@ enum Backend {
 enum Scenario {
     Health,
     Direct,
+    RawPair,
     Create,
     Get,
     List,
@@ -114,7 +117,8 @@ struct Cli {
     /// server, weighs less on the figure) or `full` (the whole generated message).
     #[arg(long, value_enum, default_value = "revisions")]
     watch_decode: WatchDecode,
-    /// Scenarios to run (comma separated; default all).
+    /// Scenarios to run (comma separated; default all, or none but the sweep with
+    /// --latency-sweep).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Scenario>,
     /// Also write the results as JSON to this file.
@@ -133,7 +137,17 @@ struct Cli {
     /// run it interleaved with `on` (see the README, "Audit", Cost).
     #[arg(long, value_enum, default_value = "on")]
     create_hashing: Toggle,
+    /// Runs `raw_pair (ceiling)` and then `create` at 1, 8 and 64 in flight, and prints the
+    /// ops/s, p50 and p99 of each in a short table of its own (JSON: `latency_sweep`): how much
+    /// of create's latency is the database's commit and how much queueing. Without --only it
+    /// runs only the sweep; with --only, the sweep follows those scenarios. Each point has its
+    /// own --warmup and --duration window.
+    #[arg(long)]
+    latency_sweep: bool,
 }
+
+/// The calls in flight of each point of `--latency-sweep`.
+const SWEEP_LEVELS: [usize; 3] = [1, 8, 64];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Toggle {
@@ -143,7 +157,11 @@ enum Toggle {
 
 impl Cli {
     fn runs(&self, scenario: Scenario) -> bool {
-        self.only.is_empty() || self.only.contains(&scenario)
+        if self.only.is_empty() {
+            !self.latency_sweep
+        } else {
+            self.only.contains(&scenario)
+        }
     }
 }
 
@@ -159,6 +177,10 @@ struct Row {
     ceiling: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio: Option<f64>,
+    /// The ratio of throughputs to `raw_pair (ceiling)`, the database's bare two-insert
+    /// transaction, beside the ratio to `ceiling`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_ratio: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<String>,
 }
@@ -176,6 +198,9 @@ struct Report {
     load_average_start: Option<f64>,
     load_average_end: Option<f64>,
     rows: Vec<Row>,
+    /// `--latency-sweep`: raw_pair and create at each of `SWEEP_LEVELS` in flight.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    latency_sweep: Vec<Row>,
     watch: Vec<WatchResult>,
 }
 
@@ -268,6 +293,7 @@ fn row(scenario: &str, concurrency: usize, stats: Stats) -> Row {
         stats,
         ceiling: None,
         ratio: None,
+        raw_ratio: None,
         target: None,
     }
 }
@@ -281,6 +307,68 @@ fn against(mut row: Row, ceiling: Option<&Row>, target: &str) -> Row {
     }
     row.target = Some(target.to_owned());
     row
+}
+
+/// `row` with its ratio to the raw_pair ceiling, if that ran.
+fn against_raw(mut row: Row, raw: Option<&Row>) -> Row {
+    if let Some(raw) = raw.filter(|raw| raw.stats.per_second > 0.0) {
+        row.raw_ratio = Some(row.stats.per_second / raw.stats.per_second);
+    }
+    row
+}
+
+/// CreateChangeRequest at `concurrency` in flight, in `project`, each of a resource of its own.
+async fn drive_creates(
+    clients: Arc<Clients>,
+    project: &str,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Stats {
+    let project = project.to_owned();
+    drive(concurrency, warmup, duration, move |worker, sequence| {
+        let mut client = clients.api(worker);
+        let request = create_request(&project, &format!("flag-{worker}-{sequence}"));
+        async move {
+            client
+                .create_change_request(with_actor(request, "user:creator"))
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string())
+        }
+    })
+    .await
+}
+
+/// The raw_pair ceiling at each of `levels` in flight, on its two tables, created for it and
+/// dropped afterwards with its pool (as wide as the widest level).
+async fn raw_pair_rows(
+    url: &str,
+    template: &Template,
+    levels: &[usize],
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Vec<Row>, String> {
+    let body: Arc<str> = template.body()?.into();
+    eprintln!(
+        "  raw_pair rows carry {} bytes each (the template request's JSON body)",
+        body.len()
+    );
+    let widest = levels.iter().copied().max().unwrap_or(1);
+    let pair = raw::RawPair::open(url, widest).await?;
+    let mut rows = Vec::with_capacity(levels.len());
+    let mut failure = None;
+    for &c in levels {
+        match pair.drive(c, warmup, duration, body.clone()).await {
+            Ok(stats) => rows.push(row("raw_pair (ceiling)", c, stats)),
+            Err(err) => {
+                failure = Some(err);
+                break;
+            }
+        }
+    }
+    pair.close().await;
+    failure.map_or(Ok(rows), Err)
 }
 
 /// GetChangeRequest at `concurrency` in flight, of the id `pick(worker, sequence)` names.
@@ -485,7 +573,12 @@ async fn run(cli: Cli) -> Result<Report, String> {
         drop(process);
         database.remove().await;
     }
-    let (mut rows, watch, seed_seconds) = result?;
+    let Outcome {
+        mut rows,
+        latency_sweep,
+        watch,
+        seed_seconds,
+    } = result?;
     if cli.tls && cli.target.is_none() {
         let tls_rows = over_tls(&cli, &rows).await?;
         rows.extend(tls_rows);
@@ -502,11 +595,18 @@ async fn run(cli: Cli) -> Result<Report, String> {
         load_average_start,
         load_average_end: server::load_average(),
         rows,
+        latency_sweep,
         watch,
     })
 }
 
-type Outcome = (Vec<Row>, Vec<WatchResult>, Option<f64>);
+/// What the scenarios against one server measured.
+struct Outcome {
+    rows: Vec<Row>,
+    latency_sweep: Vec<Row>,
+    watch: Vec<WatchResult>,
+    seed_seconds: Option<f64>,
+}
 
 /// `--tls`: a second server (a fresh database) serving TLS with throwaway certificates; get
 /// and create over it, each held against its plain-text row of `plain`.
@@ -563,21 +663,7 @@ async fn tls_scenarios(
     let mut rows = Vec::new();
     if cli.runs(Scenario::Create) {
         eprintln!("create over TLS...");
-        let clients = clients.clone();
-        let stats = drive(c, warmup, duration, move |worker, sequence| {
-            let mut client = clients.api(worker);
-            async move {
-                client
-                    .create_change_request(with_actor(
-                        create_request("bench-create", &format!("flag-{worker}-{sequence}")),
-                        "user:creator",
-                    ))
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| s.to_string())
-            }
-        })
-        .await;
+        let stats = drive_creates(clients.clone(), "bench-create", c, warmup, duration).await;
         rows.push(against(
             row("create (tls)", c, stats),
             plain_row("create"),
@@ -706,27 +792,31 @@ async fn scenarios(
         _ => None,
     };
 
+    // Ceiling 3: the database's bare rate for two inserts per transaction (see raw.rs).
+    let raw = match (database_url, &template) {
+        (Some(url), Some(template))
+            if cli.runs(Scenario::RawPair) || cli.runs(Scenario::Create) =>
+        {
+            eprintln!("raw_pair (bare two-insert transactions, database ceiling)...");
+            let raw = raw_pair_rows(url, template, &[c], warmup, duration)
+                .await?
+                .pop();
+            rows.extend(raw.clone());
+            raw
+        }
+        _ => None,
+    };
+
     if cli.runs(Scenario::Create) {
         eprintln!("create...");
-        let clients = clients.clone();
-        let stats = drive(c, warmup, duration, move |worker, sequence| {
-            let mut client = clients.api(worker);
-            async move {
-                client
-                    .create_change_request(with_actor(
-                        create_request("bench-create", &format!("flag-{worker}-{sequence}")),
-                        "user:creator",
-                    ))
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| s.to_string())
-            }
-        })
-        .await;
-        rows.push(against(
-            row("create", c, stats),
-            direct.as_ref(),
-            ">= 0.8 of direct_insert (PostgreSQL)",
+        let stats = drive_creates(clients.clone(), "bench-create", c, warmup, duration).await;
+        rows.push(against_raw(
+            against(
+                row("create", c, stats),
+                direct.as_ref(),
+                ">= 0.8 of direct_insert (PostgreSQL)",
+            ),
+            raw.as_ref(),
         ));
     }
 
@@ -873,11 +963,34 @@ async fn scenarios(
             }
         })
         .await;
-        rows.push(against(
-            row("lifecycle", c, stats),
-            direct.as_ref(),
-            "5 events per lifecycle: created, 2 reviews, apply started, applied",
+        rows.push(against_raw(
+            against(
+                row("lifecycle", c, stats),
+                direct.as_ref(),
+                "5 events per lifecycle: created, 2 reviews, apply started, applied",
+            ),
+            raw.as_ref(),
         ));
+    }
+
+    // --latency-sweep: the database's bare commit first, then create, at each level.
+    let mut latency_sweep = Vec::new();
+    if cli.latency_sweep {
+        match (database_url, &template) {
+            (Some(url), Some(template)) => {
+                eprintln!("latency sweep: raw_pair at {SWEEP_LEVELS:?} in flight...");
+                latency_sweep =
+                    raw_pair_rows(url, template, &SWEEP_LEVELS, warmup, duration).await?;
+            }
+            _ => eprintln!("latency sweep: no database URL, so no raw_pair"),
+        }
+        for level in SWEEP_LEVELS {
+            eprintln!("latency sweep: create at {level} in flight...");
+            // A project per level: each point creates requests of its own.
+            let project = format!("bench-sweep-{level}");
+            let stats = drive_creates(clients.clone(), &project, level, warmup, duration).await;
+            latency_sweep.push(row("create", level, stats));
+        }
     }
 
     let mut watch = Vec::new();
@@ -900,7 +1013,12 @@ async fn scenarios(
             watch.push(result);
         }
     }
-    Ok((rows, watch, seed_seconds))
+    Ok(Outcome {
+        rows,
+        latency_sweep,
+        watch,
+        seed_seconds,
+    })
 }
 
 fn print_report(report: &Report) {
@@ -914,13 +1032,30 @@ fn print_report(report: &Report) {
         report.load_average_start.unwrap_or(f64::NAN),
         report.load_average_end.unwrap_or(f64::NAN),
     );
+    // The scenario column as wide as its longest name, so every row's figures line up.
+    let width = report
+        .rows
+        .iter()
+        .map(|row| row.scenario.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     println!(
-        "{:<24} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}  {:<24} {:>6}  target",
-        "scenario", "ops/s", "p50 ms", "p99 ms", "p999 ms", "max ms", "errors", "ceiling", "ratio"
+        "{:<width$} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}  {:<24} {:>6} {:>6}  target",
+        "scenario",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "max ms",
+        "errors",
+        "ceiling",
+        "ratio",
+        "vs raw"
     );
     for row in &report.rows {
         println!(
-            "{:<24} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7}  {:<24} {:>6}  {}",
+            "{:<width$} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7}  {:<24} {:>6} {:>6}  {}",
             row.scenario,
             row.stats.per_second,
             row.stats.p50_ms,
@@ -930,10 +1065,36 @@ fn print_report(report: &Report) {
             row.stats.errors,
             row.ceiling.as_deref().unwrap_or("-"),
             row.ratio.map_or("-".to_owned(), |r| format!("{r:.2}")),
+            row.raw_ratio.map_or("-".to_owned(), |r| format!("{r:.2}")),
             row.target.as_deref().unwrap_or(""),
         );
         if let Some(err) = &row.stats.first_error {
             println!("    first error: {err}");
+        }
+    }
+    if report.rows.iter().any(|row| row.raw_ratio.is_some()) {
+        println!(
+            "vs raw: ratio of throughputs to raw_pair (ceiling), the bare two-insert transaction"
+        );
+    }
+    if !report.latency_sweep.is_empty() {
+        println!(
+            "\nlatency sweep\n{:<24} {:>9} {:>10} {:>8} {:>8} {:>7}",
+            "scenario", "in flight", "ops/s", "p50 ms", "p99 ms", "errors"
+        );
+        for row in &report.latency_sweep {
+            println!(
+                "{:<24} {:>9} {:>10.0} {:>8.2} {:>8.2} {:>7}",
+                row.scenario,
+                row.concurrency,
+                row.stats.per_second,
+                row.stats.p50_ms,
+                row.stats.p99_ms,
+                row.stats.errors,
+            );
+            if let Some(err) = &row.stats.first_error {
+                println!("    first error: {err}");
+            }
         }
     }
     if !report.watch.is_empty() {

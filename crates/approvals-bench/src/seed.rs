@@ -71,6 +71,13 @@ impl Template {
         })
     }
 
+    /// The request's JSON body, as the store writes it in the request's row (and, the same
+    /// request without comments, as the CREATED event's snapshot): the size of the service's
+    /// own rows, for the raw ceiling's bare rows.
+    pub fn body(&self) -> Result<String, String> {
+        serde_json::to_string(&self.request).map_err(|e| format!("the template's body: {e}"))
+    }
+
     /// The request and event of `spec`: the template's, with `spec`'s values.
     fn created(&self, spec: &RowSpec) -> Result<(ChangeRequest, EventDraft), String> {
         let created_by = Principal::parse(&spec.created_by)?;

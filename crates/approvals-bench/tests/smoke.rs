@@ -3,8 +3,9 @@
 
 use std::{path::PathBuf, process::Command};
 
-#[test]
-fn runs_a_few_hundred_calls_against_a_server() {
+/// Runs the bench on SQLite with `args` against the `approvals` binary built beside it and
+/// returns its JSON report; `None` (the test skipped) when that binary is not built.
+fn bench(name: &str, args: &[&str]) -> Option<serde_json::Value> {
     let bench = PathBuf::from(env!("CARGO_BIN_EXE_approvals-bench"));
     let server = bench.with_file_name("approvals");
     if !server.exists() {
@@ -12,9 +13,9 @@ fn runs_a_few_hundred_calls_against_a_server() {
             "skipped: {} is not built (run `cargo test --workspace`)",
             server.display()
         );
-        return;
+        return None;
     }
-    let dir = std::env::temp_dir().join(format!("approvals-bench-smoke-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("approvals-bench-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let json = dir.join("bench.json");
     let output = Command::new(&bench)
@@ -23,6 +24,44 @@ fn runs_a_few_hundred_calls_against_a_server() {
             "sqlite",
             "--server-bin",
             server.to_str().expect("utf-8 path"),
+        ])
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run approvals-bench");
+    assert!(
+        output.status.success(),
+        "approvals-bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = serde_json::from_str(&std::fs::read_to_string(&json).expect("json written"))
+        .expect("valid json");
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(report)
+}
+
+/// The report's row of `scenario`.
+fn row<'a>(report: &'a serde_json::Value, scenario: &str) -> &'a serde_json::Value {
+    report["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["scenario"] == scenario)
+        .unwrap_or_else(|| panic!("no {scenario} row in {report}"))
+}
+
+/// A measured row that made calls, none of which failed.
+fn assert_ran(row: &serde_json::Value) {
+    assert!(row["ops"].as_u64().unwrap_or(0) > 0, "{row}");
+    assert_eq!(row["errors"], 0, "{row}");
+}
+
+#[test]
+fn runs_a_few_hundred_calls_against_a_server() {
+    let Some(report) = bench(
+        "smoke",
+        &[
             "--concurrency",
             "4",
             "--connections",
@@ -35,29 +74,65 @@ fn runs_a_few_hundred_calls_against_a_server() {
             "300",
             "--only",
             "health,direct,create,get,list,lifecycle",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .expect("run approvals-bench");
-    assert!(
-        output.status.success(),
-        "approvals-bench failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("json written"))
-            .expect("valid json");
-    let _ = std::fs::remove_dir_all(&dir);
-    let rows = report["rows"].as_array().expect("rows");
+        ],
+    ) else {
+        return;
+    };
     for scenario in ["create", "get", "list_by_requester", "lifecycle"] {
-        let row = rows
-            .iter()
-            .find(|r| r["scenario"] == scenario)
-            .unwrap_or_else(|| panic!("no {scenario} row"));
-        assert!(row["ops"].as_u64().unwrap_or(0) > 0, "{scenario}: {row}");
-        assert_eq!(row["errors"], 0, "{scenario}: {row}");
+        assert_ran(row(&report, scenario));
     }
+}
+
+/// The raw two-insert ceiling on SQLite (a file of its own, one writer), create held against
+/// it as well as against direct_insert, and `--latency-sweep`'s six points.
+#[test]
+fn the_raw_pair_ceiling_and_the_latency_sweep_run() {
+    let Some(report) = bench(
+        "raw",
+        &[
+            "--concurrency",
+            "4",
+            "--connections",
+            "2",
+            "--warmup",
+            "0s",
+            "--duration",
+            "200ms",
+            "--only",
+            "raw-pair,create",
+            "--latency-sweep",
+        ],
+    ) else {
+        return;
+    };
+    assert_ran(row(&report, "raw_pair (ceiling)"));
+    let create = row(&report, "create");
+    assert_ran(create);
+    assert_eq!(create["ceiling"], "direct_insert (ceiling)", "{create}");
+    assert!(create["ratio"].is_f64(), "{create}");
+    assert!(create["raw_ratio"].is_f64(), "{create}");
+    let sweep = report["latency_sweep"].as_array().expect("latency_sweep");
+    let points: Vec<(&str, u64)> = sweep
+        .iter()
+        .map(|r| {
+            (
+                r["scenario"].as_str().unwrap_or(""),
+                r["concurrency"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        points,
+        [
+            ("raw_pair (ceiling)", 1),
+            ("raw_pair (ceiling)", 8),
+            ("raw_pair (ceiling)", 64),
+            ("create", 1),
+            ("create", 8),
+            ("create", 64),
+        ]
+    );
+    sweep.iter().for_each(assert_ran);
 }
 
 /// The watch fan-out against the server the bench starts: every stream opens (the server's
@@ -65,29 +140,11 @@ fn runs_a_few_hundred_calls_against_a_server() {
 /// watcher gets every write.
 #[test]
 fn the_watch_fan_out_opens_every_stream_and_delivers_every_write() {
-    let bench = PathBuf::from(env!("CARGO_BIN_EXE_approvals-bench"));
-    let server = bench.with_file_name("approvals");
-    if !server.exists() {
-        eprintln!(
-            "skipped: {} is not built (run `cargo test --workspace`)",
-            server.display()
-        );
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!(
-        "approvals-bench-watch-smoke-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let json = dir.join("bench.json");
     // More streams on one connection, and from the one bench principal, than the server's
     // defaults (1,000 of each) allow.
-    let output = Command::new(&bench)
-        .args([
-            "--database",
-            "sqlite",
-            "--server-bin",
-            server.to_str().expect("utf-8 path"),
+    let Some(report) = bench(
+        "watch-smoke",
+        &[
             "--only",
             "watch",
             "--watchers",
@@ -98,20 +155,10 @@ fn the_watch_fan_out_opens_every_stream_and_delivers_every_write() {
             "2",
             "--watch-interval",
             "20ms",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .expect("run approvals-bench");
-    assert!(
-        output.status.success(),
-        "approvals-bench failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("json written"))
-            .expect("valid json");
-    let _ = std::fs::remove_dir_all(&dir);
+        ],
+    ) else {
+        return;
+    };
     let watch = &report["watch"][0];
     assert_eq!(watch["established"], 1200, "{watch}");
     assert_eq!(watch["missing"], 0, "{watch}");
