@@ -775,3 +775,134 @@ async fn concurrent_approvals_are_counted_once_with_one_transition() {
     );
     assert!(trail.windows(2).all(|w| w[0].revision < w[1].revision));
 }
+
+/// Group commit (issue 28): on SQLite the calls in flight together share one commit, each in
+/// its own savepoint. Refused calls among them (a stale etag; creates racing for one
+/// request_id, whose losers are refused by the unique index after their CREATED event row was
+/// written) change nothing, and the others commit with exactly their events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_calls_among_concurrent_ones_change_nothing_of_the_others() {
+    let server = TestServer::start().await;
+    let mut alice = server.client("user:alice").await;
+    let mut ids = Vec::new();
+    let mut stale_etags = Vec::new();
+    for i in 0..24 {
+        let created = create(&mut alice, new_request()).await;
+        if i >= 16 {
+            // Edited after the etag was read: that etag is stale.
+            let mut edited = created.clone();
+            edited.title = format!("edited {i}");
+            alice
+                .update_change_request(pb::UpdateChangeRequestRequest {
+                    change_request: Some(edited),
+                    update_mask: mask(&["title"]),
+                })
+                .await
+                .expect("edit");
+            stale_etags.push(created.etag.clone());
+        }
+        ids.push(created.id);
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let mut bob = server.client("user:bob").await;
+        let (id, etag) = (id.clone(), stale_etags.get(i.wrapping_sub(16)).cloned());
+        calls.spawn(async move {
+            let result = bob
+                .approve_change_request(pb::ApproveChangeRequestRequest {
+                    id: id.clone(),
+                    etag: etag.clone().unwrap_or_default(),
+                    ..Default::default()
+                })
+                .await;
+            (id, etag.is_some(), result.map(|r| r.into_inner().id))
+        });
+    }
+    for i in 0..8 {
+        let mut alice = server.client("user:alice").await;
+        calls.spawn(async move {
+            let result = alice
+                .create_change_request(pb::CreateChangeRequestRequest {
+                    request_id: "race".into(),
+                    title: format!("body {i}"),
+                    ..new_request()
+                })
+                .await;
+            (String::new(), true, result.map(|r| r.into_inner().id))
+        });
+    }
+    let mut approved = 0;
+    let mut raced = Vec::new();
+    while let Some(joined) = calls.join_next().await {
+        let (id, refused, result) = joined.expect("join");
+        match (id.is_empty(), refused, result) {
+            (false, false, Ok(_)) => approved += 1,
+            (false, true, Err(err)) => {
+                assert_error(&err, Code::Aborted, "ETAG_MISMATCH");
+            }
+            (true, _, Ok(id)) => raced.push(id),
+            (true, _, Err(err)) => {
+                assert_error(&err, Code::AlreadyExists, "REQUEST_ID_REUSED");
+            }
+            (_, _, other) => panic!("{id}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(approved, 16);
+    assert_eq!(raced.len(), 1, "one create wins the request_id: {raced:?}");
+    for (i, id) in ids.iter().enumerate() {
+        let read = get(&mut alice, id).await;
+        let history: Vec<EventKind> = events(&mut alice, id)
+            .await
+            .iter()
+            .map(|e| EventKind::try_from(e.kind).expect("kind"))
+            .collect();
+        if i < 16 {
+            assert_eq!(read.approval_count, 1, "{id}");
+            assert_eq!(
+                history
+                    .iter()
+                    .filter(|k| **k == EventKind::Reviewed)
+                    .count(),
+                1,
+                "{id}: {history:?}"
+            );
+        } else {
+            assert_eq!(read.approval_count, 0, "{id}");
+            assert!(!history.contains(&EventKind::Reviewed), "{id}: {history:?}");
+        }
+    }
+    let list = alice
+        .list_change_requests(pb::ListChangeRequestsRequest {
+            project: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(list.total_size, 25, "no request from a refused create");
+    assert_eq!(events(&mut alice, &raced[0]).await.len(), 1);
+    // The log holds exactly the committed calls' events: 25 CREATED, 8 UPDATED, 16 REVIEWED,
+    // and no event of a create that was refused after its event row was written.
+    let store = approvals_store::Store::connect(&approvals_store::DatabaseSettings {
+        url: server.database_url.clone(),
+        max_connections: 1,
+        acquire_timeout: std::time::Duration::from_secs(5),
+        statement_timeout: std::time::Duration::from_secs(30),
+    })
+    .await
+    .expect("store");
+    let log = store.stored_events(0, None, 1000).await.expect("events");
+    assert_eq!(log.len(), 25 + 8 + 16, "{} events", log.len());
+    let known: std::collections::HashSet<&str> = ids
+        .iter()
+        .map(String::as_str)
+        .chain([raced[0].as_str()])
+        .collect();
+    for event in &log {
+        assert!(
+            known.contains(event.fields.change_request_id.as_str()),
+            "an event of no request: {}",
+            event.fields.change_request_id
+        );
+    }
+}
