@@ -1547,10 +1547,7 @@ async fn apply_delay_holds_a_manual_apply_and_bounds_schedules() {
     let info = err.get_details_error_info().expect("error info");
     assert!(info.metadata.contains_key("apply_time"), "{info:?}");
 
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
+    let now = unix_now();
     let err = alice
         .schedule_change_request(pb::ScheduleChangeRequestRequest {
             id: created.id.clone(),
@@ -1620,11 +1617,7 @@ async fn two_replicas_apply_a_schedule_a_freeze_released_once() {
             .schedule_change_request(pb::ScheduleChangeRequestRequest {
                 id: created.id.clone(),
                 apply_time: Some(prost_types::Timestamp {
-                    seconds: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .expect("clock")
-                        .as_secs() as i64
-                        + 2,
+                    seconds: unix_now() + 2,
                     nanos: 0,
                 }),
                 ..Default::default()
@@ -1723,11 +1716,7 @@ async fn a_freeze_created_while_requests_are_scheduled_suspends_them_and_its_end
     .await;
     let mut alice = server.client("user:alice").await;
     let mut bob = server.client("user:bob").await;
-    let apply_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64
-        + 3;
+    let apply_at = unix_now() + 3;
     let mut ids = Vec::new();
     for _ in 0..2 {
         let created = create(&mut alice, new_request()).await;

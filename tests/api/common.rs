@@ -622,3 +622,23 @@ impl approvals::clock::Clock for ManualClock {
         )
     }
 }
+
+/// The first page of `project`'s requests (ListChangeRequests with its defaults).
+pub async fn list_project(client: &mut Client, project: &str) -> pb::ListChangeRequestsResponse {
+    client
+        .list_change_requests(pb::ListChangeRequestsRequest {
+            project: project.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+}
+
+/// The real time now, in whole seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}

@@ -394,14 +394,7 @@ async fn the_document_cap_refuses_what_would_grow_past_it_and_writes_nothing() {
             > MAX_DOCUMENT_BYTES
     );
 
-    let list = alice
-        .list_change_requests(pb::ListChangeRequestsRequest {
-            project: "web".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner();
+    let list = list_project(&mut alice, "web").await;
     assert_eq!(list.change_requests.len(), 1, "nothing else was created");
 }
 

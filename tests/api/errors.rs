@@ -143,14 +143,7 @@ async fn create_names_each_invalid_field() {
         let err = alice.create_change_request(request).await.expect_err(case);
         assert_invalid(&err, &fields);
     }
-    let list = alice
-        .list_change_requests(pb::ListChangeRequestsRequest {
-            project: "web".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner();
+    let list = list_project(&mut alice, "web").await;
     assert_eq!(list.total_size, 0, "no refused request was written");
 }
 

@@ -669,14 +669,7 @@ async fn request_id_makes_create_idempotent() {
     let bobs = create(&mut bob, request.clone()).await;
     assert_ne!(bobs.id, first.id);
 
-    let list = alice
-        .list_change_requests(pb::ListChangeRequestsRequest {
-            project: "web".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner();
+    let list = list_project(&mut alice, "web").await;
     assert_eq!(list.total_size, 2);
 }
 
@@ -871,14 +864,7 @@ async fn refused_calls_among_concurrent_ones_change_nothing_of_the_others() {
             assert!(!history.contains(&EventKind::Reviewed), "{id}: {history:?}");
         }
     }
-    let list = alice
-        .list_change_requests(pb::ListChangeRequestsRequest {
-            project: "web".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner();
+    let list = list_project(&mut alice, "web").await;
     assert_eq!(list.total_size, 25, "no request from a refused create");
     assert_eq!(events(&mut alice, &raced[0]).await.len(), 1);
     // The log holds exactly the committed calls' events: 25 CREATED, 8 UPDATED, 16 REVIEWED,

@@ -208,14 +208,7 @@ async fn a_hostile_payload_is_refused_at_once_and_health_stays_responsive() {
     let mut client = server.client("user:alice").await;
     let created = create(&mut client, new_request()).await;
     assert_eq!(state(&created), pb::State::InReview);
-    let list = client
-        .list_change_requests(pb::ListChangeRequestsRequest {
-            project: "web".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner();
+    let list = list_project(&mut client, "web").await;
     assert_eq!(list.change_requests.len(), 1);
 }
 
