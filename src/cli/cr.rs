@@ -117,13 +117,23 @@ pub enum CrCommand {
     /// Plan the apply of an approved request.
     #[command(after_help = "Examples:
   approvals cr schedule 0193a1b2-... --at 2026-12-08T09:00:00Z
-  approvals cr schedule 0193a1b2-... --at 'in 2h'")]
+  approvals cr schedule 0193a1b2-... --at 'in 2h'
+  approvals cr schedule 0193a1b2-... --next-open-window")]
     Schedule {
         #[command(flatten)]
         target: Target,
         /// RFC 3339 time, or a delay from now (`in 2h`, `+30m`).
-        #[arg(long, value_name = "TIME")]
-        at: String,
+        #[arg(
+            long,
+            value_name = "TIME",
+            required_unless_present = "next_open_window",
+            conflicts_with = "next_open_window"
+        )]
+        at: Option<String>,
+        /// At the next instant every calendar of the request's policy is open (and its apply
+        /// delay has passed), instead of at a time.
+        #[arg(long)]
+        next_open_window: bool,
     },
     /// Cancel a planned apply (back to APPROVED).
     #[command(after_help = "Example:\n  approvals cr unschedule 0193a1b2-...")]
@@ -362,15 +372,20 @@ pub async fn run(args: CrArgs) -> Result<ExitCode, CliError> {
                 .into_inner();
             return done(&api, request, format, "applied", wait).await;
         }
-        CrCommand::Schedule { target, at } => {
-            let apply_time =
-                output::parse_time(&at).map_err(|e| CliError::usage(format!("--at {e}")))?;
+        CrCommand::Schedule {
+            target,
+            at,
+            next_open_window,
+        } => {
+            let apply_time = at
+                .map(|at| output::parse_time(&at).map_err(|e| CliError::usage(format!("--at {e}"))))
+                .transpose()?;
             let request = cr
                 .schedule_change_request(pb::ScheduleChangeRequestRequest {
                     id: target.id,
-                    apply_time: Some(apply_time),
+                    apply_time,
                     etag: target.etag.unwrap_or_default(),
-                    next_open_window: false,
+                    next_open_window,
                 })
                 .await?
                 .into_inner();

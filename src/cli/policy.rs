@@ -12,6 +12,8 @@
 //!     min_approvals: 2
 //!     approvers: ["group:sre"]
 //!     default_ttl: 7d            # proto JSON ("604800s") or a humantime duration
+//!     calendars: ["year-end"]    # applies only while every one is open
+//!     apply_delay: 1h            # due no earlier than approval + 1h (humantime, as above)
 //! ```
 //!
 //! Policies are matched by `name` (unique across the service). `apply` prints what differs,
@@ -233,10 +235,11 @@ fn files(path: &Path) -> Result<Vec<PathBuf>, CliError> {
     Ok(files)
 }
 
-/// `default_ttl: 7d` -> `"604800s"` (the proto JSON of a Duration), for people writing files.
+/// `default_ttl: 7d` -> `"604800s"` (the proto JSON of a Duration), for people writing files;
+/// the same for `apply_delay`.
 fn friendly_durations(policy: &mut Json) {
     let Json::Object(map) = policy else { return };
-    for key in ["default_ttl", "defaultTtl"] {
+    for key in ["default_ttl", "defaultTtl", "apply_delay", "applyDelay"] {
         if let Some(Json::String(text)) = map.get(key) {
             let is_proto = text
                 .strip_suffix('s')

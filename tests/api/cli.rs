@@ -411,6 +411,8 @@ async fn policy_apply_is_declarative_idempotent_and_prunes() {
     min_approvals: 2
     approvers: ["group:sre", "user:bob"]
     default_ttl: 7d
+    calendars: ["year-end"]
+    apply_delay: 30m
   - name: web-default
     project: web
     actionKey: "*"
@@ -464,6 +466,14 @@ async fn policy_apply_is_declarative_idempotent_and_prunes() {
         })
     );
     assert_eq!(created[2].apply_mode, pb::ApplyMode::Manual as i32);
+    assert_eq!(prod.calendars, ["year-end"]);
+    assert_eq!(
+        prod.apply_delay,
+        Some(prost_types::Duration {
+            seconds: 1800,
+            nanos: 0
+        })
+    );
 
     // Twice: nothing to do, nothing touched.
     let second = setup
@@ -1018,6 +1028,17 @@ async fn schedule_unschedule_cancel_and_break_glass() {
 
     setup.ok(&setup.alice, &["cr", "unschedule", &id]).await;
     assert_eq!(state(&get_as(&mut alice, &id).await), State::Approved);
+    for args in [
+        &["cr", "schedule", &id, "--at", "in 1h", "--next-open-window"][..],
+        &["cr", "schedule", &id][..],
+    ] {
+        let out = setup.run(&setup.alice, args).await;
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--at or --next-open-window: {args:?}"
+        );
+    }
     let out = setup
         .ok(&setup.alice, &["cr", "cancel", &id, "-m", "superseded"])
         .await;
@@ -1049,4 +1070,33 @@ async fn schedule_unschedule_cancel_and_break_glass() {
     let applied = get_as(&mut alice, &urgent).await;
     assert_eq!(applied.bypassed_by, "service:pager");
     assert_eq!(applied.bypass_justification, "incident 4711");
+
+    // The next open window: with no calendar and no delay, that is now.
+    let next = alice
+        .create_change_request(new_request())
+        .await
+        .expect("create")
+        .into_inner()
+        .id;
+    bob.approve_change_request(pb::ApproveChangeRequestRequest {
+        id: next.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("approve");
+    let out = setup
+        .ok(
+            &setup.alice,
+            &["cr", "schedule", &next, "--next-open-window"],
+        )
+        .await;
+    assert!(out.starts_with(&format!("scheduled {next}: ")), "{out}");
+    let started = std::time::Instant::now();
+    while state(&get_as(&mut alice, &next).await) != State::Applied {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{next} applies at the next open instant"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
