@@ -456,3 +456,95 @@ impl WriteTxn<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sea_orm::{ConnectionTrait, Statement};
+
+    use crate::{DatabaseSettings, Store, StoreError};
+
+    async fn store(dir: &std::path::Path) -> Store {
+        Store::connect(&DatabaseSettings {
+            url: format!("sqlite://{}", dir.join("batch.db").display()),
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+        })
+        .await
+        .expect("connect")
+    }
+
+    async fn insert(store: &Store, value: &'static str) -> Result<(), StoreError> {
+        store
+            .write(async |w| {
+                w.txn
+                    .execute_unprepared(&format!("INSERT INTO t (x) VALUES ('{value}')"))
+                    .await?;
+                Ok::<_, StoreError>(())
+            })
+            .await
+    }
+
+    async fn rows(store: &Store) -> Vec<String> {
+        store
+            .db
+            .query_all_raw(Statement::from_string(
+                sea_orm::DbBackend::Sqlite,
+                "SELECT x FROM t ORDER BY x",
+            ))
+            .await
+            .expect("select")
+            .iter()
+            .map(|row| row.try_get::<String>("", "x").expect("x"))
+            .collect()
+    }
+
+    /// A writer whose caller goes away in the middle of its body loses its savepoint only: the
+    /// batch it was in still commits the others, and the next writers are not held up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_dropped_midway_loses_only_its_own_writes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = store(dir.path()).await;
+        store
+            .write(async |w| {
+                w.txn.execute_unprepared("CREATE TABLE t (x TEXT)").await?;
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .expect("table");
+        let (inserted, wrote) = tokio::sync::oneshot::channel();
+        let stalled = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(async |w| {
+                        w.txn
+                            .execute_unprepared("INSERT INTO t (x) VALUES ('dropped')")
+                            .await?;
+                        let _ = inserted.send(());
+                        // The caller goes away here.
+                        std::future::pending::<()>().await;
+                        Ok::<_, StoreError>(())
+                    })
+                    .await
+            })
+        };
+        wrote.await.expect("the stalled writer inserted");
+        // Queued behind it, in the same batch.
+        let queued = {
+            let store = store.clone();
+            tokio::spawn(async move { insert(&store, "queued").await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stalled.abort();
+        tokio::time::timeout(Duration::from_secs(5), queued)
+            .await
+            .expect("the queued writer is not held up")
+            .expect("join")
+            .expect("queued write");
+        insert(&store, "after").await.expect("a later write");
+        assert_eq!(rows(&store).await, ["after", "queued"]);
+    }
+}
