@@ -86,25 +86,35 @@ impl Store {
         Ok(())
     }
 
-    /// SQLite: the same rows in one write transaction.
+    /// SQLite: the same rows in the writers' batch, in one round trip (see
+    /// [`rows::create_in_one_trip`]).
     async fn create_in_transaction(
         &self,
         request: &mut ChangeRequest,
         event: &EventDraft,
         key: Option<&IdempotencyKey>,
     ) -> Result<(), DbErrOr> {
-        self.write(async |w| {
-            let mut new = [NewRequest {
-                request,
-                event,
-                key,
-                hashed: self.create_hashing,
-            }];
-            let revision = rows::insert(&w.txn, &mut new, Some(self.written_head())).await?;
-            w.note_appended(revision);
-            Ok(())
-        })
-        .await
+        let mut owned = request.clone();
+        let (event, key) = (event.clone(), key.cloned());
+        let (hashed, store) = (self.create_hashing, self.clone());
+        *request = self
+            .write_in_task(move |txn, poisoned| {
+                Box::pin(async move {
+                    let mut new = NewRequest {
+                        request: &mut owned,
+                        event: &event,
+                        key: key.as_ref(),
+                        hashed,
+                    };
+                    // The head as this process last wrote it, read in its turn.
+                    let guess = store.written_head();
+                    let revision = rows::create_in_one_trip(txn, &mut new, guess, poisoned).await?;
+                    store.note_written(revision);
+                    Ok((owned, true))
+                })
+            })
+            .await?;
+        Ok(())
     }
 
     async fn find_by_request_id(

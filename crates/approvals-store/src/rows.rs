@@ -5,14 +5,17 @@
 //! for any number of requests (SQLite's create, and the bulk seed), or, on PostgreSQL, the three
 //! in one statement (a create in one round trip). [`crate::seed`] offers both to benchmarks.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use approvals_domain::{
     ChangeRequest, EventDraft,
     audit::{GENESIS, Hash, event_hash},
 };
 use sea_orm::{
-    ConnectionTrait, DbBackend, Statement,
+    ConnectionTrait, DatabaseTransaction, DbBackend, Statement, TransactionTrait,
     sea_query::{Expr, ExprTrait, Query},
 };
 
@@ -347,4 +350,126 @@ pub(crate) async fn insert_in_one_statement(
     let revision: i64 = row.try_get("", ev::REVISION)?;
     request.revision = revision;
     Ok(revision)
+}
+
+/// SQLite: `new` written in one round trip to SQLite's worker thread, inside the batch's
+/// transaction (see [`Store::write_in_task`](crate::Store)), without a savepoint: one command
+/// inserts the request's row with the next revision and its CREATED event's hash (only while
+/// `MAX(revision)` is the head it assumes, and doing nothing on a unique index: the request_id
+/// or id taken), then the event's row and the resources' rows (each only when that request row
+/// was written). Sets the request's revision and returns it.
+///
+/// When the command writes nothing (a stale head, or a unique index), the create is made again
+/// the careful way, in a savepoint ([`insert`] after reading the head), which returns the unique
+/// index's error. A command failing midway (not a constraint: the disk, the database) may have
+/// left part of a create: it sets `poisoned`, and the batch is rolled back whole (its writers,
+/// none yet answered, get the error). The caller runs this in a task that its own caller cannot
+/// cancel: a command cut short (the worker stops when nobody reads its results) would leave part
+/// of a create unnoticed.
+pub(crate) async fn create_in_one_trip(
+    db: &DatabaseTransaction,
+    new: &mut NewRequest<'_>,
+    head_guess: i64,
+    poisoned: &AtomicBool,
+) -> Result<i64, DbErrOr> {
+    match create_after(db, new, head_guess).await {
+        Ok(Some(revision)) => return Ok(revision),
+        Ok(None) => {}
+        Err(err) => {
+            poisoned.store(true, Ordering::Release);
+            return Err(err);
+        }
+    }
+    let savepoint = db.begin().await?;
+    match insert(&savepoint, std::slice::from_mut(new), None).await {
+        Ok(revision) => {
+            savepoint.commit().await?;
+            Ok(revision)
+        }
+        Err(err) => {
+            savepoint.rollback().await?;
+            Err(err)
+        }
+    }
+}
+
+/// [`create_in_one_trip`] after `head`: `None` when nothing was written.
+async fn create_after(
+    db: &impl ConnectionTrait,
+    new: &mut NewRequest<'_>,
+    head: i64,
+) -> Result<Option<i64>, DbErrOr> {
+    let revision = head + 1;
+    let (event, record) = event_values(new.request, new.event, new.hashed)?;
+    let hash = new.hashed.then(|| event_hash(&GENESIS, revision, &record));
+    new.request.revision = revision;
+    let mut request = request_values(new.request, new.key)?;
+    request.push(revision.into());
+    request.push(hash.map(|h| h.to_vec()).into());
+    let resources = resource_values(new.request);
+
+    let tuple = |n: usize| format!("({})", vec!["?"; n].join(", "));
+    let written = format!(
+        "WHERE EXISTS (SELECT 1 FROM {CHANGE_REQUESTS} WHERE {id} = ? AND {rev} = ?)",
+        id = cr::ID,
+        rev = cr::REVISION,
+    );
+    let mut params: Vec<sea_orm::Value> = Vec::new();
+    let guard = |params: &mut Vec<sea_orm::Value>| {
+        params.push(new.request.id.clone().into());
+        params.push(revision.into());
+    };
+    let mut sql = format!(
+        "INSERT INTO {CHANGE_REQUESTS} ({columns}, {rev}, {head}) SELECT * FROM (VALUES {values}) \
+         WHERE (SELECT COALESCE(MAX({ev_rev}), 0) FROM {EVENTS}) = ? ON CONFLICT DO NOTHING; ",
+        columns = REQUEST_COLUMNS.join(", "),
+        rev = cr::REVISION,
+        head = cr::AUDIT_HEAD,
+        values = tuple(REQUEST_COLUMNS.len() + 2),
+        ev_rev = ev::REVISION,
+    );
+    params.extend(request);
+    params.push(head.into());
+    sql.push_str(&format!(
+        "INSERT INTO {EVENTS} ({columns}, {prev}, {hash}) SELECT * FROM (VALUES {values}) \
+         {written}; ",
+        columns = EVENT_COLUMNS.join(", "),
+        prev = ev::PREV_HASH,
+        hash = ev::HASH,
+        values = tuple(EVENT_COLUMNS.len() + 2),
+    ));
+    params.push(revision.into());
+    params.extend(event);
+    params.push(hash.map(|_| GENESIS.to_vec()).into());
+    params.push(hash.map(|h| h.to_vec()).into());
+    guard(&mut params);
+    if !resources.is_empty() {
+        sql.push_str(&format!(
+            "INSERT INTO {RESOURCES} ({columns}) SELECT * FROM (VALUES {values}) {written}",
+            columns = RESOURCE_COLUMNS.join(", "),
+            values = vec![tuple(RESOURCE_COLUMNS.len()); resources.len()].join(", "),
+        ));
+        for row in &resources {
+            params.extend(row.iter().cloned());
+        }
+        guard(&mut params);
+    }
+    let expected = 2 + resources.len() as u64;
+    let result = db
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            sql,
+            params,
+        ))
+        .await?;
+    match result.rows_affected() {
+        n if n == expected => Ok(Some(revision)),
+        0 => Ok(None),
+        // Unreachable: the event's and resources' rows are written exactly when the request's
+        // row is, in the same command.
+        n => Err(StoreError::Internal(format!(
+            "a create wrote {n} rows where it writes {expected} or none"
+        ))
+        .into()),
+    }
 }

@@ -18,7 +18,7 @@ use sea_orm::{
     TransactionOptions, TransactionTrait,
     sea_query::{Expr, ExprTrait, LockType, Query, SelectStatement},
 };
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, OwnedMutexGuard, oneshot, watch};
 
 use crate::{
     codec::{
@@ -26,7 +26,7 @@ use crate::{
         resource_keys, resource_values, select_request,
     },
     connect::{Backend, Store},
-    error::StoreError,
+    error::{DbErrOr, StoreError},
     rows::{EventRow, insert_sqlite_events},
     schema::{CHANGE_REQUESTS, EVENTS, RESOURCES, cr, ev, res},
 };
@@ -49,6 +49,9 @@ pub(crate) struct SqliteBatch {
     txn: DatabaseTransaction,
     /// A writer of the batch appended an event: the commit wakes the log reader.
     appended: bool,
+    /// A writer without a savepoint failed midway ([`Store::write_in_task`]): the batch may
+    /// hold part of its writes, so it is rolled back whole.
+    poisoned: AtomicBool,
     /// `Some` once the batch's commit has been tried.
     done: watch::Sender<Option<Result<(), CommitError>>>,
 }
@@ -151,26 +154,7 @@ impl Store {
         E: From<StoreError>,
     {
         let mut turn = self.sqlite_writer.clone().lock_owned().await;
-        let batch = match turn.take() {
-            Some(batch) => batch,
-            None => {
-                let txn = self
-                    .db
-                    .begin_with_options(TransactionOptions {
-                        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(StoreError::from)?;
-                tokio::spawn(commit_batch(self.clone()));
-                SqliteBatch {
-                    txn,
-                    appended: false,
-                    done: watch::channel(None).0,
-                }
-            }
-        };
-        let batch = turn.insert(batch);
+        let batch = self.open_batch(&mut turn).await?;
         let mut done = batch.done.subscribe();
         let result = match batch.txn.begin().await {
             Ok(savepoint) => {
@@ -196,23 +180,98 @@ impl Store {
         };
         // The next writer's turn, or the committer's.
         drop(turn);
-        let outcome = loop {
-            if let Some(outcome) = done.borrow_and_update().clone() {
-                break outcome;
-            }
-            if done.changed().await.is_err() {
-                break Err(CommitError {
-                    unavailable: false,
-                    message: "the batch ended without a commit".into(),
-                });
-            }
-        };
-        match (result, outcome) {
-            (Ok(value), Ok(())) => Ok(value),
-            (Ok(_), Err(err)) => Err(E::from(StoreError::from(err))),
-            // A refused write reports its own error once the others are durable.
-            (Err(err), _) => Err(err),
+        after_commit(result, &mut done).await
+    }
+
+    /// SQLite: `op` in the open batch (see [`Store::write`]), run in a task of its own so
+    /// that its caller going away cannot cut it short, without the store's savepoint: `op`
+    /// must leave nothing behind when it fails, or else set the batch's `poisoned` flag so the
+    /// batch is rolled back whole (as [`crate::rows::create_in_one_trip`], which writes a create
+    /// in one round trip instead of a savepoint's five). `op` says whether it appended an event.
+    /// Returns after the batch's commit, as [`Store::write`].
+    pub(crate) async fn write_in_task<T, F>(&self, op: F) -> Result<T, DbErrOr>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(&'t DatabaseTransaction, &'t AtomicBool) -> TaskFuture<'t, T>
+            + Send
+            + 'static,
+    {
+        let mut turn = self.sqlite_writer.clone().lock_owned().await;
+        let mut done = self.open_batch(&mut turn).await?.done.subscribe();
+        let (answer, answered) = oneshot::channel();
+        tokio::spawn(async move {
+            let result = match turn.as_mut() {
+                Some(batch) => match op(&batch.txn, &batch.poisoned).await {
+                    Ok((value, appended)) => {
+                        batch.appended |= appended;
+                        Ok(value)
+                    }
+                    Err(err) => Err(err),
+                },
+                None => Err(StoreError::Internal("no open batch".into()).into()),
+            };
+            // The next writer's turn, or the committer's.
+            drop(turn);
+            let _ = answer.send(result);
+        });
+        let result = answered
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Internal("the write task ended".into()).into()));
+        after_commit(result, &mut done).await
+    }
+
+    /// The open batch in `turn`, or a new one (`BEGIN IMMEDIATE`) with its committer started.
+    async fn open_batch<'t>(
+        &self,
+        turn: &'t mut OwnedMutexGuard<Option<SqliteBatch>>,
+    ) -> Result<&'t mut SqliteBatch, StoreError> {
+        if turn.is_none() {
+            let txn = self
+                .db
+                .begin_with_options(TransactionOptions {
+                    sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                    ..Default::default()
+                })
+                .await?;
+            tokio::spawn(commit_batch(self.clone()));
+            **turn = Some(SqliteBatch {
+                txn,
+                appended: false,
+                poisoned: AtomicBool::new(false),
+                done: watch::channel(None).0,
+            });
         }
+        turn.as_mut()
+            .ok_or_else(|| StoreError::Internal("no open batch".into()))
+    }
+}
+
+/// What [`Store::write_in_task`] runs: its value, and whether it appended an event.
+pub(crate) type TaskFuture<'t, T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<(T, bool), DbErrOr>> + Send + 't>>;
+
+/// A batch writer's answer: its own result once the batch's commit is done, or the commit's
+/// error.
+async fn after_commit<T, E: From<StoreError>>(
+    result: Result<T, E>,
+    done: &mut watch::Receiver<Option<Result<(), CommitError>>>,
+) -> Result<T, E> {
+    let outcome = loop {
+        if let Some(outcome) = done.borrow_and_update().clone() {
+            break outcome;
+        }
+        if done.changed().await.is_err() {
+            break Err(CommitError {
+                unavailable: false,
+                message: "the batch ended without a commit".into(),
+            });
+        }
+    };
+    match (result, outcome) {
+        (Ok(value), Ok(())) => Ok(value),
+        (Ok(_), Err(err)) => Err(E::from(StoreError::from(err))),
+        // A refused write reports its own error once the others are durable.
+        (Err(err), _) => Err(err),
     }
 }
 
@@ -224,11 +283,21 @@ async fn commit_batch(store: Store) {
     let Some(batch) = turn.take() else {
         return;
     };
-    let outcome = batch
-        .txn
-        .commit()
-        .await
-        .map_err(|err| CommitError::from(StoreError::from(err)));
+    let outcome = if batch.poisoned.load(Ordering::Acquire) {
+        if let Err(err) = batch.txn.rollback().await {
+            tracing::warn!(error = %err, "rollback of a poisoned batch failed");
+        }
+        Err(CommitError {
+            unavailable: false,
+            message: "a write of the batch failed midway; the batch was rolled back".into(),
+        })
+    } else {
+        batch
+            .txn
+            .commit()
+            .await
+            .map_err(|err| CommitError::from(StoreError::from(err)))
+    };
     if outcome.is_ok() && batch.appended {
         store.note_committed();
     }
