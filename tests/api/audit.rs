@@ -108,6 +108,16 @@ async fn wait_for_checkpoint(server: &TestServer, revision: i64) -> pb::AuditChe
     panic!("no checkpoint covered revision {revision}");
 }
 
+/// Runs the binary off the runtime's thread, so that the server under test (on the same
+/// runtime) goes on committing while the command reads, or migrates, its database.
+async fn run_binary(command: &mut std::process::Command, what: &str) -> std::process::Output {
+    let mut command = std::mem::replace(command, std::process::Command::new(BINARY));
+    tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 async fn store_of(server: &TestServer) -> Store {
     Store::connect(&DatabaseSettings {
         url: server.database_url.clone(),
@@ -163,11 +173,13 @@ async fn a_clean_database_verifies_and_so_does_its_export() {
     // The binary, as an operator runs it: export, then verify the file alone, then the
     // database; both exit 0.
     let export = a._dir.path().join("export.jsonl");
-    let output = std::process::Command::new(BINARY)
-        .args(["audit", "export", "--since", "0", "--database"])
-        .arg(&a.server.database_url)
-        .output()
-        .expect("run export");
+    let output = run_binary(
+        std::process::Command::new(BINARY)
+            .args(["audit", "export", "--since", "0", "--database"])
+            .arg(&a.server.database_url),
+        "run export",
+    )
+    .await;
     assert!(output.status.success(), "{output:?}");
     std::fs::write(&export, &output.stdout).expect("write export");
     let text = String::from_utf8_lossy(&output.stdout);
@@ -182,13 +194,15 @@ async fn a_clean_database_verifies_and_so_does_its_export() {
         vec!["--file".to_owned(), export.display().to_string()],
         vec!["--database".to_owned(), a.server.database_url.clone()],
     ] {
-        let output = std::process::Command::new(BINARY)
-            .args(["audit", "verify"])
-            .args(&args)
-            .arg("--public-key")
-            .arg(&a.public_key)
-            .output()
-            .expect("run verify");
+        let output = run_binary(
+            std::process::Command::new(BINARY)
+                .args(["audit", "verify"])
+                .args(&args)
+                .arg("--public-key")
+                .arg(&a.public_key),
+            "run verify",
+        )
+        .await;
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "{args:?}: {output:?}");
         assert!(stdout.contains("verified"), "{stdout}");
@@ -237,12 +251,14 @@ async fn an_edited_detail_is_named() {
     );
 
     // The binary says so too, and exits 1.
-    let output = std::process::Command::new(BINARY)
-        .args(["audit", "verify", "--database", &a.server.database_url])
-        .arg("--public-key")
-        .arg(&a.public_key)
-        .output()
-        .expect("run verify");
+    let output = run_binary(
+        std::process::Command::new(BINARY)
+            .args(["audit", "verify", "--database", &a.server.database_url])
+            .arg("--public-key")
+            .arg(&a.public_key),
+        "run verify",
+    )
+    .await;
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
