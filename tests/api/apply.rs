@@ -1786,3 +1786,86 @@ async fn a_freeze_created_while_requests_are_scheduled_suspends_them_and_its_end
     }
     assert_eq!(applier.calls().len(), 2, "each applied once");
 }
+
+#[tokio::test]
+async fn a_calendar_edit_inside_a_freeze_resumes_nothing_early() {
+    let (applier, endpoint) = Applier::start(vec![]).await;
+    let server = TestServer::start_with(fast).await;
+    let mut cal = calendars(&server, Headers::actor("user:admin")).await;
+    let now = unix_now();
+    let freeze = |end: i64| pb::Calendar {
+        name: "freeze".into(),
+        time_zone: "Europe/Berlin".into(),
+        default: pb::WindowKind::Open as i32,
+        entries: vec![pb::CalendarEntry {
+            kind: pb::WindowKind::Closed as i32,
+            reason: "launch".into(),
+            range: Some(pb::TimeRange {
+                start_time: Some(prost_types::Timestamp {
+                    seconds: now - 60,
+                    nanos: 0,
+                }),
+                end_time: Some(prost_types::Timestamp {
+                    seconds: end,
+                    nanos: 0,
+                }),
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    cal.create_calendar(pb::CreateCalendarRequest {
+        calendar: Some(freeze(now + 4)),
+    })
+    .await
+    .expect("freeze");
+    create_policy(
+        &server,
+        pb::Policy {
+            calendars: vec!["freeze".into()],
+            ..policy(pb::ApplyMode::Auto, &endpoint)
+        },
+    )
+    .await;
+    let mut alice = server.client("user:alice").await;
+    let mut bob = server.client("user:bob").await;
+    let created = create(&mut alice, new_request()).await;
+    let approved = approve(&mut bob, &created.id).await;
+    let schedule = approved.schedule.expect("schedule");
+    assert_eq!(schedule.status, pb::ScheduleStatus::Suspended as i32);
+    assert_eq!(schedule.next_open_time.map(|t| t.seconds), Some(now + 4));
+
+    // Another calendar changes, so every calendar-bound schedule is checked again, while the
+    // freeze still holds: the request stays SUSPENDED.
+    cal.create_calendar(pb::CreateCalendarRequest {
+        calendar: Some(pb::Calendar {
+            name: "other".into(),
+            ..freeze(now + 1)
+        }),
+    })
+    .await
+    .expect("another calendar");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let read = get(&mut alice, &created.id).await;
+    assert_eq!(state(&read), State::Scheduled);
+    assert_eq!(
+        read.schedule.map(|s| s.status),
+        Some(pb::ScheduleStatus::Suspended as i32),
+        "still suspended inside the freeze"
+    );
+    let early: Vec<_> = kinds(&events(&mut alice, &created.id).await)
+        .into_iter()
+        .filter(|(k, _, _)| *k == EventKind::ScheduleResumed)
+        .collect();
+    assert!(early.is_empty(), "resumed inside the freeze: {early:?}");
+    assert!(applier.calls().is_empty());
+
+    // When the freeze ends it resumes, once, and applies.
+    wait_for(&mut alice, &created.id, State::Applied).await;
+    let resumed = kinds(&events(&mut alice, &created.id).await)
+        .into_iter()
+        .filter(|(k, _, _)| *k == EventKind::ScheduleResumed)
+        .count();
+    assert_eq!(resumed, 1);
+    assert_eq!(applier.calls().len(), 1);
+}

@@ -425,7 +425,10 @@ impl ChangeRequest {
             }
             (State::Scheduled, Some(mut schedule)) if schedule.suspended_by_calendar() => {
                 let at = schedule.apply_time.max(now);
-                let (kind, detail) = match windows.closed_at(at) {
+                // Suspended while a calendar is closed now, or at the schedule's time: a
+                // re-check inside the window (a calendar edited) resumes nothing early.
+                let closed = windows.closed_at(now).or_else(|| windows.closed_at(at));
+                let (kind, detail) = match closed {
                     Some(closure) => {
                         if !schedule.suspend(&closure) {
                             return None;

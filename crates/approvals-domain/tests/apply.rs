@@ -598,3 +598,117 @@ fn the_wiring_follows_only_the_same_policy_in_the_same_project() {
         ""
     );
 }
+
+/// Open by default, closed by one freeze from `from` to `to` (seconds after NOW).
+fn freeze(from: i64, to: i64) -> Windows {
+    use approvals_domain::calendar::{
+        CalendarEntry, CalendarRecord, CalendarRules, EntrySpan, WindowKind,
+    };
+    Windows::from_records(&[CalendarRecord {
+        name: "freeze".into(),
+        description: String::new(),
+        rules: CalendarRules {
+            time_zone: "Europe/Berlin".into(),
+            default: WindowKind::Open,
+            entries: vec![CalendarEntry {
+                kind: WindowKind::Closed,
+                reason: "launch".into(),
+                span: EntrySpan::Range {
+                    start: at(from),
+                    end: at(to),
+                },
+            }],
+        },
+        revision: 1,
+        create_time: NOW,
+        update_time: NOW,
+    }])
+    .expect("windows")
+}
+
+#[test]
+fn auto_on_quorum_inside_a_freeze_is_suspended_until_it_ends_then_resumes_once() {
+    let mut r = approved(ApplyMode::Auto);
+    let windows = freeze(0, 100);
+    let suspended = r
+        .start_automatic_apply(&wiring(), &windows, "k".into(), "a", SECOND, at(2))
+        .expect("suspended");
+    assert_eq!(
+        (suspended.kind, suspended.to_state),
+        (EventKind::ScheduleSuspended, State::Scheduled)
+    );
+    let schedule = r.schedule.clone().expect("schedule");
+    assert_eq!(schedule.status, ScheduleStatus::Suspended);
+    assert_eq!(
+        (
+            schedule.calendar.as_str(),
+            schedule.reason.contains("launch")
+        ),
+        ("freeze", true),
+        "{schedule:?}"
+    );
+    assert_eq!(schedule.next_open_time, Some(at(100)));
+    assert_eq!(r.next_due_time(), Some(at(100)), "due when the freeze ends");
+    // Still inside the freeze: nothing to do, and no second event.
+    assert!(
+        r.start_automatic_apply(&wiring(), &windows, "k".into(), "a", SECOND, at(50))
+            .is_none()
+    );
+    // The freeze is over: resumed (PENDING, at its time), then started.
+    let resumed = r
+        .start_automatic_apply(&wiring(), &windows, "k".into(), "a", SECOND, at(100))
+        .expect("resumed");
+    assert_eq!(resumed.kind, EventKind::ScheduleResumed);
+    assert_eq!(
+        r.schedule.as_ref().map(|s| s.status),
+        Some(ScheduleStatus::Pending)
+    );
+    let started = r
+        .start_automatic_apply(&wiring(), &windows, "k".into(), "a", SECOND, at(100))
+        .expect("started");
+    assert_eq!(
+        (started.kind, started.to_state),
+        (EventKind::ApplyStarted, State::Applying)
+    );
+}
+
+#[test]
+fn a_pending_schedule_a_freeze_now_covers_is_suspended_and_a_lifted_one_resumes() {
+    let mut r = approved(ApplyMode::Manual);
+    r.schedule(
+        &actor("user:alice", &[]),
+        &wiring(),
+        &Windows::none(),
+        ScheduleAt::Time(at(30)),
+        at(2),
+    )
+    .expect("schedule");
+    assert_eq!(
+        r.schedule.as_ref().map(|s| s.status),
+        Some(ScheduleStatus::Pending)
+    );
+    // A freeze created afterwards over the schedule's time: suspended at once, before it is due.
+    let event = r
+        .start_automatic_apply(&wiring(), &freeze(10, 60), "k".into(), "a", SECOND, at(5))
+        .expect("suspended");
+    assert_eq!(event.kind, EventKind::ScheduleSuspended);
+    assert_eq!(
+        r.schedule.as_ref().and_then(|s| s.next_open_time),
+        Some(at(60))
+    );
+    // The freeze deleted: resumed at its own time, not applied before it.
+    let event = r
+        .start_automatic_apply(&wiring(), &Windows::none(), "k".into(), "a", SECOND, at(6))
+        .expect("resumed");
+    assert_eq!(event.kind, EventKind::ScheduleResumed);
+    let schedule = r.schedule.clone().expect("schedule");
+    assert_eq!(
+        (schedule.status, schedule.apply_time),
+        (ScheduleStatus::Pending, at(30))
+    );
+    assert!(
+        r.start_automatic_apply(&wiring(), &Windows::none(), "k".into(), "a", SECOND, at(7))
+            .is_none(),
+        "not due before its time"
+    );
+}
