@@ -991,18 +991,7 @@ async fn schedule_unschedule_cancel_and_break_glass() {
         .await;
     let mut alice = setup.api(&setup.alice).await;
     let mut bob = setup.api(&setup.bob).await;
-    let id = alice
-        .create_change_request(new_request())
-        .await
-        .expect("create")
-        .into_inner()
-        .id;
-    bob.approve_change_request(pb::ApproveChangeRequestRequest {
-        id: id.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("approve");
+    let id = approved_request(&mut alice, &mut bob).await;
 
     let out = setup
         .ok(&setup.alice, &["cr", "schedule", &id, "--at", "in 1h"])
@@ -1072,18 +1061,7 @@ async fn schedule_unschedule_cancel_and_break_glass() {
     assert_eq!(applied.bypass_justification, "incident 4711");
 
     // The next open window: with no calendar and no delay, that is now.
-    let next = alice
-        .create_change_request(new_request())
-        .await
-        .expect("create")
-        .into_inner()
-        .id;
-    bob.approve_change_request(pb::ApproveChangeRequestRequest {
-        id: next.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("approve");
+    let next = approved_request(&mut alice, &mut bob).await;
     let out = setup
         .ok(
             &setup.alice,
@@ -1099,4 +1077,21 @@ async fn schedule_unschedule_cancel_and_break_glass() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// A request alice created and bob approved, by id.
+async fn approved_request(alice: &mut RequestsClient, bob: &mut RequestsClient) -> String {
+    let id = alice
+        .create_change_request(new_request())
+        .await
+        .expect("create")
+        .into_inner()
+        .id;
+    bob.approve_change_request(pb::ApproveChangeRequestRequest {
+        id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("approve");
+    id
 }

@@ -260,6 +260,16 @@ async fn insert_sqlite_events_after(
     } else {
         format!("INSERT INTO {EVENTS} ({columns}) VALUES {tuples}")
     };
+    let inserted = execute_sqlite(db, sql, params).await?;
+    Ok((inserted == rows.len() as u64).then_some(written))
+}
+
+/// Runs `sql` (one statement or several) with `params` on SQLite; returns the rows it changed.
+async fn execute_sqlite(
+    db: &impl ConnectionTrait,
+    sql: String,
+    params: Vec<sea_orm::Value>,
+) -> Result<u64, DbErrOr> {
     let result = db
         .execute_raw(Statement::from_sql_and_values(
             DbBackend::Sqlite,
@@ -267,7 +277,7 @@ async fn insert_sqlite_events_after(
             params,
         ))
         .await?;
-    Ok((result.rows_affected() == rows.len() as u64).then_some(written))
+    Ok(result.rows_affected())
 }
 
 /// PostgreSQL: writes `new` in one statement, so a create is one round trip (it was six:
@@ -455,14 +465,7 @@ async fn create_after(
         guard(&mut params);
     }
     let expected = 2 + resources.len() as u64;
-    let result = db
-        .execute_raw(Statement::from_sql_and_values(
-            DbBackend::Sqlite,
-            sql,
-            params,
-        ))
-        .await?;
-    match result.rows_affected() {
+    match execute_sqlite(db, sql, params).await? {
         n if n == expected => Ok(Some(revision)),
         0 => Ok(None),
         // Unreachable: the event's and resources' rows are written exactly when the request's
