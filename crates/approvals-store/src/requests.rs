@@ -40,15 +40,16 @@ impl Store {
         {
             return Ok(existing);
         }
+        let created_by = request.created_by.clone();
         let result = if self.backend == Backend::Postgres {
             self.create_in_one_statement(&mut request, &event, key.as_ref())
                 .await
+                .map(|()| request)
         } else {
-            self.create_in_transaction(&mut request, &event, key.as_ref())
-                .await
+            self.create_in_batch(request, event, key.clone()).await
         };
         match result {
-            Ok(()) => Ok(Created {
+            Ok(request) => Ok(Created {
                 change_request: request,
                 existed: false,
             }),
@@ -57,7 +58,7 @@ impl Store {
                     if matches!(db.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) =>
                 {
                     // Another create with the same request_id won the race.
-                    self.find_by_request_id(&request.created_by, key)
+                    self.find_by_request_id(&created_by, key)
                         .await?
                         .ok_or_else(|| StoreError::Internal("request_id vanished".into()))
                 }
@@ -88,33 +89,31 @@ impl Store {
 
     /// SQLite: the same rows in the writers' batch, in one round trip (see
     /// [`rows::create_in_one_trip`]).
-    async fn create_in_transaction(
+    /// Takes the request and returns it written (with its revision): the write runs in a task
+    /// of its own, which owns what it writes.
+    async fn create_in_batch(
         &self,
-        request: &mut ChangeRequest,
-        event: &EventDraft,
-        key: Option<&IdempotencyKey>,
-    ) -> Result<(), DbErrOr> {
-        let mut owned = request.clone();
-        let (event, key) = (event.clone(), key.cloned());
+        mut request: ChangeRequest,
+        event: EventDraft,
+        key: Option<IdempotencyKey>,
+    ) -> Result<ChangeRequest, DbErrOr> {
         let (hashed, store) = (self.create_hashing, self.clone());
-        *request = self
-            .write_in_task(move |txn, poisoned| {
-                Box::pin(async move {
-                    let mut new = NewRequest {
-                        request: &mut owned,
-                        event: &event,
-                        key: key.as_ref(),
-                        hashed,
-                    };
-                    // The head as this process last wrote it, read in its turn.
-                    let guess = store.written_head();
-                    let revision = rows::create_in_one_trip(txn, &mut new, guess, poisoned).await?;
-                    store.note_written(revision);
-                    Ok((owned, true))
-                })
+        self.write_in_task(move |txn, poisoned| {
+            Box::pin(async move {
+                let mut new = NewRequest {
+                    request: &mut request,
+                    event: &event,
+                    key: key.as_ref(),
+                    hashed,
+                };
+                // The head as this process last wrote it, read in its turn.
+                let guess = store.written_head();
+                let revision = rows::create_in_one_trip(txn, &mut new, guess, poisoned).await?;
+                store.note_written(revision);
+                Ok((request, true))
             })
-            .await?;
-        Ok(())
+        })
+        .await
     }
 
     async fn find_by_request_id(

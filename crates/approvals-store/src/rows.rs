@@ -1,9 +1,10 @@
 //! The rows of new change requests, written the way every create writes them: the CREATED
-//! event first (on PostgreSQL its identity column gives the revision; on SQLite the insert
-//! names the next revision itself, so the row carries its hash from the start), then the
-//! request's row carrying that revision, then the rows of the resources its changes touch. Either one statement per table
-//! for any number of requests (SQLite's create, and the bulk seed), or, on PostgreSQL, the three
-//! in one statement (a create in one round trip). [`crate::seed`] offers both to benchmarks.
+//! event (its revision drawn by the identity column on PostgreSQL, named by the insert itself
+//! on SQLite, so the row carries its hash from the start), the request's row carrying that
+//! revision, and the rows of the resources its changes touch. Either one statement per table
+//! for any number of requests (the bulk seed, and SQLite's careful create), or one round trip
+//! per create: on PostgreSQL one statement, on SQLite one command in the writers' batch
+//! ([`create_in_one_trip`]). [`crate::seed`] offers the first and PostgreSQL's to benchmarks.
 
 use std::{
     collections::HashMap,
@@ -42,12 +43,11 @@ pub(crate) struct NewRequest<'a> {
 /// written together). Sets each request's revision; returns the highest (0 when `new` is empty).
 ///
 /// On SQLite the events carry their hashes from the insert ([`insert_sqlite_events`], after
-/// `head_guess`); elsewhere the identity column draws the revisions and one update writes the
-/// hashes.
+/// the head read in `db`); elsewhere the identity column draws the revisions and one update
+/// writes the hashes.
 pub(crate) async fn insert(
     db: &impl ConnectionTrait,
     new: &mut [NewRequest<'_>],
-    head_guess: Option<i64>,
 ) -> Result<i64, DbErrOr> {
     if new.is_empty() {
         return Ok(0);
@@ -61,7 +61,7 @@ pub(crate) async fn insert(
                 chain: row.hashed.then_some((GENESIS, record)),
             });
         }
-        let written = insert_sqlite_events(db, &rows, head_guess).await?;
+        let written = insert_sqlite_events(db, &rows, None).await?;
         let mut revisions = HashMap::with_capacity(new.len());
         let mut hashes = HashMap::with_capacity(new.len());
         for (row, (revision, hash)) in new.iter().zip(written) {
@@ -206,10 +206,7 @@ pub(crate) async fn insert_sqlite_events(
     let head = db
         .query_one_raw(Statement::from_string(
             DbBackend::Sqlite,
-            format!(
-                "SELECT COALESCE(MAX({rev}), 0) AS head FROM {EVENTS}",
-                rev = ev::REVISION
-            ),
+            format!("SELECT {} AS head", log_head()),
         ))
         .await?
         .ok_or_else(|| StoreError::Internal("the log's head query returned no row".into()))?
@@ -217,6 +214,11 @@ pub(crate) async fn insert_sqlite_events(
     insert_sqlite_events_after(db, rows, head, false)
         .await?
         .ok_or_else(|| StoreError::Internal("the event insert wrote no row".into()).into())
+}
+
+/// SQLite: the log's head as an SQL expression (0 for an empty log).
+fn log_head() -> String {
+    format!("(SELECT COALESCE(MAX({}), 0) FROM {EVENTS})", ev::REVISION)
 }
 
 /// [`insert_sqlite_events`] after `head`; `None` when `guarded` and `head` is not the head.
@@ -254,8 +256,8 @@ async fn insert_sqlite_events_after(
         params.push(head.into());
         format!(
             "INSERT INTO {EVENTS} ({columns}) SELECT * FROM (VALUES {tuples}) \
-             WHERE (SELECT COALESCE(MAX({rev}), 0) FROM {EVENTS}) = ?",
-            rev = ev::REVISION
+             WHERE {head} = ?",
+            head = log_head()
         )
     } else {
         format!("INSERT INTO {EVENTS} ({columns}) VALUES {tuples}")
@@ -391,7 +393,7 @@ pub(crate) async fn create_in_one_trip(
         }
     }
     let savepoint = db.begin().await?;
-    match insert(&savepoint, std::slice::from_mut(new), None).await {
+    match insert(&savepoint, std::slice::from_mut(new)).await {
         Ok(revision) => {
             savepoint.commit().await?;
             Ok(revision)
@@ -430,13 +432,13 @@ async fn create_after(
         params.push(revision.into());
     };
     let mut sql = format!(
-        "INSERT INTO {CHANGE_REQUESTS} ({columns}, {rev}, {head}) SELECT * FROM (VALUES {values}) \
-         WHERE (SELECT COALESCE(MAX({ev_rev}), 0) FROM {EVENTS}) = ? ON CONFLICT DO NOTHING; ",
+        "INSERT INTO {CHANGE_REQUESTS} ({columns}, {rev}, {audit_head}) SELECT * FROM \
+         (VALUES {values}) WHERE {head} = ? ON CONFLICT DO NOTHING; ",
         columns = REQUEST_COLUMNS.join(", "),
         rev = cr::REVISION,
-        head = cr::AUDIT_HEAD,
+        audit_head = cr::AUDIT_HEAD,
         values = tuple(REQUEST_COLUMNS.len() + 2),
-        ev_rev = ev::REVISION,
+        head = log_head(),
     );
     params.extend(request);
     params.push(head.into());

@@ -33,7 +33,7 @@ pub async fn insert_created(
             hashed: true,
         })
         .collect();
-    rows::insert(db, &mut new, None).await?;
+    rows::insert(db, &mut new).await?;
     Ok(())
 }
 
