@@ -910,20 +910,46 @@ async fn conflicts_are_marked_and_resolved_by_an_update() {
     assert_eq!(resolved.approval_count, 0, "earlier approvals dismissed");
 }
 
+/// A server with three API keys: `user:oncall` with `approvals:bypass` alone, `user:alice`
+/// with `approvals:write`, `user:admin` with `approvals:admin`.
+struct BreakGlass {
+    server: TestServer,
+    bypass_key: String,
+    writer_key: String,
+    admin_key: String,
+}
+
+impl BreakGlass {
+    async fn start() -> Self {
+        let (bypass_key, bypass) = api_key("user:oncall", &["approvals:bypass"], &[], &[]);
+        let (writer_key, writer) = api_key("user:alice", &["approvals:write"], &[], &[]);
+        let (admin_key, admin) = api_key("user:admin", &["approvals:admin"], &[], &[]);
+        let server = TestServer::start_with(|c| {
+            fast(c);
+            c.auth = AuthConfig {
+                api_keys: vec![bypass, writer, admin],
+                ..AuthConfig::default()
+            };
+        })
+        .await;
+        Self {
+            server,
+            bypass_key,
+            writer_key,
+            admin_key,
+        }
+    }
+}
+
 #[tokio::test]
 async fn break_glass_applies_without_quorum() {
     let (applier, endpoint) = Applier::start(vec![]).await;
-    let (bypass_key, bypass) = api_key("user:oncall", &["approvals:bypass"], &[], &[]);
-    let (writer_key, writer) = api_key("user:alice", &["approvals:write"], &[], &[]);
-    let (admin_key, admin) = api_key("user:admin", &["approvals:admin"], &[], &[]);
-    let server = TestServer::start_with(|c| {
-        fast(c);
-        c.auth = AuthConfig {
-            api_keys: vec![bypass, writer, admin],
-            ..AuthConfig::default()
-        };
-    })
-    .await;
+    let BreakGlass {
+        server,
+        bypass_key,
+        writer_key,
+        admin_key,
+    } = BreakGlass::start().await;
     let mut admin = policies(&server, Headers::bearer(&admin_key)).await;
     let guarded = admin
         .create_policy(pb::CreatePolicyRequest {
@@ -1657,17 +1683,12 @@ async fn two_replicas_apply_a_schedule_a_freeze_released_once() {
 #[tokio::test]
 async fn break_glass_applies_inside_a_closed_window_and_records_the_calendar() {
     let (applier, endpoint) = Applier::start(vec![]).await;
-    let (bypass_key, bypass) = api_key("user:oncall", &["approvals:bypass"], &[], &[]);
-    let (writer_key, writer) = api_key("user:alice", &["approvals:write"], &[], &[]);
-    let (admin_key, admin) = api_key("user:admin", &["approvals:admin"], &[], &[]);
-    let server = TestServer::start_with(|c| {
-        fast(c);
-        c.auth = AuthConfig {
-            api_keys: vec![bypass, writer, admin],
-            ..AuthConfig::default()
-        };
-    })
-    .await;
+    let BreakGlass {
+        server,
+        bypass_key,
+        writer_key,
+        admin_key,
+    } = BreakGlass::start().await;
     let mut cal = calendars(&server, Headers::bearer(&admin_key)).await;
     create_closed_calendar(&mut cal, "incident").await;
     let mut admin = policies(&server, Headers::bearer(&admin_key)).await;
