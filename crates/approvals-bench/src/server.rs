@@ -246,6 +246,18 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/PID/stat` (`self` for the
+/// bench's own).
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it follow its ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // In USER_HZ, which the kernel's ABI fixes at 100 for /proc.
+    Some(ticks as f64 / 100.0)
+}
+
 /// The 1-minute load average, to tell a quiet machine from a busy one in the report.
 pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")

@@ -17,7 +17,12 @@ use tonic::{codegen::http::uri::PathAndQuery, transport::Channel};
 
 use futures::{FutureExt, StreamExt};
 
-use crate::{connect, create_request, load::percentile, server::rss_bytes, with_actor};
+use crate::{
+    connect, create_request,
+    load::percentile,
+    server::{cpu_seconds, rss_bytes},
+    with_actor,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct WatchResult {
@@ -34,6 +39,11 @@ pub struct WatchResult {
     pub rss_before_bytes: Option<u64>,
     pub rss_idle_bytes: Option<u64>,
     pub bytes_per_idle_watcher: Option<f64>,
+    /// CPU the server used from the first watched write to two seconds after the last, per
+    /// delivery (microseconds); and the bench's own (its watchers' receiving and decoding, the
+    /// writes), the other tenant of the machine.
+    pub server_cpu_us_per_delivery: Option<f64>,
+    pub client_cpu_us_per_delivery: Option<f64>,
 }
 
 pub struct WatchOptions {
@@ -222,6 +232,8 @@ pub async fn fan_out(
     // Writes, spaced out: each one is delivered to every watcher.
     let mut writer = ChangeRequestsClient::new(connect(addr, None).await?);
     let mut issued: Vec<(i64, Instant)> = Vec::with_capacity(options.writes);
+    let server_cpu_before = server_pid.and_then(|pid| cpu_seconds(&pid.to_string()));
+    let client_cpu_before = cpu_seconds("self");
     for i in 0..options.writes {
         let started = Instant::now();
         let created = writer
@@ -236,6 +248,13 @@ pub async fn fan_out(
         tokio::time::sleep(options.interval).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let server_cpu = server_pid
+        .and_then(|pid| cpu_seconds(&pid.to_string()))
+        .zip(server_cpu_before)
+        .map(|(after, before)| after - before);
+    let client_cpu = cpu_seconds("self")
+        .zip(client_cpu_before)
+        .map(|(after, before)| after - before);
     let _ = stop_tx.send(true);
 
     let issued: std::collections::HashMap<i64, Instant> = issued.into_iter().collect();
@@ -279,5 +298,11 @@ pub async fn fan_out(
             }
             _ => None,
         },
+        server_cpu_us_per_delivery: server_cpu
+            .filter(|_| deliveries > 0)
+            .map(|seconds| seconds * 1e6 / deliveries as f64),
+        client_cpu_us_per_delivery: client_cpu
+            .filter(|_| deliveries > 0)
+            .map(|seconds| seconds * 1e6 / deliveries as f64),
     })
 }
