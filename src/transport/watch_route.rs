@@ -28,6 +28,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::Stream as _;
 use http_body::Frame;
 use tonic::{Status, metadata::MetadataMap, server::NamedService};
 
@@ -145,7 +146,7 @@ impl http_body::Body for WatchBody {
         if self.done {
             return Poll::Ready(None);
         }
-        let status = match ready!(self.stream.as_mut().poll_next(cx)) {
+        let status = match ready!(Pin::new(&mut self.stream).poll_next(cx)) {
             Some(Ok(frame)) => return Poll::Ready(Some(Ok(Frame::data(frame.grpc_message())))),
             Some(Err(status)) => status,
             None => Status::ok(""),

@@ -20,15 +20,19 @@ pub struct LiveEvent {
     pub(super) framed: Bytes,
     /// Length of the encoded event at the end of `framed`.
     pub(super) event_len: usize,
+    /// When the hub read it from the log: a watcher sending it counts this as its last
+    /// message's time (for the progress interval), instead of reading the clock per delivery.
+    pub(super) read_at: tokio::time::Instant,
 }
 
 impl LiveEvent {
-    pub(super) fn new(event: Event) -> Self {
+    pub(super) fn new(event: Event, read_at: tokio::time::Instant) -> Self {
         let message = convert::event(&event);
         let encoded = message.encode_to_vec();
         Self {
             framed: frame_live(event.revision, [encoded.as_slice()]),
             event_len: encoded.len(),
+            read_at,
             event,
             message,
         }
@@ -152,21 +156,24 @@ mod tests {
     use super::*;
 
     pub(super) fn live(revision: i64, detail: &str) -> Arc<LiveEvent> {
-        Arc::new(LiveEvent::new(Event {
-            revision,
-            change_request_id: format!("cr-{revision}"),
-            project: "web".into(),
-            environment: "prod".into(),
-            kind: EventKind::Commented,
-            actor: Principal::parse("user:alice").expect("principal"),
-            acting_principal: None,
-            auth_method: Default::default(),
-            from_state: State::InReview,
-            to_state: State::InReview,
-            time: Timestamp::from_micros(1_700_000_000_000_000),
-            detail: detail.into(),
-            change_request: None,
-        }))
+        Arc::new(LiveEvent::new(
+            Event {
+                revision,
+                change_request_id: format!("cr-{revision}"),
+                project: "web".into(),
+                environment: "prod".into(),
+                kind: EventKind::Commented,
+                actor: Principal::parse("user:alice").expect("principal"),
+                acting_principal: None,
+                auth_method: Default::default(),
+                from_state: State::InReview,
+                to_state: State::InReview,
+                time: Timestamp::from_micros(1_700_000_000_000_000),
+                detail: detail.into(),
+                change_request: None,
+            },
+            tokio::time::Instant::now(),
+        ))
     }
 
     #[test]
