@@ -225,6 +225,15 @@ impl Rpc {
             }
         };
         match GrpcErrorsAsFailures::new().classify_response(&response) {
+            // A body that sends its own status records it itself.
+            ClassifiedResponse::RequiresEos(_)
+                if self.streaming && response.extensions().get::<StatusRecorder>().is_some() =>
+            {
+                if let Some(recorder) = response.extensions().get::<StatusRecorder>() {
+                    *recorder.lock() = Some(self.finish);
+                }
+                Ok(response)
+            }
             ClassifiedResponse::RequiresEos(eos) if self.streaming => {
                 let (parts, body) = response.into_parts();
                 let body = tonic::body::Body::new(Recorded {
@@ -269,6 +278,35 @@ impl Finish {
             self.span.record("otel.status_code", "ERROR");
         }
         metrics::record_rpc(&self.path, code_name(code), self.started.elapsed());
+    }
+}
+
+/// Where a streaming response body that knows its own status records it, instead of being
+/// wrapped in [`Recorded`]: the watch route's (`transport::watch_route`), where that wrapper was
+/// one more allocation and layer to go through for every message of 100,000 streams. The
+/// route puts it in the response's extensions and keeps a clone in the body; the telemetry
+/// layer hands it the call's record, and the body records the status at its end (CANCELLED
+/// when dropped before it).
+#[derive(Clone, Default)]
+pub struct StatusRecorder(std::sync::Arc<std::sync::Mutex<Option<Finish>>>);
+
+impl StatusRecorder {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Finish>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The stream ended with `code` (the status its trailers carry).
+    pub fn record(&self, code: tonic::Code) {
+        if let Some(finish) = self.lock().take() {
+            finish.record(code);
+        }
+    }
+
+    /// The stream was dropped: CANCELLED, unless its status was recorded already.
+    pub fn dropped(&self) {
+        self.record(tonic::Code::Cancelled);
     }
 }
 

@@ -35,6 +35,7 @@ use tonic::{Status, metadata::MetadataMap, server::NamedService};
 use crate::{
     api::change_requests::ChangeRequestsService,
     pb::{self, change_requests_server::ChangeRequestsServer},
+    telemetry::StatusRecorder,
     watch::WatchStream,
 };
 
@@ -116,9 +117,11 @@ async fn watch(
         message,
     );
     let (metadata, stream, extensions) = service.open_watch(request).await?.into_parts();
+    let recorder = StatusRecorder::default();
     let mut response = http::Response::new(tonic::body::Body::new(WatchBody {
         stream,
         done: false,
+        recorder: recorder.clone(),
     }));
     *response.headers_mut() = metadata.into_headers();
     response.headers_mut().insert(
@@ -126,13 +129,22 @@ async fn watch(
         http::HeaderValue::from_static("application/grpc"),
     );
     *response.extensions_mut() = extensions;
+    response.extensions_mut().insert(recorder);
     Ok(response)
 }
 
-/// A watch stream as a gRPC response body: one message per frame, then the status trailers.
+/// A watch stream as a gRPC response body: one message per frame, then the status trailers,
+/// whose code it records for the call's telemetry itself (see [`StatusRecorder`]).
 struct WatchBody {
     stream: WatchStream,
     done: bool,
+    recorder: StatusRecorder,
+}
+
+impl Drop for WatchBody {
+    fn drop(&mut self) {
+        self.recorder.dropped();
+    }
 }
 
 impl http_body::Body for WatchBody {
@@ -152,6 +164,7 @@ impl http_body::Body for WatchBody {
             None => Status::ok(""),
         };
         self.done = true;
+        self.recorder.record(status.code());
         Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))))
     }
 

@@ -1,7 +1,5 @@
 //! Watch messages as they go on the wire: each live event encoded once for every watcher.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use prost::Message as _;
 
@@ -9,11 +7,10 @@ use approvals_domain::Event;
 
 use crate::{convert, pb};
 
-/// An event as published to live watchers: the domain event (for filtering), its message, and
-/// the message encoded once for every watcher (see [`WatchFrame`]).
+/// An event as published to live watchers: the domain event (for filtering) and the message
+/// encoded once for every watcher (see [`WatchFrame`]).
 pub struct LiveEvent {
     pub(super) event: Event,
-    pub(super) message: pb::Event,
     /// The gRPC message of a frame that carries this event alone: the 5-byte gRPC prefix, then
     /// `WatchChangeRequestsResponse { revision, events: [event] }`. It ends with the encoded
     /// event, which frames of several events copy from.
@@ -27,14 +24,12 @@ pub struct LiveEvent {
 
 impl LiveEvent {
     pub(super) fn new(event: Event, read_at: tokio::time::Instant) -> Self {
-        let message = convert::event(&event);
-        let encoded = message.encode_to_vec();
+        let encoded = convert::event(&event).encode_to_vec();
         Self {
             framed: frame_live(event.revision, [encoded.as_slice()]),
             event_len: encoded.len(),
             read_at,
             event,
-            message,
         }
     }
 
@@ -51,9 +46,11 @@ impl LiveEvent {
 #[derive(Clone)]
 pub enum WatchFrame {
     Message(pb::WatchChangeRequestsResponse),
+    /// Live events as their gRPC message (see [`LiveFrame`]), and when the hub read the
+    /// newest of them.
     Live {
-        revision: i64,
-        events: Vec<Arc<LiveEvent>>,
+        message: Bytes,
+        read_at: tokio::time::Instant,
     },
 }
 
@@ -61,34 +58,31 @@ impl std::fmt::Debug for WatchFrame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Message(message) => message.fmt(f),
-            Self::Live { revision, events } => f
+            Self::Live { message, .. } => f
                 .debug_struct("WatchFrame::Live")
-                .field("revision", revision)
-                .field("events", &events.len())
+                .field("bytes", &message.len())
                 .finish(),
         }
     }
 }
 
 impl WatchFrame {
+    /// The message the frame stands for. A live frame is decoded from its own bytes: only the
+    /// generated service's path, which the watch route never takes, and tests, ask for it.
     pub fn into_message(self) -> pb::WatchChangeRequestsResponse {
         match self {
+            Self::Live { message, .. } => {
+                pb::WatchChangeRequestsResponse::decode(message.slice(GRPC_PREFIX..))
+                    .unwrap_or_default()
+            }
             Self::Message(message) => message,
-            Self::Live { revision, events } => pb::WatchChangeRequestsResponse {
-                revision,
-                events: events.iter().map(|e| e.message.clone()).collect(),
-                ..Default::default()
-            },
         }
     }
 
     /// The frame as one length-prefixed gRPC message (uncompressed), as it goes on the wire.
     pub fn grpc_message(&self) -> Bytes {
         match self {
-            Self::Live { revision, events } => match events.as_slice() {
-                [only] if only.event.revision == *revision => only.framed.clone(),
-                _ => frame_live(*revision, events.iter().map(|event| event.encoded())),
-            },
+            Self::Live { message, .. } => message.clone(),
             Self::Message(message) => {
                 let body_len = message.encoded_len();
                 let mut buf = bytes::BytesMut::with_capacity(GRPC_PREFIX + body_len);
@@ -98,6 +92,68 @@ impl WatchFrame {
             }
         }
     }
+}
+
+/// A live frame being gathered from the ring, its events seen by reference (under the ring's
+/// lock). A frame of one event is that event's own shared bytes; several are copied into one
+/// message.
+#[derive(Default)]
+pub struct LiveFrame {
+    /// The frame of the first event, while it is the only one.
+    first: Option<(Bytes, usize)>,
+    /// With several events: their encodings, each as a field of the message.
+    body: Option<bytes::BytesMut>,
+    revision: i64,
+    read_at: Option<tokio::time::Instant>,
+}
+
+impl LiveFrame {
+    pub(super) fn push(&mut self, live: &LiveEvent) {
+        match (&self.first, &mut self.body) {
+            (None, _) => self.first = Some((live.framed.clone(), live.event_len)),
+            (Some((framed, event_len)), body) => {
+                let body = body.get_or_insert_with(|| {
+                    let mut body = bytes::BytesMut::new();
+                    put_event(&framed[framed.len() - event_len..], &mut body);
+                    body
+                });
+                put_event(live.encoded(), body);
+            }
+        }
+        self.revision = live.event.revision;
+        self.read_at = Ord::max(self.read_at, Some(live.read_at));
+    }
+
+    /// The frame, unless no event was pushed.
+    pub(super) fn finish(self) -> Option<WatchFrame> {
+        let read_at = self.read_at?;
+        let message = match (self.first, self.body) {
+            (Some((framed, _)), None) => framed,
+            (_, Some(body)) => {
+                let revision_len =
+                    prost::encoding::int64::encoded_len(REVISION_FIELD, &self.revision);
+                let mut buf =
+                    bytes::BytesMut::with_capacity(GRPC_PREFIX + revision_len + body.len());
+                put_grpc_prefix(revision_len + body.len(), &mut buf);
+                prost::encoding::int64::encode(REVISION_FIELD, &self.revision, &mut buf);
+                buf.extend_from_slice(&body);
+                buf.freeze()
+            }
+            (None, None) => return None,
+        };
+        Some(WatchFrame::Live { message, read_at })
+    }
+}
+
+/// Appends one encoded event as an `events` field.
+fn put_event(encoded: &[u8], buf: &mut bytes::BytesMut) {
+    prost::encoding::encode_key(
+        EVENTS_FIELD,
+        prost::encoding::WireType::LengthDelimited,
+        buf,
+    );
+    prost::encoding::encode_varint(encoded.len() as u64, buf);
+    buf.extend_from_slice(encoded);
 }
 
 /// Bytes before each gRPC message: a compression flag (0) and the length (u32, big-endian).
@@ -138,19 +194,15 @@ fn frame_live<'a>(revision: i64, events: impl IntoIterator<Item = &'a [u8]> + Cl
         prost::encoding::int64::encode(REVISION_FIELD, &revision, &mut buf);
     }
     for event in events {
-        prost::encoding::encode_key(
-            EVENTS_FIELD,
-            prost::encoding::WireType::LengthDelimited,
-            &mut buf,
-        );
-        prost::encoding::encode_varint(event.len() as u64, &mut buf);
-        buf.extend_from_slice(event);
+        put_event(event, &mut buf);
     }
     buf.freeze()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use approvals_domain::{EventKind, Principal, State, Timestamp};
 
     use super::*;
@@ -179,19 +231,35 @@ mod tests {
     #[test]
     pub(super) fn a_live_frame_is_byte_for_byte_the_message_it_stands_for() {
         for events in [
-            vec![],
             vec![live(7, "hi")],
             vec![live(8, ""), live(300, "long")],
+            vec![live(1, "a"), live(2, "b"), live(3, "c")],
         ] {
-            let revision = events.last().map_or(0, |e| e.event.revision);
-            let frame = WatchFrame::Live { revision, events };
-            let message = frame.clone().into_message();
+            let mut frame = LiveFrame::default();
+            for event in &events {
+                frame.push(event);
+            }
+            let frame = frame.finish().expect("a frame of events");
+            let message = pb::WatchChangeRequestsResponse {
+                revision: events.last().map_or(0, |e| e.event.revision),
+                events: events.iter().map(|e| convert::event(&e.event)).collect(),
+                ..Default::default()
+            };
             let body = message.encode_to_vec();
             let mut expected = vec![0];
             expected.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
             expected.extend_from_slice(&body);
             assert_eq!(frame.grpc_message().as_ref(), expected.as_slice());
+            if let [only] = events.as_slice() {
+                assert_eq!(
+                    frame.grpc_message().as_ptr(),
+                    only.framed.as_ptr(),
+                    "one event goes out as the bytes the ring holds"
+                );
+            }
+            assert_eq!(frame.into_message(), message);
         }
+        assert!(LiveFrame::default().finish().is_none());
     }
 
     #[test]

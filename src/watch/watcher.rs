@@ -23,7 +23,7 @@ use crate::{auth::Caller, convert, error::ApiError, pb};
 
 use super::{
     BATCH,
-    frame::{LiveEvent, WatchFrame},
+    frame::{LiveEvent, LiveFrame, WatchFrame},
     hub::{Hub, PrincipalPermit},
     ring::{Read, Reader},
 };
@@ -320,11 +320,7 @@ impl Watcher {
         }
         self.last_sent = match &result {
             // The hub read the clock for it; within a delivery's latency of now.
-            Ok(WatchFrame::Live { events, .. }) if !events.is_empty() => events
-                .iter()
-                .map(|live| live.read_at)
-                .max()
-                .unwrap_or_else(Instant::now),
+            Ok(WatchFrame::Live { read_at, .. }) => *read_at,
             Ok(_) => Instant::now(),
             Err(_) => {
                 self.done = true;
@@ -500,25 +496,30 @@ impl Watcher {
             if self.was_live && self.live.take_behind() {
                 self.check_lag()?;
             }
-            let mut events = Vec::new();
+            let mut frame = LiveFrame::default();
             let mut bytes = 0;
-            let read = self.live.read_while(cx, BATCH, &mut events, |next| {
-                bytes += next.encoded().len();
-                bytes <= FRAME_BYTES
-            });
+            let cursor = &mut self.cursor;
+            let filter = &self.filter;
+            let read = self.live.read_while(
+                cx,
+                BATCH,
+                |next| {
+                    bytes += next.encoded().len();
+                    bytes <= FRAME_BYTES
+                },
+                |live| {
+                    if live.event.revision > *cursor {
+                        *cursor = live.event.revision;
+                        if filter.matches_event(&live.event) {
+                            frame.push(live);
+                        }
+                    }
+                },
+            );
             match read {
                 Read::Items => {
-                    let cursor = &mut self.cursor;
-                    let filter = &self.filter;
-                    events.retain(|live| {
-                        if live.event.revision <= *cursor {
-                            return false;
-                        }
-                        *cursor = live.event.revision;
-                        filter.matches_event(&live.event)
-                    });
-                    if let Some(revision) = events.last().map(|live| live.event.revision) {
-                        return Poll::Ready(Ok(Some(WatchFrame::Live { revision, events })));
+                    if let Some(frame) = frame.finish() {
+                        return Poll::Ready(Ok(Some(frame)));
                     }
                 }
                 Read::Lagged => {
