@@ -235,10 +235,10 @@ pub async fn run_with_clock(
             ))
         }),
     });
-    let change_requests = WatchRoute::new(
-        ChangeRequestsService::new(context.clone()),
-        config.limits.max_message_bytes,
-    );
+    let change_requests = ChangeRequestsService::new(context.clone());
+    let watch = WatchRoute::new(change_requests.clone(), config.limits.max_message_bytes);
+    let change_requests = pb::change_requests_server::ChangeRequestsServer::new(change_requests)
+        .max_decoding_message_size(config.limits.max_message_bytes);
     let audit = pb::audit_server::AuditServer::new(crate::api::audit::AuditService::new(
         context.clone(),
         signing_key.as_ref().map(|key| key.verifying_key()),
@@ -292,7 +292,7 @@ pub async fn run_with_clock(
         // Streams per connection, watch streams included: without a limit one connection could
         // open watch streams up to the server-wide limit by itself. 0: no limit.
         .max_concurrent_streams(Some(config.limits.max_concurrent_streams).filter(|max| *max > 0))
-        .layer(stack::layers(authenticator, &config.limits))
+        .layer(stack::layers(authenticator, &config.limits, watch))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -18,20 +18,22 @@ use tower::{
 };
 use tracing::Instrument;
 
-use super::{limits::Limits, middleware::Middleware};
+use super::{limits::Limits, middleware::Middleware, watch_route::WatchRoute};
 use crate::{
     auth::{Authenticator, methods},
     config::LimitsConfig,
     telemetry,
 };
 
-/// The stack's type: three [`Middleware`]s, each inside the one before it.
-pub(crate) type Layers = Stack<Middleware, Stack<Middleware, Stack<Middleware, Identity>>>;
+/// The stack's type: four [`Middleware`]s, each inside the one before it.
+pub(crate) type Layers =
+    Stack<Middleware, Stack<Middleware, Stack<Middleware, Stack<Middleware, Identity>>>>;
 
-/// Telemetry, authentication and the limits, in that order (module docs).
+/// Telemetry, authentication, the limits and the watch route, in that order (module docs).
 pub(crate) fn layers(
     authenticator: Arc<Authenticator>,
     limits: &LimitsConfig,
+    watch: WatchRoute,
 ) -> ServiceBuilder<Layers> {
     let limits = Limits::new(limits);
     ServiceBuilder::new()
@@ -51,5 +53,15 @@ pub(crate) fn layers(
         }))
         .layer(Middleware::new(move |request, next| {
             limits.clone().call(request, next)
+        }))
+        .layer(Middleware::new(move |request, next| {
+            let watch = watch.clone();
+            async move {
+                if WatchRoute::serves(&request) {
+                    Ok(watch.serve(request).await)
+                } else {
+                    next.oneshot(request).await
+                }
+            }
         }))
 }

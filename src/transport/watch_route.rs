@@ -22,7 +22,6 @@
 //! requires, is never reached.
 
 use std::{
-    future::Future,
     pin::Pin,
     task::{Context, Poll, ready},
 };
@@ -30,21 +29,21 @@ use std::{
 use bytes::Bytes;
 use futures::Stream as _;
 use http_body::Frame;
-use tonic::{Status, metadata::MetadataMap, server::NamedService};
+use tonic::{Status, metadata::MetadataMap};
 
 use crate::{
-    api::change_requests::ChangeRequestsService,
-    pb::{self, change_requests_server::ChangeRequestsServer},
-    telemetry::StatusRecorder,
-    watch::WatchStream,
+    api::change_requests::ChangeRequestsService, pb, telemetry::StatusRecorder, watch::WatchStream,
 };
 
 const WATCH_PATH: &str = "/approvals.v1.ChangeRequests/WatchChangeRequests";
 
-/// The ChangeRequests service with WatchChangeRequests served as described in the module docs.
+/// WatchChangeRequests as described in the module docs. It is the innermost step of the
+/// stack (`stack.rs`), behind telemetry, authentication and the limits like every method, and
+/// in front of the services' router: through the router a watch body was boxed twice more (as
+/// axum's body, then as tonic's again), and each box is one more pointer to follow, in memory
+/// of its own, for every message of every stream. Every other path goes on to the router.
 #[derive(Clone)]
 pub(crate) struct WatchRoute {
-    inner: ChangeRequestsServer<ChangeRequestsService>,
     watch: ChangeRequestsService,
     max_message_bytes: usize,
 }
@@ -52,39 +51,24 @@ pub(crate) struct WatchRoute {
 impl WatchRoute {
     pub(crate) fn new(service: ChangeRequestsService, max_message_bytes: usize) -> Self {
         Self {
-            watch: service.clone(),
+            watch: service,
             max_message_bytes,
-            inner: ChangeRequestsServer::new(service).max_decoding_message_size(max_message_bytes),
         }
     }
-}
 
-impl NamedService for WatchRoute {
-    const NAME: &'static str = <ChangeRequestsServer<ChangeRequestsService> as NamedService>::NAME;
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for WatchRoute {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)
+    /// Whether this route serves `request` (else the router does).
+    pub(crate) fn serves<B>(request: &http::Request<B>) -> bool {
+        request.uri().path() == WATCH_PATH
     }
 
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        if request.uri().path() != WATCH_PATH {
-            return Box::pin(self.inner.call(request));
+    pub(crate) async fn serve(
+        self,
+        request: http::Request<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        match watch(self.watch, request, self.max_message_bytes).await {
+            Ok(response) => response,
+            Err(status) => status.into_http(),
         }
-        let service = self.watch.clone();
-        let max_message_bytes = self.max_message_bytes;
-        Box::pin(async move {
-            Ok(match watch(service, request, max_message_bytes).await {
-                Ok(response) => response,
-                Err(status) => status.into_http(),
-            })
-        })
     }
 }
 
