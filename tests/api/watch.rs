@@ -551,6 +551,41 @@ async fn idle_streams_get_progress_and_are_not_cut_by_the_request_timeout() {
     );
 }
 
+/// A live stream that has just sent events still gets its progress message an interval after
+/// the last of them: the timers a delivery leaves armed (and does not poll again) still fire,
+/// and a progress message never comes early after a delivery.
+#[tokio::test]
+async fn a_stream_that_delivered_events_gets_progress_an_interval_after_the_last() {
+    let interval = Duration::from_millis(300);
+    let server = TestServer::start_with(|c| c.watch.progress_interval = interval).await;
+    let mut alice = server.client("user:alice").await;
+    let mut w = server.client("service:w").await;
+    let mut stream = watch(&mut w, watch_request("web")).await;
+    for round in 0..3 {
+        let mut last = 0;
+        for _ in 0..4 {
+            let created = create(&mut alice, new_request()).await;
+            let delivered = next_events(&mut stream, 1).await;
+            assert_eq!(delivered[0].revision, created.revision, "round {round}");
+            last = created.revision;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let after_last = std::time::Instant::now();
+        let message = next_message(&mut stream).await;
+        let waited = after_last.elapsed();
+        assert!(message.progress && message.events.is_empty(), "{message:?}");
+        assert_eq!(
+            message.revision, last,
+            "progress names the last revision sent"
+        );
+        // The last event went out about 50 ms before `after_last`.
+        assert!(
+            waited >= interval - Duration::from_millis(100),
+            "progress {waited:?} after the last event, interval {interval:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn watch_requests_are_validated() {
     let server = TestServer::start().await;
