@@ -1099,7 +1099,7 @@ fn print_report(report: &Report) {
     }
     if !report.watch.is_empty() {
         println!(
-            "\n{:<10} {:>6} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9}  {:>16}  {}",
+            "\n{:<10} {:>6} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9}  {:>16}  CPU us/delivery: server client",
             "watchers",
             "conns",
             "open",
@@ -1108,8 +1108,7 @@ fn print_report(report: &Report) {
             "p50 ms",
             "p99 ms",
             "max ms",
-            "RSS/idle watcher",
-            "CPU us/delivery: server client"
+            "RSS/idle watcher"
         );
         for w in &report.watch {
             println!(
