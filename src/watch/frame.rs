@@ -34,7 +34,7 @@ impl LiveEvent {
     }
 
     pub(super) fn encoded(&self) -> &[u8] {
-        &self.framed[self.framed.len() - self.event_len..]
+        encoded(&self.framed, self.event_len)
     }
 }
 
@@ -96,29 +96,23 @@ impl WatchFrame {
 
 /// A live frame being gathered from the ring, its events seen by reference (under the ring's
 /// lock). A frame of one event is that event's own shared bytes; several are copied into one
-/// message.
+/// message (`frame_live`).
 #[derive(Default)]
 pub struct LiveFrame {
-    /// The frame of the first event, while it is the only one.
+    /// Each event's frame (see [`LiveEvent::framed`]) and its encoded length. The first apart:
+    /// a frame of one event, nearly every frame, allocates nothing.
     first: Option<(Bytes, usize)>,
-    /// With several events: their encodings, each as a field of the message.
-    body: Option<bytes::BytesMut>,
-    revision: i64,
+    rest: Vec<(Bytes, usize)>,
     read_at: Option<tokio::time::Instant>,
+    revision: i64,
 }
 
 impl LiveFrame {
     pub(super) fn push(&mut self, live: &LiveEvent) {
-        match (&self.first, &mut self.body) {
-            (None, _) => self.first = Some((live.framed.clone(), live.event_len)),
-            (Some((framed, event_len)), body) => {
-                let body = body.get_or_insert_with(|| {
-                    let mut body = bytes::BytesMut::new();
-                    put_event(&framed[framed.len() - event_len..], &mut body);
-                    body
-                });
-                put_event(live.encoded(), body);
-            }
+        let framed = (live.framed.clone(), live.event_len);
+        match self.first {
+            None => self.first = Some(framed),
+            Some(_) => self.rest.push(framed),
         }
         self.revision = live.event.revision;
         self.read_at = Ord::max(self.read_at, Some(live.read_at));
@@ -127,22 +121,23 @@ impl LiveFrame {
     /// The frame, unless no event was pushed.
     pub(super) fn finish(self) -> Option<WatchFrame> {
         let read_at = self.read_at?;
-        let message = match (self.first, self.body) {
-            (Some((framed, _)), None) => framed,
-            (_, Some(body)) => {
-                let revision_len =
-                    prost::encoding::int64::encoded_len(REVISION_FIELD, &self.revision);
-                let mut buf =
-                    bytes::BytesMut::with_capacity(GRPC_PREFIX + revision_len + body.len());
-                put_grpc_prefix(revision_len + body.len(), &mut buf);
-                prost::encoding::int64::encode(REVISION_FIELD, &self.revision, &mut buf);
-                buf.extend_from_slice(&body);
-                buf.freeze()
-            }
-            (None, None) => return None,
+        let first = self.first?;
+        let message = if self.rest.is_empty() {
+            first.0
+        } else {
+            let events = std::iter::once(&first).chain(&self.rest);
+            frame_live(
+                self.revision,
+                events.map(|(framed, event_len)| encoded(framed, *event_len)),
+            )
         };
         Some(WatchFrame::Live { message, read_at })
     }
+}
+
+/// The encoded event at the end of a frame of it alone.
+fn encoded(framed: &[u8], event_len: usize) -> &[u8] {
+    &framed[framed.len() - event_len..]
 }
 
 /// Appends one encoded event as an `events` field.
