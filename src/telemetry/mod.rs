@@ -224,16 +224,15 @@ impl Rpc {
                 return Err(err);
             }
         };
+        // A body that sends its own status records it itself (only a stream that opened has
+        // one: a refusal is trailers-only, classified below).
+        if self.streaming
+            && let Some(recorder) = response.extensions().get::<StatusRecorder>()
+        {
+            *recorder.lock() = Some(self.finish);
+            return Ok(response);
+        }
         match GrpcErrorsAsFailures::new().classify_response(&response) {
-            // A body that sends its own status records it itself.
-            ClassifiedResponse::RequiresEos(_)
-                if self.streaming && response.extensions().get::<StatusRecorder>().is_some() =>
-            {
-                if let Some(recorder) = response.extensions().get::<StatusRecorder>() {
-                    *recorder.lock() = Some(self.finish);
-                }
-                Ok(response)
-            }
             ClassifiedResponse::RequiresEos(eos) if self.streaming => {
                 let (parts, body) = response.into_parts();
                 let body = tonic::body::Body::new(Recorded {

@@ -25,7 +25,7 @@ use std::{
 use futures::task::AtomicWaker;
 use slab::Slab;
 
-/// The ring. Items are cloned out to readers (keep them cheap to clone: `Arc`s).
+/// The ring. Readers see its items by reference, under its read lock (`Reader::read_while`).
 pub(crate) struct LiveRing<T> {
     items: RwLock<Items<T>>,
     /// `items`' end, stored after each publish: a reader with nothing new to read sees so here,

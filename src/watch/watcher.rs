@@ -313,9 +313,7 @@ impl Watcher {
 
     /// Books a message about to go out; an error is the stream's last.
     fn sent(&mut self, result: Result<WatchFrame, ApiError>) -> Option<Result<WatchFrame, Status>> {
-        if let Ok(_) = &result
-            && matches!(self.mode, Mode::Live)
-        {
+        if result.is_ok() && matches!(self.mode, Mode::Live) {
             crate::telemetry::metrics::record_watch_lag(self.hub.head() - self.cursor);
         }
         self.last_sent = match &result {
