@@ -677,3 +677,81 @@ async fn two_replicas_writing_in_turn_keep_one_gap_free_log_whose_chains_verify(
     assert!(report.is_clean(), "{}", report.render());
     assert_eq!(report.events, revisions.len());
 }
+
+/// Creates in flight together share one statement on PostgreSQL and one commit on SQLite
+/// (issue 28). A create refused among them (its request_id just taken with another body) is
+/// refused alone: every other caller gets its own request, each request has exactly its one
+/// CREATED event with a revision of its own, and the history still verifies hash by hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_refused_among_concurrent_ones_leaves_the_others_created_and_verifiable() {
+    const CALLS: usize = 48;
+    let a = audited().await;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(CALLS));
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..CALLS {
+        let mut client = a.server.client("user:alice").await;
+        let start = start.clone();
+        calls.spawn(async move {
+            // Every sixth call races for one request_id, each with a body of its own.
+            let racing = i % 6 == 0;
+            let request = pb::CreateChangeRequestRequest {
+                title: format!("concurrent {i}"),
+                request_id: if racing {
+                    "taken".into()
+                } else {
+                    String::new()
+                },
+                ..new_request()
+            };
+            start.wait().await;
+            let result = client.create_change_request(request).await;
+            (i, racing, result.map(|r| r.into_inner()))
+        });
+    }
+    let mut created = Vec::new();
+    let mut refused = 0;
+    while let Some(joined) = calls.join_next().await {
+        let (i, racing, result) = joined.expect("join");
+        match result {
+            Ok(request) => {
+                assert_eq!(
+                    request.title,
+                    format!("concurrent {i}"),
+                    "{i}: someone else's"
+                );
+                created.push(request);
+            }
+            Err(status) if racing => {
+                assert_error(&status, Code::AlreadyExists, "REQUEST_ID_REUSED");
+                refused += 1;
+            }
+            Err(status) => panic!("call {i} failed: {status:?}"),
+        }
+    }
+    assert_eq!(
+        refused,
+        CALLS / 6 - 1,
+        "every racer but the winner is refused"
+    );
+    assert_eq!(created.len(), CALLS - refused);
+
+    let mut revisions: Vec<i64> = created.iter().map(|r| r.revision).collect();
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(revisions.len(), created.len(), "a revision of its own each");
+    let mut alice = a.server.client("user:alice").await;
+    for request in &created {
+        let trail = events(&mut alice, &request.id).await;
+        let kinds: Vec<i32> = trail.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [pb::EventKind::Created as i32], "{}", request.id);
+        assert_eq!(trail[0].revision, request.revision, "{}", request.id);
+    }
+    let report = verify_report(&a).await;
+    assert!(report.is_clean(), "{}", report.render());
+    assert_eq!(report.requests, a.ids.len() + created.len());
+    assert_eq!(
+        report.events,
+        6 + created.len(),
+        "no event of a refused create"
+    );
+}

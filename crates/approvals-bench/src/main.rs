@@ -930,6 +930,48 @@ async fn scenarios(
     }
 
     if cli.runs(Scenario::Lifecycle) {
+        // The short lifecycle: a create and its one approval (a project without a policy: the
+        // server's default quorum of one, applied by hand), two calls and two events.
+        eprintln!("create_approve (create -> 1 approval -> APPROVED)...");
+        let approving = clients.clone();
+        let stats = drive(c, warmup, duration, move |worker, sequence| {
+            let mut client = approving.api(worker);
+            async move {
+                let created = client
+                    .create_change_request(with_actor(
+                        create_request("bench-approve", &format!("flag-{worker}-{sequence}")),
+                        &format!("user:requester-{worker}"),
+                    ))
+                    .await
+                    .map_err(|s| format!("create: {s}"))?
+                    .into_inner();
+                let approved = client
+                    .approve_change_request(with_actor(
+                        pb::ApproveChangeRequestRequest {
+                            id: created.id.clone(),
+                            ..Default::default()
+                        },
+                        "user:reviewer-a",
+                    ))
+                    .await
+                    .map_err(|s| format!("approve: {s}"))?
+                    .into_inner();
+                if approved.state != pb::State::Approved as i32 {
+                    return Err(format!("approved request in state {}", approved.state));
+                }
+                Ok(())
+            }
+        })
+        .await;
+        rows.push(against_raw(
+            against(
+                row("create_approve", c, stats),
+                direct.as_ref(),
+                "2 events per call pair: created, approved",
+            ),
+            raw.as_ref(),
+        ));
+
         eprintln!("lifecycle (create -> 2 approvals -> APPLIED)...");
         let endpoint = applier::start().await?;
         applier::auto_policy(clients.channels[0].clone(), "bench-lifecycle", &endpoint).await?;

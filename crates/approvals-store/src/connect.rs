@@ -57,6 +57,9 @@ pub struct Store {
     pub(crate) url: Arc<str>,
     /// Whether a create hashes its CREATED event (see [`Store::without_create_hashing`]).
     pub(crate) create_hashing: bool,
+    /// PostgreSQL: the creates waiting for their shared statement (see
+    /// [`crate::create_batch`]). `None` on SQLite, whose writers share a commit already.
+    pub(crate) creates: Option<crate::create_batch::CreateQueue>,
 }
 
 impl Store {
@@ -109,8 +112,12 @@ impl Store {
                 redact_url(&settings.url)
             ))
         })?;
+        let creates = (backend == Backend::Postgres).then(|| {
+            crate::create_batch::CreateQueue::start(db.get_postgres_connection_pool().clone())
+        });
         Ok(Self {
             db,
+            creates,
             backend,
             sqlite_writer: Arc::new(Mutex::new(None)),
             commits: Arc::new(watch::channel(0).0),

@@ -21,6 +21,7 @@ mod audit;
 mod calendars;
 mod codec;
 mod connect;
+mod create_batch;
 mod error;
 mod list;
 mod log;

@@ -67,21 +67,26 @@ impl Store {
         }
     }
 
-    /// PostgreSQL: the event, the request and its resources in one statement (see
-    /// [`rows::insert_in_one_statement`]).
+    /// PostgreSQL: the event, the request and its resources in one statement, shared with the
+    /// creates in flight beside it (see [`crate::create_batch`]).
     async fn create_in_one_statement(
         &self,
         request: &mut ChangeRequest,
         event: &EventDraft,
         key: Option<&IdempotencyKey>,
     ) -> Result<(), DbErrOr> {
-        let new = NewRequest {
+        let rows = rows::CreateRows::new(NewRequest {
             request,
             event,
             key,
             hashed: self.create_hashing,
-        };
-        let revision = rows::insert_in_one_statement(&self.db, new).await?;
+        })?;
+        let queue = self
+            .creates
+            .as_ref()
+            .ok_or_else(|| StoreError::Internal("no create queue on this database".into()))?;
+        let revision = queue.create(rows).await?;
+        request.revision = revision;
         self.note_written(revision);
         self.note_committed();
         Ok(())

@@ -16,8 +16,10 @@ use approvals_domain::{
     audit::{GENESIS, Hash, event_hash},
 };
 use sea_orm::{
-    ConnectionTrait, DatabaseTransaction, DbBackend, Statement, TransactionTrait,
+    ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, RuntimeErr, Statement,
+    TransactionTrait,
     sea_query::{Expr, ExprTrait, Query},
+    sqlx::{self, PgPool, Row},
 };
 
 use crate::{
@@ -282,86 +284,225 @@ async fn execute_sqlite(
     Ok(result.rows_affected())
 }
 
-/// PostgreSQL: writes `new` in one statement, so a create is one round trip (it was six:
-/// begin, xid, three inserts, commit); being one statement, it is atomic without a transaction
-/// block. Sets the request's revision and returns it.
-pub(crate) async fn insert_in_one_statement(
-    db: &impl ConnectionTrait,
-    new: NewRequest<'_>,
-) -> Result<i64, DbErrOr> {
-    if db.get_database_backend() != DbBackend::Postgres {
-        return Err(
-            StoreError::Internal("a create in one statement needs PostgreSQL".into()).into(),
-        );
+/// PostgreSQL: one create's rows, owned, as [`insert_batch`] writes them (built from a
+/// [`NewRequest`] by [`CreateRows::new`]).
+pub(crate) struct CreateRows {
+    /// The event row's values, in the order of `EVENT_COLUMNS[1..]` (all but the revision).
+    event: Vec<sea_orm::Value>,
+    /// The chain's previous hash (GENESIS for a first event), `None` when not hashed.
+    prev: Option<Vec<u8>>,
+    /// The bytes the event's hash covers after its revision.
+    record: Vec<u8>,
+    /// The request row's values, in the order of `REQUEST_COLUMNS`.
+    request: Vec<sea_orm::Value>,
+    resources: Vec<[sea_orm::Value; 4]>,
+}
+
+impl CreateRows {
+    pub(crate) fn new(new: NewRequest<'_>) -> Result<Self, StoreError> {
+        let NewRequest {
+            request,
+            event,
+            key,
+            hashed,
+        } = new;
+        let (event, record) = event_values(request, event, hashed)?;
+        Ok(Self {
+            event,
+            prev: hashed.then(|| GENESIS.to_vec()),
+            record,
+            request: request_values(request, key)?,
+            resources: resource_values(request),
+        })
     }
-    let NewRequest {
-        request,
-        event,
-        key,
-        hashed,
-    } = new;
-    let mut values: Vec<sea_orm::Value> = Vec::new();
-    let mut placeholders = |row: Vec<sea_orm::Value>| {
-        let start = values.len();
-        let list: Vec<String> = (1..=row.len()).map(|i| format!("${}", start + i)).collect();
-        values.extend(row);
-        list.join(", ")
+
+    /// About how many bytes the rows carry (their strings and bytes).
+    pub(crate) fn size(&self) -> usize {
+        fn of(value: &sea_orm::Value) -> usize {
+            match value {
+                sea_orm::Value::String(Some(s)) => s.len(),
+                sea_orm::Value::Bytes(Some(b)) => b.len(),
+                _ => 8,
+            }
+        }
+        let values = self.event.iter().chain(&self.request);
+        let resources = self.resources.iter().flatten();
+        values.chain(resources).map(of).sum::<usize>() + self.record.len()
+    }
+}
+
+/// One column of a batch, as the array [`insert_batch`] binds for it.
+enum Column {
+    Text(Vec<Option<String>>),
+    BigInt(Vec<Option<i64>>),
+    Int(Vec<Option<i32>>),
+    Bool(Vec<Option<bool>>),
+    Bytes(Vec<Option<Vec<u8>>>),
+}
+
+impl Column {
+    /// The column of `values` (one per row, all of one type).
+    fn of<'v>(values: impl Iterator<Item = &'v sea_orm::Value>) -> Result<Self, StoreError> {
+        use sea_orm::Value;
+        let mut values = values.peekable();
+        let mut column = match values.peek() {
+            Some(Value::BigInt(_)) => Self::BigInt(Vec::new()),
+            Some(Value::Int(_)) => Self::Int(Vec::new()),
+            Some(Value::Bool(_)) => Self::Bool(Vec::new()),
+            Some(Value::Bytes(_)) => Self::Bytes(Vec::new()),
+            _ => Self::Text(Vec::new()),
+        };
+        for value in values {
+            match (&mut column, value) {
+                (Self::Text(c), Value::String(v)) => c.push(v.clone()),
+                (Self::BigInt(c), Value::BigInt(v)) => c.push(*v),
+                (Self::Int(c), Value::Int(v)) => c.push(*v),
+                (Self::Bool(c), Value::Bool(v)) => c.push(*v),
+                (Self::Bytes(c), Value::Bytes(v)) => c.push(v.clone()),
+                (_, other) => {
+                    return Err(StoreError::Internal(format!(
+                        "a create's column holds an unexpected value: {other:?}"
+                    )));
+                }
+            }
+        }
+        Ok(column)
+    }
+
+    fn sql_type(&self) -> &'static str {
+        match self {
+            Self::Text(_) => "text[]",
+            Self::BigInt(_) => "int8[]",
+            Self::Int(_) => "int4[]",
+            Self::Bool(_) => "bool[]",
+            Self::Bytes(_) => "bytea[]",
+        }
+    }
+
+    fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        match self {
+            Self::Text(c) => query.bind(c),
+            Self::BigInt(c) => query.bind(c),
+            Self::Int(c) => query.bind(c),
+            Self::Bool(c) => query.bind(c),
+            Self::Bytes(c) => query.bind(c),
+        }
+    }
+}
+
+/// PostgreSQL: writes the creates `rows` in one statement (events, requests and resources in
+/// data-modifying CTEs, atomic without a transaction block, so one round trip and one commit
+/// for all of them); returns each one's revision, in the order of `rows`. The rows travel as
+/// one array per column (`unnest`), so the statement's text, and its prepared plan, are the
+/// same for one create or hundreds.
+pub(crate) async fn insert_batch(pool: &PgPool, rows: &[&CreateRows]) -> Result<Vec<i64>, DbErrOr> {
+    let Some(first) = rows.first() else {
+        return Ok(Vec::new());
     };
-    let event_columns = EVENT_COLUMNS[1..].join(", ");
-    let (event_values, record) = event_values(request, event, hashed)?;
-    let event_row = placeholders(event_values);
-    let audit = placeholders(vec![GENESIS.to_vec().into(), record.into()]);
-    let (prev, record) = audit.split_once(", ").unwrap_or_default();
-    let (prev, hash) = if hashed {
-        (
-            prev.to_owned(),
-            format!("sha256({prev} || int8send(rev.r) || {record})"),
-        )
-    } else {
-        ("NULL::bytea".to_owned(), "NULL::bytea".to_owned())
+    let mut columns = Vec::new();
+    for i in 0..first.event.len() {
+        columns.push(Column::of(rows.iter().filter_map(|r| r.event.get(i)))?);
+    }
+    columns.push(Column::Bytes(rows.iter().map(|r| r.prev.clone()).collect()));
+    columns.push(Column::Bytes(
+        rows.iter().map(|r| Some(r.record.clone())).collect(),
+    ));
+    for i in 0..first.request.len() {
+        columns.push(Column::of(rows.iter().filter_map(|r| r.request.get(i)))?);
+    }
+    let resources: Vec<&[sea_orm::Value; 4]> =
+        rows.iter().flat_map(|r| r.resources.iter()).collect();
+    let mut resource_columns = Vec::new();
+    for i in 0..RESOURCE_COLUMNS.len() {
+        // No resources: an empty text array, the type of every resource column.
+        resource_columns.push(Column::of(resources.iter().map(|r| &r[i]))?);
+    }
+    // Built from the schema's names and the columns' types only: nothing a caller sent.
+    let sql = sqlx::AssertSqlSafe(batch_sql(first, &columns, &resource_columns));
+    let mut query = sqlx::query(sql);
+    for column in columns.into_iter().chain(resource_columns) {
+        query = column.bind(query);
+    }
+    let written = query
+        .fetch_all(pool)
+        .await
+        .map_err(|err| DbErr::Query(RuntimeErr::SqlxError(std::sync::Arc::new(err))))?;
+    let mut revisions = vec![0; rows.len()];
+    for row in &written {
+        let (ordinal, revision): (i64, i64) = (
+            row.try_get("o").map_err(sqlx_error)?,
+            row.try_get("r").map_err(sqlx_error)?,
+        );
+        let slot = usize::try_from(ordinal - 1)
+            .ok()
+            .and_then(|i| revisions.get_mut(i))
+            .ok_or_else(|| {
+                StoreError::Internal(format!("a create batch returned row {ordinal}"))
+            })?;
+        *slot = revision;
+    }
+    if written.len() != rows.len() || revisions.contains(&0) {
+        return Err(StoreError::Internal(format!(
+            "a batch of {} creates returned {} revisions",
+            rows.len(),
+            written.len()
+        ))
+        .into());
+    }
+    Ok(revisions)
+}
+
+fn sqlx_error(err: sqlx::Error) -> DbErrOr {
+    DbErr::Query(RuntimeErr::SqlxError(std::sync::Arc::new(err))).into()
+}
+
+/// The statement of [`insert_batch`]: `$1..` are `columns` (the event's, its prev hash and
+/// record, the request's), then `resource_columns`.
+fn batch_sql(first: &CreateRows, columns: &[Column], resource_columns: &[Column]) -> String {
+    let mut n = 0;
+    let mut param = |column: &Column| {
+        n += 1;
+        format!("${n}::{}", column.sql_type())
     };
-    let request_row = placeholders(request_values(request, key)?);
+    let arrays: Vec<String> = columns.iter().map(&mut param).collect();
+    let resource_arrays: Vec<String> = resource_columns.iter().map(&mut param).collect();
+    let events = first.event.len();
+    let event_names: Vec<String> = (0..events).map(|i| format!("e{i}")).collect();
+    let request_names: Vec<String> = (0..first.request.len()).map(|i| format!("q{i}")).collect();
     // The log reader relies on a writer having its xid before it takes a revision (see
-    // log.rs): the materialised `xid` row is produced before the event row's identity value is
-    // drawn. The revision is drawn explicitly so that the statement can hash the event with
-    // it (see `approvals_domain::audit`: `sha256(prev || int8send(revision) || record)`).
-    let mut sql = format!(
+    // log.rs): the materialised `xid` row is produced before any revision is drawn. The
+    // revisions are drawn explicitly so that the statement can hash each event with its own
+    // (see `approvals_domain::audit`: `sha256(prev || int8send(revision) || record)`; NULL
+    // when prev is NULL, unhashed).
+    format!(
         "WITH xid AS MATERIALIZED (SELECT pg_current_xact_id()), \
-         rev AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('{EVENTS}', '{revision}')) \
-         AS r FROM xid), \
-         event AS (INSERT INTO {EVENTS} \
-         ({revision}, {event_columns}, {prev_col}, {hash_col}) OVERRIDING SYSTEM VALUE \
-         SELECT rev.r, {event_row}, {prev}, {hash} \
-         FROM rev RETURNING {revision}, {hash_col}), \
+         input AS MATERIALIZED (SELECT nextval(pg_get_serial_sequence('{EVENTS}', '{revision}')) \
+         AS r, t.* FROM xid, unnest({arrays}) WITH ORDINALITY AS t({event_names}, prev, record, \
+         {request_names}, o)), \
+         event AS (INSERT INTO {EVENTS} ({revision}, {event_columns}, {prev_col}, {hash_col}) \
+         OVERRIDING SYSTEM VALUE SELECT r, {event_names}, prev, \
+         sha256(prev || int8send(r) || record) FROM input RETURNING {revision}, {hash_col}), \
          request AS (INSERT INTO {CHANGE_REQUESTS} ({request_columns}, {revision}, {head_col}) \
-         SELECT {request_row}, event.{revision}, event.{hash_col} FROM event)",
+         SELECT {request_names}, event.{revision}, event.{hash_col} FROM input \
+         JOIN event ON event.{revision} = input.r), \
+         resources AS (INSERT INTO {RESOURCES} ({resource_columns}) \
+         SELECT * FROM unnest({resource_arrays})) \
+         SELECT o, r FROM input",
         revision = ev::REVISION,
-        request_columns = REQUEST_COLUMNS.join(", "),
+        arrays = arrays.join(", "),
+        event_names = event_names.join(", "),
+        request_names = request_names.join(", "),
+        event_columns = EVENT_COLUMNS[1..].join(", "),
         prev_col = ev::PREV_HASH,
         hash_col = ev::HASH,
+        request_columns = REQUEST_COLUMNS.join(", "),
         head_col = cr::AUDIT_HEAD,
-    );
-    let resource_rows = resource_values(request);
-    if !resource_rows.is_empty() {
-        let rows: Vec<String> = resource_rows
-            .into_iter()
-            .map(|row| format!("({})", placeholders(row.into())))
-            .collect();
-        sql.push_str(&format!(
-            ", resources AS (INSERT INTO {RESOURCES} ({}) VALUES {})",
-            RESOURCE_COLUMNS.join(", "),
-            rows.join(", ")
-        ));
-    }
-    sql.push_str(&format!(" SELECT {} FROM event", ev::REVISION));
-    let statement = Statement::from_sql_and_values(DbBackend::Postgres, sql, values);
-    let row = db
-        .query_one_raw(statement)
-        .await?
-        .ok_or_else(|| StoreError::Internal("create returned no revision".into()))?;
-    let revision: i64 = row.try_get("", ev::REVISION)?;
-    request.revision = revision;
-    Ok(revision)
+        resource_columns = RESOURCE_COLUMNS.join(", "),
+        resource_arrays = resource_arrays.join(", "),
+    )
 }
 
 /// SQLite: `new` written in one round trip to SQLite's worker thread, inside the batch's

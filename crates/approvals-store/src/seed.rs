@@ -40,16 +40,23 @@ pub async fn insert_created(
 /// PostgreSQL only: writes one created request in one statement (no transaction block), the
 /// way the store's create writes it there. Sets the request's revision.
 pub async fn insert_created_in_one_statement(
-    db: &impl ConnectionTrait,
+    db: &sea_orm::DatabaseConnection,
     request: &mut ChangeRequest,
     event: &EventDraft,
 ) -> Result<(), StoreError> {
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Err(StoreError::Internal(
+            "a create in one statement needs PostgreSQL".into(),
+        ));
+    }
     let new = NewRequest {
         request,
         event,
         key: None,
         hashed: true,
     };
-    rows::insert_in_one_statement(db, new).await?;
+    let rows = rows::CreateRows::new(new)?;
+    let revisions = rows::insert_batch(db.get_postgres_connection_pool(), &[&rows]).await?;
+    request.revision = revisions.first().copied().unwrap_or_default();
     Ok(())
 }
