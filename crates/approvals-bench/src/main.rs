@@ -509,6 +509,42 @@ impl Clients {
 
 /// The end of the full lifecycle: the project's AUTO policy applies the request on quorum, and
 /// the second approval returns after the apply.
+/// A create in `project` by worker `worker`'s requester, of a resource of its own.
+async fn create_as_worker(
+    client: &mut ChangeRequestsClient<Channel>,
+    project: &str,
+    worker: usize,
+    sequence: u64,
+) -> Result<pb::ChangeRequest, String> {
+    client
+        .create_change_request(with_actor(
+            create_request(project, &format!("flag-{worker}-{sequence}")),
+            &format!("user:requester-{worker}"),
+        ))
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| format!("create: {s}"))
+}
+
+/// `reviewer`'s approval of request `id`.
+async fn approve_as(
+    client: &mut ChangeRequestsClient<Channel>,
+    id: &str,
+    reviewer: &str,
+) -> Result<pb::ChangeRequest, String> {
+    client
+        .approve_change_request(with_actor(
+            pb::ApproveChangeRequestRequest {
+                id: id.to_owned(),
+                ..Default::default()
+            },
+            reviewer,
+        ))
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| format!("approve: {s}"))
+}
+
 async fn finish_lifecycle(
     _client: &mut ChangeRequestsClient<Channel>,
     last: &pb::ChangeRequest,
@@ -937,25 +973,9 @@ async fn scenarios(
         let stats = drive(c, warmup, duration, move |worker, sequence| {
             let mut client = approving.api(worker);
             async move {
-                let created = client
-                    .create_change_request(with_actor(
-                        create_request("bench-approve", &format!("flag-{worker}-{sequence}")),
-                        &format!("user:requester-{worker}"),
-                    ))
-                    .await
-                    .map_err(|s| format!("create: {s}"))?
-                    .into_inner();
-                let approved = client
-                    .approve_change_request(with_actor(
-                        pb::ApproveChangeRequestRequest {
-                            id: created.id.clone(),
-                            ..Default::default()
-                        },
-                        "user:reviewer-a",
-                    ))
-                    .await
-                    .map_err(|s| format!("approve: {s}"))?
-                    .into_inner();
+                let created =
+                    create_as_worker(&mut client, "bench-approve", worker, sequence).await?;
+                let approved = approve_as(&mut client, &created.id, "user:reviewer-a").await?;
                 if approved.approval_count != 1 {
                     return Err(format!("{} approvals counted", approved.approval_count));
                 }
@@ -979,27 +999,10 @@ async fn scenarios(
         let stats = drive(c, warmup, duration, move |worker, sequence| {
             let mut client = clients.api(worker);
             async move {
-                let created = client
-                    .create_change_request(with_actor(
-                        create_request("bench-lifecycle", &format!("flag-{worker}-{sequence}")),
-                        &format!("user:requester-{worker}"),
-                    ))
-                    .await
-                    .map_err(|s| format!("create: {s}"))?
-                    .into_inner();
-                let mut last = created;
+                let mut last =
+                    create_as_worker(&mut client, "bench-lifecycle", worker, sequence).await?;
                 for reviewer in ["user:reviewer-a", "user:reviewer-b"] {
-                    last = client
-                        .approve_change_request(with_actor(
-                            pb::ApproveChangeRequestRequest {
-                                id: last.id.clone(),
-                                ..Default::default()
-                            },
-                            reviewer,
-                        ))
-                        .await
-                        .map_err(|s| format!("approve: {s}"))?
-                        .into_inner();
+                    last = approve_as(&mut client, &last.id, reviewer).await?;
                 }
                 finish_lifecycle(&mut client, &last).await
             }

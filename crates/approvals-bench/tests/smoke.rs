@@ -78,7 +78,13 @@ fn runs_a_few_hundred_calls_against_a_server() {
     ) else {
         return;
     };
-    for scenario in ["create", "get", "list_by_requester", "lifecycle"] {
+    for scenario in [
+        "create",
+        "get",
+        "list_by_requester",
+        "create_approve",
+        "lifecycle",
+    ] {
         assert_ran(row(&report, scenario));
     }
 }
