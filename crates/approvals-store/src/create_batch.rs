@@ -106,9 +106,7 @@ async fn write_batch(pool: &PgPool, batch: Vec<Pending>) {
         Err(DbErrOr::Db(err)) if batch.len() > 1 && is_constraint_violation(&err) => {
             // One of them collides: each alone, so that only that one is refused.
             for pending in batch {
-                let result = crate::rows::insert_batch(pool, &[&pending.rows])
-                    .await
-                    .map(|revisions| revisions.first().copied().unwrap_or_default());
+                let result = crate::rows::insert_one(pool, &pending.rows).await;
                 let _ = pending.answer.send(result);
             }
         }

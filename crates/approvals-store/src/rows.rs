@@ -426,10 +426,7 @@ pub(crate) async fn insert_batch(pool: &PgPool, rows: &[&CreateRows]) -> Result<
     for column in columns.into_iter().chain(resource_columns) {
         query = column.bind(query);
     }
-    let written = query
-        .fetch_all(pool)
-        .await
-        .map_err(|err| DbErr::Query(RuntimeErr::SqlxError(std::sync::Arc::new(err))))?;
+    let written = query.fetch_all(pool).await.map_err(sqlx_error)?;
     let mut revisions = vec![0; rows.len()];
     for row in &written {
         let (ordinal, revision): (i64, i64) = (
@@ -455,6 +452,17 @@ pub(crate) async fn insert_batch(pool: &PgPool, rows: &[&CreateRows]) -> Result<
     Ok(revisions)
 }
 
+/// PostgreSQL: writes one create alone ([`insert_batch`] of one); returns its revision.
+pub(crate) async fn insert_one(pool: &PgPool, rows: &CreateRows) -> Result<i64, DbErrOr> {
+    let revisions = insert_batch(pool, &[rows]).await?;
+    revisions
+        .first()
+        .copied()
+        .ok_or_else(|| StoreError::Internal("a create returned no revision".into()).into())
+}
+
+/// A sqlx error as sea-orm reports a query's, so that the store reads it the same way (a
+/// unique index, the database unreachable).
 fn sqlx_error(err: sqlx::Error) -> DbErrOr {
     DbErr::Query(RuntimeErr::SqlxError(std::sync::Arc::new(err))).into()
 }

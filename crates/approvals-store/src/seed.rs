@@ -56,7 +56,6 @@ pub async fn insert_created_in_one_statement(
         hashed: true,
     };
     let rows = rows::CreateRows::new(new)?;
-    let revisions = rows::insert_batch(db.get_postgres_connection_pool(), &[&rows]).await?;
-    request.revision = revisions.first().copied().unwrap_or_default();
+    request.revision = rows::insert_one(db.get_postgres_connection_pool(), &rows).await?;
     Ok(())
 }
