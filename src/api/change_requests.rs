@@ -10,7 +10,7 @@ use approvals_domain::{
     calendar::Windows,
     validation::{self, Violations},
 };
-use approvals_store::Step;
+use approvals_store::{ReadRequest, Step};
 use futures::StreamExt;
 use prost::Message;
 use tonic::{Request, Response};
@@ -32,11 +32,10 @@ pub struct ChangeRequestsService {
     pub(super) context: Arc<Context>,
 }
 
-/// A domain command on one locked request: given the request, the actor and the time.
+/// A domain command on one request: given the request, the actor and the time. It may run
+/// more than once (see `Store::mutate`), so it consumes nothing it was given.
 type Command<'a> = Box<
-    dyn FnOnce(&mut ChangeRequest, &Actor, Timestamp) -> Result<EventDraft, DomainError>
-        + Send
-        + 'a,
+    dyn FnMut(&mut ChangeRequest, &Actor, Timestamp) -> Result<EventDraft, DomainError> + Send + 'a,
 >;
 
 impl ChangeRequestsService {
@@ -44,9 +43,9 @@ impl ChangeRequestsService {
         Self { context }
     }
 
-    /// Runs `command` on the request `id` in one transaction, for a caller that may see it,
-    /// after checking the caller's `etag` (when given), and refuses a result too large to
-    /// serve.
+    /// Runs `command` on the request `id` atomically (see `Store::mutate`), for a caller that
+    /// may see it, after checking the caller's `etag` (when given), and refuses a result too
+    /// large to serve.
     async fn command(
         &self,
         caller: &Caller,
@@ -55,23 +54,43 @@ impl ChangeRequestsService {
         command: Command<'_>,
     ) -> Result<ChangeRequest, ApiError> {
         let id = requests::id("id", id)?;
+        let checked = self.checked(caller, etag, command);
+        Ok(self.context.store.mutate(&id, checked).await?)
+    }
+
+    /// [`Self::command`] on a request the handler has read already (`Store::mutate_read`).
+    async fn command_on(
+        &self,
+        caller: &Caller,
+        read: ReadRequest,
+        etag: Option<&str>,
+        command: Command<'_>,
+    ) -> Result<ChangeRequest, ApiError> {
+        let checked = self.checked(caller, etag, command);
+        Ok(self.context.store.mutate_read(read, checked).await?)
+    }
+
+    /// `command` with what every command checks around it: the caller sees the request, the
+    /// etag (when given) is current, the result fits a message; and the attestation an
+    /// approval makes due.
+    fn checked<'a>(
+        &'a self,
+        caller: &'a Caller,
+        etag: Option<&'a str>,
+        mut command: Command<'a>,
+    ) -> impl FnMut(&mut ChangeRequest) -> Result<EventDraft, DomainError> + Send + 'a {
         let actor = caller.actor();
         let now = self.context.clock.now();
-        let updated = self
-            .context
-            .store
-            .mutate(&id, |r| {
-                caller.ensure_sees(r)?;
-                if let Some(etag) = etag {
-                    r.check_etag(Some(etag))?;
-                }
-                let event = command(r, &actor, now)?;
-                self.context.attest_if_due(r, &event, now);
-                fits_a_message(r)?;
-                Ok(event)
-            })
-            .await?;
-        Ok(updated)
+        move |r| {
+            caller.ensure_sees(r)?;
+            if let Some(etag) = etag {
+                r.check_etag(Some(etag))?;
+            }
+            let event = command(r, &actor, now)?;
+            self.context.attest_if_due(r, &event, now);
+            fits_a_message(r)?;
+            Ok(event)
+        }
     }
 
     /// A command that also needs the policy's current apply wiring.
@@ -80,7 +99,7 @@ impl ChangeRequestsService {
         caller: &Caller,
         id: &str,
         etag: Option<&str>,
-        command: impl FnOnce(
+        mut command: impl FnMut(
             &mut ChangeRequest,
             &Actor,
             &ApplyWiring,
@@ -145,24 +164,25 @@ impl ChangeRequestsService {
         decision: Decision,
         comment: String,
     ) -> Result<pb::ChangeRequest, ApiError> {
-        let reciprocal = if decision == Decision::Approve {
-            let id = requests::id("id", id)?;
-            let request = self.context.store.get(&id).await?;
-            caller.ensure_sees(&request)?;
-            self.reciprocal_approval(&request, &caller.actor()).await?
+        let id = requests::id("id", id)?;
+        let (read, reciprocal) = if decision == Decision::Approve {
+            // Read for anti-collusion, and handed on to the write, which needs no second read.
+            let read = self.context.store.read_request(&id).await?;
+            caller.ensure_sees(&read.request)?;
+            let reciprocal = self
+                .reciprocal_approval(&read.request, &caller.actor())
+                .await?;
+            (Some(read), reciprocal)
         } else {
-            None
+            (None, None)
         };
-        let reviewed = self
-            .command(
-                caller,
-                id,
-                Some(etag),
-                Box::new(move |r, actor, now| {
-                    r.review_with(actor, decision, comment, now, reciprocal.as_ref())
-                }),
-            )
-            .await?;
+        let review: Command<'_> = Box::new(move |r, actor, now| {
+            r.review_with(actor, decision, comment.clone(), now, reciprocal.as_ref())
+        });
+        let reviewed = match read {
+            Some(read) => self.command_on(caller, read, Some(etag), review).await?,
+            None => self.command(caller, &id, Some(etag), review).await?,
+        };
         if reviewed.state == State::Approved
             && approvals_domain::governance::is_policy_change(&reviewed.project)
         {
@@ -296,9 +316,13 @@ impl ChangeRequestsService {
         let versions = store.latest_versions(&store.get(&id).await?).await?;
         let clock = self.context.clock.clone();
         let edit: Command<'_> = Box::new(move |r, actor, now| {
-            r.update_with_versions(actor, patch, now, &mut || clock.new_id(), &|kind, id| {
-                versions.get(&(kind.to_owned(), id.to_owned())).cloned()
-            })
+            r.update_with_versions(
+                actor,
+                patch.clone(),
+                now,
+                &mut || clock.new_id(),
+                &|kind, id| versions.get(&(kind.to_owned(), id.to_owned())).cloned(),
+            )
         });
         // An update without an etag is allowed (last writer wins); `command` checks one given.
         let updated = self.command(caller, &id, etag.as_deref(), edit).await?;
@@ -425,8 +449,9 @@ impl ChangeRequests for ChangeRequestsService {
     ) -> Answer<pb::ChangeRequest> {
         let (caller, req) = called(request)?;
         let reason = req.reason;
-        let cancel =
-            Box::new(move |r: &mut ChangeRequest, actor: &Actor, now| r.cancel(actor, reason, now));
+        let cancel = Box::new(move |r: &mut ChangeRequest, actor: &Actor, now| {
+            r.cancel(actor, reason.clone(), now)
+        });
         answer_seen(
             self.command(&caller, &req.id, Some(&req.etag), cancel)
                 .await,
@@ -441,7 +466,7 @@ impl ChangeRequests for ChangeRequestsService {
         let (caller, req) = called(request)?;
         let (id, text) = (self.context.clock.new_id(), req.text);
         let comment = Box::new(move |r: &mut ChangeRequest, actor: &Actor, now| {
-            r.add_comment(actor, id, text, now)
+            r.add_comment(actor, id.clone(), text.clone(), now)
         });
         answer_seen(self.command(&caller, &req.id, None, comment).await, &caller)
     }
@@ -501,7 +526,14 @@ impl ChangeRequests for ChangeRequestsService {
         } = Completion::try_from(req)?;
         let complete =
             move |r: &mut ChangeRequest, actor: &Actor, wiring: &ApplyWiring, _: &Windows, now| {
-                r.complete(actor, wiring, success, result_data, error, now)
+                r.complete(
+                    actor,
+                    wiring,
+                    success,
+                    result_data.clone(),
+                    error.clone(),
+                    now,
+                )
             };
         answer_seen(
             self.wired_command(&caller, &id, None, complete).await,

@@ -678,6 +678,176 @@ async fn two_replicas_writing_in_turn_keep_one_gap_free_log_whose_chains_verify(
     assert_eq!(report.events, revisions.len());
 }
 
+/// Transitions in flight together share one statement on PostgreSQL and one commit on SQLite
+/// (issue 28). Sixteen comments on one request race one another (on PostgreSQL all but one of
+/// those sharing a statement find their guard failed and are written again, locking the row),
+/// beside approvals of other requests and cancels refused for a stale etag: every accepted
+/// write is kept with exactly its event and a revision of its own, the refused ones leave
+/// nothing, and the history still verifies hash by hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transitions_in_flight_together_keep_every_write_and_a_verifiable_history() {
+    const COMMENTS: usize = 16;
+    const APPROVALS: usize = 8;
+    const STALE: usize = 4;
+    let a = audited().await;
+    let mut alice = a.server.client("user:alice").await;
+    let hot = a.ids[1].clone();
+    let mut others = Vec::new();
+    for i in 0..APPROVALS + STALE {
+        let created = create(
+            &mut alice,
+            pb::CreateChangeRequestRequest {
+                title: format!("reviewed {i}"),
+                ..new_request()
+            },
+        )
+        .await;
+        others.push(created);
+    }
+    // The stale ones are commented on after their etag was read.
+    for request in &others[APPROVALS..] {
+        alice
+            .add_comment(pb::AddCommentRequest {
+                id: request.id.clone(),
+                text: "changes the etag".into(),
+            })
+            .await
+            .expect("comment");
+    }
+    let calls_count = COMMENTS + APPROVALS + STALE;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(calls_count));
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..COMMENTS {
+        let (mut client, start, id) = (
+            a.server.client("user:carol").await,
+            start.clone(),
+            hot.clone(),
+        );
+        calls.spawn(async move {
+            start.wait().await;
+            let result = client
+                .add_comment(pb::AddCommentRequest {
+                    id,
+                    text: format!("comment {i}"),
+                })
+                .await;
+            ("comment", result.map(|r| r.into_inner()))
+        });
+    }
+    for (i, request) in others.iter().enumerate() {
+        // Bob approves; Alice, the requester, cancels with the etag she read.
+        let actor = if i < APPROVALS {
+            "user:bob"
+        } else {
+            "user:alice"
+        };
+        let (mut client, start) = (a.server.client(actor).await, start.clone());
+        let request = request.clone();
+        calls.spawn(async move {
+            start.wait().await;
+            if i < APPROVALS {
+                let result = client
+                    .approve_change_request(pb::ApproveChangeRequestRequest {
+                        id: request.id,
+                        etag: request.etag,
+                        ..Default::default()
+                    })
+                    .await;
+                ("approve", result.map(|r| r.into_inner()))
+            } else {
+                let result = cancel_with_etag_read(&mut client, request).await;
+                ("stale", result)
+            }
+        });
+    }
+    let mut revisions = Vec::new();
+    while let Some(joined) = calls.join_next().await {
+        match joined.expect("join") {
+            ("stale", Err(status)) => {
+                assert_error(&status, Code::Aborted, "ETAG_MISMATCH");
+            }
+            ("stale", Ok(request)) => panic!("a stale etag was accepted: {request:?}"),
+            (_, Ok(request)) => revisions.push(request.revision),
+            (what, Err(status)) => panic!("{what} failed: {status:?}"),
+        }
+    }
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(
+        revisions.len(),
+        COMMENTS + APPROVALS,
+        "a revision of its own each"
+    );
+
+    let read = get(&mut alice, &hot).await;
+    let mut texts: Vec<String> = read.comments.iter().map(|c| c.text.clone()).collect();
+    texts.sort();
+    let mut expected: Vec<String> = (0..COMMENTS).map(|i| format!("comment {i}")).collect();
+    expected.sort();
+    assert_eq!(texts, expected, "no comment lost");
+    let trail = events(&mut alice, &hot).await;
+    assert_eq!(trail.len(), 1 + COMMENTS, "CREATED and one COMMENTED each");
+    assert!(trail.windows(2).all(|w| w[0].revision < w[1].revision));
+    for (i, request) in others.iter().enumerate() {
+        let read = get(&mut alice, &request.id).await;
+        let kinds: Vec<i32> = events(&mut alice, &request.id)
+            .await
+            .iter()
+            .map(|e| e.kind)
+            .collect();
+        if i < APPROVALS {
+            assert_eq!(read.approval_count, 1, "{}", request.id);
+            assert_eq!(
+                kinds,
+                [
+                    pb::EventKind::Created as i32,
+                    pb::EventKind::Reviewed as i32
+                ],
+                "{}",
+                request.id
+            );
+        } else {
+            assert_eq!(state(&read), pb::State::InReview, "{}", request.id);
+            assert_eq!(
+                kinds,
+                [
+                    pb::EventKind::Created as i32,
+                    pb::EventKind::Commented as i32
+                ],
+                "{}: nothing of the refused cancel",
+                request.id
+            );
+        }
+    }
+    let head = get(&mut alice, &hot)
+        .await
+        .revision
+        .max(revisions[revisions.len() - 1]);
+    wait_for_checkpoint(&a.server, head).await;
+    let report = verify_report(&a).await;
+    assert!(report.is_clean(), "{}", report.render());
+    assert_eq!(
+        report.events,
+        6 + others.len() + STALE + COMMENTS + APPROVALS,
+        "exactly the accepted writes' events"
+    );
+}
+
+/// A cancel with the etag `request` was read with.
+async fn cancel_with_etag_read(
+    client: &mut Client,
+    request: pb::ChangeRequest,
+) -> Result<pb::ChangeRequest, tonic::Status> {
+    client
+        .cancel_change_request(pb::CancelChangeRequestRequest {
+            id: request.id,
+            etag: request.etag,
+            reason: "stale".into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// Creates in flight together share one statement on PostgreSQL and one commit on SQLite
 /// (issue 28). A create refused among them (its request_id just taken with another body) is
 /// refused alone: every other caller gets its own request, each request has exactly its one

@@ -892,3 +892,88 @@ async fn refused_calls_among_concurrent_ones_change_nothing_of_the_others() {
         );
     }
 }
+
+/// PostgreSQL (issue 28): a transition is written in a shared statement, guarded by what its
+/// writer read. The service's bookkeeping (an apply's lease, its attempts) rewrites a request
+/// without a new revision, so the guard covers the stored body too: a bookkeeping write that
+/// lands between a writer's read and its statement is kept, and the writer's command runs
+/// again on the request as it now is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transition_racing_a_bookkeeping_write_keeps_both() {
+    if postgres_or_skip("a_transition_racing_a_bookkeeping_write_keeps_both").is_none() {
+        return;
+    }
+    let server = TestServer::start().await;
+    let mut alice = server.client("user:alice").await;
+    let created = create(&mut alice, new_request()).await;
+    let settings = approvals_store::DatabaseSettings {
+        url: server.database_url.clone(),
+        max_connections: 2,
+        acquire_timeout: std::time::Duration::from_secs(5),
+        statement_timeout: std::time::Duration::from_secs(30),
+    };
+    let store = approvals_store::Store::connect(&settings)
+        .await
+        .expect("store");
+    let carol = approvals_domain::Actor::caller("user:carol", vec![]).expect("actor");
+    let now = approvals_domain::Timestamp::from_micros(unix_now() * 1_000_000);
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    let commented = store
+        .mutate(&created.id, |request| {
+            if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                // After this writer read the request: a write without an event, from another
+                // connection (a runtime of its own, as another replica's would be).
+                let (settings, id) = (settings.clone(), request.id.clone());
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    runtime.block_on(async move {
+                        let other = approvals_store::Store::connect(&settings)
+                            .await
+                            .expect("store");
+                        other
+                            .step(&id, |r| {
+                                r.description = "bookkeeping".into();
+                                Ok(approvals_store::Step::Quiet)
+                            })
+                            .await
+                            .expect("bookkeeping write");
+                    });
+                })
+                .join()
+                .expect("bookkeeping thread");
+            }
+            request.add_comment(&carol, "c-1".into(), "kept".into(), now)
+        })
+        .await
+        .expect("comment");
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the guard failed and the command ran again"
+    );
+    assert_eq!(commented.description, "bookkeeping");
+    let read = get(&mut alice, &created.id).await;
+    assert_eq!(
+        read.description, "bookkeeping",
+        "the bookkeeping write is kept"
+    );
+    assert_eq!(
+        read.comments
+            .iter()
+            .map(|c| c.text.as_str())
+            .collect::<Vec<_>>(),
+        ["kept"]
+    );
+    let kinds: Vec<i32> = events(&mut alice, &created.id)
+        .await
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [EventKind::Created as i32, EventKind::Commented as i32]
+    );
+}

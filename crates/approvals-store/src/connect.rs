@@ -60,6 +60,9 @@ pub struct Store {
     /// PostgreSQL: the creates waiting for their shared statement (see
     /// [`crate::create_batch`]). `None` on SQLite, whose writers share a commit already.
     pub(crate) creates: Option<crate::create_batch::CreateQueue>,
+    /// PostgreSQL: the transitions waiting for their shared statement (see
+    /// [`crate::transitions`]). `None` on SQLite.
+    pub(crate) transitions: Option<crate::transitions::TransitionQueue>,
 }
 
 impl Store {
@@ -112,12 +115,19 @@ impl Store {
                 redact_url(&settings.url)
             ))
         })?;
-        let creates = (backend == Backend::Postgres).then(|| {
-            crate::create_batch::CreateQueue::start(db.get_postgres_connection_pool().clone())
-        });
+        let (creates, transitions) = if backend == Backend::Postgres {
+            let pool = db.get_postgres_connection_pool();
+            (
+                Some(crate::create_batch::CreateQueue::start(pool.clone())),
+                Some(crate::transitions::TransitionQueue::start(pool.clone())),
+            )
+        } else {
+            (None, None)
+        };
         Ok(Self {
             db,
             creates,
+            transitions,
             backend,
             sqlite_writer: Arc::new(Mutex::new(None)),
             commits: Arc::new(watch::channel(0).0),

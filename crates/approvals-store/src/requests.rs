@@ -85,7 +85,7 @@ impl Store {
             .creates
             .as_ref()
             .ok_or_else(|| StoreError::Internal("no create queue on this database".into()))?;
-        let revision = queue.create(rows).await?;
+        let revision = queue.write(rows).await?;
         request.revision = revision;
         self.note_written(revision);
         self.note_committed();
@@ -157,13 +157,23 @@ impl Store {
         }
     }
 
-    /// Runs a domain command on one request in one transaction: lock the row, apply the
-    /// command, store the new document and append its event. A refused command writes nothing.
+    /// Runs a domain command on one request, atomically: apply the command to the request,
+    /// store the new document and append its event. A refused command writes nothing.
+    ///
+    /// On PostgreSQL the command runs on the request as read, and the write joins the next
+    /// transition batch, guarded by what was read (see [`crate::transitions`]); when another
+    /// write of the request came first, or the command changes the request's resources, the
+    /// command runs again in a transaction that locks the row, as it always does on SQLite. So
+    /// `command` may run more than once: it must do the same thing each time.
     #[tracing::instrument(level = "info", skip(self, command), fields(change_request_id = %id), err(level = "debug"))]
-    pub async fn mutate<F>(&self, id: &str, command: F) -> Result<ChangeRequest, StoreError>
+    pub async fn mutate<F>(&self, id: &str, mut command: F) -> Result<ChangeRequest, StoreError>
     where
-        F: FnOnce(&mut ChangeRequest) -> Result<EventDraft, DomainError> + Send,
+        F: FnMut(&mut ChangeRequest) -> Result<EventDraft, DomainError> + Send,
     {
+        if self.transitions.is_some() {
+            let read = self.read_request(id).await?;
+            return self.mutate_read(read, command).await;
+        }
         self.step(id, |request| command(request).map(Step::Event))
             .await
     }

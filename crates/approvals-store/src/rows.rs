@@ -318,21 +318,23 @@ impl CreateRows {
 
     /// About how many bytes the rows carry (their strings and bytes).
     pub(crate) fn size(&self) -> usize {
-        fn of(value: &sea_orm::Value) -> usize {
-            match value {
-                sea_orm::Value::String(Some(s)) => s.len(),
-                sea_orm::Value::Bytes(Some(b)) => b.len(),
-                _ => 8,
-            }
-        }
         let values = self.event.iter().chain(&self.request);
         let resources = self.resources.iter().flatten();
-        values.chain(resources).map(of).sum::<usize>() + self.record.len()
+        values.chain(resources).map(value_size).sum::<usize>() + self.record.len()
+    }
+}
+
+/// About how many bytes a value of a batch's row carries (its string or bytes).
+pub(crate) fn value_size(value: &sea_orm::Value) -> usize {
+    match value {
+        sea_orm::Value::String(Some(s)) => s.len(),
+        sea_orm::Value::Bytes(Some(b)) => b.len(),
+        _ => 8,
     }
 }
 
 /// One column of a batch, as the array [`insert_batch`] binds for it.
-enum Column {
+pub(crate) enum Column {
     Text(Vec<Option<String>>),
     BigInt(Vec<Option<i64>>),
     Int(Vec<Option<i32>>),
@@ -342,7 +344,9 @@ enum Column {
 
 impl Column {
     /// The column of `values` (one per row, all of one type).
-    fn of<'v>(values: impl Iterator<Item = &'v sea_orm::Value>) -> Result<Self, StoreError> {
+    pub(crate) fn of<'v>(
+        values: impl Iterator<Item = &'v sea_orm::Value>,
+    ) -> Result<Self, StoreError> {
         use sea_orm::Value;
         let mut values = values.peekable();
         let mut column = match values.peek() {
@@ -361,7 +365,7 @@ impl Column {
                 (Self::Bytes(c), Value::Bytes(v)) => c.push(v.clone()),
                 (_, other) => {
                     return Err(StoreError::Internal(format!(
-                        "a create's column holds an unexpected value: {other:?}"
+                        "a batch's column holds an unexpected value: {other:?}"
                     )));
                 }
             }
@@ -369,7 +373,7 @@ impl Column {
         Ok(column)
     }
 
-    fn sql_type(&self) -> &'static str {
+    pub(crate) fn sql_type(&self) -> &'static str {
         match self {
             Self::Text(_) => "text[]",
             Self::BigInt(_) => "int8[]",
@@ -379,7 +383,7 @@ impl Column {
         }
     }
 
-    fn bind<'q>(
+    pub(crate) fn bind<'q>(
         self,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
@@ -463,7 +467,7 @@ pub(crate) async fn insert_one(pool: &PgPool, rows: &CreateRows) -> Result<i64, 
 
 /// A sqlx error as sea-orm reports a query's, so that the store reads it the same way (a
 /// unique index, the database unreachable).
-fn sqlx_error(err: sqlx::Error) -> DbErrOr {
+pub(crate) fn sqlx_error(err: sqlx::Error) -> DbErrOr {
     DbErr::Query(RuntimeErr::SqlxError(std::sync::Arc::new(err))).into()
 }
 
