@@ -38,6 +38,11 @@ use crate::{
     watch::{WatchDecode, WatchOptions, WatchResult},
 };
 
+/// The same allocator as the server (mimalloc): the bench's clients, watchers and ceilings share
+/// the machine with the server, and glibc's malloc was a large share of their CPU too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 enum Backend {
