@@ -431,28 +431,18 @@ pub(crate) async fn insert_batch(pool: &PgPool, rows: &[&CreateRows]) -> Result<
         query = column.bind(query);
     }
     let written = query.fetch_all(pool).await.map_err(sqlx_error)?;
-    let mut revisions = vec![0; rows.len()];
-    for row in &written {
-        let (ordinal, revision): (i64, i64) = (
-            row.try_get("o").map_err(sqlx_error)?,
-            row.try_get("r").map_err(sqlx_error)?,
-        );
-        let slot = usize::try_from(ordinal - 1)
-            .ok()
-            .and_then(|i| revisions.get_mut(i))
-            .ok_or_else(|| {
-                StoreError::Internal(format!("a create batch returned row {ordinal}"))
-            })?;
-        *slot = revision;
-    }
-    if written.len() != rows.len() || revisions.contains(&0) {
-        return Err(StoreError::Internal(format!(
-            "a batch of {} creates returned {} revisions",
-            rows.len(),
-            written.len()
-        ))
-        .into());
-    }
+    let revisions: Option<Vec<i64>> = by_ordinal(&written, rows.len(), "create")?
+        .into_iter()
+        .collect();
+    let revisions = revisions
+        .filter(|_| written.len() == rows.len())
+        .ok_or_else(|| {
+            StoreError::Internal(format!(
+                "a batch of {} creates returned {} revisions",
+                rows.len(),
+                written.len()
+            ))
+        })?;
     Ok(revisions)
 }
 
@@ -463,6 +453,30 @@ pub(crate) async fn insert_one(pool: &PgPool, rows: &CreateRows) -> Result<i64, 
         .first()
         .copied()
         .ok_or_else(|| StoreError::Internal("a create returned no revision".into()).into())
+}
+
+/// The revisions a batch statement returned (rows of `o`, the writer's ordinal from 1, and
+/// `r`, its revision), in the writers' order: `None` for a writer without a row.
+pub(crate) fn by_ordinal(
+    written: &[sqlx::postgres::PgRow],
+    writers: usize,
+    what: &str,
+) -> Result<Vec<Option<i64>>, DbErrOr> {
+    let mut revisions = vec![None; writers];
+    for row in written {
+        let (ordinal, revision): (i64, i64) = (
+            row.try_get("o").map_err(sqlx_error)?,
+            row.try_get("r").map_err(sqlx_error)?,
+        );
+        let slot = usize::try_from(ordinal - 1)
+            .ok()
+            .and_then(|i| revisions.get_mut(i))
+            .ok_or_else(|| {
+                StoreError::Internal(format!("a {what} batch returned row {ordinal}"))
+            })?;
+        *slot = Some(revision);
+    }
+    Ok(revisions)
 }
 
 /// A sqlx error as sea-orm reports a query's, so that the store reads it the same way (a

@@ -28,7 +28,7 @@ use approvals_domain::{
 };
 use sea_orm::{
     ConnectionTrait,
-    sqlx::{self, PgPool, Row},
+    sqlx::{self, PgPool},
 };
 use sha2::{Digest, Sha256};
 
@@ -41,7 +41,7 @@ use crate::{
     },
     connect::Store,
     error::{DbErrOr, StoreError},
-    rows::{Column, sqlx_error, value_size},
+    rows::{Column, by_ordinal, sqlx_error, value_size},
     schema::{CHANGE_REQUESTS, EVENTS, cr, ev},
 };
 
@@ -262,20 +262,7 @@ async fn update_batch(
         query = column.bind(query);
     }
     let written = query.fetch_all(pool).await.map_err(sqlx_error)?;
-    let mut revisions = vec![None; rows.len()];
-    for row in &written {
-        let (ordinal, revision): (i64, i64) = (
-            row.try_get("o").map_err(sqlx_error)?,
-            row.try_get("r").map_err(sqlx_error)?,
-        );
-        let slot = usize::try_from(ordinal - 1)
-            .ok()
-            .and_then(|i| revisions.get_mut(i))
-            .ok_or_else(|| {
-                StoreError::Internal(format!("a transition batch returned row {ordinal}"))
-            })?;
-        *slot = Some(revision);
-    }
+    let revisions = by_ordinal(&written, rows.len(), "transition")?;
     Ok(revisions)
 }
 
