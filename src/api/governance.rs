@@ -9,7 +9,7 @@ use approvals_domain::{
     governance::{ACTION_DELETE, ACTION_UPDATE, POLICIES_PROJECT, RESOURCE_TYPE},
     validation::Violations,
 };
-use approvals_store::Step;
+use approvals_store::PolicyEdit;
 use serde_json::{Map, Value};
 
 use super::{Context, policies::validate_into};
@@ -169,42 +169,44 @@ pub async fn check_new(
     Ok(())
 }
 
-/// Applies an APPROVED `_policies` request: each policy change in its own transaction (the
-/// protected rule does not apply: this is the four-eyes path), then APPROVED -> APPLIED by
-/// `system:approvals`. A change that fails (the policy was deleted meanwhile, its new
-/// (project, environment, action_key) is taken) leaves the request APPROVED and is returned.
+/// Applies an APPROVED `_policies` request: its policy changes (the protected rule does not
+/// apply: this is the four-eyes path) and APPROVED -> APPLIED by `system:approvals`, in one
+/// transaction. A change that fails (the policy was deleted meanwhile, its new (project,
+/// environment, action_key) is taken) is returned, and leaves every policy as it was and the
+/// request APPROVED.
 pub async fn apply(context: &Context, request: &ChangeRequest) -> Result<ChangeRequest, ApiError> {
     let changes = parse(&request.action_key, &named(request), context)?;
     let now = context.clock.now();
     let mut applied = Vec::new();
+    let mut edits = Vec::new();
     for change in changes {
         match change {
             PolicyChange::Update { name, body } => {
-                context
-                    .store
-                    .update_policy(&name, |current| {
-                        let mut v = Violations::default();
-                        for path in WRITABLE_PATHS {
-                            policy::set_field(current, &body, path, &mut v);
-                        }
-                        validate_into(current, v)?;
-                        current.update_time = now;
-                        Ok::<(), DomainError>(())
-                    })
-                    .await?;
                 applied.push(format!("updated {name}"));
+                let edit = move |current: &mut Policy| {
+                    let mut v = Violations::default();
+                    for path in WRITABLE_PATHS {
+                        policy::set_field(current, &body, path, &mut v);
+                    }
+                    validate_into(current, v)?;
+                    current.update_time = now;
+                    Ok::<(), DomainError>(())
+                };
+                edits.push(PolicyEdit::Update {
+                    name,
+                    edit: Box::new(edit),
+                });
             }
             PolicyChange::Delete { name } => {
-                context.store.delete_policy(&name, |_| Ok(())).await?;
                 applied.push(format!("deleted {name}"));
+                edits.push(PolicyEdit::Delete { name });
             }
         }
     }
     let detail = applied.join(", ");
+    // The edits and the APPLIED event in one transaction: all of them, or none.
     Ok(context
         .store
-        .step(&request.id, |r| {
-            r.applied_by_service(now, detail).map(Step::Event)
-        })
+        .apply_policy_edits(&request.id, edits, |r| r.applied_by_service(now, detail))
         .await?)
 }

@@ -193,6 +193,94 @@ async fn protected_policy_changes_only_through_an_approved_change_request() {
     server.stop().await;
 }
 
+/// An approved `_policies` request is applied whole or not at all: when one of its changes is
+/// refused at apply time (its policy was deleted after the request was made), the approval is
+/// answered with that refusal, no other policy of the request has changed, and the request
+/// stays APPROVED without an APPLIED event.
+#[tokio::test]
+async fn a_policy_change_refused_midway_applies_none_of_its_changes() {
+    let server = TestServer::start().await;
+    for (name, action_key) in [("alpha", "flag.alpha"), ("beta", "flag.beta")] {
+        create_policy(
+            &server,
+            pb::Policy {
+                action_key: action_key.into(),
+                ..policy(name)
+            },
+        )
+        .await;
+    }
+    let wanted = |name: &str, action_key: &str| {
+        as_json(&pb::Policy {
+            action_key: action_key.into(),
+            min_approvals: 3,
+            ..policy(name)
+        })
+    };
+    let mut both = policy_update("alpha", wanted("alpha", "flag.alpha"));
+    let mut second = both.changes[0].clone();
+    second.resource_id = "beta".into();
+    second.payload = Some(payload(wanted("beta", "flag.beta")));
+    both.changes.push(second);
+    let mut requester = requests(&server, Headers::actor("user:root")).await;
+    let change = requester
+        .create_change_request(both)
+        .await
+        .expect("create a policy change")
+        .into_inner();
+    // The second policy goes away before the request is approved.
+    let mut root = admin(&server).await;
+    root.delete_policy(pb::DeletePolicyRequest {
+        name: "beta".into(),
+        etag: String::new(),
+    })
+    .await
+    .expect("delete beta");
+
+    let mut bob = requests(&server, Headers::actor("user:bob")).await;
+    let refused = bob
+        .approve_change_request(pb::ApproveChangeRequestRequest {
+            id: change.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("beta cannot be updated");
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    assert!(refused.message().contains("beta"), "{refused:?}");
+    let alpha = root
+        .get_policy(pb::GetPolicyRequest {
+            name: "alpha".into(),
+        })
+        .await
+        .expect("get alpha")
+        .into_inner();
+    assert_eq!(alpha.min_approvals, 1, "alpha is not changed without beta");
+    let read = bob
+        .get_change_request(pb::GetChangeRequestRequest {
+            id: change.id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(state(&read), State::Approved);
+    let events = bob
+        .list_change_request_events(pb::ListChangeRequestEventsRequest {
+            id: change.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .events;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.kind != pb::EventKind::Applied as i32),
+        "{events:?}"
+    );
+    server.stop().await;
+}
+
 /// A shadow policy never governs a request, but its verdict is recorded on every request it
 /// matches: what it would have required, and the conditions that matched.
 #[tokio::test]

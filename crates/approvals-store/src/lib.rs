@@ -49,7 +49,7 @@ pub use connect::{Backend, DatabaseSettings, Store};
 pub use error::StoreError;
 pub use list::{ListPage, SnapshotPage, TOTAL_SIZE_EXACT_LIMIT};
 pub use log::{LogBatch, LogReader};
-pub use policies::PolicyFilter;
+pub use policies::{PolicyEdit, PolicyFilter};
 pub use redact::redact_url;
 pub use relay_state::{DeadLetter, DeadLetterFilter, LeaseRequest, SinkState};
 pub use requests::Created;

@@ -1,8 +1,9 @@
 //! Approval policies: one row per policy (its JSON document beside the columns that select it),
-//! each use case one transaction. Policy edits never touch change requests: open requests hold
-//! their own snapshot.
+//! each use case one transaction. Policy edits never touch open change requests, which hold
+//! their own snapshot; an approved change request on policies is applied with its edits in one
+//! transaction ([`Store::apply_policy_edits`]).
 
-use approvals_domain::{DomainError, Policy};
+use approvals_domain::{ChangeRequest, DomainError, EventDraft, Policy};
 use sea_orm::{
     ConnectionTrait, QueryResult, SqlErr,
     sea_query::{Expr, ExprTrait, Order, Query, SelectStatement},
@@ -10,6 +11,7 @@ use sea_orm::{
 
 use crate::{
     Store,
+    codec::resource_keys,
     error::StoreError,
     schema::{POLICIES, pol},
     write::WriteTxn,
@@ -144,45 +146,7 @@ impl Store {
     where
         F: FnOnce(&mut Policy) -> Result<(), DomainError> + Send,
     {
-        self.write(async |w| {
-            let row = w
-                .txn
-                .query_one(&w.lock(select_policy(name)))
-                .await?
-                .ok_or_else(|| StoreError::PolicyNotFound(name.to_owned()))?;
-            let mut policy = decode_policy(&row)?;
-            let previous = policy.revision;
-            let uid = policy.uid.clone();
-            edit(&mut policy)?;
-            // The name and uid say which policy this is: no edit changes them.
-            policy.name = name.to_owned();
-            policy.uid = uid;
-            policy.revision = previous + 1;
-            ensure_scope_free(w, &policy).await?;
-            let update = Query::update()
-                .table(POLICIES)
-                .value(pol::PROJECT, policy.project.as_str())
-                .value(pol::ENVIRONMENT, policy.environment.as_str())
-                .value(pol::ACTION_KEY, policy.action_key.as_str())
-                .value(pol::REVISION, policy.revision)
-                .value(pol::UPDATE_TIME, policy.update_time.as_micros())
-                .value(pol::BODY, serde_json::to_string(&policy)?)
-                .and_where(Expr::col(pol::NAME).eq(name))
-                .and_where(Expr::col(pol::REVISION).eq(previous))
-                .to_owned();
-            let updated = w
-                .txn
-                .execute(&update)
-                .await
-                .map_err(|err| conflict_or(err, scope_taken(String::new(), &policy)))?;
-            if updated.rows_affected() != 1 {
-                return Err(StoreError::Internal(format!(
-                    "policy {name} changed during the transaction"
-                )));
-            }
-            Ok(policy)
-        })
-        .await
+        self.write(async |w| update_in(w, name, edit).await).await
     }
 
     /// Deletes the named policy; `check` may refuse (a stale etag) after reading it.
@@ -190,22 +154,112 @@ impl Store {
     where
         F: FnOnce(&Policy) -> Result<(), DomainError> + Send,
     {
+        self.write(async |w| delete_in(w, name, check).await).await
+    }
+
+    /// Applies an approved change request on policies: its policy edits, in order, and then
+    /// `step` on the request (its APPLIED event), all in one transaction, so that an edit
+    /// refused midway (a policy deleted since the request was made, a scope another policy
+    /// took) leaves every policy and the request as they were.
+    pub async fn apply_policy_edits<F>(
+        &self,
+        request_id: &str,
+        edits: Vec<PolicyEdit<'_>>,
+        step: F,
+    ) -> Result<ChangeRequest, StoreError>
+    where
+        F: FnOnce(&mut ChangeRequest) -> Result<EventDraft, DomainError> + Send,
+    {
         self.write(async |w| {
-            let row = w
-                .txn
-                .query_one(&w.lock(select_policy(name)))
-                .await?
-                .ok_or_else(|| StoreError::PolicyNotFound(name.to_owned()))?;
-            check(&decode_policy(&row)?)?;
-            let delete = Query::delete()
-                .from_table(POLICIES)
-                .and_where(Expr::col(pol::NAME).eq(name))
-                .to_owned();
-            w.txn.execute(&delete).await?;
-            Ok(())
+            for edit in edits {
+                match edit {
+                    PolicyEdit::Update { name, edit } => {
+                        update_in(w, &name, edit).await?;
+                    }
+                    PolicyEdit::Delete { name } => delete_in(w, &name, |_| Ok(())).await?,
+                }
+            }
+            let mut request = w.lock_request(request_id).await?;
+            let before = resource_keys(&request);
+            let event = step(&mut request)?;
+            w.write_request(&mut request, Some(&event), &before).await?;
+            Ok(request)
         })
         .await
     }
+}
+
+/// A change to a policy's document, refused with a domain error.
+pub type EditPolicy<'a> = Box<dyn FnOnce(&mut Policy) -> Result<(), DomainError> + Send + 'a>;
+
+/// One edit of [`Store::apply_policy_edits`].
+pub enum PolicyEdit<'a> {
+    /// The named policy, changed by `edit`.
+    Update { name: String, edit: EditPolicy<'a> },
+    /// The named policy, deleted.
+    Delete { name: String },
+}
+
+/// Updates the named policy (locked) with `edit`, in `w`.
+async fn update_in<F>(w: &WriteTxn<'_>, name: &str, edit: F) -> Result<Policy, StoreError>
+where
+    F: FnOnce(&mut Policy) -> Result<(), DomainError> + Send,
+{
+    let row = w
+        .txn
+        .query_one(&w.lock(select_policy(name)))
+        .await?
+        .ok_or_else(|| StoreError::PolicyNotFound(name.to_owned()))?;
+    let mut policy = decode_policy(&row)?;
+    let previous = policy.revision;
+    let uid = policy.uid.clone();
+    edit(&mut policy)?;
+    // The name and uid say which policy this is: no edit changes them.
+    policy.name = name.to_owned();
+    policy.uid = uid;
+    policy.revision = previous + 1;
+    ensure_scope_free(w, &policy).await?;
+    let update = Query::update()
+        .table(POLICIES)
+        .value(pol::PROJECT, policy.project.as_str())
+        .value(pol::ENVIRONMENT, policy.environment.as_str())
+        .value(pol::ACTION_KEY, policy.action_key.as_str())
+        .value(pol::REVISION, policy.revision)
+        .value(pol::UPDATE_TIME, policy.update_time.as_micros())
+        .value(pol::BODY, serde_json::to_string(&policy)?)
+        .and_where(Expr::col(pol::NAME).eq(name))
+        .and_where(Expr::col(pol::REVISION).eq(previous))
+        .to_owned();
+    let updated = w
+        .txn
+        .execute(&update)
+        .await
+        .map_err(|err| conflict_or(err, scope_taken(String::new(), &policy)))?;
+    if updated.rows_affected() != 1 {
+        return Err(StoreError::Internal(format!(
+            "policy {name} changed during the transaction"
+        )));
+    }
+    Ok(policy)
+}
+
+/// Deletes the named policy (locked) once `check` accepts it, in `w`.
+async fn delete_in<F>(w: &WriteTxn<'_>, name: &str, check: F) -> Result<(), StoreError>
+where
+    F: FnOnce(&Policy) -> Result<(), DomainError> + Send,
+{
+    let row = w
+        .txn
+        .query_one(&w.lock(select_policy(name)))
+        .await?
+        .ok_or_else(|| StoreError::PolicyNotFound(name.to_owned()))?;
+    check(&decode_policy(&row)?)?;
+    let delete = Query::delete()
+        .from_table(POLICIES)
+        .and_where(Expr::col(pol::NAME).eq(name))
+        .to_owned();
+    w.txn.execute(&delete).await?;
+    Ok(())
 }
 
 /// Refuses a policy whose (project, environment, action_key) another policy holds.
