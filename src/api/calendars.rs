@@ -100,6 +100,7 @@ impl CalendarsService {
             .context
             .store
             .update_calendar(&body.name, |current| {
+                current.check_etag(Some(&body.etag))?;
                 current.description = record.description;
                 current.rules = record.rules;
                 current.update_time = record.update_time;
@@ -113,7 +114,9 @@ impl CalendarsService {
         required_name("name", &req.name)?;
         self.context
             .store
-            .delete_calendar(&req.name, self.context.clock.now())
+            .delete_calendar(&req.name, self.context.clock.now(), |current| {
+                current.check_etag(Some(&req.etag))
+            })
             .await?;
         Ok(())
     }

@@ -168,6 +168,7 @@ pub fn calendar(c: &CalendarRecord) -> pb::Calendar {
         revision: c.revision,
         create_time: Some(timestamp(c.create_time)),
         update_time: Some(timestamp(c.update_time)),
+        etag: c.etag(),
     }
 }
 

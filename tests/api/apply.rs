@@ -1529,6 +1529,7 @@ async fn a_closed_calendar_refuses_a_manual_apply_and_suspends_an_auto_one_until
     let mut cal = calendars(&server, Headers::actor("user:admin")).await;
     cal.delete_calendar(pb::DeleteCalendarRequest {
         name: "freeze".into(),
+        ..Default::default()
     })
     .await
     .expect("delete the freeze");
@@ -1662,6 +1663,7 @@ async fn two_replicas_apply_a_schedule_a_freeze_released_once() {
     let mut cal = calendars(&replica, Headers::actor("user:admin")).await;
     cal.delete_calendar(pb::DeleteCalendarRequest {
         name: "year-end".into(),
+        ..Default::default()
     })
     .await
     .expect("lift the freeze");

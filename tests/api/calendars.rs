@@ -169,6 +169,7 @@ async fn calendars_crud_and_state() {
     admin
         .delete_calendar(pb::DeleteCalendarRequest {
             name: "office".into(),
+            ..Default::default()
         })
         .await
         .expect("delete");
@@ -183,10 +184,84 @@ async fn calendars_crud_and_state() {
     let gone = admin
         .delete_calendar(pb::DeleteCalendarRequest {
             name: "office".into(),
+            ..Default::default()
         })
         .await
         .expect_err("deleted twice");
     assert_error(&gone, Code::NotFound, "CALENDAR_NOT_FOUND");
+    server.stop().await;
+}
+
+/// AIP-154 on calendars: UpdateCalendar and DeleteCalendar with the etag a caller read are
+/// conditional, so two administrators editing one calendar cannot overwrite each other unseen:
+/// a stale etag is ABORTED with ETAG_MISMATCH and the current etag, and nothing is written.
+#[tokio::test]
+async fn calendar_updates_and_deletes_with_a_stale_etag_are_refused() {
+    let server = TestServer::start().await;
+    let mut admin = admin(&server).await;
+    let created = admin
+        .create_calendar(pb::CreateCalendarRequest {
+            calendar: Some(business_hours("office")),
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    assert_eq!(created.etag, "c1");
+    // Two administrators read it; the first one's update goes through.
+    let mut first = created.clone();
+    first.entries.truncate(1);
+    let updated = admin
+        .update_calendar(pb::UpdateCalendarRequest {
+            calendar: Some(first),
+        })
+        .await
+        .expect("update with the current etag")
+        .into_inner();
+    assert_eq!((updated.revision, updated.etag.as_str()), (2, "c2"));
+    // The second one's, from the same read, is refused, and so is a delete from it.
+    let mut second = created.clone();
+    second.description = "overwrites the first".into();
+    let refused = admin
+        .update_calendar(pb::UpdateCalendarRequest {
+            calendar: Some(second),
+        })
+        .await
+        .expect_err("a stale etag");
+    let message = assert_error(&refused, Code::Aborted, "ETAG_MISMATCH");
+    assert!(message.contains("c2"), "{message}");
+    let refused = admin
+        .delete_calendar(pb::DeleteCalendarRequest {
+            name: "office".into(),
+            etag: created.etag.clone(),
+        })
+        .await
+        .expect_err("a stale etag");
+    assert_error(&refused, Code::Aborted, "ETAG_MISMATCH");
+    let kept = admin
+        .get_calendar(pb::GetCalendarRequest {
+            name: "office".into(),
+        })
+        .await
+        .expect("still there")
+        .into_inner();
+    assert_eq!(kept, updated, "nothing of the refused calls was written");
+    // Without an etag, or with the current one, the calls go through.
+    admin
+        .update_calendar(pb::UpdateCalendarRequest {
+            calendar: Some(pb::Calendar {
+                etag: String::new(),
+                ..kept.clone()
+            }),
+        })
+        .await
+        .expect("an unconditional update");
+    admin
+        .delete_calendar(pb::DeleteCalendarRequest {
+            name: "office".into(),
+            etag: "c3".into(),
+        })
+        .await
+        .expect("delete with the current etag");
     server.stop().await;
 }
 

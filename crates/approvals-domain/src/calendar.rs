@@ -70,6 +70,16 @@ pub struct CalendarRecord {
 }
 
 impl CalendarRecord {
+    /// AIP-154: changes with every revision.
+    pub fn etag(&self) -> String {
+        format!("c{}", self.revision)
+    }
+
+    /// Refuses a stale `given` etag (an empty one makes the write unconditional).
+    pub fn check_etag(&self, given: Option<&str>) -> Result<(), DomainError> {
+        crate::validation::check_etag(self.etag(), given)
+    }
+
     /// Validates the name (letters, digits, `-`, `_`, `.`; 1 to 63 characters) and compiles
     /// the rules; every violation at once, fields prefixed by `prefix` (`calendar.`).
     pub fn validate(&self, prefix: &str) -> Result<Calendar, DomainError> {

@@ -459,15 +459,7 @@ impl ChangeRequest {
 
     /// Refuses the command when the caller sent an etag that is not the current one.
     pub fn check_etag(&self, given: Option<&str>) -> Result<(), DomainError> {
-        match given {
-            Some(given) if !given.is_empty() && given != self.etag() => {
-                Err(DomainError::EtagMismatch {
-                    given: given.to_owned(),
-                    current: self.etag(),
-                })
-            }
-            _ => Ok(()),
-        }
+        crate::validation::check_etag(self.etag(), given)
     }
 
     /// What conditions see of this request; `groups`: the requester's.

@@ -240,15 +240,7 @@ impl Policy {
     }
 
     pub fn check_etag(&self, given: Option<&str>) -> Result<(), DomainError> {
-        match given {
-            Some(given) if !given.is_empty() && given != self.etag() => {
-                Err(DomainError::EtagMismatch {
-                    given: given.to_owned(),
-                    current: self.etag(),
-                })
-            }
-            _ => Ok(()),
-        }
+        crate::validation::check_etag(self.etag(), given)
     }
 
     /// How specifically this policy matches a request for `project`, `environment` and

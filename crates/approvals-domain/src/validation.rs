@@ -38,6 +38,20 @@ pub const MAX_REVIEWS: usize = 500;
 /// transitions (apply outcomes, conflicts, expiry) are never refused for it.
 pub const MAX_DOCUMENT_BYTES: usize = 2 * 1024 * 1024;
 
+/// AIP-154: an `etag` a caller sent with a write must be the resource's `current` one; an
+/// empty or absent etag makes the write unconditional.
+pub fn check_etag(current: String, given: Option<&str>) -> Result<(), crate::DomainError> {
+    match given {
+        Some(given) if !given.is_empty() && given != current => {
+            Err(crate::DomainError::EtagMismatch {
+                given: given.to_owned(),
+                current,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a document of `size` bytes (however measured) over [`MAX_DOCUMENT_BYTES`].
 pub fn check_document_size(size: usize) -> Result<(), crate::DomainError> {
     if size > MAX_DOCUMENT_BYTES {

@@ -166,9 +166,24 @@ impl Store {
         .await
     }
 
-    /// Deletes the named calendar; the schedules it held are re-checked from `now`.
-    pub async fn delete_calendar(&self, name: &str, now: Timestamp) -> Result<(), StoreError> {
+    /// Deletes the named calendar once `check` accepts it (a stale etag refused); the
+    /// schedules it held are re-checked from `now`.
+    pub async fn delete_calendar<F>(
+        &self,
+        name: &str,
+        now: Timestamp,
+        check: F,
+    ) -> Result<(), StoreError>
+    where
+        F: FnOnce(&CalendarRecord) -> Result<(), DomainError> + Send,
+    {
         self.write(async |w| {
+            let row = w
+                .txn
+                .query_one(&w.lock(select_calendar(name)))
+                .await?
+                .ok_or_else(|| StoreError::CalendarNotFound(name.to_owned()))?;
+            check(&decode(&row)?)?;
             let delete = Query::delete()
                 .from_table(CALENDARS)
                 .and_where(Expr::col(cal::NAME).eq(name))
