@@ -45,6 +45,10 @@ pub enum ApiError {
     ClientCertificateNotMapped(String),
     #[error("{method} needs the scope {scope}, which the caller does not hold")]
     MissingScope { scope: &'static str, method: String },
+    #[error(
+        "{method} spans every project, and the caller's credential is limited to some projects"
+    )]
+    AllProjectsRequired { method: String },
     #[error("{0} is not a method this service authorises")]
     MethodNotAllowed(String),
     #[error("{0}")]
@@ -191,6 +195,12 @@ impl From<ApiError> for Status {
                 message,
                 "MISSING_SCOPE",
                 &[("scope", scope.to_owned()), ("method", method)],
+            ),
+            ApiError::AllProjectsRequired { method } => status(
+                Code::PermissionDenied,
+                message,
+                "ALL_PROJECTS_REQUIRED",
+                &[("method", method)],
             ),
             ApiError::ActAsNotAllowed(_) => {
                 status(Code::PermissionDenied, message, "ACT_AS_NOT_ALLOWED", &[])

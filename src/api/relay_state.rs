@@ -299,6 +299,19 @@ impl RelayStateService {
     }
 }
 
+/// The message of a RelayState call, from a caller that may act in every project: sink
+/// names are global and dead letters hold events of any project, so a credential limited to
+/// projects is refused (PERMISSION_DENIED, `ALL_PROJECTS_REQUIRED`) whatever it names.
+fn relay_call<T>(request: Request<T>, method: &str) -> Result<T, ApiError> {
+    let (caller, req) = called(request)?;
+    if caller.projects.is_some() {
+        return Err(ApiError::AllProjectsRequired {
+            method: method.to_owned(),
+        });
+    }
+    Ok(req)
+}
+
 #[tonic::async_trait]
 impl RelayState for RelayStateService {
     async fn acquire_sink_lease(
@@ -306,7 +319,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::AcquireSinkLeaseRequest>,
     ) -> Answer<pb::SinkState> {
         let result = async {
-            let (_caller, req) = called(request)?;
+            let req = relay_call(request, "AcquireSinkLease")?;
             self.acquire(req).await
         };
         answer(result.await)
@@ -317,7 +330,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::ReleaseSinkLeaseRequest>,
     ) -> Answer<()> {
         let result = async {
-            let (_caller, req) = called(request)?;
+            let req = relay_call(request, "ReleaseSinkLease")?;
             self.release(req).await
         };
         answer(result.await)
@@ -328,7 +341,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::CommitSinkCursorRequest>,
     ) -> Answer<pb::SinkState> {
         let result = async {
-            let (_caller, req) = called(request)?;
+            let req = relay_call(request, "CommitSinkCursor")?;
             self.commit(req).await
         };
         answer(result.await)
@@ -339,7 +352,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::GetSinkStateRequest>,
     ) -> Answer<pb::SinkState> {
         let result = async {
-            let (_caller, req) = called(request)?;
+            let req = relay_call(request, "GetSinkState")?;
             self.get(req).await
         };
         answer(result.await)
@@ -350,7 +363,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::AddDeadLetterRequest>,
     ) -> Answer<pb::DeadLetter> {
         let result = async {
-            let (_caller, req) = called(request)?;
+            let req = relay_call(request, "AddDeadLetter")?;
             self.add(req).await
         };
         answer(result.await)
@@ -361,7 +374,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Answer<pb::ListDeadLettersResponse> {
         let result = async {
-            let (_caller, req) = called(request)?;
+            let req = relay_call(request, "ListDeadLetters")?;
             self.list(req).await
         };
         answer(result.await)
@@ -372,7 +385,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::RetryDeadLetterRequest>,
     ) -> Answer<pb::RetryDeadLetterResponse> {
         let result = async {
-            let (_caller, req) = called(request)?;
+            let req = relay_call(request, "RetryDeadLetter")?;
             self.retry(req).await
         };
         answer(result.await)
@@ -383,7 +396,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::DeleteDeadLetterRequest>,
     ) -> Answer<()> {
         let result = async {
-            let (_caller, req) = called(request)?;
+            let req = relay_call(request, "DeleteDeadLetter")?;
             self.delete(req).await
         };
         answer(result.await)
@@ -394,7 +407,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::UpdateDeadLetterRequest>,
     ) -> Answer<pb::DeadLetter> {
         let result = async {
-            let (_caller, req) = called(request)?;
+            let req = relay_call(request, "UpdateDeadLetter")?;
             self.update(req).await
         };
         answer(result.await)

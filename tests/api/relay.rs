@@ -1042,3 +1042,89 @@ async fn relay_bench() {
         relay.stop().await;
     }
 }
+
+/// Security: the relay state spans every project (sink names are global, a dead letter holds the
+/// body of an event of any project), so a relay credential limited to some projects is refused
+/// by every RelayState method. Before, a key limited to `web` read another relay's dead letters,
+/// payloads included, of a request in `ops`.
+#[tokio::test]
+async fn a_relay_credential_limited_to_projects_is_refused_the_relay_state() {
+    let (limited_key, limited) = api_key(
+        "service:web-relay",
+        &["approvals:read", "approvals:relay"],
+        &[],
+        &["web"],
+    );
+    let setup = Setup::start_with(|c| c.auth.api_keys.push(limited)).await;
+    // The unrestricted relay keeps a dead letter of a request in `ops`.
+    let mut state = setup.state().await;
+    let held = state
+        .acquire_sink_lease(pb::AcquireSinkLeaseRequest {
+            sink: "ops-hooks".into(),
+            holder: "ops-relay".into(),
+            lease_duration: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            lease_token: String::new(),
+        })
+        .await
+        .expect("lease")
+        .into_inner();
+    state
+        .add_dead_letter(pb::AddDeadLetterRequest {
+            sink: "ops-hooks".into(),
+            lease_token: held.lease_token.clone(),
+            dead_letter: Some(pb::DeadLetter {
+                revision: 7,
+                last_revision: 7,
+                change_request_id: "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b".into(),
+                webhook_id: "msg_7".into(),
+                reason: "HTTP 500".into(),
+                attempts: 3,
+                payload: r#"{"project":"ops","secret":"ops only"}"#.into(),
+                content_type: "application/json".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("dead letter");
+
+    let mut web = RelayStateClient::with_interceptor(
+        setup.server.channel().await,
+        Headers::bearer(&limited_key),
+    );
+    let refused = web
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await
+        .expect_err("the dead letters of every project");
+    let message = assert_error(&refused, Code::PermissionDenied, "ALL_PROJECTS_REQUIRED");
+    assert!(message.contains("ListDeadLetters"), "{message}");
+    let refused = web
+        .get_sink_state(pb::GetSinkStateRequest {
+            sink: "ops-hooks".into(),
+        })
+        .await
+        .expect_err("another relay's sink");
+    assert_error(&refused, Code::PermissionDenied, "ALL_PROJECTS_REQUIRED");
+    let refused = web
+        .acquire_sink_lease(pb::AcquireSinkLeaseRequest {
+            sink: "web-hooks".into(),
+            holder: "web-relay".into(),
+            lease_duration: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            lease_token: String::new(),
+        })
+        .await
+        .expect_err("even a sink of its own name");
+    assert_error(&refused, Code::PermissionDenied, "ALL_PROJECTS_REQUIRED");
+    // The unrestricted relay still sees its dead letter, untouched.
+    let listed = state
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.dead_letters.len(), 1);
+}
