@@ -701,15 +701,7 @@ async fn a_gap_beyond_the_watch_history_is_recorded_as_a_dead_letter() {
     let first = setup.create("first").await;
     let mut state = setup.state().await;
     let lease = state
-        .acquire_sink_lease(pb::AcquireSinkLeaseRequest {
-            sink: "gap".into(),
-            holder: "earlier".into(),
-            lease_duration: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            lease_token: String::new(),
-        })
+        .acquire_sink_lease(new_lease("gap", "earlier", 1))
         .await
         .expect("lease")
         .into_inner();
@@ -759,13 +751,8 @@ async fn relay_state_leases_exclude_other_holders_and_need_the_relay_scope() {
     let setup = Setup::start().await;
     let mut state = setup.state().await;
     let lease = |holder: &str, token: &str| pb::AcquireSinkLeaseRequest {
-        sink: "leases".into(),
-        holder: holder.into(),
-        lease_duration: Some(prost_types::Duration {
-            seconds: 30,
-            nanos: 0,
-        }),
         lease_token: token.into(),
+        ..new_lease("leases", holder, 30)
     };
     let held = state
         .acquire_sink_lease(lease("a", ""))
@@ -1059,15 +1046,7 @@ async fn a_relay_credential_limited_to_projects_is_refused_the_relay_state() {
     // The unrestricted relay keeps a dead letter of a request in `ops`.
     let mut state = setup.state().await;
     let held = state
-        .acquire_sink_lease(pb::AcquireSinkLeaseRequest {
-            sink: "ops-hooks".into(),
-            holder: "ops-relay".into(),
-            lease_duration: Some(prost_types::Duration {
-                seconds: 30,
-                nanos: 0,
-            }),
-            lease_token: String::new(),
-        })
+        .acquire_sink_lease(new_lease("ops-hooks", "ops-relay", 30))
         .await
         .expect("lease")
         .into_inner();
@@ -1108,15 +1087,7 @@ async fn a_relay_credential_limited_to_projects_is_refused_the_relay_state() {
         .expect_err("another relay's sink");
     assert_error(&refused, Code::PermissionDenied, "ALL_PROJECTS_REQUIRED");
     let refused = web
-        .acquire_sink_lease(pb::AcquireSinkLeaseRequest {
-            sink: "web-hooks".into(),
-            holder: "web-relay".into(),
-            lease_duration: Some(prost_types::Duration {
-                seconds: 30,
-                nanos: 0,
-            }),
-            lease_token: String::new(),
-        })
+        .acquire_sink_lease(new_lease("web-hooks", "web-relay", 30))
         .await
         .expect_err("even a sink of its own name");
     assert_error(&refused, Code::PermissionDenied, "ALL_PROJECTS_REQUIRED");
@@ -1127,4 +1098,14 @@ async fn a_relay_credential_limited_to_projects_is_refused_the_relay_state() {
         .expect("list")
         .into_inner();
     assert_eq!(listed.dead_letters.len(), 1);
+}
+
+/// A request for a new lease on `sink` by `holder`, for `seconds`.
+fn new_lease(sink: &str, holder: &str, seconds: i64) -> pb::AcquireSinkLeaseRequest {
+    pb::AcquireSinkLeaseRequest {
+        sink: sink.into(),
+        holder: holder.into(),
+        lease_duration: Some(prost_types::Duration { seconds, nanos: 0 }),
+        lease_token: String::new(),
+    }
 }
