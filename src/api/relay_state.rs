@@ -299,19 +299,6 @@ impl RelayStateService {
     }
 }
 
-/// The message of a RelayState call, from a caller that may act in every project: sink
-/// names are global and dead letters hold events of any project, so a credential limited to
-/// projects is refused (PERMISSION_DENIED, `ALL_PROJECTS_REQUIRED`) whatever it names.
-fn relay_call<T>(request: Request<T>, method: &str) -> Result<T, ApiError> {
-    let (caller, req) = called(request)?;
-    if caller.projects.is_some() {
-        return Err(ApiError::AllProjectsRequired {
-            method: method.to_owned(),
-        });
-    }
-    Ok(req)
-}
-
 #[tonic::async_trait]
 impl RelayState for RelayStateService {
     async fn acquire_sink_lease(
@@ -319,7 +306,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::AcquireSinkLeaseRequest>,
     ) -> Answer<pb::SinkState> {
         let result = async {
-            let req = relay_call(request, "AcquireSinkLease")?;
+            let (_caller, req) = called(request)?;
             self.acquire(req).await
         };
         answer(result.await)
@@ -330,7 +317,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::ReleaseSinkLeaseRequest>,
     ) -> Answer<()> {
         let result = async {
-            let req = relay_call(request, "ReleaseSinkLease")?;
+            let (_caller, req) = called(request)?;
             self.release(req).await
         };
         answer(result.await)
@@ -341,7 +328,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::CommitSinkCursorRequest>,
     ) -> Answer<pb::SinkState> {
         let result = async {
-            let req = relay_call(request, "CommitSinkCursor")?;
+            let (_caller, req) = called(request)?;
             self.commit(req).await
         };
         answer(result.await)
@@ -352,7 +339,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::GetSinkStateRequest>,
     ) -> Answer<pb::SinkState> {
         let result = async {
-            let req = relay_call(request, "GetSinkState")?;
+            let (_caller, req) = called(request)?;
             self.get(req).await
         };
         answer(result.await)
@@ -363,7 +350,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::AddDeadLetterRequest>,
     ) -> Answer<pb::DeadLetter> {
         let result = async {
-            let req = relay_call(request, "AddDeadLetter")?;
+            let (_caller, req) = called(request)?;
             self.add(req).await
         };
         answer(result.await)
@@ -374,7 +361,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Answer<pb::ListDeadLettersResponse> {
         let result = async {
-            let req = relay_call(request, "ListDeadLetters")?;
+            let (_caller, req) = called(request)?;
             self.list(req).await
         };
         answer(result.await)
@@ -385,7 +372,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::RetryDeadLetterRequest>,
     ) -> Answer<pb::RetryDeadLetterResponse> {
         let result = async {
-            let req = relay_call(request, "RetryDeadLetter")?;
+            let (_caller, req) = called(request)?;
             self.retry(req).await
         };
         answer(result.await)
@@ -396,7 +383,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::DeleteDeadLetterRequest>,
     ) -> Answer<()> {
         let result = async {
-            let req = relay_call(request, "DeleteDeadLetter")?;
+            let (_caller, req) = called(request)?;
             self.delete(req).await
         };
         answer(result.await)
@@ -407,7 +394,7 @@ impl RelayState for RelayStateService {
         request: Request<pb::UpdateDeadLetterRequest>,
     ) -> Answer<pb::DeadLetter> {
         let result = async {
-            let req = relay_call(request, "UpdateDeadLetter")?;
+            let (_caller, req) = called(request)?;
             self.update(req).await
         };
         answer(result.await)

@@ -139,6 +139,11 @@ impl Authenticator {
                 method: path.to_owned(),
             });
         }
+        if method.all_projects && caller.projects.is_some() {
+            return Err(ApiError::AllProjectsRequired {
+                method: path.to_owned(),
+            });
+        }
         Ok(Some(caller))
     }
 

@@ -14,18 +14,30 @@ pub struct Method {
     /// Server-streaming: its status comes in the trailers after the last message, and it is
     /// bounded by the watch settings, not by the unary limits.
     pub streaming: bool,
+    /// What it reads or writes spans every project (the relays' state: sink names are global,
+    /// dead letters hold events of any project), so a credential limited to projects may not
+    /// call it, whatever it names (`ALL_PROJECTS_REQUIRED`).
+    pub all_projects: bool,
 }
 
 const READ: &[Scope] = &[Scope::Read];
 const WRITE: &[Scope] = &[Scope::Write];
 const ADMIN: &[Scope] = &[Scope::Admin];
-const RELAY: &[Scope] = &[Scope::Relay];
 
 const fn unary(path: &'static str, scopes: &'static [Scope]) -> Method {
     Method {
         path,
         scopes,
         streaming: false,
+        all_projects: false,
+    }
+}
+
+/// A method of the relays' state: scope `approvals:relay`, every project.
+const fn relay_state(path: &'static str) -> Method {
+    Method {
+        all_projects: true,
+        ..unary(path, &[Scope::Relay])
     }
 }
 
@@ -37,6 +49,7 @@ pub const METHODS: &[Method] = &[
         path: "/approvals.v1.ChangeRequests/WatchChangeRequests",
         scopes: READ,
         streaming: true,
+        all_projects: false,
     },
     unary("/approvals.v1.ChangeRequests/CreateChangeRequest", WRITE),
     unary("/approvals.v1.ChangeRequests/UpdateChangeRequest", WRITE),
@@ -73,15 +86,15 @@ pub const METHODS: &[Method] = &[
     unary("/approvals.v1.Audit/GetAuditProof", READ),
     unary("/approvals.v1.Audit/GetAuditPublicKey", READ),
     unary("/approvals.v1.Audit/GetAttestation", READ),
-    unary("/approvals.v1.RelayState/AcquireSinkLease", RELAY),
-    unary("/approvals.v1.RelayState/ReleaseSinkLease", RELAY),
-    unary("/approvals.v1.RelayState/CommitSinkCursor", RELAY),
-    unary("/approvals.v1.RelayState/GetSinkState", RELAY),
-    unary("/approvals.v1.RelayState/AddDeadLetter", RELAY),
-    unary("/approvals.v1.RelayState/ListDeadLetters", RELAY),
-    unary("/approvals.v1.RelayState/RetryDeadLetter", RELAY),
-    unary("/approvals.v1.RelayState/DeleteDeadLetter", RELAY),
-    unary("/approvals.v1.RelayState/UpdateDeadLetter", RELAY),
+    relay_state("/approvals.v1.RelayState/AcquireSinkLease"),
+    relay_state("/approvals.v1.RelayState/ReleaseSinkLease"),
+    relay_state("/approvals.v1.RelayState/CommitSinkCursor"),
+    relay_state("/approvals.v1.RelayState/GetSinkState"),
+    relay_state("/approvals.v1.RelayState/AddDeadLetter"),
+    relay_state("/approvals.v1.RelayState/ListDeadLetters"),
+    relay_state("/approvals.v1.RelayState/RetryDeadLetter"),
+    relay_state("/approvals.v1.RelayState/DeleteDeadLetter"),
+    relay_state("/approvals.v1.RelayState/UpdateDeadLetter"),
 ];
 
 /// Services served without authentication: health checks and reflection.
