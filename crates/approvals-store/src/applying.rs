@@ -30,6 +30,22 @@ pub enum Step {
 }
 
 impl WriteTxn<'_> {
+    /// Locks request `id`, runs `step` on it and writes what it did.
+    pub(crate) async fn step_request<F>(
+        &self,
+        id: &str,
+        step: F,
+    ) -> Result<ChangeRequest, StoreError>
+    where
+        F: FnOnce(&mut ChangeRequest) -> Result<Step, DomainError> + Send,
+    {
+        let mut request = self.lock_request(id).await?;
+        let before = resource_keys(&request);
+        let step = step(&mut request)?;
+        self.write_step(&mut request, step, &before).await?;
+        Ok(request)
+    }
+
     /// Writes what a step did to a locked request (`before`: its resources when read).
     async fn write_step(
         &self,
@@ -51,14 +67,7 @@ impl Store {
     where
         F: FnOnce(&mut ChangeRequest) -> Result<Step, DomainError> + Send,
     {
-        self.write(async |w| {
-            let mut request = w.lock_request(id).await?;
-            let before = resource_keys(&request);
-            let step = step(&mut request)?;
-            w.write_step(&mut request, step, &before).await?;
-            Ok(request)
-        })
-        .await
+        self.write(async |w| w.step_request(id, step).await).await
     }
 
     /// Claims requests whose `due_time` has come (at most `limit`) and runs `step` on each, in

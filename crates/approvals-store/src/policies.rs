@@ -11,7 +11,7 @@ use sea_orm::{
 
 use crate::{
     Store,
-    codec::resource_keys,
+    applying::Step,
     error::StoreError,
     schema::{POLICIES, pol},
     write::WriteTxn,
@@ -179,11 +179,8 @@ impl Store {
                     PolicyEdit::Delete { name } => delete_in(w, &name, |_| Ok(())).await?,
                 }
             }
-            let mut request = w.lock_request(request_id).await?;
-            let before = resource_keys(&request);
-            let event = step(&mut request)?;
-            w.write_request(&mut request, Some(&event), &before).await?;
-            Ok(request)
+            w.step_request(request_id, |r| step(r).map(Step::Event))
+                .await
         })
         .await
     }

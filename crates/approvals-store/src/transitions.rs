@@ -77,15 +77,18 @@ pub(crate) struct TransitionRows {
 }
 
 impl TransitionRows {
+    /// The rows of `event` of `request` (as the command left it), which was read at revision
+    /// `expected` with `read`.
     fn new(
         request: &mut ChangeRequest,
         event: &EventDraft,
+        expected: i64,
         read: &Read,
     ) -> Result<Self, StoreError> {
         let (event, record) = event_values(request, event, true)?;
         Ok(Self {
             id: request.id.clone(),
-            expected: read.revision,
+            expected,
             read_body: read.body_hash.to_vec(),
             event,
             prev: read.head.unwrap_or(GENESIS).to_vec(),
@@ -133,7 +136,6 @@ impl Job for TransitionRows {
 
 /// What a writer read of the request, which its write is guarded by.
 struct Read {
-    revision: i64,
     head: Option<Hash>,
     body_hash: [u8; 32],
 }
@@ -159,7 +161,6 @@ impl Store {
         let read = if self.transitions.is_some() {
             let body: String = row.try_get("", cr::BODY)?;
             Some(Read {
-                revision: request.revision,
                 head: decode_audit_head(&row)?,
                 body_hash: Sha256::digest(body.as_bytes()).into(),
             })
@@ -213,12 +214,12 @@ impl Store {
         else {
             return Ok(None);
         };
-        let resources = resource_keys(&request);
+        let (expected, resources) = (request.revision, resource_keys(&request));
         let event = command(&mut request)?;
         if resource_keys(&request) != resources {
             return Ok(None);
         }
-        let rows = TransitionRows::new(&mut request, &event, &read)?;
+        let rows = TransitionRows::new(&mut request, &event, expected, &read)?;
         let Some(revision) = queue.write(rows).await? else {
             return Ok(None);
         };
