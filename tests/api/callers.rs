@@ -60,6 +60,20 @@ impl Interceptor for Headers {
 }
 
 pub type RequestsClient = ChangeRequestsClient<InterceptedService<Channel, Headers>>;
+
+/// A request's events, oldest first (up to 1,000), through a [`RequestsClient`].
+pub async fn events_of(client: &mut RequestsClient, id: &str) -> Vec<approvals::pb::Event> {
+    client
+        .list_change_request_events(approvals::pb::ListChangeRequestEventsRequest {
+            id: id.into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .events
+}
 pub type Policies = PoliciesClient<InterceptedService<Channel, Headers>>;
 
 pub async fn requests(server: &TestServer, headers: Headers) -> RequestsClient {

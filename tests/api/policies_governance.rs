@@ -263,15 +263,7 @@ async fn a_policy_change_refused_midway_applies_none_of_its_changes() {
         .expect("get")
         .into_inner();
     assert_eq!(state(&read), State::Approved);
-    let events = bob
-        .list_change_request_events(pb::ListChangeRequestEventsRequest {
-            id: change.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("events")
-        .into_inner()
-        .events;
+    let events = events_of(&mut bob, &change.id).await;
     assert!(
         events
             .iter()

@@ -89,19 +89,6 @@ async fn get(client: &mut RequestsClient, id: &str) -> pb::ChangeRequest {
         .into_inner()
 }
 
-async fn events(client: &mut RequestsClient, id: &str) -> Vec<pb::Event> {
-    client
-        .list_change_request_events(pb::ListChangeRequestEventsRequest {
-            id: id.into(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .expect("events")
-        .into_inner()
-        .events
-}
-
 fn kinds(events: &[pb::Event]) -> Vec<pb::EventKind> {
     events
         .iter()
@@ -351,7 +338,7 @@ async fn pre_approved_standard_change_is_applied_without_review() {
     assert_eq!(review.reviewer, "policy:small-rollouts");
     assert_eq!(review.decision, pb::Decision::Approve as i32);
     assert_eq!(applier.calls(), vec![standard.id.clone()]);
-    let history = events(&mut alice, &standard.id).await;
+    let history = events_of(&mut alice, &standard.id).await;
     assert_eq!(
         kinds(&history),
         vec![
@@ -436,7 +423,7 @@ async fn automatic_review_is_counted_and_shown() {
     assert_eq!(review.decision, pb::Decision::Approve as i32);
     assert_eq!(review.comment, "small rollout: security scan passed");
     assert_eq!(review.reviewer_groups, vec!["security"]);
-    let history = events(&mut alice, &request.id).await;
+    let history = events_of(&mut alice, &request.id).await;
     assert_eq!(
         kinds(&history),
         vec![pb::EventKind::Created, pb::EventKind::Reviewed]
@@ -540,7 +527,7 @@ async fn escalation_lets_the_escalation_group_approve() {
     };
     assert_eq!(escalated.escalated_requirements, vec!["requirements[0]"]);
     assert!(escalated.can_approve, "{escalated:?}");
-    let history = events(&mut alice, &request.id).await;
+    let history = events_of(&mut alice, &request.id).await;
     let escalation: Vec<&pb::Event> = history
         .iter()
         .filter(|e| e.kind == pb::EventKind::Escalated as i32)
